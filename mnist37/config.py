@@ -1,0 +1,176 @@
+"""Typed job configuration: defaults here, overrides from a TOML file, then the command line.
+
+Every field of `Config` is a config-file key (`shard_size`) and a command-line flag
+(`--shard-size`). Unknown keys and bad values raise `ConfigError` naming the key and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnist37 import Mnist37Error
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_sample.toml"
+
+METRICS = ("l1", "l2")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(Mnist37Error, ValueError):
+    """A config key is unknown or has a value outside what it allows."""
+
+
+@dataclass
+class Config:
+    # A data set in ImageFolder layout, <root>/<split>/<class>/*.png: a folder or a .tgz/.tar.gz.
+    data: str = ""
+    # Output folder: results.json, prototype PNGs, the accuracy table.
+    out: str = "runs/latest"
+    # Where Arrow tensor chunks are written; empty means <out>/chunks.
+    chunk_dir: str = ""
+    # Where archives are extracted; empty means $MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37,
+    # else ~/.cache/mnist37.
+    cache_dir: str = ""
+    # Split whose images are averaged into prototypes, and split that is classified.
+    train_split: str = "train"
+    eval_split: str = "valid"
+    # Class folder names, in the order used for indices and confusion rows.
+    classes: list[str] = field(default_factory=lambda: ["3", "7"])
+    # Images per shard, i.e. per Ray task and per Arrow chunk.
+    shard_size: int = 1024
+    # Distance metrics to report: l1 = mean absolute difference (fastbook's), l2 = RMS difference.
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    # Where distances are computed: auto = CUDA when the task sees a CUDA device.
+    device: str = "auto"
+    # GPU fraction each classification task asks Ray for, when the cluster has GPUs.
+    gpus_per_task: float = 0.25
+    # Most Ray tasks submitted and not yet finished; 0 = twice the cluster's CPUs.
+    max_in_flight: int = 0
+    # Ray cluster to join; empty lets ray.init() decide (RAY_ADDRESS, a running local
+    # cluster, else a new local Ray).
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _field_type(name: str) -> type:
+    return typing.get_type_hints(Config)[name]
+
+
+def _coerce(name: str, value: object) -> object:
+    """Convert `value` (from TOML or the command line) to the type of field `name`."""
+    kind = _field_type(name)
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            raise ConfigError(f"{name}: expected a list of names, got {value!r}")
+        return [str(v) for v in value]
+    if kind in (int, float):
+        expected = "an integer" if kind is int else "a number"
+        allowed = (int, str) if kind is int else (int, float, str)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value outside what its key allows."""
+    if cfg.shard_size <= 0:
+        raise ConfigError(f"shard_size: expected a positive number of images, got {cfg.shard_size}")
+    if cfg.max_in_flight < 0:
+        raise ConfigError(f"max_in_flight: expected 0 (auto) or a positive count, got {cfg.max_in_flight}")
+    if not 0 < cfg.gpus_per_task <= 1:
+        raise ConfigError(f"gpus_per_task: expected a fraction in (0, 1], got {cfg.gpus_per_task}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device: unknown device {cfg.device!r}; expected one of {', '.join(DEVICES)}")
+    if not cfg.metrics:
+        raise ConfigError(f"metrics: expected at least one of {', '.join(METRICS)}")
+    for metric in cfg.metrics:
+        if metric not in METRICS:
+            raise ConfigError(f"metrics: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    if len(set(cfg.metrics)) != len(cfg.metrics):
+        raise ConfigError(f"metrics: each metric at most once, got {cfg.metrics}")
+    if len(cfg.classes) < 2:
+        raise ConfigError(f"classes: expected at least two class names, got {cfg.classes}")
+    if len(set(cfg.classes)) != len(cfg.classes):
+        raise ConfigError(f"classes: each class at most once, got {cfg.classes}")
+    if cfg.train_split == cfg.eval_split:
+        raise ConfigError(f"eval_split: must differ from train_split ({cfg.train_split!r})")
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a TOML config file into a {key: value} dict, rejecting unknown keys."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    known = _fields()
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}; expected one of {', '.join(known)}")
+        values[key] = _coerce(key, value)
+    return values
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """A parser with --config plus one --key-name flag per Config field (default: not given)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None,
+                        help=f"TOML config file (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)})")
+    for name in _fields():
+        kind = _field_type(name)
+        flag = "--" + name.replace("_", "-")
+        if typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar=name.upper(),
+                                help=f"{name} (space- or comma-separated)")
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=name)
+    return parser
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the config file, then command-line flags: the last one given wins."""
+    values = load_file(args.config or DEFAULT_CONFIG)
+    for name in _fields():
+        given = getattr(args, name, None)
+        if given is not None:
+            if isinstance(given, list):
+                given = " ".join(given)
+            values[name] = _coerce(name, given)
+    return Config(**values)
+
+
+def load(path: str | Path | None = None, **overrides) -> Config:
+    """Config from a file (default: configs/mnist_sample.toml) with keyword overrides."""
+    values = load_file(path or DEFAULT_CONFIG)
+    for name, value in overrides.items():
+        if name not in _fields():
+            raise ConfigError(f"unknown key {name!r}; expected one of {', '.join(_fields())}")
+        values[name] = _coerce(name, value)
+    return Config(**values)
