@@ -6,7 +6,6 @@ results.json holds, plus the prototypes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 
 from mnist37 import Mnist37Error, __version__, distributed
 from mnist37.config import Config
-from mnist37.decode import image_shape
+from mnist37.decode import combine_digests, image_shape
 from mnist37.folder import find_root, list_samples
 from mnist37.metrics import accuracy_report
 from mnist37.prototypes import prototypes as make_prototypes
@@ -78,14 +77,12 @@ def evaluate(cfg: Config) -> tuple[dict, np.ndarray]:
         classify_nodes[done["chunk_path"]] = done["node_id"]
     elapsed["classify"] = time.perf_counter() - clock
 
-    fingerprint = hashlib.blake2b(digest_size=16)
-    for key in sorted(records):
-        fingerprint.update(records[key].digest.encode())
+    fingerprint = f"{combine_digests(*(r.digest for r in records.values())):032x}"
 
     results = {
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
-        "data": {"source": str(cfg.data), "root": str(root), "fingerprint": fingerprint.hexdigest()},
+        "data": {"source": str(cfg.data), "root": str(root), "fingerprint": fingerprint},
         "classes": list(classes),
         "image_shape": list(shape),
         "counts": {split: dict(zip(classes, decoded_counts[split].tolist())) for split in splits},

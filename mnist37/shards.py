@@ -43,7 +43,7 @@ class DecodedShard:
     chunk_path: str
     num_images: int
     num_bytes: int
-    digest: str  # BLAKE2b of the (path, bytes) pairs read
+    digest: str  # content digest of the files read (decode.file_digest, combined)
     counts: np.ndarray  # int64 [C]
     pixel_sums: np.ndarray | None  # int64 [C, H, W]; None unless asked for (training shards)
     elapsed_s: float
