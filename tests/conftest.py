@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny PNG image folders written at test time, the real MNIST archives from
+../shared/data (through MNIST37_DATA_DIR), and one local Ray for the tests that need it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    (image.convert(mode) if mode else image).save(path, format="PNG")
+    return path
+
+
+def class_pattern(class_index: int, shape: tuple[int, int]) -> np.ndarray:
+    """A distinct bright shape per class (a vertical band at a class-dependent column)."""
+    h, w = shape
+    pattern = np.zeros(shape, dtype=np.float64)
+    col = (class_index * 3 + 1) % w
+    pattern[:, col:col + 2] = 200.0
+    pattern[class_index % h, :] = 120.0
+    return pattern
+
+
+def make_image_folder(root: Path, counts: dict[str, dict[str, int]], shape=(8, 8), seed: int = 0) -> Path:
+    """Write `<root>/<split>/<class>/<i>.png` grayscale images: class pattern plus noise.
+
+    `counts` maps split -> class name -> number of images; returns `root`.
+    """
+    rng = np.random.default_rng(seed)
+    for split, classes in counts.items():
+        for class_index, (name, n) in enumerate(classes.items()):
+            for i in range(n):
+                noisy = class_pattern(class_index, shape) + rng.normal(0, 60, shape)
+                write_png(root / split / name / f"{i}.png", np.clip(noisy, 0, 255).astype(np.uint8))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """train: 64 per class, valid: 12 per class, classes '3' and '7', 8x8 pixels."""
+    return make_image_folder(tmp_path / "data",
+                             {"train": {"3": 64, "7": 64}, "valid": {"3": 12, "7": 12}})
+
+
+def _data_dir() -> Path | None:
+    given = os.environ.get("MNIST37_DATA_DIR")
+    if given:
+        return Path(given)
+    if os.environ.get("CI"):
+        pytest.fail("MNIST37_DATA_DIR is not set: CI must point it at ../shared/data")
+    fallback = PROJECT_ROOT.parent / "shared" / "data"
+    return fallback if fallback.is_dir() else None
+
+
+def _archive(name: str) -> Path:
+    data_dir = _data_dir()
+    if data_dir is None:
+        pytest.skip("real MNIST not found: set MNIST37_DATA_DIR to the folder holding mnist_sample.tgz")
+    path = data_dir / name
+    if not path.is_file():
+        pytest.fail(f"{path} not found (MNIST37_DATA_DIR={data_dir})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_sample_tgz() -> Path:
+    return _archive("mnist_sample.tgz")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One extraction cache for the whole session, so each archive is extracted once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for every in-process test that needs it (tests never assume task order)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

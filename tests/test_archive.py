@@ -1,0 +1,90 @@
+import io
+import tarfile
+
+import pytest
+
+from mnist37.archive import ArchiveError, cache_home, extract
+from tests.conftest import make_image_folder
+
+
+def make_tgz(path, folder, arcname="ds"):
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return path
+
+
+def add_member(tar, name, data=b"x", kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def test_extracts_once_and_reuses(tmp_path):
+    folder = make_image_folder(tmp_path / "src", {"train": {"3": 2, "7": 2}})
+    archive = make_tgz(tmp_path / "ds.tgz", folder)
+    first = extract(archive, tmp_path / "cache")
+    assert sorted(p.name for p in (first / "ds" / "train" / "3").iterdir()) == ["0.png", "1.png"]
+    sentinel = first / "sentinel"
+    sentinel.write_text("left by the first run")
+    second = extract(archive, tmp_path / "cache")
+    assert second == first and sentinel.exists()  # not extracted again
+    assert [p.name for p in (tmp_path / "cache" / "extracted").iterdir()] == [first.name]
+
+
+def test_changed_archive_gets_its_own_folder(tmp_path):
+    folder = make_image_folder(tmp_path / "src", {"train": {"3": 2, "7": 2}})
+    archive = make_tgz(tmp_path / "ds.tgz", folder)
+    first = extract(archive, tmp_path / "cache")
+    make_image_folder(folder, {"train": {"3": 3, "7": 2}}, seed=1)
+    make_tgz(archive, folder)
+    second = extract(archive, tmp_path / "cache")
+    assert second != first and (second / "ds" / "train" / "3" / "2.png").exists()
+
+
+@pytest.mark.parametrize("name, kind, linkname, message", [
+    ("../evil.png", tarfile.REGTYPE, "", r"member '../evil.png' would land outside the extraction folder"),
+    ("ds/../../evil.png", tarfile.REGTYPE, "", r"member .ds/../../evil.png. would land outside the extraction folder"),
+    ("/tmp/evil.png", tarfile.REGTYPE, "", r"member '/tmp/evil.png' has an absolute path"),
+    ("ds/link.png", tarfile.SYMTYPE, "/etc/passwd", r"member 'ds/link.png' is a link to '/etc/passwd'"),
+    ("ds/hard.png", tarfile.LNKTYPE, "ds/a.png", r"member 'ds/hard.png' is a link"),
+    ("ds/fifo", tarfile.FIFOTYPE, "", r"member 'ds/fifo' is not a regular file or folder"),
+])
+def test_refuses_unsafe_members_and_leaves_nothing(tmp_path, name, kind, linkname, message):
+    archive = tmp_path / "evil.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        add_member(tar, "ds/a.png")
+        add_member(tar, name, kind=kind, linkname=linkname)
+    cache = tmp_path / "cache"
+    with pytest.raises(ArchiveError, match="evil.tgz: " + message):
+        extract(archive, cache)
+    assert list((cache / "extracted").iterdir()) == []  # no half-extracted folder to trust later
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_not_an_archive_and_truncated_archive(tmp_path):
+    junk = tmp_path / "junk.tgz"
+    junk.write_bytes(b"this is not gzip at all" * 10)
+    with pytest.raises(ArchiveError, match=r"junk.tgz: not a readable .tgz/.tar archive"):
+        extract(junk, tmp_path / "cache")
+    folder = make_image_folder(tmp_path / "src", {"train": {"3": 20, "7": 20}})
+    whole = make_tgz(tmp_path / "whole.tgz", folder).read_bytes()
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ArchiveError, match=r"cut.tgz: not a readable .tgz/.tar archive"):
+        extract(cut, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "extracted").iterdir()) == []
+
+
+def test_missing_archive(tmp_path):
+    with pytest.raises(ArchiveError, match=r"nope.tgz: archive not found"):
+        extract(tmp_path / "nope.tgz", tmp_path / "cache")
+
+
+def test_cache_home_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MNIST37_CACHE", str(tmp_path / "mine"))
+    assert cache_home() == tmp_path / "mine"
+    monkeypatch.delenv("MNIST37_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_home() == tmp_path / "xdg" / "mnist37"

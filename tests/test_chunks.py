@@ -1,0 +1,88 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mnist37.chunks import ChunkError, chunk_table, read_chunk, write_chunk
+
+
+def sample_table(n=10, shape=(4, 5)):
+    images = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+    labels = [i % 2 for i in range(n)]
+    paths = [f"train/{label}/{i}.png" for i, label in enumerate(labels)]
+    return images, labels, paths, chunk_table(images, labels, paths, ["3", "7"], "train")
+
+
+def test_schema_is_canonical_fixed_shape_tensor_with_metadata():
+    _, _, _, table = sample_table()
+    image_type = table.schema.field("image").type
+    assert isinstance(image_type, pa.FixedShapeTensorType)
+    assert image_type.extension_name == "arrow.fixed_shape_tensor"
+    assert image_type.value_type == pa.uint8() and image_type.shape == [4, 5]
+    meta = table.schema.metadata
+    assert json.loads(meta[b"mnist37.classes"]) == ["3", "7"]
+    assert json.loads(meta[b"mnist37.image_shape"]) == [4, 5]
+    assert meta[b"mnist37.split"] == b"train"
+
+
+def test_round_trip_through_a_file_is_zero_copy(tmp_path):
+    images, labels, paths, table = sample_table()
+    num_bytes = write_chunk(tmp_path / "c" / "x.arrow", table)
+    assert num_bytes == (tmp_path / "c" / "x.arrow").stat().st_size > images.nbytes
+    allocated = pa.total_allocated_bytes()
+    chunk = read_chunk(tmp_path / "c" / "x.arrow")
+    # The pixels are a view of the memory-mapped file: no Arrow allocation, not writable.
+    assert pa.total_allocated_bytes() - allocated < images.nbytes
+    assert not chunk.images.flags.writeable
+    np.testing.assert_array_equal(chunk.images, images)
+    assert chunk.class_indices.tolist() == labels and chunk.paths == paths
+    assert (chunk.classes, chunk.split, len(chunk)) == (["3", "7"], "train", 10)
+
+
+def test_plain_pyarrow_reads_the_tensor_column(tmp_path):
+    images, _, _, table = sample_table()
+    write_chunk(tmp_path / "x.arrow", table)
+    read = pa.ipc.open_file(pa.memory_map(str(tmp_path / "x.arrow"))).read_all()
+    np.testing.assert_array_equal(read.column("image").chunk(0).to_numpy_ndarray(), images)
+
+
+def test_multi_batch_chunk_written_elsewhere_still_reads(tmp_path):
+    images, labels, _, table = sample_table()
+    with pa.OSFile(str(tmp_path / "x.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=3):
+            writer.write_batch(batch)
+    chunk = read_chunk(tmp_path / "x.arrow")
+    np.testing.assert_array_equal(chunk.images, images)
+    assert chunk.class_indices.tolist() == labels
+
+
+def test_write_is_atomic_and_leaves_no_partial_file(tmp_path):
+    _, _, _, table = sample_table()
+    write_chunk(tmp_path / "x.arrow", table)
+    write_chunk(tmp_path / "x.arrow", table)  # overwriting is a rename too
+    assert os.listdir(tmp_path) == ["x.arrow"]
+    (tmp_path / "y.arrow").mkdir()  # the final rename fails after the data was written
+    with pytest.raises(OSError):
+        write_chunk(tmp_path / "y.arrow", table)
+    assert sorted(os.listdir(tmp_path)) == ["x.arrow", "y.arrow"]
+    assert os.listdir(tmp_path / "y.arrow") == []
+
+
+def test_bad_inputs_and_foreign_files(tmp_path):
+    images, labels, paths, _ = sample_table()
+    with pytest.raises(ValueError, match=r"expected uint8 \[N, H, W\], got float32"):
+        chunk_table(images.astype(np.float32), labels, paths, ["3", "7"], "train")
+    with pytest.raises(ValueError, match="differ in length: 10, 9, 10"):
+        chunk_table(images, labels[:9], paths, ["3", "7"], "train")
+    with pytest.raises(ChunkError, match=r"missing.arrow: chunk file not found"):
+        read_chunk(tmp_path / "missing.arrow")
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow")
+    with pytest.raises(ChunkError, match=r"junk.arrow: not an Arrow IPC file"):
+        read_chunk(tmp_path / "junk.arrow")
+    other = pa.table({"a": [1, 2]})
+    with pa.OSFile(str(tmp_path / "other.arrow"), "wb") as sink, pa.ipc.new_file(sink, other.schema) as w:
+        w.write_table(other)
+    with pytest.raises(ChunkError, match=r"other.arrow: not an mnist37 chunk"):
+        read_chunk(tmp_path / "other.arrow")

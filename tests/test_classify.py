@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from mnist37 import classify as classify_module
+from mnist37.chunks import chunk_table, write_chunk
+from mnist37.classify import DeviceError, classify, classify_chunk, confusion, distances, resolve_device
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+
+def problem(n=300, num_classes=3, shape=(6, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    protos = rng.random((num_classes, *shape), dtype=np.float32)
+    return images, labels, protos
+
+
+def reference_distances(images, protos):
+    """Straight from the definitions, in float64."""
+    x = images.astype(np.float64)[:, None] / 255 - protos.astype(np.float64)[None]
+    return {"l1": np.abs(x).mean(axis=(-1, -2)), "l2": np.sqrt((x ** 2).mean(axis=(-1, -2)))}
+
+
+def test_distances_match_definitions_and_fastbook():
+    images, _, protos = problem()
+    got = distances(torch.from_numpy(images), torch.from_numpy(protos), ["l1", "l2"])
+    expected = reference_distances(images, protos)
+    for metric in ("l1", "l2"):
+        assert got[metric].dtype == torch.float32 and got[metric].shape == (300, 3)
+        np.testing.assert_allclose(got[metric].numpy(), expected[metric], rtol=1e-5)
+    # fastbook: mnist_distance(a, b) = (a - b).abs().mean((-1, -2)), on images scaled by 1/255
+    fastbook = (torch.from_numpy(images).float()[:, None] / 255 - torch.from_numpy(protos)).abs().mean((-1, -2))
+    torch.testing.assert_close(got["l1"], fastbook)
+
+
+def test_only_the_asked_metrics_are_computed():
+    images, _, protos = problem()
+    assert set(distances(torch.from_numpy(images), torch.from_numpy(protos), ["l2"])) == {"l2"}
+
+
+def test_confusion_counts_true_rows_predicted_columns():
+    true = torch.tensor([0, 0, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 2, 0, 2])
+    assert confusion(true, pred, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_classify_predicts_the_nearest_prototype():
+    images, labels, protos = problem()
+    expected = reference_distances(images, protos)
+    got = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    for metric in ("l1", "l2"):
+        predicted = expected[metric].argmin(axis=1)
+        manual = np.zeros((3, 3), dtype=np.int64)
+        np.add.at(manual, (labels, predicted), 1)
+        assert got[metric].dtype == np.int64
+        np.testing.assert_array_equal(got[metric], manual)
+
+
+def test_batches_do_not_change_the_result(monkeypatch):
+    images, labels, protos = problem(n=1000)
+    whole = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    monkeypatch.setattr(classify_module, "BATCH_IMAGES", 7)
+    batched = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    for metric in whole:
+        np.testing.assert_array_equal(batched[metric], whole[metric])
+
+
+def test_ties_go_to_the_earlier_class():
+    images, labels, protos = problem(num_classes=2)
+    protos[1] = protos[0]
+    got = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    for matrix in got.values():
+        assert matrix[:, 1].sum() == 0 and matrix.sum() == len(images)
+
+
+def test_classify_chunk_reads_the_arrow_file(tmp_path):
+    images, labels, protos = problem()
+    write_chunk(tmp_path / "c.arrow", chunk_table(images, labels, [str(i) for i in range(300)], "abc", "valid"))
+    from_file = classify_chunk(str(tmp_path / "c.arrow"), protos, ["l1", "l2"], "cpu")
+    in_memory = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    for metric in in_memory:
+        np.testing.assert_array_equal(from_file[metric], in_memory[metric])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_devices_without_cuda():
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"device: 'cuda' was asked for but no CUDA device is visible"):
+        resolve_device("cuda")
+
+
+@needs_cuda
+def test_cuda_agrees_with_cpu():
+    images, labels, protos = problem(n=5000)
+    assert resolve_device("auto") == torch.device("cuda")
+    cpu = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    cuda = classify(images, labels, protos, ["l1", "l2"], "cuda")
+    for metric in cpu:
+        np.testing.assert_array_equal(cuda[metric], cpu[metric])

@@ -1,0 +1,60 @@
+"""The Ray layer on a real local Ray: bounded submission, errors from tasks, node records."""
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from mnist37 import distributed
+from mnist37.decode import DecodeError
+from mnist37.folder import list_samples
+from mnist37.shards import make_shards
+
+
+@ray.remote(num_cpus=1)
+def _slow_square(x: int) -> int:
+    time.sleep(0.01 * (x % 3))
+    return x * x
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3, 50])
+def test_bounded_map_returns_every_result_and_bounds_the_window(ray_local, max_in_flight):
+    submitted, received = [0], []
+
+    def submit(x):
+        assert submitted[0] - len(received) < max_in_flight  # never more than the window unfinished
+        submitted[0] += 1
+        return _slow_square.remote(x)
+
+    for result in distributed.bounded_map(submit, range(20), max_in_flight):
+        received.append(result)
+    assert sorted(received) == [x * x for x in range(20)]
+
+
+def test_default_window_is_twice_the_cpus(ray_local):
+    assert distributed.default_max_in_flight() == 2 * int(ray.cluster_resources()["CPU"])
+
+
+def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
+    shards = make_shards(list_samples(image_folder, "train", ["3", "7"]), "train", 10)
+    done = list(distributed.decode_shards(shards, image_folder, ["3", "7"], (8, 8), tmp_path, "train", 4))
+    assert sorted(d.index for d in done) == list(range(13))
+    assert all(d.node_id == ray.get_runtime_context().get_node_id() for d in done)
+    total = np.sum([d.counts for d in done], axis=0)
+    assert total.tolist() == [64, 64]
+
+
+def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_path):
+    shards = make_shards(list_samples(image_folder, "train", ["3", "7"]), "train", 10)
+    (image_folder / shards[4].paths[2]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DecodeError) as error:
+        list(distributed.decode_shards(shards, image_folder, ["3", "7"], (8, 8), tmp_path, "train", 2))
+    assert str(error.value).startswith(f"{shards[4].paths[2]}: ")  # one line naming the file
+    assert "Traceback" not in str(error.value)
+
+
+def test_cluster_info_names_the_nodes(ray_local):
+    info = distributed.cluster_info()
+    assert info["cluster_resources"]["CPU"] == 2
+    assert [n["node_id"] for n in info["nodes"]] == [ray.get_runtime_context().get_node_id()]

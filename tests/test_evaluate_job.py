@@ -1,0 +1,121 @@
+"""jobs/evaluate.py end to end, as a user runs it: a subprocess that starts its own local Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import PROJECT_ROOT, make_image_folder
+
+# fastbook chapter 4's published figures for the L1 baseline on MNIST_SAMPLE.
+FASTBOOK_L1 = {"3": 0.9168, "7": 0.9854, "mean": 0.9511}
+
+
+def run_job(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def fastbook_seed(root: Path) -> dict[str, int]:
+    """The seed notebook's computation, written plainly: correct predictions per valid class."""
+    def stacked(split, name):
+        files = sorted((root / split / name).glob("*.png"))
+        return torch.stack([torch.tensor(np.array(Image.open(f))) for f in files]).float() / 255
+
+    mean3, mean7 = stacked("train", "3").mean(0), stacked("train", "7").mean(0)
+
+    def mnist_distance(a, b):
+        return (a - b).abs().mean((-1, -2))
+
+    def is_3(x):
+        return mnist_distance(x, mean3) < mnist_distance(x, mean7)
+
+    return {"3": int(is_3(stacked("valid", "3")).sum()), "7": int((~is_3(stacked("valid", "7"))).sum())}
+
+
+@pytest.fixture(scope="module")
+def sample_run(mnist_sample_tgz, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    run = run_job("--data", str(mnist_sample_tgz), "--out", str(out), "--cache-dir", str(cache_dir))
+    assert run.returncode == 0, run.stderr
+    return run, out, json.loads((out / "results.json").read_text())
+
+
+def test_fastbook_figures_on_mnist_sample(sample_run):
+    run, _, results = sample_run
+    l1 = results["metrics"]["l1"]
+    assert round(l1["per_class"]["3"], 4) == FASTBOOK_L1["3"]
+    assert round(l1["per_class"]["7"], 4) == FASTBOOK_L1["7"]
+    assert round(l1["mean_class_accuracy"], 4) == FASTBOOK_L1["mean"]
+    l2 = results["metrics"]["l2"]
+    table = run.stdout
+    for label, metric in (("3  (n=1010)", "3"), ("7  (n=1028)", "7")):
+        line = next(line for line in table.splitlines() if line.startswith(label))
+        assert f"{l1['per_class'][metric]:.4f}" in line and f"{l2['per_class'][metric]:.4f}" in line
+    assert f"{l1['mean_class_accuracy']:.4f}" in next(line for line in table.splitlines() if line.startswith("mean"))
+
+
+def test_agrees_with_the_seed_computation_exactly(sample_run):
+    _, _, results = sample_run
+    seed = fastbook_seed(Path(results["data"]["root"]))
+    confusion = results["metrics"]["l1"]["confusion"]
+    assert (confusion[0][0], confusion[1][1]) == (seed["3"], seed["7"])
+
+
+def test_results_json_documents_the_run(sample_run):
+    _, out, results = sample_run
+    root = Path(results["data"]["root"])
+    assert results["classes"] == ["3", "7"] and results["image_shape"] == [28, 28]
+    assert results["counts"] == {
+        split: {c: sum(1 for f in (root / split / c).iterdir() if f.suffix == ".png") for c in ("3", "7")}
+        for split in ("train", "valid")}
+    assert results["counts"] == {"train": {"3": 6131, "7": 6265}, "valid": {"3": 1010, "7": 1028}}
+    for metric in ("l1", "l2"):
+        m = results["metrics"][metric]
+        assert np.array(m["confusion"]).sum(axis=1).tolist() == [1010, 1028]
+        assert m["overall_accuracy"] == pytest.approx(np.trace(m["confusion"]) / 2038)
+    assert results["config"]["shard_size"] == 1024 and results["config"]["device"] == "auto"
+    assert results["shards"]["count"] == {"train": 13, "valid": 2}
+    assert results["ray"]["cluster_resources"]["CPU"] >= 1
+    assert {"ray_init", "scan", "decode", "prototypes", "classify", "total"} <= set(results["elapsed_s"])
+    assert len(results["data"]["fingerprint"]) == 32
+
+
+def test_prototype_images_are_viewable(sample_run):
+    _, out, results = sample_run
+    for name in results["classes"]:
+        with Image.open(out / f"prototype_{name}.png") as image:
+            assert (image.mode, image.size) == ("L", (28, 28))
+            pixels = np.asarray(image)
+        assert 0 < pixels.mean() < 255 and pixels.max() > 100  # a visible digit, not blank
+    with Image.open(out / "prototypes.png") as sheet:
+        assert sheet.size == (2 * 28 * 8, 28 * 8)
+
+
+def test_missing_data_is_one_line_exit_1(tmp_path):
+    run = run_job("--data", str(tmp_path / "nowhere.tgz"), "--out", str(tmp_path / "out"))
+    assert run.returncode == 1
+    assert f"error: data: {tmp_path / 'nowhere.tgz'} does not exist" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_bad_image_stops_the_job_with_its_name(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": {"3": 5, "7": 5}, "valid": {"3": 3, "7": 3}})
+    (data / "valid" / "7" / "1.png").write_bytes(b"not a png")
+    run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--shard-size", "4")
+    assert run.returncode == 1
+    assert "error: valid/7/1.png: not an image" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_table_file_matches_stdout(sample_run):
+    run, out, _ = sample_run
+    assert (out / "table.txt").read_text().strip() in run.stdout
