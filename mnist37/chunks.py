@@ -3,7 +3,11 @@
 Columns: `image` (pyarrow's canonical `arrow.fixed_shape_tensor`, uint8, shape [H, W]),
 `class_index` (int32, index into the class list), `path` (relative to the data root).
 Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_shape`
-(JSON [H, W]), `mnist37.split`.
+(JSON [H, W]), `mnist37.split`, `mnist37.num_images`, and what lets a later run reuse the
+chunk without decoding again: `mnist37.files_key` (paths, sizes, modification times, decode
+settings), `mnist37.digest` (content), `mnist37.counts` (JSON, per class) and
+`mnist37.pixel_sums` (int64 [C, H, W], little-endian bytes). The metadata is in the file's
+footer, so it is read without touching the images.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ class Chunk:
 
 
 def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequence[str],
-                classes: Sequence[str], split: str) -> pa.Table:
-    """Build the Arrow table of one chunk from `uint8 [N, H, W]` images."""
+                classes: Sequence[str], split: str, reuse: dict | None = None) -> pa.Table:
+    """Build the Arrow table of one chunk from `uint8 [N, H, W]` images.
+
+    `reuse` holds `files_key`, `digest`, `counts` and `pixel_sums` to store in the metadata.
+    """
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"images: expected uint8 [N, H, W], got {images.dtype} {list(images.shape)}")
     if not len(images) == len(class_indices) == len(paths):
@@ -49,15 +56,22 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
     h, w = images.shape[1:]
     tensor_type = pa.fixed_shape_tensor(pa.uint8(), [h, w])
     storage = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()), h * w)
-    schema = pa.schema(
-        [("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
-        metadata={
-            "mnist37.schema_version": SCHEMA_VERSION,
-            "mnist37.classes": json.dumps(list(classes)),
-            "mnist37.image_shape": json.dumps([h, w]),
-            "mnist37.split": split,
-        },
-    )
+    metadata = {
+        "mnist37.schema_version": SCHEMA_VERSION,
+        "mnist37.classes": json.dumps(list(classes)),
+        "mnist37.image_shape": json.dumps([h, w]),
+        "mnist37.split": split,
+        "mnist37.num_images": str(len(images)),
+    }
+    if reuse is not None:
+        metadata.update({
+            "mnist37.files_key": reuse["files_key"],
+            "mnist37.digest": reuse["digest"],
+            "mnist37.counts": json.dumps(np.asarray(reuse["counts"]).tolist()),
+            "mnist37.pixel_sums": np.ascontiguousarray(reuse["pixel_sums"], dtype="<i8").tobytes(),
+        })
+    schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
+                       metadata=metadata)
     return pa.Table.from_arrays(
         [pa.ExtensionArray.from_storage(tensor_type, storage),
          pa.array(np.asarray(class_indices, dtype=np.int32)),
@@ -84,19 +98,44 @@ def write_chunk(path: str | Path, table: pa.Table) -> int:
     return path.stat().st_size
 
 
-def read_chunk(path: str | Path) -> Chunk:
-    """Memory-map a chunk file; images come back as a zero-copy `uint8 [N, H, W]` view."""
-    path = Path(path)
+def _open(path: Path) -> pa.ipc.RecordBatchFileReader:
     try:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
     except FileNotFoundError:
         raise ChunkError(f"{path}: chunk file not found") from None
     except pa.ArrowInvalid as e:
         raise ChunkError(f"{path}: not an Arrow IPC file ({e})") from None
-    meta = table.schema.metadata or {}
+    meta = reader.schema.metadata or {}
     if meta.get(b"mnist37.schema_version") != SCHEMA_VERSION.encode():
         raise ChunkError(f"{path}: not an mnist37 chunk (schema version "
                          f"{meta.get(b'mnist37.schema_version')!r}, expected {SCHEMA_VERSION!r})")
+    return reader
+
+
+def read_chunk_metadata(path: str | Path) -> dict:
+    """A chunk's reuse record from its footer, without reading the images."""
+    path = Path(path)
+    meta = _open(path).schema.metadata
+    if b"mnist37.files_key" not in meta:
+        raise ChunkError(f"{path}: chunk has no reuse record")
+    counts = np.array(json.loads(meta[b"mnist37.counts"]), dtype=np.int64)
+    h, w = json.loads(meta[b"mnist37.image_shape"])
+    return {
+        "num_images": int(meta[b"mnist37.num_images"]),
+        "num_bytes": path.stat().st_size,
+        "files_key": meta[b"mnist37.files_key"].decode(),
+        "digest": meta[b"mnist37.digest"].decode(),
+        "counts": counts,
+        "pixel_sums": np.frombuffer(meta[b"mnist37.pixel_sums"], dtype="<i8").astype(np.int64)
+                        .reshape(len(counts), h, w),
+    }
+
+
+def read_chunk(path: str | Path) -> Chunk:
+    """Memory-map a chunk file; images come back as a zero-copy `uint8 [N, H, W]` view."""
+    path = Path(path)
+    table = _open(path).read_all()
+    meta = table.schema.metadata
     h, w = json.loads(meta[b"mnist37.image_shape"])
     column = table.column("image")
     # write_chunk writes one record batch, so the pixels are one view of the mapped file;

@@ -8,24 +8,45 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from mnist37 import Mnist37Error, archive
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png",)
+IMAGE_EXTENSIONS = (b".png",)
 
 
 class DatasetError(Mnist37Error, ValueError):
     """A data set folder that does not have the expected layout."""
 
 
-@dataclass(frozen=True)
-class Sample:
-    path: str  # relative to the data root, '/'-separated: "train/3/10.png"
-    class_index: int
+@dataclass(eq=False)
+class Listing:
+    """The sorted images of one split, compactly: the driver of a million-image job holds
+    file names as one fixed-width bytes array, not a million Python objects."""
+
+    split: str
+    classes: tuple[str, ...]
+    names: np.ndarray  # bytes 'S' [N]: file names within their class folder
+    class_indices: np.ndarray  # int32 [N], into `classes`
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """'/'-separated paths relative to the data root: "train/3/10.png"."""
+        prefixes = [f"{self.split}/{c}/" for c in self.classes]
+        return [prefixes[c] + os.fsdecode(n) for c, n in
+                zip(self.class_indices[start:stop].tolist(), self.names[start:stop].tolist())]
+
+    def counts(self) -> dict[str, int]:
+        per_class = np.bincount(self.class_indices, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, per_class)}
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -54,22 +75,51 @@ def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None =
     return path.resolve()
 
 
-def list_samples(root: Path, split: str, classes: list[str]) -> list[Sample]:
-    """All images of `split` for `classes`, sorted by class order, then file name."""
+_BATCH = 65536
+
+
+def _image_names(folder: bytes) -> np.ndarray:
+    """Sorted names of the image files in `folder`, as a fixed-width bytes array.
+
+    Names are gathered in batches of 64k, so a 600,000-file folder never exists as 600,000
+    Python objects at once (~35 MB less peak memory); bytes sort in code-point order."""
+    parts, batch = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            batch.append(entry.name)
+            if len(batch) == _BATCH:
+                parts.append(_keep_images(batch))
+                batch = []
+    parts.append(_keep_images(batch))
+    return np.sort(np.concatenate(parts))
+
+
+def _keep_images(names: list[bytes]) -> np.ndarray:
+    names = np.array(names, dtype=bytes)
+    lower = np.strings.lower(names)
+    return names[np.logical_or.reduce([np.strings.endswith(lower, ext) for ext in IMAGE_EXTENSIONS])]
+
+
+def list_split(root: Path, split: str, classes: Sequence[str]) -> Listing:
+    """All images of `split` for `classes`, sorted by class order, then file name (bytewise,
+    which for UTF-8 names is code-point order)."""
     split_dir = root / split
     if not split_dir.is_dir():
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    samples = []
+    names, class_indices = [], []
     for index, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             found = ", ".join(_subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
-        files = sorted(e.name for e in os.scandir(class_dir)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
+        files = _image_names(os.fsencode(class_dir))
+        if not len(files):
             raise DatasetError(f"Class {name!r} has no images under {split}/")
-        samples.extend(Sample(f"{split}/{name}/{f}", index) for f in files)
-    log.info("%s: %d images in %d classes", split, len(samples), len(classes))
-    return samples
+        names.append(files)
+        class_indices.append(np.full(len(files), index, dtype=np.int32))
+    width = max(n.dtype.itemsize for n in names)
+    listing = Listing(split, tuple(classes), np.concatenate([n.astype(f"S{width}") for n in names]),
+                      np.concatenate(class_indices))
+    log.info("%s: %d images in %d classes", split, len(listing), len(classes))
+    return listing

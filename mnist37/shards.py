@@ -1,37 +1,52 @@
-"""Shards: the sample list cut into fixed-size pieces, each decoded into one Arrow chunk.
+"""Shards: a split's listing cut into fixed-size pieces, each decoded into one Arrow chunk.
 
-`decode_shard` is the whole per-shard decode step as a plain function (read PNGs, write the
-chunk, sum pixels); `mnist37.distributed` runs it as a Ray task.
+`decode_shard` is the whole per-shard decode step as a plain function; `mnist37.distributed`
+runs it as a Ray task. A shard whose chunk already exists with the same files key (paths,
+sizes, modification times, decode settings) is not decoded again: its counts, pixel sums and
+digest come from the chunk's metadata.
 """
 
 from __future__ import annotations
 
+import resource
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mnist37.chunks import chunk_table, write_chunk
-from mnist37.decode import decode_files
-from mnist37.folder import Sample
+from mnist37.chunks import ChunkError, chunk_table, read_chunk_metadata, write_chunk
+from mnist37.decode import Group, decode_groups, files_key
+from mnist37.folder import Listing
 from mnist37.prototypes import pixel_sums
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Shard:
     split: str
     index: int
-    paths: tuple[str, ...]
-    class_indices: tuple[int, ...]
+    shard_size: int  # of every shard of this split (the last may be shorter)
+    classes: tuple[str, ...]
+    names: np.ndarray  # bytes 'S' [N], file names within their class folders
+    class_indices: np.ndarray  # int32 [N]
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.index:06d}"
+        """Unique per split, shard size and position: runs with other shard sizes keep their own chunks."""
+        return f"{self.split}-{self.shard_size}-{self.index:06d}"
+
+    @property
+    def paths(self) -> list[str]:
+        return Listing(self.split, self.classes, self.names, self.class_indices).paths()
+
+    def groups(self) -> list[Group]:
+        """The shard's files as runs sharing a class folder: [("train/3", [b"10.png", ...]), ...]."""
+        starts = [0, *(np.flatnonzero(np.diff(self.class_indices)) + 1).tolist(), len(self)]
+        return [(f"{self.split}/{self.classes[self.class_indices[a]]}", self.names[a:b].tolist())
+                for a, b in zip(starts, starts[1:]) if b > a]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.names)
 
 
 @dataclass
@@ -43,20 +58,22 @@ class DecodedShard:
     chunk_path: str
     num_images: int
     num_bytes: int
-    digest: str  # content digest of the files read (decode.file_digest, combined)
+    digest: str  # content digest of the files (decode.file_digest, combined)
     counts: np.ndarray  # int64 [C]
     pixel_sums: np.ndarray | None  # int64 [C, H, W]; None unless asked for (training shards)
+    reused: bool  # True when the chunk from an earlier run was still valid
     elapsed_s: float
+    peak_rss_bytes: int = 0  # of the process that ran it
     node_id: str = ""
+    pid: int = 0
 
 
-def make_shards(samples: Sequence[Sample], split: str, shard_size: int) -> list[Shard]:
-    """Consecutive runs of `shard_size` samples (the last may be shorter), in sample order."""
+def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
+    """Consecutive runs of `shard_size` images (the last may be shorter), in listing order."""
     return [
-        Shard(split, i // shard_size,
-              tuple(s.path for s in samples[i:i + shard_size]),
-              tuple(s.class_index for s in samples[i:i + shard_size]))
-        for i in range(0, len(samples), shard_size)
+        Shard(listing.split, i // shard_size, shard_size, listing.classes,
+              listing.names[i:i + shard_size], listing.class_indices[i:i + shard_size])
+        for i in range(0, len(listing), shard_size)
     ]
 
 
@@ -64,21 +81,44 @@ def chunk_path(chunk_dir: str | Path, shard: Shard) -> Path:
     return Path(chunk_dir) / shard.split / f"{shard.name}.arrow"
 
 
-def decode_shard(shard: Shard, root: str | Path, classes: Sequence[str], shape: tuple[int, int],
-                 chunk_dir: str | Path, with_sums: bool) -> DecodedShard:
-    """Decode a shard's PNGs, write its Arrow chunk, count images per class and, when
-    `with_sums`, sum their pixels per class."""
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reusable(path: Path, root: Path, shard: Shard, groups: list[Group]) -> dict | None:
+    """The chunk's metadata if it was written from exactly these files, as they are now."""
+    try:
+        meta = read_chunk_metadata(path)
+    except (ChunkError, OSError):
+        return None
+    if meta["num_images"] != len(shard) or len(meta["counts"]) != len(shard.classes):
+        return None
+    try:
+        key = files_key(root, groups)
+    except OSError:
+        return None  # a file is gone or unreadable: decoding it reports which
+    return meta if key == meta["files_key"] else None
+
+
+def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
+                 with_sums: bool, reuse: bool = True) -> DecodedShard:
+    """Decode a shard's PNGs into its Arrow chunk (or reuse a still-valid one), count images
+    per class and, when `with_sums`, return their per-class pixel sums."""
     start = time.perf_counter()
-    images, digest = decode_files(Path(root), shard.paths, shape)
-    labels = np.asarray(shard.class_indices, dtype=np.int32)
-    path = chunk_path(chunk_dir, shard)
-    num_bytes = write_chunk(path, chunk_table(images, labels, shard.paths, classes, shard.split))
-    if with_sums:
-        sums, counts = pixel_sums(images, labels, len(classes))
+    root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
+    meta = _reusable(path, root, shard, groups) if reuse and path.exists() else None
+    if meta is not None:
+        counts, sums, digest, num_bytes = meta["counts"], meta["pixel_sums"], meta["digest"], meta["num_bytes"]
     else:
-        sums, counts = None, np.bincount(labels, minlength=len(classes)).astype(np.int64)
+        decoded = decode_groups(root, groups, shape)
+        sums, counts = pixel_sums(decoded.images, shard.class_indices, len(shard.classes))
+        digest = decoded.digest
+        table = chunk_table(decoded.images, shard.class_indices, decoded.paths, shard.classes, shard.split,
+                            reuse={"files_key": decoded.files_key, "digest": digest,
+                                   "counts": counts, "pixel_sums": sums})
+        num_bytes = write_chunk(path, table)
     return DecodedShard(
         split=shard.split, index=shard.index, chunk_path=str(path), num_images=len(shard),
-        num_bytes=num_bytes, digest=digest, counts=counts, pixel_sums=sums,
-        elapsed_s=time.perf_counter() - start,
+        num_bytes=num_bytes, digest=digest, counts=counts, pixel_sums=sums if with_sums else None,
+        reused=meta is not None, elapsed_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
     )

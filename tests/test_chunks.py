@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mnist37.chunks import ChunkError, chunk_table, read_chunk, write_chunk
+from mnist37.chunks import ChunkError, chunk_table, read_chunk, read_chunk_metadata, write_chunk
 
 
 def sample_table(n=10, shape=(4, 5)):
@@ -86,3 +86,18 @@ def test_bad_inputs_and_foreign_files(tmp_path):
         w.write_table(other)
     with pytest.raises(ChunkError, match=r"other.arrow: not an mnist37 chunk"):
         read_chunk(tmp_path / "other.arrow")
+
+
+def test_reuse_record_round_trips_through_the_footer(tmp_path):
+    images, labels, paths, _ = sample_table()
+    sums = np.arange(2 * 4 * 5, dtype=np.int64).reshape(2, 4, 5) * 10**12  # beyond int32
+    table = chunk_table(images, labels, paths, ["3", "7"], "train",
+                        reuse={"files_key": "k" * 32, "digest": "d" * 32, "counts": np.array([5, 5]), "pixel_sums": sums})
+    num_bytes = write_chunk(tmp_path / "x.arrow", table)
+    meta = read_chunk_metadata(tmp_path / "x.arrow")
+    assert (meta["num_images"], meta["num_bytes"], meta["files_key"], meta["digest"]) == (10, num_bytes, "k" * 32, "d" * 32)
+    assert meta["counts"].tolist() == [5, 5] and meta["counts"].dtype == np.int64
+    np.testing.assert_array_equal(meta["pixel_sums"], sums)
+    write_chunk(tmp_path / "plain.arrow", sample_table()[3])
+    with pytest.raises(ChunkError, match=r"plain.arrow: chunk has no reuse record"):
+        read_chunk_metadata(tmp_path / "plain.arrow")

@@ -8,7 +8,7 @@ import ray
 
 from mnist37 import distributed
 from mnist37.decode import DecodeError
-from mnist37.folder import list_samples
+from mnist37.folder import list_split
 from mnist37.shards import make_shards
 
 
@@ -37,19 +37,21 @@ def test_default_window_is_twice_the_cpus(ray_local):
 
 
 def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
-    shards = make_shards(list_samples(image_folder, "train", ["3", "7"]), "train", 10)
-    done = list(distributed.decode_shards(shards, image_folder, ["3", "7"], (8, 8), tmp_path, "train", 4))
+    shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
+    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, 4))
     assert sorted(d.index for d in done) == list(range(13))
     assert all(d.node_id == ray.get_runtime_context().get_node_id() for d in done)
+    assert all(d.pid > 0 and d.peak_rss_bytes > 0 for d in done)
+    assert all(d.pixel_sums is not None for d in done)
     total = np.sum([d.counts for d in done], axis=0)
     assert total.tolist() == [64, 64]
 
 
 def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_path):
-    shards = make_shards(list_samples(image_folder, "train", ["3", "7"]), "train", 10)
+    shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     (image_folder / shards[4].paths[2]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(DecodeError) as error:
-        list(distributed.decode_shards(shards, image_folder, ["3", "7"], (8, 8), tmp_path, "train", 2))
+        list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, 2))
     assert str(error.value).startswith(f"{shards[4].paths[2]}: ")  # one line naming the file
     assert "Traceback" not in str(error.value)
 

@@ -1,37 +1,47 @@
 import tarfile
 
+import numpy as np
 import pytest
 
-from mnist37.folder import DatasetError, Sample, find_root, list_samples
-from tests.conftest import make_image_folder
+from mnist37.folder import DatasetError, find_root, list_split
+from tests.conftest import make_image_folder, write_png
 
 
-def test_samples_sorted_and_indexed_in_class_order(image_folder):
-    samples = list_samples(image_folder, "valid", ["7", "3"])
-    assert len(samples) == 24
-    assert samples[0] == Sample("valid/7/0.png", 0)
-    assert [s.class_index for s in samples] == [0] * 12 + [1] * 12
-    sevens = [s.path for s in samples[:12]]
-    assert sevens == sorted(sevens)  # name order: 0, 1, 10, 11, 2, ...
-    assert samples == list_samples(image_folder, "valid", ["7", "3"])
+def test_listing_sorted_and_indexed_in_class_order(image_folder):
+    listing = list_split(image_folder, "valid", ["7", "3"])
+    assert len(listing) == 24 and listing.classes == ("7", "3")
+    assert listing.class_indices.tolist() == [0] * 12 + [1] * 12
+    paths = listing.paths()
+    assert paths[0] == "valid/7/0.png" and paths[12] == "valid/3/0.png"
+    assert paths[:12] == sorted(paths[:12])  # name order: 0, 1, 10, 11, 2, ...
+    assert paths == list_split(image_folder, "valid", ["7", "3"]).paths()
+    assert listing.paths(3, 5) == paths[3:5]
+    assert listing.counts() == {"7": 12, "3": 12}
+
+
+def test_names_with_spaces_and_non_ascii_survive(tmp_path):
+    for name in ("a b.png", "ü.png", "日本.png", "z.PNG"):
+        write_png(tmp_path / "train" / "3" / name, np.zeros((4, 4), dtype=np.uint8))
+    paths = list_split(tmp_path, "train", ["3"]).paths()
+    assert paths == ["train/3/a b.png", "train/3/z.PNG", "train/3/ü.png", "train/3/日本.png"]
 
 
 def test_non_png_files_and_other_classes_are_not_samples(image_folder):
     (image_folder / "valid" / "3" / "labels.csv").write_text("name,label\n")
     (image_folder / "valid" / "3" / ".DS_Store").write_bytes(b"\0")
     make_image_folder(image_folder, {"valid": {"9": 2}})
-    samples = list_samples(image_folder, "valid", ["3", "7"])
-    assert len(samples) == 24 and all(s.path.endswith(".png") for s in samples)
+    paths = list_split(image_folder, "valid", ["3", "7"]).paths()
+    assert len(paths) == 24 and all(p.endswith(".png") for p in paths)
 
 
 def test_missing_split_class_and_empty_class(image_folder):
     with pytest.raises(DatasetError, match=r"Split folder 'test' not found under .*; found: train, valid"):
-        list_samples(image_folder, "test", ["3", "7"])
+        list_split(image_folder, "test", ["3", "7"])
     with pytest.raises(DatasetError, match=r"Class '8' has no folder under train/; found: 3, 7"):
-        list_samples(image_folder, "train", ["3", "8"])
+        list_split(image_folder, "train", ["3", "8"])
     (image_folder / "train" / "5").mkdir()
     with pytest.raises(DatasetError, match=r"Class '5' has no images under train/"):
-        list_samples(image_folder, "train", ["3", "5"])
+        list_split(image_folder, "train", ["3", "5"])
 
 
 def test_find_root_from_folder_wrapper_and_archive(image_folder, tmp_path):

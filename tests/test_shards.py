@@ -1,47 +1,143 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
-from mnist37.chunks import read_chunk
+from mnist37.chunks import read_chunk, read_chunk_metadata
 from mnist37.decode import DecodeError, decode_files
-from mnist37.folder import list_samples
+from mnist37.folder import list_split
 from mnist37.prototypes import pixel_sums
 from mnist37.shards import chunk_path, decode_shard, make_shards
+from tests.conftest import PROJECT_ROOT, write_png
+
+
+def shards_of(folder, split="train", size=50):
+    return make_shards(list_split(folder, split, ["3", "7"]), size)
 
 
 @pytest.mark.parametrize("shard_size, expected_sizes", [(128, [128]), (19, [19] * 6 + [14]), (2, [2] * 64), (500, [128])])
 def test_shards_cover_every_sample_once_in_order(image_folder, shard_size, expected_sizes):
-    samples = list_samples(image_folder, "train", ["3", "7"])
-    shards = make_shards(samples, "train", shard_size)
+    listing = list_split(image_folder, "train", ["3", "7"])
+    shards = make_shards(listing, shard_size)
     assert [len(s) for s in shards] == expected_sizes
     assert [s.index for s in shards] == list(range(len(shards)))
-    assert [p for s in shards for p in s.paths] == [s.path for s in samples]
-    assert [c for s in shards for c in s.class_indices] == [s.class_index for s in samples]
+    assert [p for s in shards for p in s.paths] == listing.paths()
+    assert [c for s in shards for c in s.class_indices.tolist()] == listing.class_indices.tolist()
+
+
+def test_groups_split_a_shard_at_class_folders(image_folder):
+    shard = shards_of(image_folder)[1]  # images 50..99: 14 threes, then 36 sevens
+    groups = shard.groups()
+    assert [(folder, len(names)) for folder, names in groups] == [("train/3", 14), ("train/7", 36)]
+    assert [f"{folder}/{os.fsdecode(n)}" for folder, names in groups for n in names] == shard.paths
 
 
 def test_decode_shard_writes_its_chunk_and_sums(image_folder, tmp_path):
-    samples = list_samples(image_folder, "train", ["3", "7"])
-    shard = make_shards(samples, "train", 50)[1]
-    done = decode_shard(shard, image_folder, ["3", "7"], (8, 8), tmp_path / "chunks", with_sums=True)
-    assert done.chunk_path == str(chunk_path(tmp_path / "chunks", shard)) == str(tmp_path / "chunks/train/train-000001.arrow")
+    shard = shards_of(image_folder)[1]
+    done = decode_shard(shard, image_folder, (8, 8), tmp_path / "chunks", with_sums=True)
+    assert done.chunk_path == str(chunk_path(tmp_path / "chunks", shard)) == str(tmp_path / "chunks/train/train-50-000001.arrow")
     chunk = read_chunk(done.chunk_path)
-    expected, digest = decode_files(image_folder, shard.paths, (8, 8))
-    np.testing.assert_array_equal(chunk.images, expected)
-    assert chunk.paths == list(shard.paths) and chunk.class_indices.tolist() == list(shard.class_indices)
-    assert done.digest == digest and done.num_images == 50
-    sums, counts = pixel_sums(expected, np.array(shard.class_indices), 2)
+    expected = decode_files(image_folder, shard.paths, (8, 8))
+    np.testing.assert_array_equal(chunk.images, expected.images)
+    assert chunk.paths == shard.paths and chunk.class_indices.tolist() == shard.class_indices.tolist()
+    assert done.digest == expected.digest and done.num_images == 50 and not done.reused
+    sums, counts = pixel_sums(expected.images, shard.class_indices, 2)
     np.testing.assert_array_equal(done.pixel_sums, sums)
     assert done.counts.tolist() == counts.tolist() == [14, 36]
+    assert done.peak_rss_bytes > 10 * 2**20
 
 
-def test_evaluation_shards_count_without_sums(image_folder, tmp_path):
-    shard = make_shards(list_samples(image_folder, "valid", ["3", "7"]), "valid", 100)[0]
-    done = decode_shard(shard, image_folder, ["3", "7"], (8, 8), tmp_path, with_sums=False)
+def test_evaluation_shards_return_counts_without_sums(image_folder, tmp_path):
+    shard = shards_of(image_folder, "valid", 100)[0]
+    done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
     assert done.pixel_sums is None and done.counts.tolist() == [12, 12]
 
 
+def test_unchanged_shards_are_reused_with_their_sums(image_folder, tmp_path):
+    shards = shards_of(image_folder, size=30)
+    first = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True) for s in shards]
+    mtimes = [os.stat(d.chunk_path).st_mtime_ns for d in first]
+    again = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True) for s in shards]
+    assert all(d.reused for d in again) and not any(d.reused for d in first)
+    assert [os.stat(d.chunk_path).st_mtime_ns for d in again] == mtimes  # not rewritten
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.pixel_sums, b.pixel_sums)
+        assert (a.digest, a.counts.tolist(), a.num_bytes) == (b.digest, b.counts.tolist(), b.num_bytes)
+    fresh = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True, reuse=False) for s in shards]
+    assert not any(d.reused for d in fresh)
+
+
+def test_a_touched_file_re_decodes_only_its_own_shard(image_folder, tmp_path):
+    shards = shards_of(image_folder, size=30)
+    for s in shards:
+        decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True)
+    touched = image_folder / shards[2].paths[7]
+    write_png(touched, np.full((8, 8), 255, dtype=np.uint8))  # new pixels, new size and mtime
+    again = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True) for s in shards]
+    assert [d.reused for d in again] == [True, True, False, True, True]
+    assert read_chunk(again[2].chunk_path).images[7].min() == 255
+
+
+def test_same_size_rewrite_is_noticed_by_mtime(image_folder, tmp_path):
+    shard = shards_of(image_folder, size=30)[0]
+    decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    path = image_folder / shard.paths[0]
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert not decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True).reused
+
+
+def test_an_added_file_re_decodes_only_the_shards_it_moves(image_folder, tmp_path):
+    before = shards_of(image_folder, size=30)
+    for s in before:
+        decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True)
+    write_png(image_folder / "train" / "7" / "zzz.png", np.zeros((8, 8), dtype=np.uint8))  # sorts last
+    after = shards_of(image_folder, size=30)
+    reused = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True).reused for s in after]
+    assert reused == [True, True, True, True, False]
+
+
+def test_a_foreign_or_partial_file_under_a_chunk_name_is_not_trusted(image_folder, tmp_path):
+    shard = shards_of(image_folder)[0]
+    path = chunk_path(tmp_path, shard)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"ARROW1\0\0 half a chunk")
+    done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    assert not done.reused and read_chunk_metadata(path)["num_images"] == 50
+
+
+def test_a_writer_killed_mid_write_leaves_no_chunk(image_folder, tmp_path):
+    """SIGKILL a real process while it writes a large chunk: the final name never appears,
+    and the next decode of that shard does not trust what was left."""
+    target = tmp_path / "chunks" / "train" / "train-50-000000.arrow"
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import numpy as np
+from mnist37.chunks import chunk_table, write_chunk
+n = 600_000  # ~470 MB: long enough to be caught writing
+table = chunk_table(np.zeros((n, 28, 28), dtype=np.uint8), np.zeros(n, dtype=np.int32), [""] * n, ["3"], "train")
+print("writing", flush=True)
+write_chunk({str(target)!r}, table)
+"""], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 60
+    partial = []
+    while not partial:
+        partial = [p for p in target.parent.glob(".*.partial") if p.stat().st_size > 0]
+        assert time.monotonic() < deadline and writer.poll() is None, "never caught the writer mid-write"
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert not target.exists() and partial[0].exists()
+    done = decode_shard(shards_of(image_folder)[0], image_folder, (8, 8), tmp_path / "chunks", with_sums=True)
+    assert not done.reused and len(read_chunk(done.chunk_path)) == 50
+
+
 def test_a_bad_file_fails_the_shard_without_a_chunk(image_folder, tmp_path):
-    shard = make_shards(list_samples(image_folder, "valid", ["3", "7"]), "valid", 100)[0]
+    shard = shards_of(image_folder, "valid", 100)[0]
     (image_folder / shard.paths[5]).write_bytes(b"garbage")
     with pytest.raises(DecodeError, match=rf"{shard.paths[5]}: not an image"):
-        decode_shard(shard, image_folder, ["3", "7"], (8, 8), tmp_path / "chunks", with_sums=False)
+        decode_shard(shard, image_folder, (8, 8), tmp_path / "chunks", with_sums=False)
     assert not (tmp_path / "chunks").exists()
