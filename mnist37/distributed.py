@@ -10,6 +10,8 @@ which task finishes first.
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -24,17 +26,18 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=1)
-def _decode_task(shard: Shard, root: str, classes: Sequence[str], shape: tuple[int, int],
-                 chunk_dir: str, with_sums: bool) -> DecodedShard:
-    result = decode_shard(shard, root, classes, shape, chunk_dir, with_sums)
+def _decode_task(shard: Shard, root: str, shape: tuple[int, int], chunk_dir: str,
+                 with_sums: bool, reuse: bool) -> DecodedShard:
+    result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse)
     result.node_id = ray.get_runtime_context().get_node_id()
+    result.pid = os.getpid()
     return result
 
 
 @ray.remote(num_cpus=1)
 def _classify_task(chunk_path: str, prototypes: np.ndarray, metrics: Sequence[str],
                    device: str) -> dict:
-    # Imported here so decode-only workers never pay for importing torch.
+    # Imported here: the driver never needs torch.
     from mnist37.classify import classify_chunk
 
     start = time.perf_counter()
@@ -43,7 +46,9 @@ def _classify_task(chunk_path: str, prototypes: np.ndarray, metrics: Sequence[st
         "chunk_path": chunk_path,
         "confusions": confusions,
         "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
         "elapsed_s": time.perf_counter() - start,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -78,12 +83,12 @@ def default_max_in_flight() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def decode_shards(shards: Sequence[Shard], root: Path, classes: Sequence[str], shape: tuple[int, int],
-                  chunk_dir: Path, train_split: str, max_in_flight: int) -> Iterator[DecodedShard]:
-    """Decode every shard as a Ray task; pixel sums are computed for `train_split` shards only."""
+def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: Path,
+                  train_split: str, reuse: bool, max_in_flight: int) -> Iterator[DecodedShard]:
+    """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only."""
     return bounded_map(
-        lambda shard: _decode_task.remote(shard, str(root), list(classes), shape, str(chunk_dir),
-                                          shard.split == train_split),
+        lambda shard: _decode_task.remote(shard, str(root), shape, str(chunk_dir),
+                                          shard.split == train_split, reuse),
         shards, max_in_flight)
 
 

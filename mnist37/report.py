@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -48,9 +49,12 @@ def save_prototypes(folder: Path, prototypes: np.ndarray, classes: Sequence[str]
 
 
 def write_outputs(out: Path, results: dict, prototypes: np.ndarray) -> str:
-    """Write results.json (atomically), the prototype PNGs and table.txt; return the table."""
+    """Write results.json (atomically), the prototypes (PNGs and exact float32 .npy) and
+    table.txt; return the table."""
     out.mkdir(parents=True, exist_ok=True)
-    results["outputs"] = [p.name for p in save_prototypes(out, prototypes, results["classes"])]
+    np.save(out / "prototypes.npy", prototypes)
+    results["prototypes_sha256"] = hashlib.sha256(np.ascontiguousarray(prototypes).tobytes()).hexdigest()
+    results["outputs"] = ["prototypes.npy"] + [p.name for p in save_prototypes(out, prototypes, results["classes"])]
     table = format_table(results)
     (out / "table.txt").write_text(table + "\n")
     partial = out / "results.json.partial"

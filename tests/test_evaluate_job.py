@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+
+import mnist37.seed
 
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
@@ -21,23 +22,6 @@ def run_job(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def fastbook_seed(root: Path) -> dict[str, int]:
-    """The seed notebook's computation, written plainly: correct predictions per valid class."""
-    def stacked(split, name):
-        files = sorted((root / split / name).glob("*.png"))
-        return torch.stack([torch.tensor(np.array(Image.open(f))) for f in files]).float() / 255
-
-    mean3, mean7 = stacked("train", "3").mean(0), stacked("train", "7").mean(0)
-
-    def mnist_distance(a, b):
-        return (a - b).abs().mean((-1, -2))
-
-    def is_3(x):
-        return mnist_distance(x, mean3) < mnist_distance(x, mean7)
-
-    return {"3": int(is_3(stacked("valid", "3")).sum()), "7": int((~is_3(stacked("valid", "7"))).sum())}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +48,7 @@ def test_fastbook_figures_on_mnist_sample(sample_run):
 
 def test_agrees_with_the_seed_computation_exactly(sample_run):
     _, _, results = sample_run
-    seed = fastbook_seed(Path(results["data"]["root"]))
+    seed = mnist37.seed.evaluate(Path(results["data"]["root"]))
     confusion = results["metrics"]["l1"]["confusion"]
     assert (confusion[0][0], confusion[1][1]) == (seed["3"], seed["7"])
 
@@ -81,11 +65,26 @@ def test_results_json_documents_the_run(sample_run):
         m = results["metrics"][metric]
         assert np.array(m["confusion"]).sum(axis=1).tolist() == [1010, 1028]
         assert m["overall_accuracy"] == pytest.approx(np.trace(m["confusion"]) / 2038)
-    assert results["config"]["shard_size"] == 1024 and results["config"]["device"] == "auto"
-    assert results["shards"]["count"] == {"train": 13, "valid": 2}
+    assert results["config"]["shard_size"] == 8192 and results["config"]["device"] == "auto"
+    assert results["shards"]["count"] == {"train": 2, "valid": 1}
+    assert results["shards"]["images_decoded"] + results["shards"]["images_reused"] == 14434
+    assert results["throughput"]["decode_images_per_s"] > 0
+    memory = results["memory"]
+    assert memory["workers"] >= 1 and 0 < memory["driver_peak_rss_bytes"] and 0 < memory["worker_peak_rss_bytes"]
     assert results["ray"]["cluster_resources"]["CPU"] >= 1
     assert {"ray_init", "scan", "decode", "prototypes", "classify", "total"} <= set(results["elapsed_s"])
     assert len(results["data"]["fingerprint"]) == 32
+
+
+def test_second_run_reuses_every_chunk_and_agrees(sample_run, mnist_sample_tgz, cache_dir, tmp_path):
+    _, first_out, first = sample_run
+    run = run_job("--data", str(mnist_sample_tgz), "--out", str(tmp_path), "--cache-dir", str(cache_dir))
+    assert run.returncode == 0, run.stderr
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["shards"]["images_reused"] == 14434 and again["shards"]["images_decoded"] == 0
+    assert again["metrics"] == first["metrics"] and again["data"]["fingerprint"] == first["data"]["fingerprint"]
+    assert again["prototypes_sha256"] == first["prototypes_sha256"]
+    assert np.load(tmp_path / "prototypes.npy").tobytes() == np.load(first_out / "prototypes.npy").tobytes()
 
 
 def test_prototype_images_are_viewable(sample_run):

@@ -46,7 +46,7 @@ def test_per_shard_records_and_chunks(ray_local, image_folder, tmp_path):
     assert sum(s["num_images"] for s in per_shard) == 128 + 24
     assert all(s["decode_node_id"] for s in per_shard)
     assert all(s["classify_node_id"] for s in per_shard if s["split"] == "valid")
-    assert sorted(os.listdir(tmp_path / "my-chunks" / "valid")) == [f"valid-00000{i}.arrow" for i in range(3)]
+    assert sorted(os.listdir(tmp_path / "my-chunks" / "valid")) == [f"valid-10-00000{i}.arrow" for i in range(3)]
     assert set(results["elapsed_s"]) == {"scan", "decode", "prototypes", "classify"}
 
 
