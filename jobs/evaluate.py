@@ -62,7 +62,9 @@ def main(cfg: Config) -> dict:
                             "total": time.perf_counter() - clock}
     table = write_outputs(Path(cfg.out), results, prototypes)
     print(table)
-    print(f"\n{sum(sum(c.values()) for c in results['counts'].values())} images in "
+    used = sum(sum(c.values()) for c in results["counts"].values())
+    rejected = len(results["rejected"])
+    print(f"\n{used + rejected} image files = {used} used + {rejected} rejected, in "
           f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
           f"results in {Path(cfg.out) / 'results.json'}")
     return results

@@ -51,8 +51,8 @@ def run_mnist37(data: Path, out: Path, chunk_dir: Path, extra: list[str]) -> dic
         "worker_peak_rss_bytes": results["memory"]["worker_peak_rss_bytes"],
         "correct": {name: confusion[i][i] for i, name in enumerate(results["classes"])},
         "elapsed_s": results["elapsed_s"],
-        "decode_images_per_s": results["throughput"]["decode_images_per_s"],
-        "images_reused": results["shards"]["images_reused"],
+        "decode_images_per_s": results["throughput"]["decode_files_per_s"],
+        "files_reused": results["shards"]["files_reused"],
         "prototypes_sha256": results["prototypes_sha256"],
         # Accuracies only: counts grow with N, accuracies must not.
         "metrics": {m: {k: r[k] for k in ("per_class", "mean_class_accuracy", "overall_accuracy")}

@@ -6,7 +6,8 @@ Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_sh
 (JSON [H, W]), `mnist37.split`, `mnist37.num_images`, and what lets a later run reuse the
 chunk without decoding again: `mnist37.files_key` (paths, sizes, modification times, decode
 settings), `mnist37.digest` (content), `mnist37.counts` (JSON, per class) and
-`mnist37.pixel_sums` (int64 [C, H, W], little-endian bytes). The metadata is in the file's
+`mnist37.pixel_sums` (int64 [C, H, W], little-endian bytes), `mnist37.rejected` (JSON
+[path, reason] of the shard's files left out). The metadata is in the file's
 footer, so it is read without touching the images.
 """
 
@@ -69,6 +70,7 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
             "mnist37.digest": reuse["digest"],
             "mnist37.counts": json.dumps(np.asarray(reuse["counts"]).tolist()),
             "mnist37.pixel_sums": np.ascontiguousarray(reuse["pixel_sums"], dtype="<i8").tobytes(),
+            "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
         })
     schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
                        metadata=metadata)
@@ -128,6 +130,7 @@ def read_chunk_metadata(path: str | Path) -> dict:
         "counts": counts,
         "pixel_sums": np.frombuffer(meta[b"mnist37.pixel_sums"], dtype="<i8").astype(np.int64)
                         .reshape(len(counts), h, w),
+        "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
     }
 
 

@@ -3,7 +3,10 @@
 Pillow is the general decoder. libspng (through `pyspng`, when installed) takes the common
 case, an 8-bit grayscale PNG, where it is ~6x faster (4.6 µs against 29 µs per MNIST image
 here) with identical pixels; anything else, and anything it fails on, goes to Pillow, whose
-error message is the one reported.
+judgement is the one reported.
+
+A bad file is a `DecodeError(path, reason)`; `decode_groups` collects them instead of
+stopping, so a job can report every bad file at once or leave them out (`on_bad_file`).
 
 Files are read with `os.open`/`os.read` relative to an open folder descriptor: the per-file
 cost of a 250-byte MNIST PNG is then ~4 µs to read plus ~5 µs to decode.
@@ -11,12 +14,14 @@ cost of a 250-byte MNIST PNG is then ~4 µs to read plus ~5 µs to decode.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,13 +34,27 @@ except ImportError:  # the fast path is optional; Pillow decodes everything
     pyspng = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# What decoded pixels mean; part of every chunk's reuse key, so a change re-decodes.
-DECODE_SETTINGS = "grayscale-8bit/v1"
+# Larger declared sizes are refused from the header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 1 << 24
 _READ_BYTES = 1 << 16
+_MODES = {"RGB": "RGB", "RGBA": "RGBA", "P": "palette", "PA": "palette with alpha", "LA": "grayscale with alpha",
+          "1": "1-bit", "I": "32-bit grayscale", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale"}
 
 
 class DecodeError(Mnist37Error, ValueError):
     """An image file that cannot be read or is not the expected grayscale size."""
+
+    def __init__(self, path: str | bytes, reason: str):
+        super().__init__(os.fsdecode(path), reason)
+        self.path, self.reason = os.fsdecode(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def decode_settings(convert: bool) -> str:
+    """What decoded pixels mean; part of every chunk's reuse key, so a change re-decodes."""
+    return f"grayscale-8bit/v2/{'convert' if convert else 'reject'}-non-grayscale"
 
 
 def png_header(data: bytes) -> tuple[int, int, int, int] | None:
@@ -46,40 +65,80 @@ def png_header(data: bytes) -> tuple[int, int, int, int] | None:
     return width, height, bit_depth, color_type
 
 
-def decode_png(data: bytes, path: str | bytes) -> np.ndarray:
-    """One 8-bit grayscale PNG's bytes to `uint8 [H, W]`; `path` names the file in errors."""
-    if pyspng is not None:
-        header = png_header(data)
-        if header is not None and header[2:] == (8, 0):  # 8-bit, color type 0 = grayscale
+def decode_png(data: bytes, path: str | bytes, shape: tuple[int, int] | None = None,
+               convert: bool = False) -> np.ndarray:
+    """One PNG's bytes to `uint8 [H, W]`; `path` names the file in errors.
+
+    A PNG whose header declares another shape than `shape`, or more than MAX_IMAGE_PIXELS,
+    is refused without decoding. Non-grayscale PNGs (RGB, RGBA, palette, 16-bit, 1-bit) are
+    refused, or with `convert` turned to 8-bit grayscale as Pillow's "L" mode does.
+    """
+    header = png_header(data)
+    if header is not None:
+        width, height = header[:2]
+        if shape is not None and (height, width) != tuple(shape):
+            raise DecodeError(path, f"expected {shape[0]}x{shape[1]}, found {height}x{width}")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise DecodeError(path, f"declares {height}x{width} pixels, over the {MAX_IMAGE_PIXELS:,} "
+                                    "allowed; not decoded")
+        if pyspng is not None and header[2:] == (8, 0):  # 8-bit, color type 0 = grayscale
             try:
                 pixels = pyspng.load(data)
             except Exception:  # noqa: BLE001 - whatever libspng rejects, Pillow judges and names
                 pixels = None
-            if pixels is not None and pixels.dtype == np.uint8 and pixels.shape == (header[1], header[0]):
+            if pixels is not None and pixels.dtype == np.uint8 and pixels.shape == (height, width):
                 return pixels
-    return decode_pillow(data, path)
+    pixels = decode_pillow(data, path, convert)
+    if shape is not None and pixels.shape != tuple(shape):
+        raise DecodeError(path, f"expected {shape[0]}x{shape[1]}, found {pixels.shape[0]}x{pixels.shape[1]}")
+    return pixels
 
 
-def decode_pillow(data: bytes, path: str | bytes) -> np.ndarray:
-    """The general path: any file Pillow reads, accepted only as an 8-bit grayscale PNG."""
-    name = os.fsdecode(path)
+def decode_pillow(data: bytes, path: str | bytes, convert: bool = False) -> np.ndarray:
+    """The general path: any file Pillow reads, accepted only as a PNG."""
+    if not data:
+        raise DecodeError(path, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "PNG":
-                raise DecodeError(f"{name}: expected a PNG, found {image.format}")
+                raise DecodeError(path, f"not a PNG ({image.format} data)")
             if image.mode != "L":
-                raise DecodeError(f"{name}: expected an 8-bit grayscale PNG, found mode {image.mode}")
+                if not convert:
+                    raise DecodeError(path, f"expected 8-bit grayscale, found {_MODES.get(image.mode, image.mode)}")
+                return np.asarray(image.convert("L"))
             return np.asarray(image)
     except UnidentifiedImageError:
-        raise DecodeError(f"{name}: not an image") from None
-    except OSError as e:  # Pillow's "image file is truncated", broken chunks, bad CRCs
-        raise DecodeError(f"{name}: unreadable PNG ({e})") from None
+        raise DecodeError(path, _broken_png(data, "not identified") if data.startswith(PNG_SIGNATURE)
+                          else "not an image") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(path, f"too large to decode ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(path, _broken_png(data, str(e))) from None
+
+
+def _broken_png(data: bytes, detail: str) -> str:
+    """A file that starts as a PNG but does not decode: cut short (no IEND at its end) or corrupt."""
+    if b"IEND" not in data[-12:] or "truncated" in detail.lower():
+        return "truncated PNG"
+    return f"corrupt PNG ({detail})"
+
+
+def read_reason(error: OSError) -> str:
+    """Why a listed file could not be read, in words."""
+    if isinstance(error, FileNotFoundError):
+        return "file disappeared after listing"
+    return f"cannot read file ({error.strerror or error})"
 
 
 def _read(name: bytes | str, dir_fd: int) -> tuple[bytes, os.stat_result]:
-    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    # O_NONBLOCK: a FIFO named *.png must not hang the task; it is refused below.
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode):
+            raise OSError(errno.EINVAL, "Is a directory" if S_ISDIR(stat.st_mode) else "not a regular file")
         data = os.read(fd, _READ_BYTES)
         if len(data) == _READ_BYTES:  # a large file: read the rest
             parts = [data]
@@ -110,35 +169,58 @@ def _open_folder(root: str, folder: str) -> int:
     try:
         return os.open(os.path.join(root, folder), os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        raise DecodeError(f"{folder}/: cannot open folder ({e.strerror})") from None
+        raise DecodeError(folder + "/", f"cannot open folder ({e.strerror})") from None
 
 
-def image_shape(root: str | os.PathLike, path: str) -> tuple[int, int]:
-    """(H, W) of one image; the shape every other image must have."""
+def read_file(root: str | os.PathLike, path: str) -> bytes:
+    """One file's bytes; an unreadable file raises DecodeError with the reason."""
     folder, _, name = path.rpartition("/")
     dir_fd = _open_folder(os.fspath(root), folder)
     try:
-        data, _ = _read(os.fsencode(name), dir_fd)
+        return _read(os.fsencode(name), dir_fd)[0]
     except OSError as e:
-        raise DecodeError(f"{path}: cannot read file ({e.strerror})") from None
+        raise DecodeError(path, read_reason(e)) from None
     finally:
         os.close(dir_fd)
-    return decode_png(data, path).shape
+
+
+def image_shape(root: str | os.PathLike, paths: Sequence[str], convert: bool = False) -> tuple[int, int]:
+    """(H, W) of the first of `paths` that decodes: the shape every other image must have.
+
+    A bad file before it is not judged here; the decode step reports it with the rest."""
+    first_error = None
+    for path in paths:
+        try:
+            return decode_png(read_file(root, path), path, convert=convert).shape
+        except DecodeError as e:
+            first_error = first_error or e
+    if first_error is None:
+        raise ValueError("image_shape: no paths given")
+    raise DecodeError(first_error.path, f"{first_error.reason}; and none of the first {len(paths)} "
+                                        "files decodes, so the image shape is unknown (set image_shape)")
 
 
 @dataclass
 class Decoded:
-    images: np.ndarray  # uint8 [N, H, W]
-    paths: list[str]  # '/'-separated, relative to the root
+    images: np.ndarray  # uint8 [K, H, W]: the K files that decoded, in order
+    kept: np.ndarray  # bool [N]: which of the N files given those are
+    paths: list[str]  # [K] '/'-separated, relative to the root
+    rejected: list[tuple[str, str]]  # (path, reason) of every file left out
     digest: str  # content digest of every (path, bytes) read; see file_digest
-    files_key: str  # digest of paths, sizes and modification times; see files_key
+    files_key: str  # digest of names, sizes and modification times; see files_key
 
 
-def decode_groups(root: str | os.PathLike, groups: Sequence[Group], shape: tuple[int, int]) -> Decoded:
-    """Decode every file of `groups` into `uint8 [N, H, W]`, in order."""
+def decode_groups(root: str | os.PathLike, groups: Sequence[Group], shape: tuple[int, int],
+                  convert: bool = False) -> Decoded:
+    """Decode every file of `groups` into `uint8 [K, H, W]`, in order.
+
+    A file that cannot be read or decoded, or has another shape, is not an exception: it is
+    left out and listed in `rejected` with its reason; the caller applies the policy."""
     root = os.fspath(root)
-    images = np.empty((sum(len(names) for _, names in groups), *shape), dtype=np.uint8)
-    paths, stats, digest, i = [], [], 0, 0
+    total = sum(len(names) for _, names in groups)
+    images = np.empty((total, *shape), dtype=np.uint8)
+    kept = np.zeros(total, dtype=bool)
+    paths, rejected, stats, digest, i = [], [], [], 0, 0
     for folder, names in groups:
         prefix = os.fsencode(folder) + b"/" if folder else b""
         dir_fd = _open_folder(root, folder)
@@ -148,27 +230,33 @@ def decode_groups(root: str | os.PathLike, groups: Sequence[Group], shape: tuple
                 try:
                     data, stat = _read(name, dir_fd)
                 except OSError as e:
-                    raise DecodeError(f"{os.fsdecode(path)}: cannot read file ({e.strerror})") from None
-                pixels = decode_png(data, path)
-                if pixels.shape != shape:
-                    raise DecodeError(f"{os.fsdecode(path)}: expected {shape[0]}x{shape[1]}, "
-                                      f"found {pixels.shape[0]}x{pixels.shape[1]}")
-                images[i] = pixels
-                i += 1
-                digest += file_digest(path, data)
+                    rejected.append((os.fsdecode(path), read_reason(e)))
+                    stats.append((-1, -1))
+                    i += 1
+                    continue
                 stats.append((stat.st_size, stat.st_mtime_ns))
-                paths.append(path)
+                digest += file_digest(path, data)
+                try:
+                    images[len(paths)] = decode_png(data, path, shape, convert)
+                except DecodeError as e:
+                    rejected.append((e.path, e.reason))
+                else:
+                    kept[i] = True
+                    paths.append(path)
+                i += 1
         finally:
             os.close(dir_fd)
-    return Decoded(images, [os.fsdecode(p) for p in paths], f"{digest % (1 << 128):032x}", _key(groups, stats))
+    return Decoded(images[:len(paths)], kept, [os.fsdecode(p) for p in paths], rejected,
+                   f"{digest % (1 << 128):032x}", _key(groups, stats, convert))
 
 
-def decode_files(root: str | os.PathLike, paths: Sequence[str], shape: tuple[int, int]) -> Decoded:
-    """Decode `paths` ('/'-separated, relative to `root`) into `uint8 [N, H, W]`."""
-    return decode_groups(root, groups_of(paths), shape)
+def decode_files(root: str | os.PathLike, paths: Sequence[str], shape: tuple[int, int],
+                 convert: bool = False) -> Decoded:
+    """Decode `paths` ('/'-separated, relative to `root`) into `uint8 [K, H, W]`."""
+    return decode_groups(root, groups_of(paths), shape, convert)
 
 
-def files_key(root: str | os.PathLike, groups: Sequence[Group]) -> str:
+def files_key(root: str | os.PathLike, groups: Sequence[Group], convert: bool = False) -> str:
     """What `decode_groups` would record as `files_key` for these files now, from `stat` alone.
 
     Raises an OSError when a folder or file cannot be stat'ed."""
@@ -181,12 +269,12 @@ def files_key(root: str | os.PathLike, groups: Sequence[Group]) -> str:
                 stats.append((stat.st_size, stat.st_mtime_ns))
         finally:
             os.close(dir_fd)
-    return _key(groups, stats)
+    return _key(groups, stats, convert)
 
 
-def _key(groups: Sequence[Group], stats: Sequence[tuple[int, int]]) -> str:
+def _key(groups: Sequence[Group], stats: Sequence[tuple[int, int]], convert: bool) -> str:
     """BLAKE2b of the decode settings, every folder and file name, and every (size, mtime)."""
-    h = hashlib.blake2b(DECODE_SETTINGS.encode(), digest_size=16)
+    h = hashlib.blake2b(decode_settings(convert).encode(), digest_size=16)
     for folder, names in groups:
         h.update(b"\0" + os.fsencode(folder) + b"\0")
         h.update(b"\0".join(names))

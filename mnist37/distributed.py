@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=1)
 def _decode_task(shard: Shard, root: str, shape: tuple[int, int], chunk_dir: str,
-                 with_sums: bool, reuse: bool) -> DecodedShard:
-    result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse)
+                 with_sums: bool, reuse: bool, convert: bool) -> DecodedShard:
+    result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert)
     result.node_id = ray.get_runtime_context().get_node_id()
     result.pid = os.getpid()
     return result
@@ -84,11 +84,11 @@ def default_max_in_flight() -> int:
 
 
 def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: Path,
-                  train_split: str, reuse: bool, max_in_flight: int) -> Iterator[DecodedShard]:
+                  train_split: str, reuse: bool, convert: bool, max_in_flight: int) -> Iterator[DecodedShard]:
     """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only."""
     return bounded_map(
         lambda shard: _decode_task.remote(shard, str(root), shape, str(chunk_dir),
-                                          shard.split == train_split, reuse),
+                                          shard.split == train_split, reuse, convert),
         shards, max_in_flight)
 
 

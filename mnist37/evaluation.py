@@ -20,12 +20,15 @@ from mnist37 import Mnist37Error, __version__, distributed
 from mnist37.archive import cache_home
 from mnist37.config import Config
 from mnist37.decode import combine_digests, image_shape
-from mnist37.folder import Listing, find_root, list_split
+from mnist37.folder import DatasetError, Listing, find_root, list_split
 from mnist37.metrics import accuracy_report
 from mnist37.prototypes import prototypes as make_prototypes
 from mnist37.shards import Shard, make_shards
 
 log = logging.getLogger(__name__)
+
+# Training files tried, in order, for the image shape when the config does not give it.
+SHAPE_PROBES = 100
 
 
 def default_chunk_dir(cfg: Config, root: Path) -> Path:
@@ -55,12 +58,55 @@ def plan(cfg: Config) -> Plan:
     clock = time.perf_counter()
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
     listings = {split: list_split(root, split, cfg.classes) for split in (cfg.train_split, cfg.eval_split)}
-    shape = image_shape(root, listings[cfg.train_split].paths(0, 1)[0])
+    convert = cfg.non_grayscale == "convert"
+    shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     chunk_dir = Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root)
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
     return Plan(cfg, root, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
+
+
+class BadFilesError(Mnist37Error):
+    """Files that could not be used, under on_bad_file = error: one line each, up to a limit."""
+
+    def __init__(self, rejected: list[tuple[str, str]], found: int, limit: int = 20):
+        super().__init__(rejected, found, limit)
+        self.rejected, self.found, self.limit = rejected, found, limit
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.rejected)} of {self.found} image files cannot be used (on_bad_file = error; "
+                 "--on-bad-file skip leaves them out and lists them in results.json):"]
+        lines += [f"  {path}: {reason}" for path, reason in self.rejected[:self.limit]]
+        if len(self.rejected) > self.limit:
+            lines.append(f"  ... and {len(self.rejected) - self.limit} more")
+        return "\n".join(lines)
+
+
+def _class_of(path: str) -> str:
+    return path.split("/")[-2]
+
+
+def file_accounts(listings: dict[str, Listing], counts: dict[str, np.ndarray],
+                  rejected: list[tuple[str, str]]) -> dict:
+    """Per split and class: files found (images by extension), used, rejected, ignored.
+
+    Raises Mnist37Error unless found = used + rejected everywhere: no image goes missing."""
+    accounts = {}
+    for split, listing in listings.items():
+        bad = {}
+        for path, _ in rejected:
+            if path.startswith(split + "/"):
+                bad[_class_of(path)] = bad.get(_class_of(path), 0) + 1
+        accounts[split] = {}
+        for index, (name, found) in enumerate(listing.counts().items()):
+            used, refused = int(counts[split][index]), bad.get(name, 0)
+            if found != used + refused:
+                raise Mnist37Error(f"{split}/{name}/: {found} image files found but {used} used "
+                                   f"and {refused} rejected")
+            accounts[split][name] = {"found": found, "used": used, "rejected": refused,
+                                     "ignored": listing.ignored[index]}
+    return accounts
 
 
 def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray]:
@@ -76,27 +122,38 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
     # Decode: training sums are reduced as shards finish; the driver keeps only small records.
     clock = time.perf_counter()
     sums = np.zeros((len(classes), *shape), dtype=np.int64)
-    decoded_counts = {split: np.zeros(len(classes), dtype=np.int64) for split in splits}
-    records = {}
-    for done in distributed.decode_shards(shards, root, shape, chunk_dir, cfg.train_split,
-                                          cfg.reuse_chunks, max_in_flight):
-        decoded_counts[done.split] += done.counts
+    counts = {split: np.zeros(len(classes), dtype=np.int64) for split in splits}
+    records, rejected = {}, []
+    for done in distributed.decode_shards(shards, root, shape, chunk_dir, cfg.train_split, cfg.reuse_chunks,
+                                          cfg.non_grayscale == "convert", max_in_flight):
+        counts[done.split] += done.counts
+        rejected += done.rejected
         if done.pixel_sums is not None:
             sums += done.pixel_sums
             done.pixel_sums = None
+        done.rejected = len(done.rejected)
         records[(done.split, done.index)] = done
     elapsed["decode"] = time.perf_counter() - clock
-    for split in splits:
-        listed, decoded = listings[split].counts(), dict(zip(classes, decoded_counts[split].tolist()))
-        if decoded != listed:  # never report on silently fewer images
-            raise Mnist37Error(f"{split}/: listed {listed} images per class but decoded {decoded}")
+    rejected.sort()
+    accounts = file_accounts(listings, counts, rejected)
+    found = sum(len(listing) for listing in listings.values())
+    if rejected and cfg.on_bad_file == "error":
+        raise BadFilesError(rejected, found)
+    for name, count in zip(classes, counts[cfg.train_split]):
+        if count == 0:
+            raise DatasetError(f"Class {name!r} has no usable images under {cfg.train_split}/ "
+                               f"(all {accounts[cfg.train_split][name]['found']} rejected)")
+    if rejected:
+        log.warning("left out %d of %d image files (on_bad_file = skip); listed in results.json",
+                    len(rejected), found)
 
     clock = time.perf_counter()
-    prototypes = make_prototypes(sums, decoded_counts[cfg.train_split], classes, cfg.train_split)
+    prototypes = make_prototypes(sums, counts[cfg.train_split], classes, cfg.train_split)
     elapsed["prototypes"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    eval_chunks = [records[key].chunk_path for key in sorted(records) if key[0] == cfg.eval_split]
+    eval_chunks = [records[key].chunk_path for key in sorted(records)
+                   if key[0] == cfg.eval_split and records[key].num_images]
     confusions = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in cfg.metrics}
     classified = {}
     for done in distributed.classify_chunks(eval_chunks, prototypes, cfg.metrics, cfg.device,
@@ -112,8 +169,7 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         worker_peaks[r.pid] = max(worker_peaks.get(r.pid, 0), r.peak_rss_bytes)
     for c in classified.values():
         worker_peaks[c["pid"]] = max(worker_peaks.get(c["pid"], 0), c["peak_rss_bytes"])
-    num_images = sum(len(listing) for listing in listings.values())
-    reused = sum(r.num_images for r in ordered if r.reused)
+    reused = sum(r.num_files for r in ordered if r.reused)
 
     results = {
         "mnist37_version": __version__,
@@ -122,24 +178,26 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
                  "fingerprint": f"{combine_digests(*(r.digest for r in ordered)):032x}"},
         "classes": list(classes),
         "image_shape": list(shape),
-        "counts": {split: dict(zip(classes, decoded_counts[split].tolist())) for split in splits},
+        "counts": {split: dict(zip(classes, counts[split].tolist())) for split in splits},
+        "files": accounts,
+        "rejected": [{"path": path, "reason": reason} for path, reason in rejected],
         "shards": {
             "shard_size": cfg.shard_size,
             "chunk_dir": str(chunk_dir),
             "count": {split: sum(1 for key in records if key[0] == split) for split in splits},
-            "images_decoded": num_images - reused,
-            "images_reused": reused,
+            "files_decoded": found - reused,
+            "files_reused": reused,
             "per_shard": [
-                {"split": r.split, "index": r.index, "num_images": r.num_images, "num_bytes": r.num_bytes,
-                 "digest": r.digest, "reused": r.reused, "decode_node_id": r.node_id,
-                 "decode_elapsed_s": round(r.elapsed_s, 4),
+                {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
+                 "rejected": r.rejected, "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
+                 "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4),
                  "classify_node_id": classified[r.chunk_path]["node_id"] if r.chunk_path in classified else None}
                 for r in ordered
             ],
         },
         "metrics": {m: accuracy_report(confusions[m], classes) for m in cfg.metrics},
         "elapsed_s": elapsed,
-        "throughput": {"decode_images_per_s": num_images / elapsed["decode"] if elapsed["decode"] else None},
+        "throughput": {"decode_files_per_s": found / elapsed["decode"] if elapsed["decode"] else None},
         "memory": {
             "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "worker_peak_rss_bytes": max(worker_peaks.values(), default=0),

@@ -34,19 +34,24 @@ class Listing:
     classes: tuple[str, ...]
     names: np.ndarray  # bytes 'S' [N]: file names within their class folder
     class_indices: np.ndarray  # int32 [N], into `classes`
+    ignored: list[int]  # per class: entries that are not image files (labels.csv, .DS_Store, folders)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         """'/'-separated paths relative to the data root: "train/3/10.png"."""
-        prefixes = [f"{self.split}/{c}/" for c in self.classes]
-        return [prefixes[c] + os.fsdecode(n) for c, n in
-                zip(self.class_indices[start:stop].tolist(), self.names[start:stop].tolist())]
+        return relative_paths(self.split, self.classes, self.class_indices[start:stop], self.names[start:stop])
 
     def counts(self) -> dict[str, int]:
         per_class = np.bincount(self.class_indices, minlength=len(self.classes))
         return {name: int(n) for name, n in zip(self.classes, per_class)}
+
+
+def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray, names: np.ndarray) -> list[str]:
+    """'/'-separated paths, relative to the data root, of listed images."""
+    prefixes = [f"{split}/{c}/" for c in classes]
+    return [prefixes[c] + os.fsdecode(n) for c, n in zip(class_indices.tolist(), names.tolist())]
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -78,26 +83,34 @@ def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None =
 _BATCH = 65536
 
 
-def _image_names(folder: bytes) -> np.ndarray:
-    """Sorted names of the image files in `folder`, as a fixed-width bytes array.
+def _image_names(folder: bytes) -> tuple[np.ndarray, int]:
+    """Sorted names of the image files in `folder` as a fixed-width bytes array, and how many
+    other entries (files of other types, subfolders) were ignored.
 
     Names are gathered in batches of 64k, so a 600,000-file folder never exists as 600,000
-    Python objects at once (~35 MB less peak memory); bytes sort in code-point order."""
-    parts, batch = [], []
+    Python objects at once (~35 MB less peak memory); bytes sort in code-point order. Whether
+    an entry is a folder comes from the directory listing itself (no stat per file)."""
+    parts, batch, folders = [], [], 0
     with os.scandir(folder) as entries:
         for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders += 1
+                continue
             batch.append(entry.name)
             if len(batch) == _BATCH:
                 parts.append(_keep_images(batch))
                 batch = []
-    parts.append(_keep_images(batch))
-    return np.sort(np.concatenate(parts))
+        parts.append(_keep_images(batch))
+    names = np.sort(np.concatenate([kept for kept, _ in parts]))
+    return names, folders + sum(others for _, others in parts)
 
 
-def _keep_images(names: list[bytes]) -> np.ndarray:
+def _keep_images(names: list[bytes]) -> tuple[np.ndarray, int]:
+    """The image names of a batch (by extension), and how many others it had."""
     names = np.array(names, dtype=bytes)
     lower = np.strings.lower(names)
-    return names[np.logical_or.reduce([np.strings.endswith(lower, ext) for ext in IMAGE_EXTENSIONS])]
+    keep = np.logical_or.reduce([np.strings.endswith(lower, ext) for ext in IMAGE_EXTENSIONS])
+    return names[keep], int(len(names) - keep.sum())
 
 
 def list_split(root: Path, split: str, classes: Sequence[str]) -> Listing:
@@ -107,19 +120,22 @@ def list_split(root: Path, split: str, classes: Sequence[str]) -> Listing:
     if not split_dir.is_dir():
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    names, class_indices = [], []
+    names, class_indices, ignored = [], [], []
     for index, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             found = ", ".join(_subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
-        files = _image_names(os.fsencode(class_dir))
+        files, others = _image_names(os.fsencode(class_dir))
+        ignored.append(others)
+        if others:
+            log.info("%s/%s/: ignored %d entries that are not image files", split, name, others)
         if not len(files):
             raise DatasetError(f"Class {name!r} has no images under {split}/")
         names.append(files)
         class_indices.append(np.full(len(files), index, dtype=np.int32))
     width = max(n.dtype.itemsize for n in names)
     listing = Listing(split, tuple(classes), np.concatenate([n.astype(f"S{width}") for n in names]),
-                      np.concatenate(class_indices))
+                      np.concatenate(class_indices), ignored)
     log.info("%s: %d images in %d classes", split, len(listing), len(classes))
     return listing

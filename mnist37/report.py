@@ -31,6 +31,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_files(results: dict) -> str:
+    """The accounting per split and class: found = used + rejected (and what was ignored)."""
+    lines = [f"{'files':<16}{'found':>9}{'used':>9}{'rejected':>9}{'ignored':>9}"]
+    for split, classes in results["files"].items():
+        for name, a in classes.items():
+            lines.append(f"{split + '/' + name:<16}{a['found']:>9}{a['used']:>9}{a['rejected']:>9}{a['ignored']:>9}")
+    return "\n".join(lines)
+
+
 def save_prototypes(folder: Path, prototypes: np.ndarray, classes: Sequence[str]) -> list[Path]:
     """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG, plus one enlarged sheet of all."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +64,7 @@ def write_outputs(out: Path, results: dict, prototypes: np.ndarray) -> str:
     np.save(out / "prototypes.npy", prototypes)
     results["prototypes_sha256"] = hashlib.sha256(np.ascontiguousarray(prototypes).tobytes()).hexdigest()
     results["outputs"] = ["prototypes.npy"] + [p.name for p in save_prototypes(out, prototypes, results["classes"])]
-    table = format_table(results)
+    table = format_table(results) + "\n\n" + format_files(results)
     (out / "table.txt").write_text(table + "\n")
     partial = out / "results.json.partial"
     partial.write_text(json.dumps(results, indent=2) + "\n")

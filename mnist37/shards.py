@@ -17,7 +17,7 @@ import numpy as np
 
 from mnist37.chunks import ChunkError, chunk_table, read_chunk_metadata, write_chunk
 from mnist37.decode import Group, decode_groups, files_key
-from mnist37.folder import Listing
+from mnist37.folder import Listing, relative_paths
 from mnist37.prototypes import pixel_sums
 
 
@@ -37,7 +37,7 @@ class Shard:
 
     @property
     def paths(self) -> list[str]:
-        return Listing(self.split, self.classes, self.names, self.class_indices).paths()
+        return relative_paths(self.split, self.classes, self.class_indices, self.names)
 
     def groups(self) -> list[Group]:
         """The shard's files as runs sharing a class folder: [("train/3", [b"10.png", ...]), ...]."""
@@ -56,10 +56,12 @@ class DecodedShard:
     split: str
     index: int
     chunk_path: str
-    num_images: int
+    num_files: int  # listed
+    num_images: int  # decoded and kept: num_files - len(rejected)
+    rejected: list[tuple[str, str]]  # (path, reason) of each file left out
     num_bytes: int
     digest: str  # content digest of the files (decode.file_digest, combined)
-    counts: np.ndarray  # int64 [C]
+    counts: np.ndarray  # int64 [C], images kept per class
     pixel_sums: np.ndarray | None  # int64 [C, H, W]; None unless asked for (training shards)
     reused: bool  # True when the chunk from an earlier run was still valid
     elapsed_s: float
@@ -85,40 +87,47 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _reusable(path: Path, root: Path, shard: Shard, groups: list[Group]) -> dict | None:
+def _reusable(path: Path, root: Path, shard: Shard, groups: list[Group], convert: bool) -> dict | None:
     """The chunk's metadata if it was written from exactly these files, as they are now."""
     try:
         meta = read_chunk_metadata(path)
     except (ChunkError, OSError):
         return None
-    if meta["num_images"] != len(shard) or len(meta["counts"]) != len(shard.classes):
+    if meta["num_images"] + len(meta["rejected"]) != len(shard) or len(meta["counts"]) != len(shard.classes):
         return None
     try:
-        key = files_key(root, groups)
+        key = files_key(root, groups, convert)
     except OSError:
         return None  # a file is gone or unreadable: decoding it reports which
     return meta if key == meta["files_key"] else None
 
 
 def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
-                 with_sums: bool, reuse: bool = True) -> DecodedShard:
+                 with_sums: bool, reuse: bool = True, convert: bool = False) -> DecodedShard:
     """Decode a shard's PNGs into its Arrow chunk (or reuse a still-valid one), count images
-    per class and, when `with_sums`, return their per-class pixel sums."""
+    per class and, when `with_sums`, return their per-class pixel sums.
+
+    Files that cannot be used are left out of the chunk and returned in `rejected`; whether
+    that stops the job is the caller's policy. The chunk records them too, so a run that
+    reuses it reports the same rejections."""
     start = time.perf_counter()
     root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta = _reusable(path, root, shard, groups) if reuse and path.exists() else None
-    if meta is not None:
-        counts, sums, digest, num_bytes = meta["counts"], meta["pixel_sums"], meta["digest"], meta["num_bytes"]
+    meta = _reusable(path, root, shard, groups, convert) if reuse and path.exists() else None
+    if meta is None:
+        decoded = decode_groups(root, groups, shape, convert)
+        labels = shard.class_indices[decoded.kept]
+        sums, counts = pixel_sums(decoded.images, labels, len(shard.classes))
+        meta = {"files_key": decoded.files_key, "digest": decoded.digest, "counts": counts,
+                "pixel_sums": sums, "rejected": decoded.rejected}
+        table = chunk_table(decoded.images, labels, decoded.paths, shard.classes, shard.split, reuse=meta)
+        meta["num_bytes"] = write_chunk(path, table)
+        reused = False
     else:
-        decoded = decode_groups(root, groups, shape)
-        sums, counts = pixel_sums(decoded.images, shard.class_indices, len(shard.classes))
-        digest = decoded.digest
-        table = chunk_table(decoded.images, shard.class_indices, decoded.paths, shard.classes, shard.split,
-                            reuse={"files_key": decoded.files_key, "digest": digest,
-                                   "counts": counts, "pixel_sums": sums})
-        num_bytes = write_chunk(path, table)
+        reused = True
     return DecodedShard(
-        split=shard.split, index=shard.index, chunk_path=str(path), num_images=len(shard),
-        num_bytes=num_bytes, digest=digest, counts=counts, pixel_sums=sums if with_sums else None,
-        reused=meta is not None, elapsed_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
+        split=shard.split, index=shard.index, chunk_path=str(path), num_files=len(shard),
+        num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
+        num_bytes=meta["num_bytes"], digest=meta["digest"], counts=meta["counts"],
+        pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused,
+        elapsed_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
     )

@@ -23,8 +23,8 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
         assert set(summary) == {"seed", "cold", "warm"}
         assert summary["seed"]["ratio_to_seed"] == 1.0
         assert summary["warm"]["worker_peak_rss_bytes"] > 0 and summary["seed"]["worker_peak_rss_bytes"] is None
-        assert scale["runs"]["cold"][0]["images_reused"] == 0
-        assert scale["runs"]["warm"][0]["images_reused"] == scale["num_images"]
+        assert scale["runs"]["cold"][0]["files_reused"] == 0
+        assert scale["runs"]["warm"][0]["files_reused"] == scale["num_images"]
     assert report["checks"] == {
         "prototypes_identical_across_scales_and_runs": True,
         "accuracies_identical_across_scales_and_runs": True,

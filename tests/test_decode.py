@@ -1,30 +1,52 @@
+import io
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-import os
-
 from mnist37 import decode
-from mnist37.decode import DecodeError, decode_files, decode_pillow, decode_png, files_key, groups_of, image_shape
-from tests.conftest import write_png
+from mnist37.decode import (DecodeError, combine_digests, decode_files, decode_pillow, decode_png, files_key,
+                            groups_of, image_shape)
+from tests.conftest import PROJECT_ROOT, write_png
 
 
 def pixels(shape=(8, 8), seed=0):
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
+def png_bytes(array, mode=None, fmt="PNG"):
+    image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def huge_png(width, height):
+    """A valid PNG signature and IHDR that declare width x height, and no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return decode.PNG_SIGNATURE + chunk + b"\0" * 16
+
+
 def test_decodes_what_was_written(tmp_path):
     expected = [pixels(seed=i) for i in range(3)]
     for i, p in enumerate(expected):
         write_png(tmp_path / f"{i}.png", p)
-    (tmp_path / "d").mkdir()
-    for i, p in enumerate(expected):
         write_png(tmp_path / "d" / f"{i}.png", p)
     decoded = decode_files(tmp_path, ["0.png", "1.png", "d/2.png", "d/0.png"], (8, 8))
     assert decoded.images.dtype == np.uint8 and decoded.images.shape == (4, 8, 8)
     np.testing.assert_array_equal(decoded.images, np.stack(expected + [expected[0]]))
     assert decoded.paths == ["0.png", "1.png", "d/2.png", "d/0.png"]
-    assert image_shape(tmp_path, "1.png") == (8, 8) == image_shape(tmp_path, "d/1.png")
+    assert decoded.kept.all() and decoded.rejected == []
+    assert image_shape(tmp_path, ["1.png"]) == (8, 8) == image_shape(tmp_path, ["d/1.png"])
 
 
 def test_digest_follows_content_not_just_names(tmp_path):
@@ -36,42 +58,7 @@ def test_digest_follows_content_not_just_names(tmp_path):
     assert first == again != changed
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16"])
-def test_non_grayscale_png_is_named(tmp_path, mode):
-    write_png(tmp_path / "c.png", pixels(), mode=mode)
-    with pytest.raises(DecodeError, match=rf"c.png: expected an 8-bit grayscale PNG, found mode {mode}"):
-        decode_files(tmp_path, ["c.png"], (8, 8))
-
-
-def test_other_size_is_named(tmp_path):
-    write_png(tmp_path / "big.png", pixels((9, 7)))
-    with pytest.raises(DecodeError, match=r"big.png: expected 8x8, found 9x7"):
-        decode_files(tmp_path, ["big.png"], (8, 8))
-
-
-def test_jpeg_named_png(tmp_path):
-    Image.fromarray(pixels()).save(tmp_path / "j.png", format="JPEG")
-    with pytest.raises(DecodeError, match=r"j.png: expected a PNG, found JPEG"):
-        decode_png((tmp_path / "j.png").read_bytes(), "j.png")
-
-
-def test_unreadable_files(tmp_path):
-    (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(DecodeError, match=r"empty.png: not an image"):
-        decode_files(tmp_path, ["empty.png"], (8, 8))
-    whole = write_png(tmp_path / "t.png", pixels((28, 28))).read_bytes()
-    (tmp_path / "t.png").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(DecodeError, match=r"t.png: unreadable PNG"):
-        decode_files(tmp_path, ["t.png"], (28, 28))
-    with pytest.raises(DecodeError, match=r"gone.png: cannot read file \(No such file or directory\)"):
-        decode_files(tmp_path, ["gone.png"], (8, 8))
-    with pytest.raises(DecodeError, match=r"nope/: cannot open folder \(No such file or directory\)"):
-        decode_files(tmp_path, ["nope/a.png"], (8, 8))
-
-
 def test_digests_combine_the_same_however_files_are_split(tmp_path):
-    from mnist37.decode import combine_digests
-
     for i in range(5):
         write_png(tmp_path / f"{i}.png", pixels(seed=i))
     names = [f"{i}.png" for i in range(5)]
@@ -80,12 +67,103 @@ def test_digests_combine_the_same_however_files_are_split(tmp_path):
     assert f"{combine_digests(*parts):032x}" == whole
 
 
-def test_files_key_follows_names_sizes_and_mtimes(tmp_path):
+@pytest.mark.parametrize("mode, found", [("RGB", "RGB"), ("RGBA", "RGBA"), ("P", "palette"),
+                                         ("I;16", "16-bit grayscale"), ("LA", "grayscale with alpha"),
+                                         ("1", "1-bit")])
+def test_non_grayscale_is_rejected_by_name_or_converted_like_pillow(mode, found):
+    data = png_bytes(pixels(), mode)
+    with pytest.raises(DecodeError, match=rf"^c.png: expected 8-bit grayscale, found {found}$"):
+        decode_png(data, "c.png")
+    converted = decode_png(data, "c.png", convert=True)
+    np.testing.assert_array_equal(converted, np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+    assert converted.dtype == np.uint8 and converted.shape == (8, 8)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", r"empty file \(0 bytes\)"),
+    (os.urandom(300), "not an image"),
+    (png_bytes(pixels(), fmt="JPEG"), r"not a PNG \(JPEG data\)"),
+    (png_bytes(pixels(), mode="P", fmt="GIF"), r"not a PNG \(GIF data\)"),
+    (png_bytes(pixels())[:-30], "truncated PNG"),
+    (png_bytes(pixels((9, 7))), "expected 8x8, found 9x7"),
+    (huge_png(100_000, 100_000), "expected 8x8, found 100000x100000"),
+])
+def test_bad_bytes_get_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=rf"^x/y.png: {reason}$"):
+        decode_png(data, "x/y.png", shape=(8, 8))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_alone():
+    with pytest.raises(DecodeError, match=r"declares 100000x100000 pixels, over the 16,777,216 allowed; not decoded"):
+        decode_png(huge_png(100_000, 100_000), "bomb.png")  # no expected shape: the size cap applies
+
+
+def test_bad_files_are_collected_not_raised(tmp_path):
+    write_png(tmp_path / "a.png", pixels(seed=1))
+    (tmp_path / "b.png").write_bytes(b"")
+    write_png(tmp_path / "c.png", pixels(seed=3))
+    (tmp_path / "d.png").mkdir()
+    os.symlink("loop.png", tmp_path / "loop.png")
+    decoded = decode_files(tmp_path, ["a.png", "b.png", "c.png", "d.png", "gone.png", "loop.png"], (8, 8))
+    assert decoded.paths == ["a.png", "c.png"] and decoded.kept.tolist() == [True, False, True, False, False, False]
+    np.testing.assert_array_equal(decoded.images[1], pixels(seed=3))
+    assert decoded.rejected == [("b.png", "empty file (0 bytes)"),
+                                ("d.png", "cannot read file (Is a directory)"),
+                                ("gone.png", "file disappeared after listing"),
+                                ("loop.png", "cannot read file (Too many levels of symbolic links)")]
+
+
+def test_a_fifo_named_png_does_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "f.png")
+    assert decode_files(tmp_path, ["f.png"], (8, 8)).rejected == [("f.png", "cannot read file (not a regular file)")]
+
+
+def test_an_unreadable_file_names_the_permission(tmp_path):
+    """chmod 000 stops everyone but root; as root (CI), the read runs after dropping to nobody."""
+    folder = tmp_path / "open"
+    write_png(folder / "secret.png", pixels())
+    os.chmod(folder / "secret.png", 0)
+    if os.geteuid() == 0:  # the folder must be reachable for nobody: a world-readable one in /tmp
+        folder = Path(tempfile.mkdtemp(prefix="mnist37-perm-"))
+        (folder / "secret.png").write_bytes((tmp_path / "open" / "secret.png").read_bytes())
+        os.chmod(folder, 0o755)
+        os.chmod(folder / "secret.png", 0)
+    drop = "import os; os.setgid(65534); os.setuid(65534); " if os.geteuid() == 0 else ""
+    code = (f"from mnist37.decode import decode_files; {drop}"
+            f"print(decode_files({str(folder)!r}, ['secret.png'], (8, 8)).rejected)")
+    try:
+        run = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    finally:
+        if folder != tmp_path / "open":
+            shutil.rmtree(folder)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[('secret.png', 'cannot read file (Permission denied)')]"
+
+
+def test_image_shape_takes_the_first_file_that_decodes(tmp_path):
+    (tmp_path / "0.png").write_bytes(b"junk")
+    write_png(tmp_path / "1.png", pixels((5, 6)))
+    assert image_shape(tmp_path, ["0.png", "1.png"]) == (5, 6)
+    with pytest.raises(DecodeError, match=r"0.png: not an image; and none of the first 1 files decodes"):
+        image_shape(tmp_path, ["0.png"])
+    with pytest.raises(DecodeError, match=r"nope/: cannot open folder \(No such file or directory\)"):
+        image_shape(tmp_path, ["nope/a.png"])
+
+
+def test_decode_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DecodeError("a/b.png", "truncated PNG")))
+    assert (error.path, error.reason, str(error)) == ("a/b.png", "truncated PNG", "a/b.png: truncated PNG")
+
+
+def test_files_key_follows_names_sizes_mtimes_and_settings(tmp_path):
     for i in range(3):
         write_png(tmp_path / f"{i}.png", pixels(seed=i))
     paths = ["0.png", "1.png", "2.png"]
     decoded = decode_files(tmp_path, paths, (8, 8))
     assert files_key(tmp_path, groups_of(paths)) == decoded.files_key  # stat agrees with fstat
+    assert files_key(tmp_path, groups_of(paths), convert=True) != decoded.files_key
     assert files_key(tmp_path, groups_of(paths[:2])) != decoded.files_key
     stat = (tmp_path / "1.png").stat()
     os.utime(tmp_path / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
@@ -94,9 +172,9 @@ def test_files_key_follows_names_sizes_and_mtimes(tmp_path):
         files_key(tmp_path, groups_of(["0.png", "gone.png"]))
 
 
-def test_the_fast_decoder_is_installed_and_falls_back_to_pillow(tmp_path, monkeypatch):
+def test_the_fast_decoder_is_installed_and_falls_back_to_pillow(monkeypatch):
     assert decode.pyspng is not None, "pyspng is a dependency: the fast path must be there"
-    gray = write_png(tmp_path / "g.png", pixels()).read_bytes()
+    gray = png_bytes(pixels())
     np.testing.assert_array_equal(decode_png(gray, "g.png"), decode_pillow(gray, "g.png"))
     monkeypatch.setattr(decode, "pyspng", None)  # the Pillow-only install
     np.testing.assert_array_equal(decode_png(gray, "g.png"), pixels())

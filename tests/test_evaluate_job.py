@@ -67,8 +67,8 @@ def test_results_json_documents_the_run(sample_run):
         assert m["overall_accuracy"] == pytest.approx(np.trace(m["confusion"]) / 2038)
     assert results["config"]["shard_size"] == 8192 and results["config"]["device"] == "auto"
     assert results["shards"]["count"] == {"train": 2, "valid": 1}
-    assert results["shards"]["images_decoded"] + results["shards"]["images_reused"] == 14434
-    assert results["throughput"]["decode_images_per_s"] > 0
+    assert results["shards"]["files_decoded"] + results["shards"]["files_reused"] == 14434
+    assert results["throughput"]["decode_files_per_s"] > 0
     memory = results["memory"]
     assert memory["workers"] >= 1 and 0 < memory["driver_peak_rss_bytes"] and 0 < memory["worker_peak_rss_bytes"]
     assert results["ray"]["cluster_resources"]["CPU"] >= 1
@@ -81,7 +81,7 @@ def test_second_run_reuses_every_chunk_and_agrees(sample_run, mnist_sample_tgz, 
     run = run_job("--data", str(mnist_sample_tgz), "--out", str(tmp_path), "--cache-dir", str(cache_dir))
     assert run.returncode == 0, run.stderr
     again = json.loads((tmp_path / "results.json").read_text())
-    assert again["shards"]["images_reused"] == 14434 and again["shards"]["images_decoded"] == 0
+    assert again["shards"]["files_reused"] == 14434 and again["shards"]["files_decoded"] == 0
     assert again["metrics"] == first["metrics"] and again["data"]["fingerprint"] == first["data"]["fingerprint"]
     assert again["prototypes_sha256"] == first["prototypes_sha256"]
     assert np.load(tmp_path / "prototypes.npy").tobytes() == np.load(first_out / "prototypes.npy").tobytes()
@@ -110,7 +110,8 @@ def test_bad_image_stops_the_job_with_its_name(tmp_path):
     (data / "valid" / "7" / "1.png").write_bytes(b"not a png")
     run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--shard-size", "4")
     assert run.returncode == 1
-    assert "error: valid/7/1.png: not an image" in run.stderr
+    assert "error: 1 of 16 image files cannot be used (on_bad_file = error" in run.stderr
+    assert "\n  valid/7/1.png: not an image\n" in run.stderr + "\n"
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "out" / "results.json").exists()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mnist37.chunks import read_chunk, read_chunk_metadata
-from mnist37.decode import DecodeError, decode_files
+from mnist37.decode import decode_files
 from mnist37.folder import list_split
 from mnist37.prototypes import pixel_sums
 from mnist37.shards import chunk_path, decode_shard, make_shards
@@ -135,9 +135,37 @@ write_chunk({str(target)!r}, table)
     assert not done.reused and len(read_chunk(done.chunk_path)) == 50
 
 
-def test_a_bad_file_fails_the_shard_without_a_chunk(image_folder, tmp_path):
+def test_bad_files_are_left_out_of_the_chunk_and_remembered(image_folder, tmp_path):
     shard = shards_of(image_folder, "valid", 100)[0]
     (image_folder / shard.paths[5]).write_bytes(b"garbage")
-    with pytest.raises(DecodeError, match=rf"{shard.paths[5]}: not an image"):
-        decode_shard(shard, image_folder, (8, 8), tmp_path / "chunks", with_sums=False)
-    assert not (tmp_path / "chunks").exists()
+    (image_folder / shard.paths[20]).unlink()  # disappeared after listing
+    done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    assert done.rejected == [(shard.paths[5], "not an image"), (shard.paths[20], "file disappeared after listing")]
+    assert (done.num_files, done.num_images, done.counts.tolist()) == (24, 22, [11, 11])
+    chunk = read_chunk(done.chunk_path)
+    assert chunk.paths == [p for i, p in enumerate(shard.paths) if i not in (5, 20)]
+    assert chunk.class_indices.tolist() == [0] * 11 + [1] * 11
+    kept = decode_files(image_folder, chunk.paths, (8, 8))
+    np.testing.assert_array_equal(done.pixel_sums, pixel_sums(kept.images, chunk.class_indices, 2)[0])
+    # A file that is gone cannot be stat'ed: the next run decodes again and says the same.
+    again = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    assert not again.reused and again.rejected == done.rejected
+
+
+def test_a_reused_chunk_reports_its_rejections(image_folder, tmp_path):
+    shard = shards_of(image_folder, "valid", 100)[0]
+    (image_folder / shard.paths[3]).write_bytes(b"")
+    first = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
+    again = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
+    assert again.reused and again.rejected == first.rejected == [(shard.paths[3], "empty file (0 bytes)")]
+    assert again.num_images == first.num_images == 23
+
+
+def test_converting_non_grayscale_is_part_of_the_reuse_key(image_folder, tmp_path):
+    shard = shards_of(image_folder, "valid", 100)[0]
+    write_png(image_folder / shard.paths[0], np.full((8, 8), 9, dtype=np.uint8), mode="RGB")
+    rejecting = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
+    assert rejecting.rejected == [(shard.paths[0], "expected 8-bit grayscale, found RGB")]
+    converting = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False, convert=True)
+    assert not converting.reused and converting.rejected == [] and converting.num_images == 24
+    assert read_chunk(converting.chunk_path).images[0].tolist() == [[9] * 8] * 8
