@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from mnist37 import Mnist37Error
 
@@ -82,41 +83,101 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
     )
 
 
-def write_chunk(path: str | Path, table: pa.Table) -> int:
-    """Write `table` as an Arrow IPC file at `path`, atomically; return its size in bytes.
+# A chunk is found by a location: a local path, or a pyarrow filesystem URI (file://, s3://,
+# gs://, hdfs://) for chunk stores shared by the nodes of a cluster; or it arrives as the
+# bytes of the file (a pyarrow Buffer) through Ray's object store.
+Source = str | Path | pa.Buffer
+
+
+def join(chunk_dir: str | Path, *parts: str) -> str:
+    """A location under `chunk_dir`, which may be a path or a URI."""
+    return "/".join([str(chunk_dir).rstrip("/"), *parts])
+
+
+def _filesystem(location: str | Path) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for a URI; (None, path) for a local path, which is memory-mapped."""
+    location = str(location)
+    if "://" not in location:
+        return None, location
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise ChunkError(f"chunk store {location!r}: not a filesystem pyarrow can open ({e})") from None
+    return (None, path) if isinstance(fs, pafs.LocalFileSystem) else (fs, path)
+
+
+def exists(location: str | Path) -> bool:
+    fs, path = _filesystem(location)
+    if fs is None:
+        return os.path.exists(path)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_chunk(location: str | Path, table: pa.Table) -> int:
+    """Write `table` as an Arrow IPC file at `location`, atomically; return its size in bytes.
 
     The file is written beside its final name and renamed into place, so a reader never sees
-    a partly written chunk, and a killed writer leaves only a temporary file.
+    a partly written chunk, and a killed writer leaves only a temporary file. (On object
+    stores such as S3 the final object appears whole when its upload completes.)
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path.stat().st_size
+    fs, path = _filesystem(location)
+    parent, _, name = path.rpartition("/")
+    partial = f"{parent}/.{name}.{os.getpid()}.partial"
+    if fs is None:
+        os.makedirs(parent, exist_ok=True)
+        try:
+            with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return os.stat(path).st_size
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(partial) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    fs.move(partial, path)
+    return fs.get_file_info(path).size
 
 
-def _open(path: Path) -> pa.ipc.RecordBatchFileReader:
+def chunk_bytes(location: str | Path) -> pa.Buffer:
+    """The whole chunk file as one buffer (a view of the mapped file where it is local)."""
+    fs, path = _filesystem(location)
+    if fs is None:
+        return pa.memory_map(path, "r").read_buffer()  # the buffer keeps the mapping alive
+    with fs.open_input_file(path) as f:
+        return f.read_buffer()
+
+
+def _describe(source: Source) -> str:
+    return f"chunk of {source.size} bytes" if isinstance(source, pa.Buffer) else str(source)
+
+
+def _open(source: Source) -> pa.ipc.RecordBatchFileReader:
     try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        if isinstance(source, pa.Buffer):
+            reader = pa.ipc.open_file(pa.BufferReader(source))
+        else:
+            fs, path = _filesystem(source)
+            reader = pa.ipc.open_file(pa.memory_map(path, "r") if fs is None else fs.open_input_file(path))
     except FileNotFoundError:
-        raise ChunkError(f"{path}: chunk file not found") from None
+        raise ChunkError(f"{_describe(source)}: chunk file not found") from None
     except pa.ArrowInvalid as e:
-        raise ChunkError(f"{path}: not an Arrow IPC file ({e})") from None
+        raise ChunkError(f"{_describe(source)}: not an Arrow IPC file ({e})") from None
     meta = reader.schema.metadata or {}
     if meta.get(b"mnist37.schema_version") != SCHEMA_VERSION.encode():
-        raise ChunkError(f"{path}: not an mnist37 chunk (schema version "
+        raise ChunkError(f"{_describe(source)}: not an mnist37 chunk (schema version "
                          f"{meta.get(b'mnist37.schema_version')!r}, expected {SCHEMA_VERSION!r})")
     return reader
 
 
+def _size(location: str | Path) -> int:
+    fs, path = _filesystem(location)
+    return os.stat(path).st_size if fs is None else fs.get_file_info(path).size
+
+
 def read_chunk_metadata(path: str | Path) -> dict:
     """A chunk's reuse record from its footer, without reading the images."""
-    path = Path(path)
     meta = _open(path).schema.metadata
     if b"mnist37.files_key" not in meta:
         raise ChunkError(f"{path}: chunk has no reuse record")
@@ -124,7 +185,7 @@ def read_chunk_metadata(path: str | Path) -> dict:
     h, w = json.loads(meta[b"mnist37.image_shape"])
     return {
         "num_images": int(meta[b"mnist37.num_images"]),
-        "num_bytes": path.stat().st_size,
+        "num_bytes": _size(path),
         "files_key": meta[b"mnist37.files_key"].decode(),
         "digest": meta[b"mnist37.digest"].decode(),
         "counts": counts,
@@ -134,10 +195,10 @@ def read_chunk_metadata(path: str | Path) -> dict:
     }
 
 
-def read_chunk(path: str | Path) -> Chunk:
-    """Memory-map a chunk file; images come back as a zero-copy `uint8 [N, H, W]` view."""
-    path = Path(path)
-    table = _open(path).read_all()
+def read_chunk(source: Source) -> Chunk:
+    """Read a chunk; images come back as a zero-copy `uint8 [N, H, W]` view of the memory-mapped
+    file (local path) or of the buffer (object store); a remote file is read into memory."""
+    table = _open(source).read_all()
     meta = table.schema.metadata
     h, w = json.loads(meta[b"mnist37.image_shape"])
     column = table.column("image")

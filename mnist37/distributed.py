@@ -17,57 +17,94 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from mnist37 import Mnist37Error
+from mnist37.chunks import chunk_bytes
 from mnist37.shards import DecodedShard, Shard, decode_shard
 
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=1)
-def _decode_task(shard: Shard, root: str, shape: tuple[int, int], chunk_dir: str,
-                 with_sums: bool, reuse: bool, convert: bool) -> DecodedShard:
+# Decode tasks spread over every node with free CPUs; Ray retries a task whose worker or
+# node died (max_retries), never one that raised (retry_exceptions is off): a data problem
+# would only fail again.
+_RETRIES = dict(max_retries=3, retry_exceptions=False)
+
+
+def _decode(shard: Shard, root: str, shape: tuple[int, int], chunk_dir: str, with_sums: bool,
+            reuse: bool, convert: bool) -> DecodedShard:
     result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert)
-    result.node_id = ray.get_runtime_context().get_node_id()
-    result.pid = os.getpid()
+    context = ray.get_runtime_context()
+    result.node_id, result.pid = context.get_node_id(), os.getpid()
+    result.gpu_ids = list(context.get_accelerator_ids().get("GPU", []))
     return result
 
 
-@ray.remote(num_cpus=1)
-def _classify_task(chunk_path: str, prototypes: np.ndarray, metrics: Sequence[str],
-                   device: str) -> dict:
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
+def _decode_task(*args) -> DecodedShard:
+    return _decode(*args)
+
+
+@ray.remote(num_cpus=1, num_returns=2, scheduling_strategy="SPREAD", **_RETRIES)
+def _decode_and_ship_task(*args) -> tuple[DecodedShard, pa.Buffer]:
+    """Decode, and return the chunk's bytes too: they travel through the object store to
+    whichever node classifies them, for clusters whose nodes share no disk."""
+    result = _decode(*args)
+    return result, chunk_bytes(result.chunk_path)
+
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
+def _classify_task(key: str, chunk: str | pa.Buffer, prototypes: np.ndarray, metrics: Sequence[str],
+                   device: str, examples: int) -> dict:
     # Imported here: the driver never needs torch.
     from mnist37.classify import classify_chunk
 
     start = time.perf_counter()
-    confusions = classify_chunk(chunk_path, prototypes, metrics, device)
+    confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples)
+    context = ray.get_runtime_context()
     return {
-        "chunk_path": chunk_path,
+        "chunk_path": key,
         "confusions": confusions,
-        "node_id": ray.get_runtime_context().get_node_id(),
+        "examples": found,
+        "device": str(used),
+        "gpu_ids": list(context.get_accelerator_ids().get("GPU", [])),
+        "node_id": context.get_node_id(),
         "pid": os.getpid(),
         "elapsed_s": time.perf_counter() - start,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
-def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_in_flight: int) -> Iterator:
+def bounded_map(submit: Callable[[object], ray.ObjectRef | list[ray.ObjectRef]], items: Iterable,
+                max_in_flight: int) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
     results as they finish. A task that fails with an mnist37 error re-raises that error
-    (one clear line, not a remote traceback) after cancelling the tasks still pending."""
+    (one clear line, not a remote traceback) after cancelling the tasks still pending.
+
+    For a task with several returns, `submit` gives their refs: the first is waited on and
+    fetched, and the result comes back as (first value, the other refs)."""
     pending: list[ray.ObjectRef] = []
+    others: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}
 
     def next_result():
         nonlocal pending
         done, pending = ray.wait(pending, num_returns=1)
-        return ray.get(done[0])
+        value = ray.get(done[0])
+        return (value, others.pop(done[0])) if done[0] in others else value
+
+    def track(refs) -> ray.ObjectRef:
+        if isinstance(refs, list):
+            others[refs[0]] = refs[1:]
+            return refs[0]
+        return refs
 
     try:
         for item in items:
             if len(pending) >= max_in_flight:
                 yield next_result()
-            pending.append(submit(item))
+            pending.append(track(submit(item)))
         while pending:
             yield next_result()
     except ray.exceptions.RayTaskError as e:
@@ -83,24 +120,40 @@ def default_max_in_flight() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: Path,
-                  train_split: str, reuse: bool, convert: bool, max_in_flight: int) -> Iterator[DecodedShard]:
-    """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only."""
-    return bounded_map(
-        lambda shard: _decode_task.remote(shard, str(root), shape, str(chunk_dir),
-                                          shard.split == train_split, reuse, convert),
-        shards, max_in_flight)
+def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: str,
+                  train_split: str, reuse: bool, convert: bool, ship_split: str | None,
+                  max_in_flight: int) -> Iterator[DecodedShard | tuple[DecodedShard, list[ray.ObjectRef]]]:
+    """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only.
+
+    Shards of `ship_split` (the evaluation split, when chunks travel through the object
+    store) come back as (DecodedShard, [ref to the chunk's bytes])."""
+    def submit(shard: Shard):
+        args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert)
+        if shard.split == ship_split:
+            return _decode_and_ship_task.remote(*args)
+        return _decode_task.remote(*args)
+
+    return bounded_map(submit, shards, max_in_flight)
 
 
-def classify_chunks(chunk_paths: Sequence[str], prototypes: np.ndarray, metrics: Sequence[str],
-                    device: str, gpus_per_task: float, max_in_flight: int) -> Iterator[dict]:
-    """Classify every chunk as a Ray task. The prototypes go to the object store once; on a
-    cluster with GPUs each task asks for `gpus_per_task` of one (decode tasks never do)."""
+def classify_chunks(chunks: Sequence[tuple[str, str | ray.ObjectRef]], prototypes: np.ndarray,
+                    metrics: Sequence[str], device: str, gpus_per_task: float, examples: int,
+                    max_in_flight: int) -> Iterator[dict]:
+    """Classify every (chunk path, chunk location or ref to its bytes) as a Ray task. The
+    prototypes go to the object store once; on a cluster with GPUs each task asks for
+    `gpus_per_task` of one (decode tasks never do)."""
     prototypes_ref = ray.put(prototypes)
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    task = _classify_task.options(num_gpus=gpus_per_task if has_gpus and device != "cpu" else 0)
-    return bounded_map(lambda path: task.remote(path, prototypes_ref, list(metrics), device),
-                       chunk_paths, max_in_flight)
+    task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
+    return bounded_map(lambda chunk: task.remote(chunk[0], chunk[1], prototypes_ref, list(metrics), device, examples),
+                       chunks, max_in_flight)
+
+
+def has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def num_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def cluster_info() -> dict:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mnist37.chunks import ChunkError, chunk_table, read_chunk_metadata, write_chunk
+from mnist37.chunks import ChunkError, chunk_table, exists, join, read_chunk_metadata, write_chunk
 from mnist37.decode import Group, decode_groups, files_key
 from mnist37.folder import Listing, relative_paths
 from mnist37.prototypes import pixel_sums
@@ -68,6 +68,7 @@ class DecodedShard:
     peak_rss_bytes: int = 0  # of the process that ran it
     node_id: str = ""
     pid: int = 0
+    gpu_ids: list = field(default_factory=list)  # GPUs Ray assigned to the task (none, by design)
 
 
 def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
@@ -79,15 +80,16 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
     ]
 
 
-def chunk_path(chunk_dir: str | Path, shard: Shard) -> Path:
-    return Path(chunk_dir) / shard.split / f"{shard.name}.arrow"
+def chunk_path(chunk_dir: str | Path, shard: Shard) -> str:
+    """Where the shard's chunk lives: a path, or a URI when `chunk_dir` is one."""
+    return join(chunk_dir, shard.split, f"{shard.name}.arrow")
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _reusable(path: Path, root: Path, shard: Shard, groups: list[Group], convert: bool) -> dict | None:
+def _reusable(path: str, root: Path, shard: Shard, groups: list[Group], convert: bool) -> dict | None:
     """The chunk's metadata if it was written from exactly these files, as they are now."""
     try:
         meta = read_chunk_metadata(path)
@@ -112,7 +114,7 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
     reuses it reports the same rejections."""
     start = time.perf_counter()
     root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta = _reusable(path, root, shard, groups, convert) if reuse and path.exists() else None
+    meta = _reusable(path, root, shard, groups, convert) if reuse and exists(path) else None
     if meta is None:
         decoded = decode_groups(root, groups, shape, convert)
         labels = shard.class_indices[decoded.kept]
@@ -125,7 +127,7 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
     else:
         reused = True
     return DecodedShard(
-        split=shard.split, index=shard.index, chunk_path=str(path), num_files=len(shard),
+        split=shard.split, index=shard.index, chunk_path=path, num_files=len(shard),
         num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
         num_bytes=meta["num_bytes"], digest=meta["digest"], counts=meta["counts"],
         pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused,

@@ -12,6 +12,11 @@ from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# Ray >= 2.5x turns token authentication on once ~/.ray/auth_token exists; every cluster the
+# tests start and every client agree on token mode (as .ci/run and README do).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -101,3 +101,20 @@ def test_reuse_record_round_trips_through_the_footer(tmp_path):
     write_chunk(tmp_path / "plain.arrow", sample_table()[3])
     with pytest.raises(ChunkError, match=r"plain.arrow: chunk has no reuse record"):
         read_chunk_metadata(tmp_path / "plain.arrow")
+
+
+def test_uri_chunk_store_and_bytes_round_trip(tmp_path):
+    from mnist37.chunks import chunk_bytes, exists, join
+
+    images, labels, paths, table = sample_table()
+    location = join((tmp_path / "store").as_uri(), "train", "x.arrow")
+    assert location.startswith("file://") and not exists(location)
+    num_bytes = write_chunk(location, table)
+    assert exists(location) and (tmp_path / "store" / "train" / "x.arrow").stat().st_size == num_bytes
+    assert [p.name for p in (tmp_path / "store" / "train").iterdir()] == ["x.arrow"]  # no partial left
+    for source in (location, chunk_bytes(location)):
+        chunk = read_chunk(source)
+        np.testing.assert_array_equal(chunk.images, images)
+        assert chunk.paths == paths
+    with pytest.raises(ChunkError, match=r"chunk store 'nosuch://x/y': not a filesystem pyarrow can open"):
+        write_chunk("nosuch://x/y", table)

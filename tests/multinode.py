@@ -1,0 +1,39 @@
+"""A multi-node Ray cluster on this machine for tests (ray.cluster_utils.Cluster), in its own
+process so that the test process's own Ray is not disturbed.
+
+    python tests/multinode.py WORKERS [GPUS_PER_NODE]
+
+Prints one JSON line {"address": ..., "head": node id, "workers": [node ids]}, then takes
+commands on stdin: `remove I` kills worker I at once (its raylet and workers, no graceful
+stop) and answers `removed`; `quit` (or end of input) shuts the cluster down.
+"""
+
+import json
+import sys
+
+from ray.cluster_utils import Cluster
+
+
+def main() -> None:
+    workers = int(sys.argv[1])
+    gpus = float(sys.argv[2]) if len(sys.argv) > 2 else 0
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "num_gpus": gpus, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=gpus) for _ in range(workers)]
+    cluster.wait_for_nodes()
+    print(json.dumps({"address": cluster.address, "head": cluster.head_node.node_id,
+                      "workers": [n.node_id for n in nodes]}), flush=True)
+    try:
+        for line in sys.stdin:
+            command = line.split()
+            if command and command[0] == "remove":
+                cluster.remove_node(nodes[int(command[1])], allow_graceful=False)
+                print("removed", flush=True)
+            elif command and command[0] == "quit":
+                break
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Where users run the job: `ray job submit` to a real head on loopback, a 3-node cluster,
+a node removed and a worker killed mid-job, and GPU requests on a cluster advertising GPUs.
+
+Every cluster here is started by the test with its own ports and temp dir, and stopped by it;
+`ray stop` (which stops every Ray process on the machine) is never used.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.test_evaluate_job import run_job
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Node deaths are noticed in ~2 s instead of ~30 s.
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+                      "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """28x28 images: 2 x 600 to train on, 2 x 150 to classify."""
+    return make_image_folder(tmp_path_factory.mktemp("cluster") / "data",
+                             {"train": {"3": 600, "7": 600}, "valid": {"3": 150, "7": 150}}, shape=(28, 28))
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory):
+    """The same job on a plain single-node local Ray: what every other run must equal."""
+    out = tmp_path_factory.mktemp("baseline")
+    run = run_job("--data", str(data), "--out", str(out), "--shard-size", "100", "--chunk-dir", str(out / "chunks"))
+    assert run.returncode == 0, run.stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def same_results(results, baseline):
+    for key in ("metrics", "counts", "files", "prototypes_sha256"):
+        assert results[key] == baseline[key], key
+    assert results["data"]["fingerprint"] == baseline["data"]["fingerprint"]
+
+
+# ---------------------------------------------------------------- ray job submit
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head --block`: a real head node on loopback, stopped by ending that process."""
+    temp = tmp_path_factory.mktemp("ray-head")
+    dashboard = free_port()
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env(), capture_output=True, check=True)
+    process = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+         "--temp-dir", str(temp), "--disable-usage-stats"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    from ray.job_submission import JobSubmissionClient
+
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            client = JobSubmissionClient(address)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            assert process.poll() is None and time.monotonic() < deadline, "the head did not start"
+            time.sleep(0.5)
+    yield address, client
+    os.killpg(process.pid, signal.SIGTERM)  # --block: ray start stops what it started
+    process.wait(timeout=60)
+
+
+def wait_for(client, job_id, timeout=300):
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job_id} still {status}"
+        time.sleep(0.5)
+    return status
+
+
+def test_ray_job_submit_as_the_readme_shows(head, data, baseline, tmp_path):
+    address, client = head
+    out = tmp_path / "submitted"
+    clock = time.perf_counter()
+    run = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--runtime-env", "configs/runtime_env.yaml", "--",
+         "python", "jobs/evaluate.py", "--data", str(data), "--out", str(out), "--shard-size", "100",
+         "--chunk-dir", str(tmp_path / "chunks")],
+        cwd=PROJECT_ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    print(f"ray job submit: {time.perf_counter() - clock:.1f} s")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "succeeded" in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    same_results(results, baseline)
+    assert results["elapsed_s"]["ray_init"] < 2  # joined the running cluster: no new Ray started
+    jobs = [j for j in client.list_jobs() if j.entrypoint.endswith("--chunk-dir " + str(tmp_path / "chunks"))]
+    assert len(jobs) == 1 and "mean of classes" in client.get_job_logs(jobs[0].submission_id)
+
+
+def test_a_failing_job_fails_submit_with_its_error_in_the_logs(head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    address, client = head
+    missing = tmp_path / "nowhere.tgz"
+    run = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--runtime-env", "configs/runtime_env.yaml", "--",
+         "python", "jobs/evaluate.py", "--data", str(missing), "--out", str(tmp_path / "out")],
+        cwd=PROJECT_ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    job_id = client.submit_job(
+        entrypoint=f"python jobs/evaluate.py --data {missing} --out {tmp_path / 'out'}",
+        runtime_env=yaml.safe_load((PROJECT_ROOT / "configs" / "runtime_env.yaml").read_text())
+        | {"working_dir": str(PROJECT_ROOT)})
+    assert wait_for(client, job_id) == JobStatus.FAILED
+    logs = client.get_job_logs(job_id)
+    assert f"error: data: {missing} does not exist" in logs and "Traceback" not in logs
+
+
+# ---------------------------------------------------------------- multi-node
+
+
+class MultiNode:
+    """tests/multinode.py in a subprocess: head + N worker nodes, 1 CPU each."""
+
+    def __init__(self, workers: int, gpus: float = 0):
+        self.process = subprocess.Popen([sys.executable, "tests/multinode.py", str(workers), str(gpus)],
+                                        cwd=PROJECT_ROOT, env=env(**FAST_HEALTH_CHECKS), text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.info = json.loads(self.process.stdout.readline())
+
+    def remove(self, index: int) -> None:
+        self.process.stdin.write(f"remove {index}\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "removed"
+
+    def close(self) -> None:
+        self.process.communicate("quit\n", timeout=120)
+
+
+@pytest.fixture
+def three_nodes():
+    cluster = MultiNode(2)
+    yield cluster
+    cluster.close()
+
+
+def job_on(cluster, data, out, *extra):
+    return run_job("--data", str(data), "--out", str(out), "--ray-address", cluster.info["address"],
+                   "--shard-size", "100", "--chunk-dir", str(out / "chunks"), *extra)
+
+
+def per_node(results, key):
+    counts = {}
+    for shard in results["shards"]["per_shard"]:
+        if shard.get(key):
+            counts[shard[key]] = counts.get(shard[key], 0) + 1
+    return counts
+
+
+def test_three_nodes_share_the_work_and_agree_with_one(three_nodes, data, baseline, tmp_path):
+    run = job_on(three_nodes, data, tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    same_results(results, baseline)
+    nodes = {three_nodes.info["head"], *three_nodes.info["workers"]}
+    decode = per_node(results, "decode_node_id")
+    print("decode shards per node:", {n[:8]: c for n, c in decode.items()},
+          "classify shards per node:", {n[:8]: c for n, c in per_node(results, "classify_node_id").items()})
+    assert set(decode) == nodes  # every node decoded some shards
+    assert results["shards"]["transport"] == "object_store" and len(results["ray"]["nodes"]) == 3
+
+
+def test_shared_chunk_store_uri(three_nodes, data, baseline, tmp_path):
+    run = job_on(three_nodes, data, tmp_path, "--chunk-dir", (tmp_path / "store").as_uri())
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    same_results(results, baseline)
+    assert results["shards"]["transport"] == "filesystem" and results["shards"]["chunk_dir"].startswith("file://")
+    assert len(list((tmp_path / "store" / "valid").glob("*.arrow"))) == 3
+
+
+def test_a_worker_node_removed_mid_job(three_nodes, data, baseline, tmp_path):
+    chunks = tmp_path / "chunks"
+    job = threading.Thread(target=lambda: setattr(job, "run", job_on(three_nodes, data, tmp_path)))
+    job.start()
+    deadline = time.monotonic() + 120
+    while len(list(chunks.glob("*/*.arrow"))) < 3:  # the job is decoding
+        assert job.is_alive() and time.monotonic() < deadline, "the job ended before a node could be removed"
+        time.sleep(0.05)
+    three_nodes.remove(0)
+    job.join(timeout=600)
+    assert job.run.returncode == 0, job.run.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    same_results(results, baseline)
+    alive = {n["node_id"] for n in results["ray"]["nodes"]}
+    assert three_nodes.info["workers"][0] not in alive and len(alive) == 2
+
+
+def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
+    """SIGKILL a worker while its process title says it runs a decode task; Ray retries it."""
+    killed = []
+
+    def chaos():
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for pid in os.listdir("/proc"):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except (OSError, ValueError):
+                    continue
+                if title.startswith(b"ray::_decode_task") or title.startswith(b"ray::_classify_task"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(title.split(b"\0")[0].decode())
+                    return
+
+    watcher = threading.Thread(target=chaos)
+    watcher.start()
+    run = run_job("--data", str(data), "--out", str(tmp_path), "--shard-size", "100", "--chunk-dir", str(tmp_path / "c"))
+    watcher.join()
+    assert killed, "no task was caught running"
+    assert run.returncode == 0, run.stderr
+    same_results(json.loads((tmp_path / "results.json").read_text()), baseline)
+
+
+# ---------------------------------------------------------------- GPU requests
+
+
+def test_classify_tasks_ask_for_gpus_and_run_on_cpu_without_cuda(data, baseline, tmp_path):
+    import torch
+
+    cluster = MultiNode(1, gpus=1)  # advertises 2 GPUs that do not exist
+    try:
+        run = job_on(cluster, data, tmp_path, "--gpus-per-task", "0.5")
+    finally:
+        cluster.close()
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    same_results(results, baseline)
+    assert results["ray"]["cluster_resources"]["GPU"] == 2
+    shards = results["shards"]["per_shard"]
+    assert all(s["decode_gpu_ids"] == [] for s in shards)  # decode tasks never ask for a GPU
+    classified = [s for s in shards if s["split"] == "valid"]
+    assert classified and all(len(s["classify_gpu_ids"]) == 1 for s in classified)
+    if not torch.cuda.is_available():
+        assert {s["classify_device"] for s in classified} == {"cpu"}
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def test_kuberay_manifest_matches_the_readme():
+    manifest = yaml.safe_load((PROJECT_ROOT / "configs" / "rayjob.yaml").read_text())
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert manifest["kind"] == "RayJob" and manifest["apiVersion"] == "ray.io/v1"
+    entrypoint = manifest["spec"]["entrypoint"]
+    assert entrypoint.startswith("python jobs/evaluate.py ") and entrypoint in readme
+    runtime_env = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
+    assert runtime_env == yaml.safe_load((PROJECT_ROOT / "configs" / "runtime_env.yaml").read_text())
+    assert "configs/runtime_env.yaml" in readme and "configs/rayjob.yaml" in readme
