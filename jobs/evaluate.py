@@ -55,12 +55,12 @@ def main(cfg: Config) -> dict:
                  dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
         ray_init_s = time.perf_counter() - clock
         try:
-            results, prototypes = evaluate(cfg, planned.result())
+            results, prototypes, example_images = evaluate(cfg, planned.result())
         finally:
             ray.shutdown()
     results["elapsed_s"] = {"ray_init": ray_init_s, **results["elapsed_s"],
                             "total": time.perf_counter() - clock}
-    table = write_outputs(Path(cfg.out), results, prototypes)
+    table = write_outputs(Path(cfg.out), results, prototypes, example_images)
     print(table)
     used = sum(sum(c.values()) for c in results["counts"].values())
     rejected = len(results["rejected"])

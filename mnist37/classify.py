@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mnist37 import Mnist37Error
-from mnist37.chunks import read_chunk
+from mnist37.chunks import Source, read_chunk
 
 # Images per step on the device: bounds the float32 working set to ~25 MB on CPU
 # whatever the shard size.
@@ -60,9 +61,18 @@ def confusion(true: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> 
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def classify(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarray,
-             metrics: Sequence[str], device: str = "auto") -> dict[str, np.ndarray]:
-    """Confusion matrices `int64 [C, C]` per metric for `uint8 [N, H, W]` images."""
+@dataclass
+class Classified:
+    confusions: dict[str, np.ndarray]  # metric -> int64 [C, C], rows = true class
+    # metric -> misclassified images as (row, true, predicted, margin, distances [C]); the margin
+    # d(true) - d(predicted) >= 0 says how far past the decision boundary an image fell.
+    misclassified: dict[str, list[tuple[int, int, int, float, list[float]]]]
+    device: torch.device
+
+
+def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarray,
+                    metrics: Sequence[str], device: str = "auto") -> Classified:
+    """Confusion matrices per metric for `uint8 [N, H, W]` images, and every misclassified one."""
     dev = resolve_device(device)
     num_classes = len(prototypes)
     protos = torch.tensor(prototypes, dtype=torch.float32, device=dev)
@@ -72,15 +82,52 @@ def classify(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarr
         pixels = torch.from_numpy(images)
         true = torch.from_numpy(np.asarray(class_indices)).to(dev)
     totals = {m: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev) for m in metrics}
+    wrong = {m: [] for m in metrics}
     for start in range(0, len(pixels), BATCH_IMAGES):
         batch = pixels[start:start + BATCH_IMAGES].to(dev, non_blocking=True)
+        labels = true[start:start + BATCH_IMAGES]
         for metric, dist in distances(batch, protos, metrics).items():
-            totals[metric] += confusion(true[start:start + BATCH_IMAGES], dist.argmin(dim=1), num_classes)
-    return {m: t.cpu().numpy() for m, t in totals.items()}
+            predicted = dist.argmin(dim=1)
+            totals[metric] += confusion(labels, predicted, num_classes)
+            rows = torch.nonzero(predicted != labels).flatten()
+            if len(rows):
+                d = dist[rows]
+                margin = d.gather(1, labels[rows, None]) - d.gather(1, predicted[rows, None])
+                wrong[metric] += [(start + r, t, p, m, ds) for r, t, p, m, ds in zip(
+                    rows.tolist(), labels[rows].tolist(), predicted[rows].tolist(),
+                    margin.flatten().tolist(), d.tolist())]
+    return Classified({m: t.cpu().numpy() for m, t in totals.items()}, wrong, dev)
 
 
-def classify_chunk(chunk_path: str, prototypes: np.ndarray, metrics: Sequence[str],
-                   device: str = "auto") -> dict[str, np.ndarray]:
-    """Read one Arrow chunk (memory-mapped) and return its confusion matrices per metric."""
-    chunk = read_chunk(chunk_path)
-    return classify(chunk.images, chunk.class_indices, prototypes, metrics, device)
+def classify(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarray,
+             metrics: Sequence[str], device: str = "auto") -> dict[str, np.ndarray]:
+    """Confusion matrices `int64 [C, C]` per metric for `uint8 [N, H, W]` images."""
+    return classify_images(images, class_indices, prototypes, metrics, device).confusions
+
+
+def boundary_examples(misclassified: list[tuple], num_classes: int, k: int) -> dict[int, dict[str, list]]:
+    """Per true class, the k misclassified images closest to the decision boundary (smallest
+    margin) and the k farthest from it (largest margin)."""
+    out = {}
+    for c in range(num_classes):
+        ranked = sorted((w for w in misclassified if w[1] == c), key=lambda w: (w[3], w[0]))
+        out[c] = {"closest": ranked[:k], "farthest": ranked[::-1][:k]}
+    return out
+
+
+def classify_chunk(chunk: Source, prototypes: np.ndarray, metrics: Sequence[str], device: str = "auto",
+                   examples: int = 0) -> tuple[dict[str, np.ndarray], torch.device, dict]:
+    """Read one Arrow chunk (a memory-mapped file, a URI, or its bytes) and return its confusion
+    matrices per metric, the device that computed them, and per metric and true class up to
+    `examples` misclassified images closest to and farthest from the boundary, each as
+    {path, image (uint8 [H, W]), true, predicted, margin, distances}."""
+    read = read_chunk(chunk)
+    done = classify_images(read.images, read.class_indices, prototypes, metrics, device)
+    found = {}
+    for metric, wrong in done.misclassified.items():
+        picked = boundary_examples(wrong, len(prototypes), examples) if examples else {}
+        found[metric] = {c: {side: [{"path": read.paths[row], "image": np.array(read.images[row]), "true": t,
+                                     "predicted": p, "margin": m, "distances": ds}
+                                    for row, t, p, m, ds in rows] for side, rows in sides.items()}
+                         for c, sides in picked.items()}
+    return done.confusions, done.device, found

@@ -21,6 +21,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_sam
 METRICS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_FILE = ("error", "skip")
+CHUNK_TRANSPORTS = ("auto", "filesystem", "object_store")
 NON_GRAYSCALE = ("reject", "convert")
 
 
@@ -30,13 +31,20 @@ class ConfigError(Mnist37Error, ValueError):
 
 @dataclass
 class Config:
-    # A data set in ImageFolder layout, <root>/<split>/<class>/*.png: a folder or a .tgz/.tar.gz.
-    data: str = ""
+    # A data set in ImageFolder layout, <root>/<split>/<class>/*.png: a folder, a .tgz/.tar.gz,
+    # or a name (mnist_sample, mnist, mnist_tiny) downloaded from fastai's archives.
+    data: str = "mnist_sample"
     # Output folder: results.json, prototype PNGs, the accuracy table.
     out: str = "runs/latest"
-    # Where Arrow tensor chunks are kept; empty means <cache_dir>/chunks/<data root name>-<hash>,
-    # shared by every run over the same data root.
+    # Where Arrow tensor chunks are kept: a path or a pyarrow filesystem URI (file://, s3://,
+    # gs://, hdfs://); empty means <cache_dir>/chunks/<data root name>-<hash>, shared by every
+    # run over the same data root.
     chunk_dir: str = ""
+    # How chunks reach classify tasks: "filesystem" (chunk_dir, which every node must reach:
+    # one machine, a shared mount, or a URI), "object_store" (Ray carries each evaluation
+    # chunk's bytes; for nodes that share no disk), "auto" (object_store on a multi-node
+    # cluster unless chunk_dir is a URI, else filesystem).
+    chunk_transport: str = "auto"
     # Reuse a shard's chunk when its files (paths, sizes, modification times) are unchanged.
     reuse_chunks: bool = True
     # Where archives are extracted; empty means $MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37,
@@ -45,7 +53,8 @@ class Config:
     # Split whose images are averaged into prototypes, and split that is classified.
     train_split: str = "train"
     eval_split: str = "valid"
-    # Class folder names, in the order used for indices and confusion rows.
+    # Class folder names, in the order used for indices and confusion rows; ["all"] takes every
+    # class folder of the training split, sorted.
     classes: list[str] = field(default_factory=lambda: ["3", "7"])
     # What a file that cannot be used does to the job: "error" stops it before any accuracy
     # is computed and lists every such file; "skip" leaves them out and lists them in
@@ -66,6 +75,9 @@ class Config:
     shard_size: int = 8192
     # Distance metrics to report: l1 = mean absolute difference (fastbook's), l2 = RMS difference.
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    # Misclassified images per class and metric shown in report.html, closest to the decision
+    # boundary and farthest from it.
+    report_examples: int = 4
     # Where distances are computed: auto = CUDA when the task sees a CUDA device.
     device: str = "auto"
     # GPU fraction each classification task asks Ray for, when the cluster has GPUs.
@@ -137,10 +149,15 @@ def validate(cfg: Config) -> None:
     """Raise ConfigError for the first value outside what its key allows."""
     if cfg.shard_size <= 0:
         raise ConfigError(f"shard_size: expected a positive number of images, got {cfg.shard_size}")
+    if cfg.report_examples < 0:
+        raise ConfigError(f"report_examples: expected 0 or more images, got {cfg.report_examples}")
     if cfg.max_in_flight < 0:
         raise ConfigError(f"max_in_flight: expected 0 (auto) or a positive count, got {cfg.max_in_flight}")
     if not 0 < cfg.gpus_per_task <= 1:
         raise ConfigError(f"gpus_per_task: expected a fraction in (0, 1], got {cfg.gpus_per_task}")
+    if cfg.chunk_transport not in CHUNK_TRANSPORTS:
+        raise ConfigError(f"chunk_transport: unknown transport {cfg.chunk_transport!r}; "
+                          f"expected one of {', '.join(CHUNK_TRANSPORTS)}")
     if cfg.on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"on_bad_file: unknown policy {cfg.on_bad_file!r}; expected one of {', '.join(ON_BAD_FILE)}")
     if cfg.non_grayscale not in NON_GRAYSCALE:
@@ -157,8 +174,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"metrics: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     if len(set(cfg.metrics)) != len(cfg.metrics):
         raise ConfigError(f"metrics: each metric at most once, got {cfg.metrics}")
-    if len(cfg.classes) < 2:
-        raise ConfigError(f"classes: expected at least two class names, got {cfg.classes}")
+    if len(cfg.classes) < 2 and cfg.classes != ["all"]:
+        raise ConfigError(f"classes: expected at least two class names or all, got {cfg.classes}")
     if len(set(cfg.classes)) != len(cfg.classes):
         raise ConfigError(f"classes: each class at most once, got {cfg.classes}")
     if cfg.train_split == cfg.eval_split:

@@ -20,8 +20,9 @@ from mnist37 import Mnist37Error, __version__, distributed
 from mnist37.archive import cache_home
 from mnist37.config import Config
 from mnist37.decode import combine_digests, image_shape
-from mnist37.folder import DatasetError, Listing, find_root, list_split
+from mnist37.folder import DatasetError, Listing, class_folders, find_root, list_split
 from mnist37.metrics import accuracy_report
+from mnist37.progress import Progress
 from mnist37.prototypes import prototypes as make_prototypes
 from mnist37.shards import Shard, make_shards
 
@@ -43,10 +44,11 @@ class Plan:
 
     cfg: Config
     root: Path
+    classes: list[str]
     listings: dict[str, Listing]
     shape: tuple[int, int]
     shards: list[Shard]
-    chunk_dir: Path
+    chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
 
 
@@ -57,14 +59,16 @@ def plan(cfg: Config) -> Plan:
     reported before any cluster is involved."""
     clock = time.perf_counter()
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
-    listings = {split: list_split(root, split, cfg.classes) for split in (cfg.train_split, cfg.eval_split)}
+    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
+    listings = {split: list_split(root, split, classes) for split in (cfg.train_split, cfg.eval_split)}
     convert = cfg.non_grayscale == "convert"
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
-    chunk_dir = Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root)
+    chunk_dir = cfg.chunk_dir if "://" in cfg.chunk_dir else str(
+        Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
-    return Plan(cfg, root, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
+    return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
 
 
 class BadFilesError(Mnist37Error):
@@ -114,18 +118,31 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
     planned = planned or plan(cfg)
     root, listings, shape, shards, chunk_dir = (planned.root, planned.listings, planned.shape,
                                                 planned.shards, planned.chunk_dir)
-    classes = cfg.classes
+    classes = planned.classes
     splits = (cfg.train_split, cfg.eval_split)
     elapsed: dict[str, float] = {"scan": planned.scan_s}
     max_in_flight = cfg.max_in_flight or distributed.default_max_in_flight()
+
+    # Chunks reach classify tasks through the object store on a multi-node cluster, unless the
+    # chunk store is a URI (shared storage) or the config says otherwise.
+    transport = cfg.chunk_transport
+    if transport == "auto":
+        transport = "object_store" if distributed.num_nodes() > 1 and "://" not in chunk_dir else "filesystem"
+    shipped = {}
 
     # Decode: training sums are reduced as shards finish; the driver keeps only small records.
     clock = time.perf_counter()
     sums = np.zeros((len(classes), *shape), dtype=np.int64)
     counts = {split: np.zeros(len(classes), dtype=np.int64) for split in splits}
     records, rejected = {}, []
+    ship_split = cfg.eval_split if transport == "object_store" else None
+    progress = Progress("decode", len(shards), " shards")
     for done in distributed.decode_shards(shards, root, shape, chunk_dir, cfg.train_split, cfg.reuse_chunks,
-                                          cfg.non_grayscale == "convert", max_in_flight):
+                                          cfg.non_grayscale == "convert", ship_split, max_in_flight):
+        progress.update()
+        if isinstance(done, tuple):
+            done, (chunk_ref,) = done
+            shipped[done.chunk_path] = chunk_ref
         counts[done.split] += done.counts
         rejected += done.rejected
         if done.pixel_sums is not None:
@@ -152,16 +169,23 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
     elapsed["prototypes"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    eval_chunks = [records[key].chunk_path for key in sorted(records)
-                   if key[0] == cfg.eval_split and records[key].num_images]
+    eval_chunks = [(r.chunk_path, shipped.get(r.chunk_path, r.chunk_path)) for key, r in sorted(records.items())
+                   if key[0] == cfg.eval_split and r.num_images]
     confusions = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in cfg.metrics}
-    classified = {}
+    classified, candidates = {}, {m: {c: [] for c in range(len(classes))} for m in cfg.metrics}
+    progress = Progress("classify", len(eval_chunks), " shards")
     for done in distributed.classify_chunks(eval_chunks, prototypes, cfg.metrics, cfg.device,
-                                            cfg.gpus_per_task, max_in_flight):
+                                            cfg.gpus_per_task, cfg.report_examples, max_in_flight):
+        progress.update()
         for metric, matrix in done["confusions"].items():
             confusions[metric] += matrix
+        for metric, per_class in done.pop("examples").items():
+            for c, sides in per_class.items():
+                candidates[metric][c] += sides["closest"] + sides["farthest"]
         classified[done["chunk_path"]] = done
     elapsed["classify"] = time.perf_counter() - clock
+
+    examples, example_images = boundary_report(candidates, cfg.report_examples)
 
     ordered = [records[key] for key in sorted(records)]
     worker_peaks = {}
@@ -183,19 +207,23 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         "rejected": [{"path": path, "reason": reason} for path, reason in rejected],
         "shards": {
             "shard_size": cfg.shard_size,
-            "chunk_dir": str(chunk_dir),
+            "chunk_dir": chunk_dir,
+            "transport": transport,
             "count": {split: sum(1 for key in records if key[0] == split) for split in splits},
             "files_decoded": found - reused,
             "files_reused": reused,
             "per_shard": [
                 {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
                  "rejected": r.rejected, "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
-                 "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4),
-                 "classify_node_id": classified[r.chunk_path]["node_id"] if r.chunk_path in classified else None}
+                 "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids,
+                 **({"classify_node_id": classified[r.chunk_path]["node_id"],
+                     "classify_device": classified[r.chunk_path]["device"],
+                     "classify_gpu_ids": classified[r.chunk_path]["gpu_ids"]} if r.chunk_path in classified else {})}
                 for r in ordered
             ],
         },
         "metrics": {m: accuracy_report(confusions[m], classes) for m in cfg.metrics},
+        "examples": examples,
         "elapsed_s": elapsed,
         "throughput": {"decode_files_per_s": found / elapsed["decode"] if elapsed["decode"] else None},
         "memory": {
@@ -205,4 +233,22 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         },
         "ray": distributed.cluster_info(),
     }
-    return results, prototypes
+    return results, prototypes, example_images
+
+
+def boundary_report(candidates: dict, k: int) -> tuple[dict, dict]:
+    """From every chunk's candidates, per metric and true class the k misclassified images
+    closest to the decision boundary and the k farthest; their pixels are returned apart,
+    keyed by path, so results.json stays small."""
+    examples, images = {}, {}
+    for metric, per_class in candidates.items():
+        examples[metric] = {}
+        for c, found in per_class.items():
+            ranked = sorted(found, key=lambda e: (e["margin"], e["path"]))
+            unique = list({e["path"]: e for e in ranked}.values())
+            sides = {"closest": unique[:k], "farthest": unique[::-1][:k]}
+            for side in sides.values():
+                for e in side:
+                    images[e["path"]] = e.pop("image", images.get(e["path"]))
+            examples[metric][str(c)] = sides
+    return examples, images

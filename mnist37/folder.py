@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37 import Mnist37Error, archive
+from mnist37 import Mnist37Error, archive, datasets
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,18 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None = None) -> Path:
-    """The folder holding `<split>/` folders, from a folder or a .tgz archive.
+    """The folder holding `<split>/` folders, from a folder, a .tgz archive, or the name of a
+    data set in `datasets.DATASETS` (downloaded and verified once).
 
     An archive that wraps everything in one top folder (mnist_sample/...) resolves to that
     folder, as does a given folder with a single subfolder that holds the splits.
     """
-    if not str(data):
-        raise DatasetError("data: no data set given; pass --data PATH (an ImageFolder folder or a .tgz archive)")
+    if str(data) in datasets.DATASETS and not Path(data).exists():
+        data = datasets.download(datasets.DATASETS[str(data)], cache_dir)
     path = Path(data).expanduser()
+    if not str(data):
+        raise DatasetError("data: no data set given; pass --data PATH (an ImageFolder folder or a .tgz "
+                           f"archive) or one of {', '.join(datasets.DATASETS)}")
     if not path.exists():
         raise DatasetError(f"data: {path} does not exist")
     if path.is_file():
@@ -111,6 +115,17 @@ def _keep_images(names: list[bytes]) -> tuple[np.ndarray, int]:
     lower = np.strings.lower(names)
     keep = np.logical_or.reduce([np.strings.endswith(lower, ext) for ext in IMAGE_EXTENSIONS])
     return names[keep], int(len(names) - keep.sum())
+
+
+def class_folders(root: Path, split: str) -> list[str]:
+    """Every class folder of `split`, sorted: what `classes = ["all"]` means."""
+    if not (root / split).is_dir():
+        found = ", ".join(_subfolders(root)) or "no folders"
+        raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
+    names = _subfolders(root / split)
+    if len(names) < 2:
+        raise DatasetError(f"classes = all: expected at least two class folders under {split}/, found {names}")
+    return names
 
 
 def list_split(root: Path, split: str, classes: Sequence[str]) -> Listing:

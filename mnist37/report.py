@@ -1,8 +1,11 @@
-"""The output folder: results.json, the prototypes as PNG images, and the accuracy table."""
+"""The output folder: results.json, the prototypes, the accuracy table, and report.html."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import html
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -57,16 +60,111 @@ def save_prototypes(folder: Path, prototypes: np.ndarray, classes: Sequence[str]
     return paths
 
 
-def write_outputs(out: Path, results: dict, prototypes: np.ndarray) -> str:
-    """Write results.json (atomically), the prototypes (PNGs and exact float32 .npy) and
-    table.txt; return the table."""
+def write_outputs(out: Path, results: dict, prototypes: np.ndarray,
+                  example_images: dict[str, np.ndarray] | None = None) -> str:
+    """Write results.json (atomically), the prototypes (PNGs and exact float32 .npy),
+    report.html and table.txt; return the table."""
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "prototypes.npy", prototypes)
     results["prototypes_sha256"] = hashlib.sha256(np.ascontiguousarray(prototypes).tobytes()).hexdigest()
     results["outputs"] = ["prototypes.npy"] + [p.name for p in save_prototypes(out, prototypes, results["classes"])]
     table = format_table(results) + "\n\n" + format_files(results)
     (out / "table.txt").write_text(table + "\n")
+    (out / "report.html").write_text(render_html(results, prototypes, example_images or {}), encoding="utf-8")
+    results["outputs"].append("report.html")
     partial = out / "results.json.partial"
     partial.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(partial, out / "results.json")
     return table
+
+
+def _png_data_uri(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(pixels: np.ndarray, title: str, scale: int = 3) -> str:
+    h, w = np.asarray(pixels).shape
+    return (f'<img src="{_png_data_uri(pixels)}" width="{w * scale}" height="{h * scale}" '
+            f'alt="{html.escape(title)}" title="{html.escape(title)}">')
+
+
+def _heat(value: float) -> str:
+    """White to dark blue for 0..1, with text that stays readable."""
+    shade = int(255 - 200 * value)
+    return f"background:rgb({shade},{shade},255);color:{'#fff' if value > 0.6 else '#000'}"
+
+
+def render_html(results: dict, prototypes: np.ndarray, example_images: dict[str, np.ndarray]) -> str:
+    """report.html: one self-contained page (images inline), opened from disk without a server."""
+    classes, metrics = results["classes"], results["metrics"]
+    esc = html.escape
+    parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>mnist37 report: {esc(str(results['data']['source']))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }}
+img {{ image-rendering: pixelated; border: 1px solid #999; margin: 2px; }}
+figure {{ display: inline-block; margin: 0.3em; text-align: center; font-size: 0.8em; }}
+.facts td {{ text-align: left; }}
+</style></head><body>
+<h1>mnist37: nearest prototype on {esc(str(results['data']['source']))}</h1>"""]
+    parts.append("<h2>Prototypes</h2><div>" + "".join(
+        f"<figure>{_img(p * 255, f'prototype {name}', 4)}<figcaption>ideal {esc(name)}</figcaption></figure>"
+        for name, p in zip(classes, prototypes)) + "</div>")
+    parts.append("<h2>Accuracy</h2><table id='accuracy'><tr><th>class</th><th>images</th>" +
+                 "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>")
+    eval_counts = results["counts"][results["config"]["eval_split"]]
+    for name in classes:
+        cells = "".join("<td>-</td>" if metrics[m]["per_class"][name] is None
+                        else f"<td>{metrics[m]['per_class'][name]:.4f}</td>" for m in metrics)
+        parts.append(f"<tr><th>{esc(name)}</th><td>{eval_counts[name]}</td>{cells}</tr>")
+    for label, key in (("mean of classes", "mean_class_accuracy"), ("overall", "overall_accuracy")):
+        parts.append(f"<tr><th>{label}</th><td></td>" +
+                     "".join(f"<td>{metrics[m][key]:.4f}</td>" for m in metrics) + "</tr>")
+    parts.append("</table>")
+    for m, report in metrics.items():
+        matrix = np.array(report["confusion"])
+        rows = matrix.sum(axis=1, keepdims=True).clip(min=1)
+        parts.append(f"<h2>Confusion, {esc(m)}</h2><table class='confusion'><tr><th>true \\ predicted</th>" +
+                     "".join(f"<th>{esc(c)}</th>" for c in classes) + "</tr>")
+        for i, name in enumerate(classes):
+            parts.append(f"<tr><th>{esc(name)}</th>" + "".join(
+                f"<td style='{_heat(matrix[i, j] / rows[i, 0])}'>{matrix[i, j]}</td>"
+                for j in range(len(classes))) + "</tr>")
+        parts.append("</table>")
+    for m, per_class in results.get("examples", {}).items():
+        parts.append(f"<h2>Misclassified, {esc(m)}: nearest to and farthest from the boundary</h2>")
+        for c, sides in per_class.items():
+            name = classes[int(c)]
+            for side, label in (("closest", "closest to the boundary"), ("farthest", "farthest from it")):
+                if not sides[side]:
+                    continue
+                figures = []
+                for e in sides[side]:
+                    dists = ", ".join(f"{classes[j]}: {d:.4f}" for j, d in enumerate(e["distances"]))
+                    caption = f"{e['path']} → {classes[e['predicted']]} (margin {e['margin']:.4f}; {dists})"
+                    figures.append(f"<figure>{_img(example_images[e['path']], caption)}<figcaption>"
+                                   f"→ {esc(classes[e['predicted']])}<br>margin {e['margin']:.4f}<br>"
+                                   f"{esc(dists)}</figcaption></figure>")
+                parts.append(f"<h3>true {esc(name)}, {label}</h3><div class='examples'>{''.join(figures)}</div>")
+    shards, elapsed = results["shards"], results["elapsed_s"]
+    facts = [("data", results["data"]["source"]), ("root", results["data"]["root"]),
+             ("fingerprint", results["data"]["fingerprint"]),
+             ("images used", ", ".join(f"{s}: {sum(c.values()):,}" for s, c in results["counts"].items())),
+             ("files rejected", len(results["rejected"])),
+             ("shards", f"{sum(shards['count'].values())} of up to {shards['shard_size']} images, "
+                        f"{shards['files_reused']:,} files reused, chunks via {shards['transport']}"),
+             ("nodes", len(results["ray"]["nodes"])),
+             ("seconds", ", ".join(f"{k} {v:.2f}" for k, v in elapsed.items()))]
+    parts.append("<h2>Run</h2><table class='facts'>" +
+                 "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts) + "</table>")
+    parts.append("<h2>Files</h2><pre>" + esc(format_files(results)) + "</pre>")
+    if results["rejected"]:
+        parts.append("<h3>Rejected</h3><pre>" + esc("\n".join(
+            f"{r['path']}: {r['reason']}" for r in results["rejected"][:200])) + "</pre>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

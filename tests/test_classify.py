@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mnist37 import classify as classify_module
-from mnist37.chunks import chunk_table, write_chunk
+from mnist37.chunks import chunk_bytes, chunk_table, write_chunk
 from mnist37.classify import DeviceError, classify, classify_chunk, confusion, distances, resolve_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -78,10 +78,14 @@ def test_ties_go_to_the_earlier_class():
 def test_classify_chunk_reads_the_arrow_file(tmp_path):
     images, labels, protos = problem()
     write_chunk(tmp_path / "c.arrow", chunk_table(images, labels, [str(i) for i in range(300)], "abc", "valid"))
-    from_file = classify_chunk(str(tmp_path / "c.arrow"), protos, ["l1", "l2"], "cpu")
+    from_file, device, _ = classify_chunk(str(tmp_path / "c.arrow"), protos, ["l1", "l2"], "cpu")
+    from_uri, _, _ = classify_chunk((tmp_path / "c.arrow").as_uri(), protos, ["l1", "l2"], "cpu")
+    from_bytes, _, _ = classify_chunk(chunk_bytes(str(tmp_path / "c.arrow")), protos, ["l1", "l2"], "cpu")
     in_memory = classify(images, labels, protos, ["l1", "l2"], "cpu")
+    assert device == torch.device("cpu")
     for metric in in_memory:
-        np.testing.assert_array_equal(from_file[metric], in_memory[metric])
+        for got in (from_file, from_uri, from_bytes):
+            np.testing.assert_array_equal(got[metric], in_memory[metric])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -39,7 +39,7 @@ def test_default_window_is_twice_the_cpus(ray_local):
 
 def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
-    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, 4))
+    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 4))
     assert sorted(d.index for d in done) == list(range(13))
     assert all(d.node_id == ray.get_runtime_context().get_node_id() for d in done)
     assert all(d.pid > 0 and d.peak_rss_bytes > 0 for d in done)
@@ -52,14 +52,14 @@ def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_p
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     shutil.rmtree(image_folder / "train" / "7")  # gone between listing and decoding
     with pytest.raises(DecodeError) as error:
-        list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, 2))
+        list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 2))
     assert str(error.value) == "train/7/: cannot open folder (No such file or directory)"  # one line, no traceback
 
 
 def test_bad_files_come_back_as_rejections(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     (image_folder / shards[4].paths[2]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, 2))
+    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 2))
     assert [r for d in done for r in d.rejected] == [(shards[4].paths[2], "truncated PNG")]
     assert sum(d.num_images for d in done) == 127
 

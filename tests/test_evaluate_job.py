@@ -18,8 +18,8 @@ from tests.conftest import PROJECT_ROOT, make_image_folder
 FASTBOOK_L1 = {"3": 0.9168, "7": 0.9854, "mean": 0.9511}
 
 
-def run_job(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def run_job(*argv: str, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env_extra or {})}
     return subprocess.run([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -13,7 +13,8 @@ from mnist37.evaluation import evaluate
 def run(tmp_path, data, shard_size, **overrides):
     overrides.setdefault("out", str(tmp_path / f"out-{shard_size}"))
     cfg = load(data=str(data), shard_size=shard_size, **overrides)
-    return evaluate(cfg)
+    results, prototypes, _ = evaluate(cfg)
+    return results, prototypes
 
 
 def assert_same_evaluation(runs):

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_an_added_file_re_decodes_only_the_shards_it_moves(image_folder, tmp_pat
 
 def test_a_foreign_or_partial_file_under_a_chunk_name_is_not_trusted(image_folder, tmp_path):
     shard = shards_of(image_folder)[0]
-    path = chunk_path(tmp_path, shard)
+    path = Path(chunk_path(tmp_path, shard))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"ARROW1\0\0 half a chunk")
     done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)

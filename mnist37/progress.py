@@ -1,0 +1,32 @@
+"""Progress of a long stage: a bar on a terminal, plain periodic log lines otherwise (so
+`ray job logs` and CI logs stay readable)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """A progress bar on a terminal; otherwise a log line every few seconds."""
+
+    def __init__(self, label: str, total: int, unit: str = "", every_s: float = 5.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.done, self.tty, self.last = 0, sys.stderr.isatty(), 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.tty:
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{self.done:,}/{self.total:,}{self.unit}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            log.info("%s: %s/%s%s", self.label, f"{self.done:,}", f"{self.total:,}", self.unit)
