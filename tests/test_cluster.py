@@ -168,9 +168,9 @@ def three_nodes():
     cluster.close()
 
 
-def job_on(cluster, data, out, *extra):
+def job_on(cluster, data, out, *extra, shard_size=100):
     return run_job("--data", str(data), "--out", str(out), "--ray-address", cluster.info["address"],
-                   "--shard-size", "100", "--chunk-dir", str(out / "chunks"), *extra)
+                   "--shard-size", str(shard_size), "--chunk-dir", str(out / "chunks"), *extra)
 
 
 def per_node(results, key):
@@ -205,7 +205,9 @@ def test_shared_chunk_store_uri(three_nodes, data, baseline, tmp_path):
 
 def test_a_worker_node_removed_mid_job(three_nodes, data, baseline, tmp_path):
     chunks = tmp_path / "chunks"
-    job = threading.Thread(target=lambda: setattr(job, "run", job_on(three_nodes, data, tmp_path)))
+    # 90 small shards keep the job decoding well after the first chunks appear; the figures
+    # do not depend on the shard size.
+    job = threading.Thread(target=lambda: setattr(job, "run", job_on(three_nodes, data, tmp_path, shard_size=20)))
     job.start()
     deadline = time.monotonic() + 120
     while len(list(chunks.glob("*/*.arrow"))) < 3:  # the job is decoding
@@ -217,7 +219,7 @@ def test_a_worker_node_removed_mid_job(three_nodes, data, baseline, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     same_results(results, baseline)
     alive = {n["node_id"] for n in results["ray"]["nodes"]}
-    assert three_nodes.info["workers"][0] not in alive and len(alive) == 2
+    assert three_nodes.info["workers"][0] not in alive and len(alive) == 2  # it was gone before the job ended
 
 
 def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
@@ -239,7 +241,7 @@ def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
 
     watcher = threading.Thread(target=chaos)
     watcher.start()
-    run = run_job("--data", str(data), "--out", str(tmp_path), "--shard-size", "100", "--chunk-dir", str(tmp_path / "c"))
+    run = run_job("--data", str(data), "--out", str(tmp_path), "--shard-size", "20", "--chunk-dir", str(tmp_path / "c"))
     watcher.join()
     assert killed, "no task was caught running"
     assert run.returncode == 0, run.stderr
