@@ -3,11 +3,12 @@
 On a laptop (starts a local Ray when no cluster is running):
     python jobs/evaluate.py --data ../shared/data/mnist_sample.tgz --out runs/sample
 
-On a Ray cluster:
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/evaluate.py --data /data/mnist_sample.tgz --out runs/sample
+On a Ray cluster (README: "On a Ray cluster"):
+    ray job submit --address http://127.0.0.1:8265 --runtime-env configs/runtime_env.yaml -- \
+        python jobs/evaluate.py --data /data/mnist_sample.tgz --out /data/runs/sample
 
-Every config key is also a flag (--shard-size 97, --device cpu); see configs/mnist_sample.toml.
+Every config key is also a flag (--shard-size 97, --device cpu, --on-bad-file skip); see
+configs/mnist_sample.toml and mnist37/config.py. With no --data it downloads mnist_sample.
 """
 
 from __future__ import annotations

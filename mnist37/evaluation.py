@@ -113,8 +113,9 @@ def file_accounts(listings: dict[str, Listing], counts: dict[str, np.ndarray],
     return accounts
 
 
-def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray]:
-    """Run the job on the connected Ray cluster; return (results, prototypes float32 [C, H, W])."""
+def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+    """Run the job on the connected Ray cluster; return (results, prototypes float32 [C, H, W],
+    the pixels of the boundary examples by path)."""
     planned = planned or plan(cfg)
     root, listings, shape, shards, chunk_dir = (planned.root, planned.listings, planned.shape,
                                                 planned.shards, planned.chunk_dir)
@@ -148,7 +149,6 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         if done.pixel_sums is not None:
             sums += done.pixel_sums
             done.pixel_sums = None
-        done.rejected = len(done.rejected)
         records[(done.split, done.index)] = done
     elapsed["decode"] = time.perf_counter() - clock
     rejected.sort()
@@ -188,11 +188,12 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
     examples, example_images = boundary_report(candidates, cfg.report_examples)
 
     ordered = [records[key] for key in sorted(records)]
-    worker_peaks = {}
+    worker_peaks = {}  # (node, pid) -> bytes: pids repeat across nodes
     for r in ordered:
-        worker_peaks[r.pid] = max(worker_peaks.get(r.pid, 0), r.peak_rss_bytes)
+        worker_peaks[r.node_id, r.pid] = max(worker_peaks.get((r.node_id, r.pid), 0), r.peak_rss_bytes)
     for c in classified.values():
-        worker_peaks[c["pid"]] = max(worker_peaks.get(c["pid"], 0), c["peak_rss_bytes"])
+        key = (c["node_id"], c["pid"])
+        worker_peaks[key] = max(worker_peaks.get(key, 0), c["peak_rss_bytes"])
     reused = sum(r.num_files for r in ordered if r.reused)
 
     results = {
@@ -214,7 +215,7 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
             "files_reused": reused,
             "per_shard": [
                 {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
-                 "rejected": r.rejected, "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
+                 "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
                  "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids,
                  **({"classify_node_id": classified[r.chunk_path]["node_id"],
                      "classify_device": classified[r.chunk_path]["device"],
