@@ -2,7 +2,6 @@
 
 import hashlib
 import http.server
-import json
 import tarfile
 import threading
 

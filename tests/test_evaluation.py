@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mnist37.config import load
 from mnist37.evaluation import evaluate
