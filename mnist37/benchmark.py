@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,12 +23,16 @@ VARIANTS = ("seed", "cold", "warm")
 
 
 def run_seed(data: Path, classes: list[str]) -> dict:
-    clock = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "jobs/seed.py", "--data", str(data), "--classes", *classes],
-                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - clock
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    # Output goes to files, not pipes: wait4 (for the child's own peak RSS) must not wait on a
+    # child blocked writing to a full pipe.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        clock = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "jobs/seed.py", "--data", str(data), "--classes", *classes],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - clock
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"seed failed:\n{stderr[-2000:]}")
     out = json.loads(stdout.strip().splitlines()[-1])

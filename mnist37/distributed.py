@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ import ray
 
 from mnist37 import Mnist37Error
 from mnist37.chunks import chunk_bytes
-from mnist37.shards import DecodedShard, Shard, decode_shard
+from mnist37.shards import DecodedShard, Shard, decode_shard, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def _classify_task(key: str, chunk: str | pa.Buffer, prototypes: np.ndarray, met
         "node_id": context.get_node_id(),
         "pid": os.getpid(),
         "elapsed_s": time.perf_counter() - start,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from mnist37.folder import DatasetError, Listing, class_folders, find_root, list
 from mnist37.metrics import accuracy_report
 from mnist37.progress import Progress
 from mnist37.prototypes import prototypes as make_prototypes
-from mnist37.shards import Shard, make_shards
+from mnist37.shards import Shard, make_shards, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,7 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         "elapsed_s": elapsed,
         "throughput": {"decode_files_per_s": found / elapsed["decode"] if elapsed["decode"] else None},
         "memory": {
-            "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "driver_peak_rss_bytes": peak_rss_bytes(),
             "worker_peak_rss_bytes": max(worker_peaks.values(), default=0),
             "workers": len(worker_peaks),
         },

@@ -85,7 +85,8 @@ def chunk_path(chunk_dir: str | Path, shard: Shard) -> str:
     return join(chunk_dir, shard.split, f"{shard.name}.arrow")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -131,5 +132,5 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
         num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
         num_bytes=meta["num_bytes"], digest=meta["digest"], counts=meta["counts"],
         pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused,
-        elapsed_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes(),
+        elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
     )
