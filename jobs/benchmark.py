@@ -5,7 +5,10 @@
 For each N in --copies it builds the data set replicated N times (hard links) under --work,
 then alternates seed / cold / warm --repeats times and prints median wall seconds, images/s,
 ratios to the seed, decode throughput, peak RSS of the driver and of the largest Ray worker.
-Everything is also written to --json. Flags after `--` go to jobs/evaluate.py (--shard-size 4096).
+cold and warm start their own Ray (`ray.init()`), as on a laptop; --cluster adds cluster-cold
+and cluster-warm, the same job connecting to a Ray head already running on loopback, as under
+`ray job submit`. Everything is also written to --json. Flags after `--` go to
+jobs/evaluate.py (--shard-size 4096).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -33,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs="+", default=["3", "7"])
     parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scaled data, chunks, outputs")
     parser.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"))
+    parser.add_argument("--cluster", action="store_true",
+                        help="also run cold and warm against a `ray start --head` on loopback")
     parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.copies) < 1:
@@ -42,24 +48,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     source = find_root(args.data, "train")
-    report = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()},
-              "evaluate_args": args.evaluate_args, "scales": {}}
+              "evaluate_args": args.evaluate_args, "cluster": args.cluster, "scales": {}}
     for copies in args.copies:
         data = args.work / f"data-x{copies}"
         made = replicate(source, data, copies, ["train", "valid"], args.classes)
         logging.info("N=%d: %s", copies, made)
-        scale = benchmark(data, args.work / f"x{copies}", args.repeats, args.classes, args.evaluate_args)
+        scale = benchmark(data, args.work / f"x{copies}", args.repeats, args.classes, args.evaluate_args,
+                          cluster=args.cluster)
         scale["copies"] = copies
         report["scales"][str(copies)] = scale
         print(f"\nN = {copies}: " + format_summary(scale["num_images"], scale["summary"]), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    hashes = {n: {r["prototypes_sha256"] for v in ("cold", "warm") for r in s["runs"][v]}
+    hashes = {n: {r["prototypes_sha256"] for v, rs in s["runs"].items() if v != "seed" for r in rs}
               for n, s in report["scales"].items()}
-    accuracies = {n: {json.dumps(r["metrics"]) for v in ("cold", "warm") for r in s["runs"][v]}
+    accuracies = {n: {json.dumps(r["metrics"]) for v, rs in s["runs"].items() if v != "seed" for r in rs}
                   for n, s in report["scales"].items()}
-    agree = {n: len({json.dumps(r["correct"]) for v in ("seed", "cold", "warm") for r in s["runs"][v]}) == 1
+    agree = {n: len({json.dumps(r["correct"]) for rs in s["runs"].values() for r in rs}) == 1
              for n, s in report["scales"].items()}
     report["checks"] = {
         "prototypes_identical_across_scales_and_runs": len(set().union(*hashes.values())) == 1,

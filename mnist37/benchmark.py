@@ -3,23 +3,36 @@
 Each variant runs as its own process, alternating, so every figure comes from the same
 machine state: (a) `seed` — jobs/seed.py, the book's code; (b) `cold` — jobs/evaluate.py with
 its chunk folder emptied first; (c) `warm` — jobs/evaluate.py again, reusing (b)'s chunks.
-Wall time is the whole process, `ray.init` and shutdown included.
+Wall time is the whole process, `ray.init` and shutdown included: these two start and stop a
+local Ray inside the job, as on a laptop.
+
+With `cluster=True` two more variants run the same job the way it runs on a cluster, where
+Ray is already up: `cluster-cold` and `cluster-warm` connect (`--ray-address`) to one
+`ray start --head` on loopback that the benchmark starts before and stops after all runs. Their
+wall time is still the whole driver process, connecting included; starting the cluster is not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from mnist37 import Mnist37Error
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("seed", "cold", "warm")
+CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
 
 
 def run_seed(data: Path, classes: list[str]) -> dict:
@@ -65,16 +78,61 @@ def run_mnist37(data: Path, out: Path, chunk_dir: Path, extra: list[str]) -> dic
     }
 
 
-def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str]) -> dict:
-    """Alternate seed, cold, warm `repeats` times over the ImageFolder at `data`."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_cluster(temp_dir: Path, timeout_s: float = 120) -> Iterator[str]:
+    """A one-node Ray cluster on loopback (`ray start --head --block`, no dashboard), for as long
+    as the context lasts; yields its address for `--ray-address`. Ending the `ray start`
+    process stops what it started, and nothing else on the machine (unlike `ray stop`)."""
+    port = _free_port()
+    ray = Path(sys.executable).with_name("ray")
+    log = temp_dir / "ray-start.log"
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats",
+             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port())],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise Mnist37Error(f"ray start --head did not come up; its output is in {log}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str],
+              cluster: bool = False) -> dict:
+    """Alternate seed, cold, warm (and, with `cluster`, cluster-cold and cluster-warm)
+    `repeats` times over the ImageFolder at `data`."""
     num_images = sum(len(os.listdir(data / split / c)) for split in ("train", "valid") for c in classes)
-    chunk_dir, runs = work / "chunks", {v: [] for v in VARIANTS}
-    for _ in range(repeats):
-        runs["seed"].append(run_seed(data, classes))
-        shutil.rmtree(chunk_dir, ignore_errors=True)
-        runs["cold"].append(run_mnist37(data, work / "out-cold", chunk_dir, extra))
-        runs["warm"].append(run_mnist37(data, work / "out-warm", chunk_dir, extra))
-    return {"data": str(data), "num_images": num_images, "runs": runs, "summary": summarize(runs, num_images)}
+    variants = VARIANTS + (CLUSTER_VARIANTS if cluster else ())
+    runs = {v: [] for v in variants}
+    with running_cluster(work / "ray") if cluster else contextlib.nullcontext() as address:
+        for _ in range(repeats):
+            runs["seed"].append(run_seed(data, classes))
+            # `local`: a Ray of the job's own even while the benchmark's head runs on this machine
+            # (ray.init() with no address would connect to that head).
+            for prefix, more in [("", ["--ray-address", "local"])] + (
+                    [("cluster-", ["--ray-address", address])] if cluster else []):
+                chunk_dir = work / f"{prefix}chunks"
+                shutil.rmtree(chunk_dir, ignore_errors=True)
+                for variant in ("cold", "warm"):
+                    runs[prefix + variant].append(
+                        run_mnist37(data, work / f"out-{prefix}{variant}", chunk_dir, extra + more))
+    return {"data": str(data), "num_images": num_images, "ray_address": address, "runs": runs,
+            "summary": summarize(runs, num_images)}
 
 
 def summarize(runs: dict, num_images: int) -> dict:
@@ -84,7 +142,7 @@ def summarize(runs: dict, num_images: int) -> dict:
 
     seed_wall = median("seed", "wall_s")
     summary = {}
-    for variant in VARIANTS:
+    for variant in runs:
         wall = median(variant, "wall_s")
         summary[variant] = {
             "median_wall_s": wall,
@@ -102,13 +160,13 @@ def summarize(runs: dict, num_images: int) -> dict:
 def format_summary(num_images: int, summary: dict) -> str:
     mib = 1 << 20
     lines = [f"{num_images:,} images",
-             f"{'variant':<8} {'median wall s':>13} {'images/s':>10} {'x seed':>7} {'decode img/s':>12} "
+             f"{'variant':<12} {'median wall s':>13} {'images/s':>10} {'x seed':>7} {'decode img/s':>12} "
              f"{'ray.init s':>10} {'driver RSS MiB':>14} {'worker RSS MiB':>14}"]
     for variant, s in summary.items():
         decode = f"{s['median_decode_images_per_s']:,.0f}" if s["median_decode_images_per_s"] else "-"
         init = f"{s['median_ray_init_s']:.2f}" if s["median_ray_init_s"] is not None else "-"
         worker = f"{s['worker_peak_rss_bytes'] / mib:.0f}" if s["worker_peak_rss_bytes"] else "-"
-        lines.append(f"{variant:<8} {s['median_wall_s']:>13.2f} {s['images_per_s']:>10,.0f} "
+        lines.append(f"{variant:<12} {s['median_wall_s']:>13.2f} {s['images_per_s']:>10,.0f} "
                      f"{s['ratio_to_seed']:>7.3f} {decode:>12} {init:>10} "
                      f"{s['driver_peak_rss_bytes'] / mib:>14.0f} {worker:>14}")
     return "\n".join(lines)

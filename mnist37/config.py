@@ -88,7 +88,7 @@ class Config:
     # local start is ~0.8 s faster. A cluster's dashboard is the cluster's business.
     ray_dashboard: bool = False
     # Ray cluster to join; empty lets ray.init() decide (RAY_ADDRESS, a running local
-    # cluster, else a new local Ray).
+    # cluster, else a new local Ray); "local" always starts a new local Ray.
     ray_address: str = ""
 
     def __post_init__(self) -> None:
