@@ -85,18 +85,20 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_cluster(temp_dir: Path, timeout_s: float = 120) -> Iterator[str]:
-    """A one-node Ray cluster on loopback (`ray start --head --block`, no dashboard), for as long
-    as the context lasts; yields its address for `--ray-address`. Ending the `ray start`
-    process stops what it started, and nothing else on the machine (unlike `ray stop`)."""
+def running_cluster(log: Path, timeout_s: float = 120) -> Iterator[str]:
+    """A one-node Ray cluster (`ray start --head --block`, no dashboard) for as long as the
+    context lasts; yields its address for `--ray-address`. Ending the `ray start` process stops
+    what it started and nothing else on the machine (unlike `ray stop`). Its own --temp-dir keeps
+    the "current cluster" file out of /tmp/ray: stopped this way the file would stay behind,
+    and every later `ray.init()` on the machine would try to join the dead head."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
-    log = temp_dir / "ray-start.log"
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix="mnist37-ray-")  # short: Ray's socket paths must fit 107 bytes
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats",
+            [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--port", str(port),
+             "--temp-dir", temp_dir, "--include-dashboard", "false", "--disable-usage-stats",
              "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port())],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -110,6 +112,7 @@ def running_cluster(temp_dir: Path, timeout_s: float = 120) -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str],
@@ -119,7 +122,7 @@ def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: l
     num_images = sum(len(os.listdir(data / split / c)) for split in ("train", "valid") for c in classes)
     variants = VARIANTS + (CLUSTER_VARIANTS if cluster else ())
     runs = {v: [] for v in variants}
-    with running_cluster(work / "ray") if cluster else contextlib.nullcontext() as address:
+    with running_cluster(work / "ray-start.log") if cluster else contextlib.nullcontext() as address:
         for _ in range(repeats):
             runs["seed"].append(run_seed(data, classes))
             # `local`: a Ray of the job's own even while the benchmark's head runs on this machine

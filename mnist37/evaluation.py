@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Training files tried, in order, for the image shape when the config does not give it.
 SHAPE_PROBES = 100
+# Subfolder of a local chunk folder that keeps class folder listings for the next run.
+LISTINGS = ".listings"
 
 
 def default_chunk_dir(cfg: Config, root: Path) -> Path:
@@ -59,12 +61,15 @@ def plan(cfg: Config) -> Plan:
     clock = time.perf_counter()
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
     classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
-    listings = {split: list_split(root, split, classes) for split in (cfg.train_split, cfg.eval_split)}
+    chunk_dir = cfg.chunk_dir if "://" in cfg.chunk_dir else str(
+        Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
+    # Folder listings are kept beside local chunks, so emptying the chunk folder (or
+    # reuse_chunks = false) also means listing every folder afresh.
+    reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and "://" not in chunk_dir else None
+    listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
     convert = cfg.non_grayscale == "convert"
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
-    chunk_dir = cfg.chunk_dir if "://" in cfg.chunk_dir else str(
-        Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
     return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
@@ -199,6 +204,7 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
         "data": {"source": str(cfg.data), "root": str(root),
+                 "folder_listings_reused": sum(listing.reused for listing in listings.values()),
                  "fingerprint": f"{combine_digests(*(r.digest for r in ordered)):032x}"},
         "classes": list(classes),
         "image_shape": list(shape),

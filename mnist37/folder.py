@@ -6,8 +6,11 @@ of a sample is its class folder; class indices follow the order of `classes` in 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ class Listing:
     names: np.ndarray  # bytes 'S' [N]: file names within their class folder
     class_indices: np.ndarray  # int32 [N], into `classes`
     ignored: list[int]  # per class: entries that are not image files (labels.csv, .DS_Store, folders)
+    reused: int = 0  # class folders whose listing an earlier run kept, unchanged since
 
     def __len__(self) -> int:
         return len(self.names)
@@ -86,10 +90,44 @@ def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None =
 
 _BATCH = 65536
 
+# A folder's listing is kept for the next run only when the folder last changed at least this
+# long before it was listed: a change within one timestamp tick of the listing (1-2 s on some
+# filesystems) could leave the folder's mtime and ctime as they were, and go unseen.
+SETTLED_S = 2.0
 
-def _image_names(folder: bytes) -> tuple[np.ndarray, int]:
-    """Sorted names of the image files in `folder` as a fixed-width bytes array, and how many
-    other entries (files of other types, subfolders) were ignored.
+
+def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarray, int, bool]:
+    """Sorted names of the image files in `folder` as a fixed-width bytes array, how many
+    other entries (files of other types, subfolders) were ignored, and whether the listing
+    was reused.
+
+    With `reuse_dir`, a listing kept there by an earlier run is reused while the folder's
+    device, inode, mtime and ctime are unchanged: adding, removing or renaming an entry moves
+    its folder's mtime and ctime (ctime cannot be set back, as `tar` and `rsync -t` set mtime).
+    Changes to a file's contents are not the listing's business; shards stat every file."""
+    stamp = os.stat(folder)
+    stamp = np.array([stamp.st_dev, stamp.st_ino, stamp.st_mtime_ns, stamp.st_ctime_ns], dtype=np.int64)
+    kept = reuse_dir / f"{hashlib.blake2b(folder, digest_size=12).hexdigest()}.npz" if reuse_dir else None
+    if kept is not None:
+        try:
+            with np.load(kept, allow_pickle=False) as saved:
+                if np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder:
+                    return saved["names"], int(saved["ignored"]), True
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # absent, torn or from another version: list the folder
+    listed_ns = time.time_ns()
+    names, ignored = _scan_images(folder)
+    if kept is not None and listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        temp = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+        with open(temp, "wb") as f:
+            np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored))
+        os.replace(temp, kept)
+    return names, ignored, False
+
+
+def _scan_images(folder: bytes) -> tuple[np.ndarray, int]:
+    """`_image_names` from the folder itself.
 
     Names are gathered in batches of 64k, so a 600,000-file folder never exists as 600,000
     Python objects at once (~35 MB less peak memory); bytes sort in code-point order. Whether
@@ -128,21 +166,23 @@ def class_folders(root: Path, split: str) -> list[str]:
     return names
 
 
-def list_split(root: Path, split: str, classes: Sequence[str]) -> Listing:
+def list_split(root: Path, split: str, classes: Sequence[str], reuse_dir: Path | None = None) -> Listing:
     """All images of `split` for `classes`, sorted by class order, then file name (bytewise,
-    which for UTF-8 names is code-point order)."""
+    which for UTF-8 names is code-point order). With `reuse_dir`, class folders unchanged
+    since an earlier run kept their listing there are not listed again (`_image_names`)."""
     split_dir = root / split
     if not split_dir.is_dir():
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    names, class_indices, ignored = [], [], []
+    names, class_indices, ignored, reused = [], [], [], 0
     for index, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             found = ", ".join(_subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
-        files, others = _image_names(os.fsencode(class_dir))
+        files, others, kept = _image_names(os.fsencode(class_dir), reuse_dir)
         ignored.append(others)
+        reused += kept
         if others:
             log.info("%s/%s/: ignored %d entries that are not image files", split, name, others)
         if not len(files):
@@ -151,6 +191,7 @@ def list_split(root: Path, split: str, classes: Sequence[str]) -> Listing:
         class_indices.append(np.full(len(files), index, dtype=np.int32))
     width = max(n.dtype.itemsize for n in names)
     listing = Listing(split, tuple(classes), np.concatenate([n.astype(f"S{width}") for n in names]),
-                      np.concatenate(class_indices), ignored)
-    log.info("%s: %d images in %d classes", split, len(listing), len(classes))
+                      np.concatenate(class_indices), ignored, reused)
+    log.info("%s: %d images in %d classes%s", split, len(listing), len(classes),
+             f" ({reused} folder listings reused)" if reused else "")
     return listing

@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from tests.conftest import PROJECT_ROOT
 
 
 def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_text() if current.exists() else None
     run = subprocess.run(
         [sys.executable, "jobs/benchmark.py", "--data", str(image_folder), "--copies", "1", "2",
          "--repeats", "1", "--work", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json"),
@@ -38,7 +41,9 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     }
     for line in ("N = 1: 152 images", "N = 2: 304 images", "x seed", "warm", "cluster-warm"):
         assert line in run.stdout
-    # Each scale's head is gone with it: nothing listens on its GCS port any more.
+    # Each scale's head is gone with it: nothing listens on its GCS port any more, and it
+    # left no "current cluster" behind for a later ray.init() to join.
+    assert (current.read_text() if current.exists() else None) == before
     for scale in report["scales"].values():
         host, port = scale["ray_address"].split(":")
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):

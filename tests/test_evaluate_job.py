@@ -85,6 +85,9 @@ def test_second_run_reuses_every_chunk_and_agrees(sample_run, mnist_sample_tgz, 
     assert again["metrics"] == first["metrics"] and again["data"]["fingerprint"] == first["data"]["fingerprint"]
     assert again["prototypes_sha256"] == first["prototypes_sha256"]
     assert np.load(tmp_path / "prototypes.npy").tobytes() == np.load(first_out / "prototypes.npy").tobytes()
+    # The four class folders, extracted seconds before, have settled: their listings are kept
+    # beside the chunks for the next run.
+    assert len(list((Path(again["shards"]["chunk_dir"]) / ".listings").glob("*.npz"))) == 4
 
 
 def test_prototype_images_are_viewable(sample_run):

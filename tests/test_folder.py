@@ -1,9 +1,11 @@
+import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
 
-from mnist37.folder import DatasetError, find_root, list_split
+from mnist37.folder import SETTLED_S, DatasetError, find_root, list_split
 from tests.conftest import make_image_folder, write_png
 
 
@@ -62,3 +64,42 @@ def test_find_root_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(DatasetError, match=r"notes.txt is neither a folder nor a .tgz"):
         find_root(tmp_path / "notes.txt", "train")
+
+
+def test_unchanged_folders_reuse_their_listing_and_every_change_is_listed_again(image_folder, tmp_path):
+    keep = tmp_path / "listings"
+    first = list_split(image_folder, "train", ["3", "7"], keep)
+    assert first.reused == 0 and not keep.exists()  # folders written just now: too fresh to keep
+    time.sleep(SETTLED_S + 0.1)
+    assert list_split(image_folder, "train", ["3", "7"], keep).reused == 0  # listed, and kept now
+    (image_folder / "train" / "3" / "notes.txt").write_text("")  # not an image: counted as ignored
+    again = list_split(image_folder, "train", ["3", "7"], keep)
+    assert again.reused == 1 and again.ignored == [1, 0]  # 3/ changed; 7/ did not
+
+    time.sleep(SETTLED_S + 0.1)
+    list_split(image_folder, "train", ["3", "7"], keep)
+    kept = list_split(image_folder, "train", ["3", "7"], keep)
+    assert kept.reused == 2 and kept.paths() == again.paths() and kept.ignored == [1, 0]
+    assert kept.class_indices.tolist() == again.class_indices.tolist()
+
+    seven = image_folder / "train" / "7"
+    write_png(seven / "new.png", np.zeros((28, 28), dtype=np.uint8))
+    os.rename(image_folder / "train" / "3" / "0.png", image_folder / "train" / "3" / "zz.png")
+    changed = list_split(image_folder, "train", ["3", "7"], keep)
+    assert changed.reused == 0
+    assert "train/7/new.png" in changed.paths() and "train/3/zz.png" in changed.paths()
+    assert "train/3/0.png" not in changed.paths()
+    (seven / "new.png").unlink()
+    assert "train/7/new.png" not in list_split(image_folder, "train", ["3", "7"], keep).paths()
+
+
+def test_a_torn_or_foreign_kept_listing_is_not_trusted(image_folder, tmp_path):
+    keep = tmp_path / "listings"
+    time.sleep(SETTLED_S + 0.1)
+    truth = list_split(image_folder, "valid", ["3", "7"], keep)
+    files = sorted(keep.glob("*.npz"))
+    assert len(files) == 2
+    files[0].write_bytes(files[0].read_bytes()[:100])  # torn
+    files[1].write_bytes(b"not a listing")
+    listing = list_split(image_folder, "valid", ["3", "7"], keep)
+    assert listing.reused == 0 and listing.paths() == truth.paths()
