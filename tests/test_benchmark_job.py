@@ -45,6 +45,7 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     # left no "current cluster" behind for a later ray.init() to join.
     assert (current.read_text() if current.exists() else None) == before
     for scale in report["scales"].values():
-        host, port = scale["ray_address"].split(":")
+        assert len(scale["ray_addresses"]) == 1  # one head per round
+        host, port = scale["ray_addresses"][0].split(":")
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect((host, int(port)))
