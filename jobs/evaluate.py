@@ -42,10 +42,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(cfg: Config) -> dict:
     import ray
 
+    from mnist37.distributed import check_address
     from mnist37.evaluation import evaluate, plan
     from mnist37.report import write_outputs
 
     clock = time.perf_counter()
+    check_address(cfg.ray_address)
     # The scan needs no Ray: it runs while Ray starts (on 2 cores, ~0.5 s off a large job),
     # and a data problem is reported without waiting for it.
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -74,6 +75,45 @@ def _classify_task(key: str, chunk: str | pa.Buffer, prototypes: np.ndarray, met
         "elapsed_s": time.perf_counter() - start,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+class ClusterError(Mnist37Error, ConnectionError):
+    """No Ray cluster answers at the address the job would join."""
+
+
+def _current_cluster() -> str | None:
+    """The address the last `ray start` on this machine left for `ray.init()` to join, if any.
+    Ray keeps it in a file of its temp dir; reading it is Ray-internal, so a Ray without this
+    helper gets no check rather than a wrong one."""
+    try:
+        from ray._private.utils import read_ray_address
+        return read_ray_address()
+    except (ImportError, OSError):
+        return None
+
+
+def check_address(address: str, timeout_s: float = 3.0) -> None:
+    """Raise ClusterError, naming the address and where it came from, when nothing listens at
+    the GCS address `ray.init(address)` would join: Ray itself retries such an address for
+    minutes. The address is `address` (the ray_address config key), else RAY_ADDRESS, else the
+    one a `ray start` left on this machine (stale when that cluster died without `ray stop`).
+    `local`, `ray://` client addresses and names Ray resolves itself are left to Ray."""
+    if address and address not in ("auto",):
+        where = "ray_address"
+    elif os.environ.get("RAY_ADDRESS"):
+        address, where = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    else:
+        address, where = _current_cluster(), "the address the last `ray start` on this machine left behind"
+    host, _, port = (address or "").rpartition(":")
+    if address == "local" or "://" in (address or "") or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        remedy = ("`ray stop` clears it" if where.startswith("the address")
+                  else "start one with `ray start --head`")
+        raise ClusterError(f"{where}: no Ray cluster answers at {address} ({e.strerror or e}); {remedy}, "
+                           "or pass --ray-address local for a Ray of the job's own") from None
 
 
 def bounded_map(submit: Callable[[object], ray.ObjectRef | list[ray.ObjectRef]], items: Iterable,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,31 @@ def test_bad_image_stops_the_job_with_its_name(tmp_path):
 def test_table_file_matches_stdout(sample_run):
     run, out, _ = sample_run
     assert (out / "table.txt").read_text().strip() in run.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: nothing listens there
+
+
+@pytest.mark.parametrize("how", ["flag", "RAY_ADDRESS", "left by ray start"])
+def test_a_cluster_that_is_not_there_fails_at_once_and_says_where_the_address_came_from(how, image_folder, tmp_path):
+    address = f"127.0.0.1:{_closed_port()}"
+    argv, env = ["--data", str(image_folder), "--out", str(tmp_path / "out")], {}
+    if how == "flag":
+        argv += ["--ray-address", address]
+    elif how == "RAY_ADDRESS":
+        env["RAY_ADDRESS"] = address
+    else:  # what a `ray start` that died without `ray stop` leaves in Ray's temp dir
+        temp = tmp_path / "ray-temp"
+        (temp / "ray").mkdir(parents=True)
+        (temp / "ray" / "ray_current_cluster").write_text(address + "\n")
+        env["RAY_TMPDIR"] = str(temp)
+    run = run_job(*argv, timeout=60, env_extra=env)  # ray.init() alone would retry for minutes
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"no Ray cluster answers at {address} (Connection refused)" in run.stderr
+    expected = {"flag": "error: ray_address:", "RAY_ADDRESS": "error: RAY_ADDRESS:",
+                "left by ray start": "`ray stop` clears it"}[how]
+    assert expected in run.stderr and "--ray-address local" in run.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
