@@ -6,6 +6,7 @@ of a sample is its class folder; class indices follow the order of `classes` in 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -118,11 +119,16 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     listed_ns = time.time_ns()
     names, ignored = _scan_images(folder)
     if kept is not None and listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
-        kept.parent.mkdir(parents=True, exist_ok=True)
         temp = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
-        with open(temp, "wb") as f:
-            np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored))
-        os.replace(temp, kept)
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "wb") as f:
+                np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored))
+            os.replace(temp, kept)
+        except OSError as e:  # a listing not kept only costs the next run a scan
+            log.warning("%s: listing not kept for the next run: %s", os.fsdecode(folder), e)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
     return names, ignored, False
 
 

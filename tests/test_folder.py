@@ -103,3 +103,12 @@ def test_a_torn_or_foreign_kept_listing_is_not_trusted(image_folder, tmp_path):
     files[1].write_bytes(b"not a listing")
     listing = list_split(image_folder, "valid", ["3", "7"], keep)
     assert listing.reused == 0 and listing.paths() == truth.paths()
+
+
+def test_a_listing_that_cannot_be_kept_is_still_returned(image_folder, tmp_path, caplog):
+    keep = tmp_path / "listings"
+    keep.write_text("a file where the folder should be")
+    time.sleep(SETTLED_S + 0.1)
+    listing = list_split(image_folder, "valid", ["3", "7"], keep)
+    assert len(listing) == 24 and listing.reused == 0
+    assert "listing not kept for the next run" in caplog.text
