@@ -45,7 +45,8 @@ class Config:
     # chunk's bytes; for nodes that share no disk), "auto" (object_store on a multi-node
     # cluster unless chunk_dir is a URI, else filesystem).
     chunk_transport: str = "auto"
-    # Reuse a shard's chunk when its files (paths, sizes, modification times) are unchanged.
+    # Reuse a shard's chunk when its files (paths, sizes, modification times) are unchanged,
+    # and a class folder's listing while the folder is (both kept in a local chunk_dir).
     reuse_chunks: bool = True
     # Where archives are extracted; empty means $MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37,
     # else ~/.cache/mnist37.

@@ -98,7 +98,7 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
     minutes. The address is `address` (the ray_address config key), else RAY_ADDRESS, else the
     one a `ray start` left on this machine (stale when that cluster died without `ray stop`).
     `local`, `ray://` client addresses and names Ray resolves itself are left to Ray."""
-    if address and address not in ("auto",):
+    if address and address != "auto":
         where = "ray_address"
     elif os.environ.get("RAY_ADDRESS"):
         address, where = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"

@@ -106,19 +106,20 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     device, inode, mtime and ctime are unchanged: adding, removing or renaming an entry moves
     its folder's mtime and ctime (ctime cannot be set back, as `tar` and `rsync -t` set mtime).
     Changes to a file's contents are not the listing's business; shards stat every file."""
+    if reuse_dir is None:
+        return (*_scan_images(folder), False)
     stamp = os.stat(folder)
     stamp = np.array([stamp.st_dev, stamp.st_ino, stamp.st_mtime_ns, stamp.st_ctime_ns], dtype=np.int64)
-    kept = reuse_dir / f"{hashlib.blake2b(folder, digest_size=12).hexdigest()}.npz" if reuse_dir else None
-    if kept is not None:
-        try:
-            with np.load(kept, allow_pickle=False) as saved:
-                if np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder:
-                    return saved["names"], int(saved["ignored"]), True
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # absent, torn or from another version: list the folder
+    kept = reuse_dir / f"{hashlib.blake2b(folder, digest_size=12).hexdigest()}.npz"
+    try:
+        with np.load(kept, allow_pickle=False) as saved:
+            if np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder:
+                return saved["names"], int(saved["ignored"]), True
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # absent, torn or from another version: list the folder
     listed_ns = time.time_ns()
     names, ignored = _scan_images(folder)
-    if kept is not None and listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
+    if listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
         temp = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
         try:
             kept.parent.mkdir(parents=True, exist_ok=True)

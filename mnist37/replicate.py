@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 def replicate(source: Path, target: Path, copies: int, splits: list[str], classes: list[str]) -> dict:
     """Fill `target` with `copies` replicas of `source`'s split/class folders; idempotent.
 
-    Returns {"files": created or already there, "linked": bool}. A finished target carries a
-    marker file naming its source and copies, so a rerun with the same arguments is instant.
+    Returns {"files": created or already there, "reused": bool} and, when it made them,
+    "linked" (hard links, not copies). A finished target carries a marker file naming its
+    source and copies, so a rerun with the same arguments is instant.
     """
     if copies < 1:
         raise ValueError(f"copies: expected a positive count, got {copies}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37.chunks import ChunkError, chunk_table, exists, join, read_chunk_metadata, write_chunk
+from mnist37.chunks import ChunkError, chunk_table, join, read_chunk_metadata, write_chunk
 from mnist37.decode import Group, decode_groups, files_key
 from mnist37.folder import Listing, relative_paths
 from mnist37.prototypes import pixel_sums
@@ -94,7 +94,7 @@ def _reusable(path: str, root: Path, shard: Shard, groups: list[Group], convert:
     """The chunk's metadata if it was written from exactly these files, as they are now."""
     try:
         meta = read_chunk_metadata(path)
-    except (ChunkError, OSError):
+    except (ChunkError, OSError):  # no chunk yet (or a torn / foreign one): decode
         return None
     if meta["num_images"] + len(meta["rejected"]) != len(shard) or len(meta["counts"]) != len(shard.classes):
         return None
@@ -115,7 +115,7 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
     reuses it reports the same rejections."""
     start = time.perf_counter()
     root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta = _reusable(path, root, shard, groups, convert) if reuse and exists(path) else None
+    meta = _reusable(path, root, shard, groups, convert) if reuse else None
     if meta is None:
         decoded = decode_groups(root, groups, shape, convert)
         labels = shard.class_indices[decoded.kept]
