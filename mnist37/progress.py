@@ -15,7 +15,9 @@ class Progress:
 
     def __init__(self, label: str, total: int, unit: str = "", every_s: float = 5.0):
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
-        self.done, self.tty, self.last = 0, sys.stderr.isatty(), 0.0
+        # None until the first line: time.monotonic() counts from boot, so no clock value can
+        # stand for "never logged" (on a node up for less than every_s, 0.0 would hide it).
+        self.done, self.tty, self.last = 0, sys.stderr.isatty(), None
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -27,6 +29,6 @@ class Progress:
             if self.done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
-        elif now - self.last >= self.every_s or self.done >= self.total:
+        elif self.last is None or now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
             log.info("%s: %s/%s%s", self.label, f"{self.done:,}", f"{self.total:,}", self.unit)
