@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,14 @@ from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Ray >= 2.5x turns token authentication on once ~/.ray/auth_token exists; every cluster the
-# tests start and every client agree on token mode (as .ci/run and README do).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray's authentication is pinned here, whatever the caller's environment holds
+# (RAY_AUTH_MODE=disabled, a ~/.ray/auth_token or none): token mode with a token of this test
+# session's own, which every cluster, job and client the tests start inherits. Nothing under
+# ~/.ray is read or written.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+os.environ.pop("RAY_ADDRESS", None)  # tests start the clusters they use
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 

@@ -5,7 +5,8 @@ process so that the test process's own Ray is not disturbed.
 
 Prints one JSON line {"address": ..., "head": node id, "workers": [node ids]}, then takes
 commands on stdin: `remove I` kills worker I at once (its raylet and workers, no graceful
-stop) and answers `removed`; `quit` (or end of input) shuts the cluster down.
+stop), waits until the cluster's GCS reports it dead, and answers `removed` with the live node
+ids as JSON; `quit` (or end of input) shuts the cluster down.
 """
 
 import json
@@ -28,7 +29,8 @@ def main() -> None:
             command = line.split()
             if command and command[0] == "remove":
                 cluster.remove_node(nodes[int(command[1])], allow_graceful=False)
-                print("removed", flush=True)
+                cluster.wait_for_nodes(timeout=120)  # until the GCS counts one node fewer alive
+                print("removed", json.dumps(sorted(cluster.global_state._live_node_ids())), flush=True)
             elif command and command[0] == "quit":
                 break
     finally:
