@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tarfile
 import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from mnist37 import Mnist37Error
+from mnist37 import Mnist37Error, partials
+from mnist37.paths import cache_home
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,6 @@ class ArchiveError(Mnist37Error, ValueError):
 
 def is_archive(path: str | Path) -> bool:
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def cache_home() -> Path:
-    """$MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37, else ~/.cache/mnist37."""
-    if os.environ.get("MNIST37_CACHE"):
-        return Path(os.environ["MNIST37_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mnist37"
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -75,27 +67,28 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     archive = Path(archive)
     if not archive.is_file():
         raise ArchiveError(f"{archive}: archive not found")
-    cache = Path(cache_dir) if cache_dir else cache_home()
-    target = cache / "extracted" / f"{_archive_stem(archive)}-{file_sha256(archive)[:16]}"
+    target = cache_home(cache_dir) / "extracted" / f"{_archive_stem(archive)}-{file_sha256(archive)[:16]}"
     if target.is_dir():
         log.info("reusing %s extracted at %s", archive.name, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    partials.clean(target.parent, f".{target.name}-*")  # extractions killed part way
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        try:
-            with tarfile.open(archive, mode="r:*") as tar:
-                members = tar.getmembers()
-                for member in members:
-                    check_member(archive, member)
-                tar.extractall(staging, members=members, filter="data")
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ArchiveError(f"{archive}: not a readable .tgz/.tar archive ({e})") from None
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():  # another run finished the same extraction first: use theirs
-                raise
+        with partials.claimed(staging):
+            try:
+                with tarfile.open(archive, mode="r:*") as tar:
+                    members = tar.getmembers()
+                    for member in members:
+                        check_member(archive, member)
+                    tar.extractall(staging, members=members, filter="data")
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                raise ArchiveError(f"{archive}: not a readable .tgz/.tar archive ({e})") from None
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # another run finished the same extraction first: use theirs
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("extracted %s to %s", archive.name, target)

@@ -1,8 +1,8 @@
 """Side-by-side timing of fastbook's single-process baseline and the mnist37 job.
 
 Each variant runs as its own process, alternating, so every figure comes from the same
-machine state: (a) `seed` — jobs/seed.py, the book's code; (b) `cold` — jobs/evaluate.py with
-its chunk folder emptied first; (c) `warm` — jobs/evaluate.py again, reusing (b)'s chunks.
+machine state: (a) `seed` — mnist37.seed, the book's code; (b) `cold` — mnist37.job (jobs/evaluate.py) with
+its chunk folder emptied first; (c) `warm` — the same again, reusing (b)'s chunks.
 Wall time is the whole process, `ray.init` and shutdown included: these two start and stop a
 local Ray inside the job, as on a laptop.
 
@@ -31,7 +31,14 @@ from pathlib import Path
 
 from mnist37 import Mnist37Error
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The folder that holds the mnist37 package (a checkout or site-packages): the runs below start
+# `python -m mnist37.job` / `-m mnist37.seed` with it on their path, installed or not.
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+
+def _module_env() -> dict:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep}{path}" if path else str(PACKAGE_PARENT)}
 VARIANTS = ("seed", "cold", "warm")
 CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
 
@@ -41,8 +48,8 @@ def run_seed(data: Path, classes: list[str]) -> dict:
     # child blocked writing to a full pipe.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         clock = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "jobs/seed.py", "--data", str(data), "--classes", *classes],
-                                cwd=PROJECT_ROOT, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "mnist37.seed", "--data", str(data), "--classes", *classes],
+                                env=_module_env(), stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - clock
         out.seek(0), err.seek(0)
@@ -55,10 +62,10 @@ def run_seed(data: Path, classes: list[str]) -> dict:
 
 
 def run_mnist37(data: Path, out: Path, chunk_dir: Path, extra: list[str]) -> dict:
-    argv = [sys.executable, "jobs/evaluate.py", "--data", str(data), "--out", str(out),
+    argv = [sys.executable, "-m", "mnist37.job", "--data", str(data), "--out", str(out),
             "--chunk-dir", str(chunk_dir), *extra]
     clock = time.perf_counter()
-    run = subprocess.run(argv, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    run = subprocess.run(argv, env=_module_env(), capture_output=True, text=True)
     wall = time.perf_counter() - clock
     if run.returncode != 0:
         raise RuntimeError(f"mnist37 failed:\n{run.stderr[-2000:]}")

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mnist37 import Mnist37Error
+from mnist37.partials import claimed, partial_name
 
 SCHEMA_VERSION = "1"
 
@@ -122,13 +123,14 @@ def write_chunk(location: str | Path, table: pa.Table) -> int:
     """
     fs, path = _filesystem(location)
     parent, _, name = path.rpartition("/")
-    partial = f"{parent}/.{name}.{os.getpid()}.partial"
+    partial = f"{parent}/{partial_name(name)}"
     if fs is None:
         os.makedirs(parent, exist_ok=True)
         try:
-            with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            with claimed(partial), pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            os.replace(partial, path)
+                writer.close()
+                os.replace(partial, path)
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)

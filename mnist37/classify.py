@@ -17,6 +17,8 @@ import torch
 
 from mnist37 import Mnist37Error
 from mnist37.chunks import Source, read_chunk
+from mnist37.examples import Example, Sides
+from mnist37.prototypes import PIXEL_MAX
 
 # Images per step on the device: bounds the float32 working set to ~25 MB on CPU
 # whatever the shard size.
@@ -43,7 +45,7 @@ def distances(images: torch.Tensor, prototypes: torch.Tensor, metrics: Sequence[
     Both metrics come from one pass over the pixel differences, one class at a time so the
     working set stays `[N, H*W]`.
     """
-    x = images.reshape(len(images), -1).float().div_(255.0)
+    x = images.reshape(len(images), -1).float().div_(PIXEL_MAX)
     protos = prototypes.reshape(len(prototypes), -1).to(x.device, torch.float32)
     out = {m: torch.empty(len(x), len(protos), dtype=torch.float32, device=x.device) for m in metrics}
     for c, proto in enumerate(protos):
@@ -116,18 +118,16 @@ def boundary_examples(misclassified: list[tuple], num_classes: int, k: int) -> d
 
 
 def classify_chunk(chunk: Source, prototypes: np.ndarray, metrics: Sequence[str], device: str = "auto",
-                   examples: int = 0) -> tuple[dict[str, np.ndarray], torch.device, dict]:
+                   examples: int = 0) -> tuple[dict[str, np.ndarray], torch.device, dict[str, dict[int, Sides]]]:
     """Read one Arrow chunk (a memory-mapped file, a URI, or its bytes) and return its confusion
     matrices per metric, the device that computed them, and per metric and true class up to
-    `examples` misclassified images closest to and farthest from the boundary, each as
-    {path, image (uint8 [H, W]), true, predicted, margin, distances}."""
+    `examples` misclassified images closest to and farthest from the boundary."""
     read = read_chunk(chunk)
     done = classify_images(read.images, read.class_indices, prototypes, metrics, device)
     found = {}
     for metric, wrong in done.misclassified.items():
         picked = boundary_examples(wrong, len(prototypes), examples) if examples else {}
-        found[metric] = {c: {side: [{"path": read.paths[row], "image": np.array(read.images[row]), "true": t,
-                                     "predicted": p, "margin": m, "distances": ds}
+        found[metric] = {c: {side: [Example(read.paths[row], t, p, m, ds, np.array(read.images[row]))
                                     for row, t, p, m, ds in rows] for side, rows in sides.items()}
                          for c, sides in picked.items()}
     return done.confusions, done.device, found

@@ -1,5 +1,8 @@
 """Typed job configuration: defaults here, overrides from a TOML file, then the command line.
 
+The defaults are the package's own (no file is read unless --config names one), so an installed
+mnist37 runs without this repository; configs/*.toml are short commented examples.
+
 Every field of `Config` is a config-file key (`shard_size`) and a command-line flag
 (`--shard-size`). Unknown keys and bad values raise `ConfigError` naming the key and
 what is allowed.
@@ -15,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist37 import Mnist37Error
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_sample.toml"
 
 METRICS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,12 +52,14 @@ class Config:
     # Where archives are extracted; empty means $MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37,
     # else ~/.cache/mnist37.
     cache_dir: str = ""
-    # Split whose images are averaged into prototypes, and split that is classified.
-    train_split: str = "train"
-    eval_split: str = "valid"
+    # Split whose images are averaged into prototypes, and split that is classified. Empty: a
+    # named data set's own (mnist: training / testing), else train / valid.
+    train_split: str = ""
+    eval_split: str = ""
     # Class folder names, in the order used for indices and confusion rows; ["all"] takes every
-    # class folder of the training split, sorted.
-    classes: list[str] = field(default_factory=lambda: ["3", "7"])
+    # class folder of the training split, sorted. Empty: a named data set's own (mnist: all),
+    # else ["3", "7"], fastbook's pair.
+    classes: list[str] = field(default_factory=list)
     # What a file that cannot be used does to the job: "error" stops it before any accuracy
     # is computed and lists every such file; "skip" leaves them out and lists them in
     # results.json. Either way files found = images used + files rejected.
@@ -175,11 +178,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"metrics: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     if len(set(cfg.metrics)) != len(cfg.metrics):
         raise ConfigError(f"metrics: each metric at most once, got {cfg.metrics}")
-    if len(cfg.classes) < 2 and cfg.classes != ["all"]:
+    if cfg.classes and len(cfg.classes) < 2 and cfg.classes != ["all"]:
         raise ConfigError(f"classes: expected at least two class names or all, got {cfg.classes}")
     if len(set(cfg.classes)) != len(cfg.classes):
         raise ConfigError(f"classes: each class at most once, got {cfg.classes}")
-    if cfg.train_split == cfg.eval_split:
+    if cfg.train_split and cfg.train_split == cfg.eval_split:
         raise ConfigError(f"eval_split: must differ from train_split ({cfg.train_split!r})")
 
 
@@ -206,7 +209,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """A parser with --config plus one --key-name flag per Config field (default: not given)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None,
-                        help=f"TOML config file (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)})")
+                        help="TOML config file (default: none; every key keeps its default unless set)")
     for name in _fields():
         kind = _field_type(name)
         flag = "--" + name.replace("_", "-")
@@ -220,7 +223,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 def from_args(args: argparse.Namespace) -> Config:
     """Defaults, then the config file, then command-line flags: the last one given wins."""
-    values = load_file(args.config or DEFAULT_CONFIG)
+    values = load_file(args.config) if args.config else {}
     for name in _fields():
         given = getattr(args, name, None)
         if given is not None:
@@ -231,8 +234,8 @@ def from_args(args: argparse.Namespace) -> Config:
 
 
 def load(path: str | Path | None = None, **overrides) -> Config:
-    """Config from a file (default: configs/mnist_sample.toml) with keyword overrides."""
-    values = load_file(path or DEFAULT_CONFIG)
+    """Config from a file (default: none, the defaults above) with keyword overrides."""
+    values = load_file(path) if path else {}
     for name, value in overrides.items():
         if name not in _fields():
             raise ConfigError(f"unknown key {name!r}; expected one of {', '.join(_fields())}")

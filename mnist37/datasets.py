@@ -1,7 +1,7 @@
 """Named data sets: fastai's public MNIST archives, downloaded once into the cache and verified.
 
 `--data mnist_sample` (the default), `--data mnist` and `--data mnist_tiny` name the archives
-fastai's `URLs` table names. A download goes to `<name>.partial`, is checked the way fastai
+fastai's `URLs` table names. A download goes to `.<name>.<pid>.partial`, is checked the way fastai
 records its archives (size in bytes, and MD5 of the first MiB), and only then renamed to its
 final name: a cut or corrupted download is never trusted by a later run.
 `$MNIST37_URL_BASE`, when set, replaces the folder of every URL (a mirror, or a test server).
@@ -18,8 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist37 import Mnist37Error
-from mnist37.archive import cache_home
+from mnist37 import Mnist37Error, partials
+from mnist37.paths import cache_home
 from mnist37.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -35,19 +35,38 @@ class Dataset:
     url: str
     num_bytes: int  # fastai's checks: the archive's size ...
     md5_first_mib: str  # ... and the MD5 of its first MiB
-    train_split: str
+    train_split: str  # what each data set brings: its splits ...
     eval_split: str
+    classes: tuple[str, ...]  # ... and its classes (("all",): every class folder)
 
 
 # fastai's URLs.MNIST_SAMPLE, URLs.MNIST, URLs.MNIST_TINY, with the checks fastai records.
 DATASETS = {d.name: d for d in [
     Dataset("mnist_sample", "https://s3.amazonaws.com/fast-ai-sample/mnist_sample.tgz",
-            3_214_948, "2dbc7ec6f9259b583af0072c55816a88", "train", "valid"),
+            3_214_948, "2dbc7ec6f9259b583af0072c55816a88", "train", "valid", ("3", "7")),
     Dataset("mnist", "https://s3.amazonaws.com/fast-ai-imageclas/mnist_png.tgz",
-            15_683_414, "03639f83c4e3d19e0a3a53a8a997c487", "training", "testing"),
+            15_683_414, "03639f83c4e3d19e0a3a53a8a997c487", "training", "testing", ("all",)),
     Dataset("mnist_tiny", "https://s3.amazonaws.com/fast-ai-sample/mnist_tiny.tgz",
-            342_207, "56143e8f24db90d925d82a5a74141875", "train", "valid"),
+            342_207, "56143e8f24db90d925d82a5a74141875", "train", "valid", ("3", "7")),
 ]}
+
+# What an ImageFolder given by path is read as unless the config says otherwise: fastai's
+# MNIST_SAMPLE layout and fastbook's pair of digits.
+FOLDER_SPLITS = ("train", "valid")
+FOLDER_CLASSES = ("3", "7")
+
+
+def named(data: str | os.PathLike) -> Dataset | None:
+    """The named data set `data` stands for: a name from DATASETS that is not a local path."""
+    return DATASETS.get(str(data)) if not Path(data).exists() else None
+
+
+def splits_and_classes(data: str | os.PathLike) -> tuple[str, str, list[str]]:
+    """(train split, eval split, classes) a data set brings when the config leaves them empty."""
+    dataset = named(data)
+    if dataset is None:
+        return *FOLDER_SPLITS, list(FOLDER_CLASSES)
+    return dataset.train_split, dataset.eval_split, list(dataset.classes)
 
 _CHUNK = 1 << 16
 
@@ -75,7 +94,7 @@ def verify(path: Path, dataset: Dataset) -> None:
 
 def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: float = 30) -> Path:
     """The verified archive of `dataset` in `<cache>/downloads/`, downloading it if needed."""
-    folder = (Path(cache_dir) if cache_dir else cache_home()) / "downloads"
+    folder = cache_home(cache_dir) / "downloads"
     final = folder / dataset.url.rsplit("/", 1)[1]
     if final.is_file():
         try:
@@ -85,22 +104,24 @@ def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: f
             log.warning("%s; downloading it again", e)
             final.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.name + ".partial")
+    partials.clean(folder)
+    partial = final.with_name(partials.partial_name(final.name))
     url = url_of(dataset)
     hint = f"download a copy yourself and pass it with --data /path/to/{final.name}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, partial.open("wb") as out:
-            progress = Progress(f"downloading {final.name}", dataset.num_bytes, " bytes")
-            while block := response.read(_CHUNK):
-                out.write(block)
-                progress.update(len(block))
-        verify(partial, dataset)
+        with partials.claimed(partial):
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, partial.open("wb") as out:
+                progress = Progress(f"downloading {final.name}", dataset.num_bytes, " bytes")
+                while block := response.read(_CHUNK):
+                    out.write(block)
+                    progress.update(len(block))
+            verify(partial, dataset)
+            os.replace(partial, final)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         partial.unlink(missing_ok=True)
         if isinstance(e, DownloadError):
             raise DownloadError(f"{e}; {hint}") from None
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"{dataset.name}: could not download {url} ({reason}); {hint}") from None
-    os.replace(partial, final)
     log.info("downloaded %s (%s bytes, verified)", final, f"{dataset.num_bytes:,}")
     return final

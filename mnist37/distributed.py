@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import ray
 
 from mnist37 import Mnist37Error
 from mnist37.chunks import chunk_bytes
+from mnist37.examples import Sides
 from mnist37.shards import DecodedShard, Shard, decode_shard, peak_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -57,24 +59,32 @@ def _decode_and_ship_task(*args) -> tuple[DecodedShard, pa.Buffer]:
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
 def _classify_task(key: str, chunk: str | pa.Buffer, prototypes: np.ndarray, metrics: Sequence[str],
-                   device: str, examples: int) -> dict:
-    # Imported here: the driver never needs torch.
+                   device: str, examples: int) -> ClassifiedChunk:
+    # Imported here: the driver needs no torch.
     from mnist37.classify import classify_chunk
 
     start = time.perf_counter()
     confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples)
     context = ray.get_runtime_context()
-    return {
-        "chunk_path": key,
-        "confusions": confusions,
-        "examples": found,
-        "device": str(used),
-        "gpu_ids": list(context.get_accelerator_ids().get("GPU", [])),
-        "node_id": context.get_node_id(),
-        "pid": os.getpid(),
-        "elapsed_s": time.perf_counter() - start,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    return ClassifiedChunk(
+        chunk_path=key, confusions=confusions, examples=found, device=str(used),
+        gpu_ids=list(context.get_accelerator_ids().get("GPU", [])), node_id=context.get_node_id(), pid=os.getpid(),
+        elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
+
+
+@dataclass
+class ClassifiedChunk:
+    """What a classify task sends back: confusion counts and a few examples, never the images."""
+
+    chunk_path: str
+    confusions: dict[str, np.ndarray]  # metric -> int64 [C, C], rows = true class
+    examples: dict[str, dict[int, Sides]]  # metric -> true class -> sides
+    device: str
+    gpu_ids: list
+    node_id: str
+    pid: int
+    elapsed_s: float
+    peak_rss_bytes: int
 
 
 class ClusterError(Mnist37Error, ConnectionError):
@@ -116,42 +126,33 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
                            "or pass --ray-address local for a Ray of the job's own") from None
 
 
-def bounded_map(submit: Callable[[object], ray.ObjectRef | list[ray.ObjectRef]], items: Iterable,
-                max_in_flight: int) -> Iterator:
+def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_in_flight: int,
+                received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
-    results as they finish. A task that fails with an mnist37 error re-raises that error
-    (one clear line, not a remote traceback) after cancelling the tasks still pending.
-
-    For a task with several returns, `submit` gives their refs: the first is waited on and
-    fetched, and the result comes back as (first value, the other refs)."""
+    `received(ref, result)` as tasks finish. A task that fails with an mnist37 error
+    re-raises that error (one clear line, not a remote traceback); whatever ends the loop
+    early (an error, an interrupt, the caller stopping) cancels the tasks still pending."""
     pending: list[ray.ObjectRef] = []
-    others: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}
 
     def next_result():
         nonlocal pending
         done, pending = ray.wait(pending, num_returns=1)
-        value = ray.get(done[0])
-        return (value, others.pop(done[0])) if done[0] in others else value
-
-    def track(refs) -> ray.ObjectRef:
-        if isinstance(refs, list):
-            others[refs[0]] = refs[1:]
-            return refs[0]
-        return refs
+        return received(done[0], ray.get(done[0]))
 
     try:
         for item in items:
             if len(pending) >= max_in_flight:
                 yield next_result()
-            pending.append(track(submit(item)))
+            pending.append(submit(item))
         while pending:
             yield next_result()
     except ray.exceptions.RayTaskError as e:
-        for ref in pending:
-            ray.cancel(ref)
         if isinstance(e.cause, Mnist37Error):
             raise e.cause from None
         raise
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
 
 
 def default_max_in_flight() -> int:
@@ -161,30 +162,37 @@ def default_max_in_flight() -> int:
 
 def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: str,
                   train_split: str, reuse: bool, convert: bool, ship_split: str | None,
-                  max_in_flight: int) -> Iterator[DecodedShard | tuple[DecodedShard, list[ray.ObjectRef]]]:
+                  max_in_flight: int) -> Iterator[DecodedShard]:
     """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only.
 
     Shards of `ship_split` (the evaluation split, when chunks travel through the object
-    store) come back as (DecodedShard, [ref to the chunk's bytes])."""
-    def submit(shard: Shard):
+    store) come back with `chunk_ref`, the ref to the chunk's bytes."""
+    shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
+
+    def submit(shard: Shard) -> ray.ObjectRef:
         args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert)
-        if shard.split == ship_split:
-            return _decode_and_ship_task.remote(*args)
-        return _decode_task.remote(*args)
+        if shard.split != ship_split:
+            return _decode_task.remote(*args)
+        record, chunk = _decode_and_ship_task.remote(*args)
+        shipped[record] = chunk
+        return record
 
-    return bounded_map(submit, shards, max_in_flight)
+    def received(ref: ray.ObjectRef, done: DecodedShard) -> DecodedShard:
+        done.chunk_ref = shipped.pop(ref, None)
+        return done
+
+    return bounded_map(submit, shards, max_in_flight, received)
 
 
-def classify_chunks(chunks: Sequence[tuple[str, str | ray.ObjectRef]], prototypes: np.ndarray,
-                    metrics: Sequence[str], device: str, gpus_per_task: float, examples: int,
-                    max_in_flight: int) -> Iterator[dict]:
-    """Classify every (chunk path, chunk location or ref to its bytes) as a Ray task. The
-    prototypes go to the object store once; on a cluster with GPUs each task asks for
-    `gpus_per_task` of one (decode tasks never do)."""
+def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metrics: Sequence[str], device: str,
+                    gpus_per_task: float, examples: int, max_in_flight: int) -> Iterator[ClassifiedChunk]:
+    """Classify every decoded chunk as a Ray task, read from its path or, when it travelled
+    through the object store, from its bytes. The prototypes go to the object store once; on
+    a cluster with GPUs each task asks for `gpus_per_task` of one (decode tasks never do)."""
     prototypes_ref = ray.put(prototypes)
     task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
-    return bounded_map(lambda chunk: task.remote(chunk[0], chunk[1], prototypes_ref, list(metrics), device, examples),
-                       chunks, max_in_flight)
+    return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, prototypes_ref, list(metrics),
+                                             device, examples), chunks, max_in_flight)
 
 
 def has_gpus() -> bool:

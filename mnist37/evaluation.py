@@ -1,29 +1,41 @@
-"""The evaluation job's stages in order: scan → decode (Ray) → prototypes → classify (Ray) → accuracy.
+"""The evaluation job's stages, in the order they run:
 
-`evaluate(cfg)` needs a connected Ray (`ray.init()` is the caller's) and returns everything
-results.json holds, plus the prototypes. The driver holds the compact file listing and one
-small record per shard, never images.
+    locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.folder)
+    plan     (no Ray)  the sorted listing of both splits, the image shape, the shards
+    decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
+    check_files        found = used + rejected per split and class; the bad-file policy
+    prototypes         summed pixel sums / counts, once
+    classify (Ray)     one task per evaluation chunk: confusion matrices, boundary candidates
+    results_json       everything results.json holds, assembled here and nowhere else
+
+Each stage returns a typed record. `evaluate()` runs decode to classify on a connected Ray
+(`ray.init()` is the caller's). The driver holds the compact listing and one small record per
+shard, never images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mnist37 import Mnist37Error, __version__, distributed
-from mnist37.archive import cache_home
+from mnist37.distributed import ClassifiedChunk
+from mnist37.examples import BoundaryExamples
 from mnist37.config import Config
 from mnist37.decode import combine_digests, image_shape
-from mnist37.folder import DatasetError, Listing, class_folders, find_root, list_split
+from mnist37.folder import DatasetError, Listing, Located, list_split
 from mnist37.metrics import accuracy_report
-from mnist37.progress import Progress
-from mnist37.prototypes import prototypes as make_prototypes
-from mnist37.shards import Shard, make_shards, peak_rss_bytes
+from mnist37.paths import cache_home, is_uri
+from mnist37.progress import Progress, Status
+from mnist37.prototypes import PixelSums
+from mnist37.report import output_names
+from mnist37.shards import DecodedShard, Shard, clean_partials, make_shards, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +45,7 @@ SHAPE_PROBES = 100
 LISTINGS = ".listings"
 
 
-def default_chunk_dir(cfg: Config, root: Path) -> Path:
-    """One chunk folder per data root, in the cache, so every run over that root reuses it."""
-    tag = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
-    return (Path(cfg.cache_dir) if cfg.cache_dir else cache_home()) / "chunks" / f"{root.name}-{tag}"
+# ---------------------------------------------------------------- plan
 
 
 @dataclass(eq=False)
@@ -46,26 +55,33 @@ class Plan:
     cfg: Config
     root: Path
     classes: list[str]
-    listings: dict[str, Listing]
+    listings: dict[str, Listing]  # per split, train first
     shape: tuple[int, int]
     shards: list[Shard]
     chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
 
 
-def plan(cfg: Config) -> Plan:
-    """Find the data, list every split (sorted), fix the image shape, cut the shards.
+def default_chunk_dir(cfg: Config, root: Path) -> Path:
+    """One chunk folder per data root, in the cache, so every run over that root reuses it."""
+    tag = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
+    return cache_home(cfg.cache_dir) / "chunks" / f"{root.name}-{tag}"
 
-    Needs no Ray, so a job can run it while `ray.init()` starts, and a data problem is
-    reported before any cluster is involved."""
+
+def plan(located: Located) -> Plan:
+    """List every split (sorted), fix the image shape, cut the shards; clear what writers
+    killed in earlier runs left in the chunk folder. Needs no Ray: a job runs it while
+    `ray.init()` starts."""
     clock = time.perf_counter()
-    root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
-    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
-    chunk_dir = cfg.chunk_dir if "://" in cfg.chunk_dir else str(
-        Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
+    cfg, root, classes = located.cfg, located.root, located.classes
+    if is_uri(cfg.chunk_dir):
+        chunk_dir = cfg.chunk_dir
+    else:
+        chunk_dir = str(Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
+        clean_partials(Path(chunk_dir))
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
-    reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and "://" not in chunk_dir else None
+    reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
     listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
     convert = cfg.non_grayscale == "convert"
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
@@ -73,6 +89,60 @@ def plan(cfg: Config) -> Plan:
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
     return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
+
+
+# ---------------------------------------------------------------- decode
+
+
+@dataclass(eq=False)
+class Decoding:
+    """Every shard decoded (or reused): small per-shard records and the training sums."""
+
+    shards: list[DecodedShard]  # sorted by (split, index); pixel sums dropped once added
+    sums: PixelSums  # of the training split
+    counts: dict[str, np.ndarray]  # per split: images used per class, int64 [C]
+    found: dict[str, np.ndarray]  # per split: image files per class the tasks were given, int64 [C]
+    rejected: list[tuple[str, str]]  # (path, reason), sorted
+    transport: str  # how evaluation chunks reach classify tasks
+    elapsed_s: float
+
+
+def choose_transport(cfg: Config, chunk_dir: str) -> str:
+    """Chunks reach classify tasks through the object store on a multi-node cluster, unless
+    the chunk store is a URI (shared storage) or the config says otherwise."""
+    if cfg.chunk_transport != "auto":
+        return cfg.chunk_transport
+    return "object_store" if distributed.num_nodes() > 1 and not is_uri(chunk_dir) else "filesystem"
+
+
+def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
+    """Run a decode task per shard; reduce training sums and per-class counts as they finish."""
+    cfg, splits = planned.cfg, (planned.cfg.train_split, planned.cfg.eval_split)
+    clock = time.perf_counter()
+    transport = choose_transport(cfg, planned.chunk_dir)
+    sums = PixelSums.zeros(len(planned.classes), planned.shape)
+    counts = {split: np.zeros(len(planned.classes), dtype=np.int64) for split in splits}
+    found = {split: np.zeros(len(planned.classes), dtype=np.int64) for split in splits}
+    done_shards, rejected = [], []
+    status.stage, status.shards_total = "decode", len(planned.shards)
+    progress = Progress("decode", len(planned.shards), " shards")
+    for done in distributed.decode_shards(
+            planned.shards, planned.root, planned.shape, planned.chunk_dir, cfg.train_split, cfg.reuse_chunks,
+            cfg.non_grayscale == "convert", cfg.eval_split if transport == "object_store" else None, max_in_flight):
+        status.shards_decoded += 1
+        progress.update()
+        counts[done.split] += done.counts
+        found[done.split] += done.found
+        rejected += done.rejected
+        if done.pixel_sums is not None:
+            sums.add(done.pixel_sums, done.counts)
+            done = dataclasses.replace(done, pixel_sums=None)
+        done_shards.append(done)
+    done_shards.sort(key=lambda r: (splits.index(r.split), r.index))
+    return Decoding(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock)
+
+
+# ---------------------------------------------------------------- check_files
 
 
 class BadFilesError(Mnist37Error):
@@ -91,170 +161,155 @@ class BadFilesError(Mnist37Error):
         return "\n".join(lines)
 
 
-def _class_of(path: str) -> str:
-    return path.split("/")[-2]
-
-
-def file_accounts(listings: dict[str, Listing], counts: dict[str, np.ndarray],
-                  rejected: list[tuple[str, str]]) -> dict:
-    """Per split and class: files found (images by extension), used, rejected, ignored.
-
-    Raises Mnist37Error unless found = used + rejected everywhere: no image goes missing."""
-    accounts = {}
-    for split, listing in listings.items():
-        bad = {}
-        for path, _ in rejected:
-            if path.startswith(split + "/"):
-                bad[_class_of(path)] = bad.get(_class_of(path), 0) + 1
+def check_files(planned: Plan, decoding: Decoding) -> dict:
+    """Per split and class: image files found, used, rejected, ignored, with found = used +
+    rejected everywhere (no image goes missing); then the bad-file policy and the classes
+    left with no training images. Returns the accounts for results.json."""
+    cfg, accounts = planned.cfg, {}
+    for split, listing in planned.listings.items():
+        listed = np.bincount(listing.class_indices, minlength=len(planned.classes))
+        used, given = decoding.counts[split], decoding.found[split]
         accounts[split] = {}
-        for index, (name, found) in enumerate(listing.counts().items()):
-            used, refused = int(counts[split][index]), bad.get(name, 0)
-            if found != used + refused:
-                raise Mnist37Error(f"{split}/{name}/: {found} image files found but {used} used "
-                                   f"and {refused} rejected")
-            accounts[split][name] = {"found": found, "used": used, "rejected": refused,
-                                     "ignored": listing.ignored[index]}
-    return accounts
-
-
-def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
-    """Run the job on the connected Ray cluster; return (results, prototypes float32 [C, H, W],
-    the pixels of the boundary examples by path)."""
-    planned = planned or plan(cfg)
-    root, listings, shape, shards, chunk_dir = (planned.root, planned.listings, planned.shape,
-                                                planned.shards, planned.chunk_dir)
-    classes = planned.classes
-    splits = (cfg.train_split, cfg.eval_split)
-    elapsed: dict[str, float] = {"scan": planned.scan_s}
-    max_in_flight = cfg.max_in_flight or distributed.default_max_in_flight()
-
-    # Chunks reach classify tasks through the object store on a multi-node cluster, unless the
-    # chunk store is a URI (shared storage) or the config says otherwise.
-    transport = cfg.chunk_transport
-    if transport == "auto":
-        transport = "object_store" if distributed.num_nodes() > 1 and "://" not in chunk_dir else "filesystem"
-    shipped = {}
-
-    # Decode: training sums are reduced as shards finish; the driver keeps only small records.
-    clock = time.perf_counter()
-    sums = np.zeros((len(classes), *shape), dtype=np.int64)
-    counts = {split: np.zeros(len(classes), dtype=np.int64) for split in splits}
-    records, rejected = {}, []
-    ship_split = cfg.eval_split if transport == "object_store" else None
-    progress = Progress("decode", len(shards), " shards")
-    for done in distributed.decode_shards(shards, root, shape, chunk_dir, cfg.train_split, cfg.reuse_chunks,
-                                          cfg.non_grayscale == "convert", ship_split, max_in_flight):
-        progress.update()
-        if isinstance(done, tuple):
-            done, (chunk_ref,) = done
-            shipped[done.chunk_path] = chunk_ref
-        counts[done.split] += done.counts
-        rejected += done.rejected
-        if done.pixel_sums is not None:
-            sums += done.pixel_sums
-            done.pixel_sums = None
-        records[(done.split, done.index)] = done
-    elapsed["decode"] = time.perf_counter() - clock
-    rejected.sort()
-    accounts = file_accounts(listings, counts, rejected)
-    found = sum(len(listing) for listing in listings.values())
-    if rejected and cfg.on_bad_file == "error":
-        raise BadFilesError(rejected, found)
-    for name, count in zip(classes, counts[cfg.train_split]):
+        for index, name in enumerate(planned.classes):
+            if given[index] != listed[index]:
+                raise Mnist37Error(f"{split}/{name}/: {listed[index]} image files listed but {given[index]} "
+                                   "reached the decode tasks")
+            accounts[split][name] = {"found": int(listed[index]), "used": int(used[index]),
+                                     "rejected": int(given[index] - used[index]), "ignored": listing.ignored[index]}
+    refused = sum(a["rejected"] for per_class in accounts.values() for a in per_class.values())
+    if refused != len(decoding.rejected):
+        raise Mnist37Error(f"{refused} image files were not used but {len(decoding.rejected)} rejections were reported")
+    found = sum(len(listing) for listing in planned.listings.values())
+    if decoding.rejected and cfg.on_bad_file == "error":
+        raise BadFilesError(decoding.rejected, found)
+    for name, count in zip(planned.classes, decoding.counts[cfg.train_split]):
         if count == 0:
             raise DatasetError(f"Class {name!r} has no usable images under {cfg.train_split}/ "
                                f"(all {accounts[cfg.train_split][name]['found']} rejected)")
-    if rejected:
+    if decoding.rejected:
         log.warning("left out %d of %d image files (on_bad_file = skip); listed in results.json",
-                    len(rejected), found)
+                    len(decoding.rejected), found)
+    return accounts
 
-    clock = time.perf_counter()
-    prototypes = make_prototypes(sums, counts[cfg.train_split], classes, cfg.train_split)
-    elapsed["prototypes"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    eval_chunks = [(r.chunk_path, shipped.get(r.chunk_path, r.chunk_path)) for key, r in sorted(records.items())
-                   if key[0] == cfg.eval_split and r.num_images]
-    confusions = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in cfg.metrics}
-    classified, candidates = {}, {m: {c: [] for c in range(len(classes))} for m in cfg.metrics}
-    progress = Progress("classify", len(eval_chunks), " shards")
-    for done in distributed.classify_chunks(eval_chunks, prototypes, cfg.metrics, cfg.device,
-                                            cfg.gpus_per_task, cfg.report_examples, max_in_flight):
+# ---------------------------------------------------------------- classify
+
+
+@dataclass(eq=False)
+class Classification:
+    confusions: dict[str, np.ndarray]  # metric -> int64 [C, C], rows = true class
+    chunks: dict[str, ClassifiedChunk]  # by chunk path, without their example images
+    examples: BoundaryExamples  # per metric and true class, nearest to and farthest from the boundary
+    elapsed_s: float
+
+
+def classify(planned: Plan, decoding: Decoding, prototypes: np.ndarray, max_in_flight: int,
+             status: Status) -> Classification:
+    """Run a classify task per evaluation chunk; sum their confusion matrices as they finish."""
+    cfg, clock = planned.cfg, time.perf_counter()
+    chunks = [r for r in decoding.shards if r.split == cfg.eval_split and r.num_images]
+    confusions = {m: np.zeros((len(planned.classes),) * 2, dtype=np.int64) for m in cfg.metrics}
+    examples = BoundaryExamples(cfg.report_examples)
+    classified = {}
+    status.stage, status.chunks_total = "classify", len(chunks)
+    progress = Progress("classify", len(chunks), " shards")
+    for done in distributed.classify_chunks(chunks, prototypes, cfg.metrics, cfg.device, cfg.gpus_per_task,
+                                            cfg.report_examples, max_in_flight):
+        status.chunks_classified += 1
         progress.update()
-        for metric, matrix in done["confusions"].items():
+        for metric, matrix in done.confusions.items():
             confusions[metric] += matrix
-        for metric, per_class in done.pop("examples").items():
-            for c, sides in per_class.items():
-                candidates[metric][c] += sides["closest"] + sides["farthest"]
-        classified[done["chunk_path"]] = done
-    elapsed["classify"] = time.perf_counter() - clock
+        examples.add(done.examples)
+        classified[done.chunk_path] = dataclasses.replace(done, examples={})
+    return Classification(confusions, classified, examples, time.perf_counter() - clock)
 
-    examples, example_images = boundary_report(candidates, cfg.report_examples)
 
-    ordered = [records[key] for key in sorted(records)]
+# ---------------------------------------------------------------- the whole evaluation
+
+
+@dataclass(eq=False)
+class Evaluation:
+    """What one run found: every stage's record, and the Ray cluster it ran on."""
+
+    plan: Plan
+    decoding: Decoding
+    accounts: dict
+    prototypes: np.ndarray  # float32 [C, H, W] in [0, 1]
+    classification: Classification
+    cluster: dict
+    elapsed_s: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(planned: Plan, status: Status | None = None) -> Evaluation:
+    """Decode, check the files, make the prototypes and classify, on the connected Ray."""
+    status = status or Status()
+    cfg = planned.cfg
+    max_in_flight = cfg.max_in_flight or distributed.default_max_in_flight()
+    decoding = decode(planned, max_in_flight, status)
+    accounts = check_files(planned, decoding)
+    clock = time.perf_counter()
+    prototypes = decoding.sums.prototypes(planned.classes, cfg.train_split)
+    prototypes_s = time.perf_counter() - clock
+    classification = classify(planned, decoding, prototypes, max_in_flight, status)
+    return Evaluation(planned, decoding, accounts, prototypes, classification, distributed.cluster_info(),
+                      {"scan": planned.scan_s, "decode": decoding.elapsed_s, "prototypes": prototypes_s,
+                       "classify": classification.elapsed_s})
+
+
+# ---------------------------------------------------------------- results.json
+
+
+def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> dict:
+    """Everything results.json holds (README: Output folder), from one run's records;
+    `elapsed_s` adds the caller's timings (ray_init, total) to the stages'."""
+    planned, decoding, classification = ev.plan, ev.decoding, ev.classification
+    cfg, classes = planned.cfg, planned.classes
+    splits = (cfg.train_split, cfg.eval_split)
+    found = sum(len(listing) for listing in planned.listings.values())
+    reused = sum(r.num_files for r in decoding.shards if r.reused)
     worker_peaks = {}  # (node, pid) -> bytes: pids repeat across nodes
-    for r in ordered:
+    for r in [*decoding.shards, *classification.chunks.values()]:
         worker_peaks[r.node_id, r.pid] = max(worker_peaks.get((r.node_id, r.pid), 0), r.peak_rss_bytes)
-    for c in classified.values():
-        key = (c["node_id"], c["pid"])
-        worker_peaks[key] = max(worker_peaks.get(key, 0), c["peak_rss_bytes"])
-    reused = sum(r.num_files for r in ordered if r.reused)
+    elapsed = {**ev.elapsed_s, **(elapsed_s or {})}
 
-    results = {
+    def per_shard(r: DecodedShard) -> dict:
+        record = {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
+                  "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
+                  "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids}
+        if (c := classification.chunks.get(r.chunk_path)) is not None:
+            record |= {"classify_node_id": c.node_id, "classify_device": c.device, "classify_gpu_ids": c.gpu_ids}
+        return record
+
+    return {
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
-        "data": {"source": str(cfg.data), "root": str(root),
-                 "folder_listings_reused": sum(listing.reused for listing in listings.values()),
-                 "fingerprint": f"{combine_digests(*(r.digest for r in ordered)):032x}"},
+        "data": {"source": str(cfg.data), "root": str(planned.root),
+                 "folder_listings_reused": sum(listing.reused for listing in planned.listings.values()),
+                 "fingerprint": f"{combine_digests(*(r.digest for r in decoding.shards)):032x}"},
         "classes": list(classes),
-        "image_shape": list(shape),
-        "counts": {split: dict(zip(classes, counts[split].tolist())) for split in splits},
-        "files": accounts,
-        "rejected": [{"path": path, "reason": reason} for path, reason in rejected],
+        "image_shape": list(planned.shape),
+        "counts": {split: dict(zip(classes, decoding.counts[split].tolist())) for split in splits},
+        "files": ev.accounts,
+        "rejected": [{"path": path, "reason": reason} for path, reason in decoding.rejected],
         "shards": {
             "shard_size": cfg.shard_size,
-            "chunk_dir": chunk_dir,
-            "transport": transport,
-            "count": {split: sum(1 for key in records if key[0] == split) for split in splits},
+            "chunk_dir": planned.chunk_dir,
+            "transport": decoding.transport,
+            "count": {split: sum(1 for r in decoding.shards if r.split == split) for split in splits},
             "files_decoded": found - reused,
             "files_reused": reused,
-            "per_shard": [
-                {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
-                 "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
-                 "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids,
-                 **({"classify_node_id": classified[r.chunk_path]["node_id"],
-                     "classify_device": classified[r.chunk_path]["device"],
-                     "classify_gpu_ids": classified[r.chunk_path]["gpu_ids"]} if r.chunk_path in classified else {})}
-                for r in ordered
-            ],
+            "per_shard": [per_shard(r) for r in decoding.shards],
         },
-        "metrics": {m: accuracy_report(confusions[m], classes) for m in cfg.metrics},
-        "examples": examples,
+        "metrics": {m: accuracy_report(classification.confusions[m], classes) for m in cfg.metrics},
+        "prototypes_sha256": hashlib.sha256(np.ascontiguousarray(ev.prototypes).tobytes()).hexdigest(),
+        "examples": classification.examples.report(),
         "elapsed_s": elapsed,
-        "throughput": {"decode_files_per_s": found / elapsed["decode"] if elapsed["decode"] else None},
+        "throughput": {"decode_files_per_s": found / decoding.elapsed_s if decoding.elapsed_s else None},
         "memory": {
             "driver_peak_rss_bytes": peak_rss_bytes(),
             "worker_peak_rss_bytes": max(worker_peaks.values(), default=0),
             "workers": len(worker_peaks),
         },
-        "ray": distributed.cluster_info(),
+        "ray": ev.cluster,
+        "outputs": output_names(classes),
     }
-    return results, prototypes, example_images
-
-
-def boundary_report(candidates: dict, k: int) -> tuple[dict, dict]:
-    """From every chunk's candidates, per metric and true class the k misclassified images
-    closest to the decision boundary and the k farthest; their pixels are returned apart,
-    keyed by path, so results.json stays small."""
-    examples, images = {}, {}
-    for metric, per_class in candidates.items():
-        examples[metric] = {}
-        for c, found in per_class.items():
-            ranked = sorted(found, key=lambda e: (e["margin"], e["path"]))
-            unique = list({e["path"]: e for e in ranked}.values())
-            sides = {"closest": unique[:k], "farthest": unique[::-1][:k]}
-            for side in sides.values():
-                for e in side:
-                    images[e["path"]] = e.pop("image", images.get(e["path"]))
-            examples[metric][str(c)] = sides
-    return examples, images

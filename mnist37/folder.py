@@ -7,6 +7,7 @@ of a sample is its class folder; class indices follow the order of `classes` in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -19,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from mnist37 import Mnist37Error, archive, datasets
+from mnist37.config import Config, ConfigError
+from mnist37.partials import claimed, partial_name
+from mnist37.paths import sample_path
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,7 @@ class Listing:
 
 def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray, names: np.ndarray) -> list[str]:
     """'/'-separated paths, relative to the data root, of listed images."""
-    prefixes = [f"{split}/{c}/" for c in classes]
-    return [prefixes[c] + os.fsdecode(n) for c, n in zip(class_indices.tolist(), names.tolist())]
+    return [sample_path(split, classes[c], os.fsdecode(n)) for c, n in zip(class_indices.tolist(), names.tolist())]
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -70,8 +73,8 @@ def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None =
     An archive that wraps everything in one top folder (mnist_sample/...) resolves to that
     folder, as does a given folder with a single subfolder that holds the splits.
     """
-    if str(data) in datasets.DATASETS and not Path(data).exists():
-        data = datasets.download(datasets.DATASETS[str(data)], cache_dir)
+    if (dataset := datasets.named(data)) is not None:
+        data = datasets.download(dataset, cache_dir)
     path = Path(data).expanduser()
     if not str(data):
         raise DatasetError("data: no data set given; pass --data PATH (an ImageFolder folder or a .tgz "
@@ -120,12 +123,12 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     listed_ns = time.time_ns()
     names, ignored = _scan_images(folder)
     if listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
-        temp = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+        temp = kept.with_name(partial_name(kept.name))
         try:
             kept.parent.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as f:
+            with claimed(temp), open(temp, "wb") as f:
                 np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored))
-            os.replace(temp, kept)
+                os.replace(temp, kept)
         except OSError as e:  # a listing not kept only costs the next run a scan
             log.warning("%s: listing not kept for the next run: %s", os.fsdecode(folder), e)
             with contextlib.suppress(OSError):
@@ -173,21 +176,27 @@ def class_folders(root: Path, split: str) -> list[str]:
     return names
 
 
-def list_split(root: Path, split: str, classes: Sequence[str], reuse_dir: Path | None = None) -> Listing:
-    """All images of `split` for `classes`, sorted by class order, then file name (bytewise,
-    which for UTF-8 names is code-point order). With `reuse_dir`, class folders unchanged
-    since an earlier run kept their listing there are not listed again (`_image_names`)."""
+def check_split(root: Path, split: str, classes: Sequence[str]) -> None:
+    """Raise DatasetError, naming what is there instead, unless `root/split/<class>/` exists
+    for every class: two stats per class, so a wrong layout is reported before any listing."""
     split_dir = root / split
     if not split_dir.is_dir():
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    names, class_indices, ignored, reused = [], [], [], 0
-    for index, name in enumerate(classes):
-        class_dir = split_dir / name
-        if not class_dir.is_dir():
+    for name in classes:
+        if not (split_dir / name).is_dir():
             found = ", ".join(_subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
-        files, others, kept = _image_names(os.fsencode(class_dir), reuse_dir)
+
+
+def list_split(root: Path, split: str, classes: Sequence[str], reuse_dir: Path | None = None) -> Listing:
+    """All images of `split` for `classes`, sorted by class order, then file name (bytewise,
+    which for UTF-8 names is code-point order). With `reuse_dir`, class folders unchanged
+    since an earlier run kept their listing there are not listed again (`_image_names`)."""
+    check_split(root, split, classes)
+    names, class_indices, ignored, reused = [], [], [], 0
+    for index, name in enumerate(classes):
+        files, others, kept = _image_names(os.fsencode(root / split / name), reuse_dir)
         ignored.append(others)
         reused += kept
         if others:
@@ -202,3 +211,28 @@ def list_split(root: Path, split: str, classes: Sequence[str], reuse_dir: Path |
     log.info("%s: %d images in %d classes%s", split, len(listing), len(classes),
              f" ({reused} folder listings reused)" if reused else "")
     return listing
+
+
+@dataclass(eq=False)
+class Located:
+    """The data set found, with its splits and classes resolved into the config."""
+
+    cfg: Config  # train_split, eval_split and classes filled in
+    root: Path  # the folder holding <split>/<class>/ folders
+    classes: list[str]  # in index order ("all" expanded)
+
+
+def locate(cfg: Config) -> Located:
+    """Find the data and resolve what the config left to the data set; fast (no listing), so
+    a data problem is reported before Ray starts. A named data set is downloaded and an
+    archive extracted here, once; later runs find them in the cache."""
+    train, valid, classes = datasets.splits_and_classes(cfg.data)
+    cfg = dataclasses.replace(cfg, train_split=cfg.train_split or train, eval_split=cfg.eval_split or valid,
+                              classes=cfg.classes or classes)
+    if cfg.train_split == cfg.eval_split:
+        raise ConfigError(f"eval_split: must differ from train_split ({cfg.train_split!r})")
+    root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
+    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
+    for split in (cfg.train_split, cfg.eval_split):
+        check_split(root, split, classes)
+    return Located(cfg, root, classes)

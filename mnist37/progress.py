@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +33,14 @@ class Progress:
         elif self.last is None or now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
             log.info("%s: %s/%s%s", self.label, f"{self.done:,}", f"{self.total:,}", self.unit)
+
+
+@dataclass
+class Status:
+    """Where a running job is, for a one-line account when it is stopped part way."""
+
+    stage: str = "starting"
+    shards_total: int = 0
+    shards_decoded: int = 0
+    chunks_total: int = 0
+    chunks_classified: int = 0

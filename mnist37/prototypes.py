@@ -6,11 +6,15 @@ prototypes are bit-identical for any shard size and any number of workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from mnist37.folder import DatasetError
+
+# uint8 pixels are 0..PIXEL_MAX; prototypes and distances work on pixels / PIXEL_MAX, in [0, 1].
+PIXEL_MAX = 255.0
 
 
 def pixel_sums(images: np.ndarray, class_indices: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -23,24 +27,30 @@ def pixel_sums(images: np.ndarray, class_indices: np.ndarray, num_classes: int) 
     return sums, counts
 
 
-def merge_sums(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Add per-shard (sums, counts) pairs; order does not matter."""
-    total_sums = total_counts = None
-    for sums, counts in parts:
-        if total_sums is None:
-            total_sums, total_counts = sums.astype(np.int64, copy=True), counts.astype(np.int64, copy=True)
-        else:
-            total_sums += sums
-            total_counts += counts
-    if total_sums is None:
-        raise ValueError("merge_sums: no shards to merge")
-    return total_sums, total_counts
+@dataclass
+class PixelSums:
+    """Per-class pixel sums and image counts, added up shard by shard in any order."""
+
+    sums: np.ndarray  # int64 [C, H, W]
+    counts: np.ndarray  # int64 [C]
+
+    @classmethod
+    def zeros(cls, num_classes: int, shape: tuple[int, int]) -> PixelSums:
+        return cls(np.zeros((num_classes, *shape), dtype=np.int64), np.zeros(num_classes, dtype=np.int64))
+
+    def add(self, sums: np.ndarray, counts: np.ndarray) -> None:
+        """Add one shard's `pixel_sums` (int64 [C, H, W], counts int64 [C]); exact in any order."""
+        self.sums += sums
+        self.counts += counts
+
+    def prototypes(self, classes: Sequence[str], split: str) -> np.ndarray:
+        return prototypes(self.sums, self.counts, classes, split)
 
 
 def prototypes(sums: np.ndarray, counts: np.ndarray, classes: Sequence[str], split: str) -> np.ndarray:
-    """Mean images in [0, 1]: `float32 [C, H, W]` = sums / counts / 255, divided in float64."""
+    """Mean images in [0, 1]: `float32 [C, H, W]` = sums / counts / PIXEL_MAX, divided in float64."""
     for name, count in zip(classes, counts):
         if count == 0:
             raise DatasetError(f"Class {name!r} has no images under {split}/")
-    means = sums / counts.reshape(-1, *([1] * (sums.ndim - 1))) / 255.0
+    means = sums / counts.reshape(-1, *([1] * (sums.ndim - 1))) / PIXEL_MAX
     return means.astype(np.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mnist37.prototypes import PIXEL_MAX
 
 # Prototype images are 28x28; the side-by-side sheet is enlarged this many times to be seen.
 SHEET_SCALE = 8
@@ -46,7 +47,7 @@ def format_files(results: dict) -> str:
 def save_prototypes(folder: Path, prototypes: np.ndarray, classes: Sequence[str]) -> list[Path]:
     """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG, plus one enlarged sheet of all."""
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = np.clip(np.rint(prototypes * 255.0), 0, 255).astype(np.uint8)
+    pixels = np.clip(np.rint(prototypes * PIXEL_MAX), 0, 255).astype(np.uint8)
     paths = []
     for name, image in zip(classes, pixels):
         path = folder / f"prototype_{name}.png"
@@ -60,18 +61,22 @@ def save_prototypes(folder: Path, prototypes: np.ndarray, classes: Sequence[str]
     return paths
 
 
+def output_names(classes: Sequence[str]) -> list[str]:
+    """The files write_outputs writes beside results.json."""
+    return ["prototypes.npy", *(f"prototype_{name}.png" for name in classes), "prototypes.png", "table.txt",
+            "report.html"]
+
+
 def write_outputs(out: Path, results: dict, prototypes: np.ndarray,
                   example_images: dict[str, np.ndarray] | None = None) -> str:
-    """Write results.json (atomically), the prototypes (PNGs and exact float32 .npy),
-    report.html and table.txt; return the table."""
+    """Write the prototypes (PNGs and exact float32 .npy), table.txt, report.html and, last,
+    results.json (atomically): a folder with results.json is complete. Return the table."""
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "prototypes.npy", prototypes)
-    results["prototypes_sha256"] = hashlib.sha256(np.ascontiguousarray(prototypes).tobytes()).hexdigest()
-    results["outputs"] = ["prototypes.npy"] + [p.name for p in save_prototypes(out, prototypes, results["classes"])]
+    save_prototypes(out, prototypes, results["classes"])
     table = format_table(results) + "\n\n" + format_files(results)
     (out / "table.txt").write_text(table + "\n")
     (out / "report.html").write_text(render_html(results, prototypes, example_images or {}), encoding="utf-8")
-    results["outputs"].append("report.html")
     partial = out / "results.json.partial"
     partial.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(partial, out / "results.json")
@@ -113,7 +118,7 @@ figure {{ display: inline-block; margin: 0.3em; text-align: center; font-size: 0
 </style></head><body>
 <h1>mnist37: nearest prototype on {esc(str(results['data']['source']))}</h1>"""]
     parts.append("<h2>Prototypes</h2><div>" + "".join(
-        f"<figure>{_img(p * 255, f'prototype {name}', 4)}<figcaption>ideal {esc(name)}</figcaption></figure>"
+        f"<figure>{_img(p * PIXEL_MAX, f'prototype {name}', 4)}<figcaption>ideal {esc(name)}</figcaption></figure>"
         for name, p in zip(classes, prototypes)) + "</div>")
     parts.append("<h2>Accuracy</h2><table id='accuracy'><tr><th>class</th><th>images</th>" +
                  "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>")

@@ -1,10 +1,17 @@
 """fastbook's pixel-similarity baseline, written plainly as the book does it: one process,
 Pillow per file, `torch.stack`, mean images, L1 distance. The benchmark's baseline and the
-tests' independent check; mnist37's distributed job must agree with it.
+tests' independent check; mnist37's distributed job must agree with it. Prints correct
+predictions per evaluation class as JSON:
+
+    python jobs/seed.py --data runs/bench/data-x10 [--classes 3 7]
+    python -m mnist37.seed ...        (the same, from an installed mnist37)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +45,24 @@ def evaluate(root: Path, train_split: str = "train", eval_split: str = "valid",
         nearest = len(classes) - 1 - dists.flip(1).argmin(dim=1)
         correct[name] = int((nearest == index).sum())
     return correct
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="fastbook's baseline as the book writes it (one process)")
+    parser.add_argument("--data", required=True, type=Path, help="ImageFolder root (a folder)")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--eval-split", default="valid")
+    parser.add_argument("--classes", nargs="+", default=["3", "7"])
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    clock = time.perf_counter()
+    correct = evaluate(args.data, args.train_split, args.eval_split, tuple(args.classes))
+    result = {"correct": correct, "elapsed_s": time.perf_counter() - clock}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

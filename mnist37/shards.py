@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist37 import partials
 from mnist37.chunks import ChunkError, chunk_table, join, read_chunk_metadata, write_chunk
 from mnist37.decode import Group, decode_groups, files_key
 from mnist37.folder import Listing, relative_paths
+from mnist37.paths import class_folder
 from mnist37.prototypes import pixel_sums
 
 
@@ -42,7 +44,7 @@ class Shard:
     def groups(self) -> list[Group]:
         """The shard's files as runs sharing a class folder: [("train/3", [b"10.png", ...]), ...]."""
         starts = [0, *(np.flatnonzero(np.diff(self.class_indices)) + 1).tolist(), len(self)]
-        return [(f"{self.split}/{self.classes[self.class_indices[a]]}", self.names[a:b].tolist())
+        return [(class_folder(self.split, self.classes[self.class_indices[a]]), self.names[a:b].tolist())
                 for a, b in zip(starts, starts[1:]) if b > a]
 
     def __len__(self) -> int:
@@ -57,6 +59,7 @@ class DecodedShard:
     index: int
     chunk_path: str
     num_files: int  # listed
+    found: np.ndarray  # int64 [C], listed files per class: found = counts + rejected, per class
     num_images: int  # decoded and kept: num_files - len(rejected)
     rejected: list[tuple[str, str]]  # (path, reason) of each file left out
     num_bytes: int
@@ -69,6 +72,7 @@ class DecodedShard:
     node_id: str = ""
     pid: int = 0
     gpu_ids: list = field(default_factory=list)  # GPUs Ray assigned to the task (none, by design)
+    chunk_ref: object = None  # Ray's ref to the chunk's bytes, when they travel through the object store
 
 
 def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
@@ -83,6 +87,13 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
 def chunk_path(chunk_dir: str | Path, shard: Shard) -> str:
     """Where the shard's chunk lives: a path, or a URI when `chunk_dir` is one."""
     return join(chunk_dir, shard.split, f"{shard.name}.arrow")
+
+
+def clean_partials(chunk_dir: Path) -> int:
+    """Remove the temporary chunks and listings that killed writers left in a local chunk
+    folder, never one a running writer holds (mnist37.partials); return how many."""
+    folders = [chunk_dir / ".listings", *(p for p in chunk_dir.glob("*") if p.is_dir())] if chunk_dir.is_dir() else []
+    return sum(partials.clean(folder) for folder in folders)
 
 
 def peak_rss_bytes() -> int:
@@ -129,7 +140,7 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
         reused = True
     return DecodedShard(
         split=shard.split, index=shard.index, chunk_path=path, num_files=len(shard),
-        num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
+        found=np.bincount(shard.class_indices, minlength=len(shard.classes)).astype(np.int64), num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
         num_bytes=meta["num_bytes"], digest=meta["digest"], counts=meta["counts"],
         pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused,
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),

@@ -3,7 +3,7 @@ import tarfile
 
 import pytest
 
-from mnist37.archive import ArchiveError, cache_home, extract
+from mnist37.archive import ArchiveError, extract
 from tests.conftest import make_image_folder
 
 
@@ -80,11 +80,3 @@ def test_not_an_archive_and_truncated_archive(tmp_path):
 def test_missing_archive(tmp_path):
     with pytest.raises(ArchiveError, match=r"nope.tgz: archive not found"):
         extract(tmp_path / "nope.tgz", tmp_path / "cache")
-
-
-def test_cache_home_follows_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("MNIST37_CACHE", str(tmp_path / "mine"))
-    assert cache_home() == tmp_path / "mine"
-    monkeypatch.delenv("MNIST37_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_home() == tmp_path / "xdg" / "mnist37"

@@ -18,7 +18,8 @@ from PIL import Image
 
 from mnist37.config import load
 from mnist37.evaluation import plan
-from mnist37.folder import DatasetError
+from mnist37.folder import DatasetError, locate
+from mnist37.job import parse_args
 from tests.conftest import make_image_folder, write_png
 from tests.test_evaluate_job import run_job
 
@@ -95,6 +96,7 @@ def skipped(corpus, tmp_path_factory):
     return run, json.loads((out / "results.json").read_text()) if run.returncode == 0 else None
 
 
+@pytest.mark.ray
 def test_error_policy_lists_every_bad_file_and_stops(corpus, tmp_path):
     root, reasons = corpus
     run = run_job("--data", str(root), "--out", str(tmp_path), "--chunk-dir", str(tmp_path / "chunks"))
@@ -106,6 +108,7 @@ def test_error_policy_lists_every_bad_file_and_stops(corpus, tmp_path):
     assert listed == [f"{path}: {reason}" for path, reason in sorted(reasons.items())]
 
 
+@pytest.mark.ray
 def test_error_policy_caps_the_list(corpus, tmp_path):
     root, reasons = corpus
     many = tmp_path / "many"
@@ -118,6 +121,7 @@ def test_error_policy_caps_the_list(corpus, tmp_path):
     assert listed[-1] == f"  ... and {len(reasons) + 30 - 20} more"
 
 
+@pytest.mark.ray
 def test_skip_policy_lists_rejections_with_reasons(skipped, corpus):
     run, results = skipped
     _, reasons = corpus
@@ -126,6 +130,7 @@ def test_skip_policy_lists_rejections_with_reasons(skipped, corpus):
     assert [r["path"] for r in results["rejected"]] == sorted(reasons)
 
 
+@pytest.mark.ray
 def test_files_found_equal_used_plus_rejected_per_split_and_class(skipped, corpus):
     run, results = skipped
     _, reasons = corpus
@@ -146,6 +151,7 @@ def test_files_found_equal_used_plus_rejected_per_split_and_class(skipped, corpu
     assert f"= {sum(sum(c.values()) for c in results['counts'].values())} used + {len(reasons)} rejected" in run.stdout
 
 
+@pytest.mark.ray
 def test_results_on_good_files_equal_a_clean_copy(skipped, corpus, tmp_path):
     _, results = skipped
     root, reasons = corpus
@@ -158,6 +164,7 @@ def test_results_on_good_files_equal_a_clean_copy(skipped, corpus, tmp_path):
     assert cleaned["prototypes_sha256"] == results["prototypes_sha256"]
 
 
+@pytest.mark.ray
 def test_convert_policy_takes_the_color_pngs(corpus, tmp_path):
     root, reasons = corpus
     run = run_job("--data", str(root), "--out", str(tmp_path), "--on-bad-file", "skip",
@@ -176,16 +183,18 @@ def cfg_for(root, **overrides):
 def test_layout_problems_are_one_line_errors(tmp_path):
     root = make_image_folder(tmp_path / "d", {"train": {"3": 2, "7": 2}, "valid": {"3": 2, "7": 2, "9": 2}})
     (root / "valid" / "5").mkdir()
+    (root / "train" / "5").mkdir()
     cases = [
-        (cfg_for(root, classes="3 7 9"), r"^Class '9' has no folder under train/; found: 3, 7$"),
+        (cfg_for(root, classes="3 7 9"), r"^Class '9' has no folder under train/; found: 3, 5, 7$"),
         (cfg_for(root, eval_split="test"), r"^Split folder 'test' not found under .*; found: train, valid$"),
         (cfg_for(root, classes="3 5", train_split="valid", eval_split="train"), r"^Class '5' has no images under valid/$"),
     ]
     for cfg, message in cases:
         with pytest.raises(DatasetError, match=message):
-            plan(cfg)
+            plan(locate(cfg))
 
 
+@pytest.mark.ray
 def test_a_training_class_with_every_file_rejected(tmp_path):
     root = make_image_folder(tmp_path / "d", {"train": {"3": 3, "7": 2}, "valid": {"3": 2, "7": 2}})
     for f in (root / "train" / "7").iterdir():
@@ -223,7 +232,10 @@ def test_missing_split_and_broken_archives_through_the_job(tmp_path):
     (["--image-shape", "28"], r"image_shape: expected two positive sizes [H, W] (or none), got [28]"),
     (["--reuse-chunks", "maybe"], "reuse_chunks: expected true or false, got 'maybe'"),
 ])
-def test_bad_flags_are_one_line_errors(argv, message):
-    run = run_job(*argv)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert message in run.stderr
+def test_bad_flags_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)  # what jobs/evaluate.py does first, in-process
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]  # one line, last

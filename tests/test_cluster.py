@@ -21,6 +21,8 @@ import yaml
 from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.test_evaluate_job import run_job
 
+pytestmark = pytest.mark.ray  # real Ray clusters
+
 RAY = str(Path(sys.executable).with_name("ray"))
 # Node deaths are noticed in ~2 s instead of ~30 s.
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",

@@ -3,19 +3,46 @@ import sys
 
 import pytest
 
-from mnist37.config import DEFAULT_CONFIG, Config, ConfigError, build_parser, from_args, load, load_file
-from tests.conftest import PROJECT_ROOT
+from mnist37.config import Config, ConfigError, build_parser, from_args, load, load_file
+from mnist37.folder import locate
+from tests.conftest import PROJECT_ROOT, make_image_folder
 
 
 def parse(*argv: str) -> Config:
     return from_args(build_parser().parse_args(list(argv)))
 
 
-def test_default_config_file_loads_with_fastbook_setup():
+def test_defaults_live_in_the_package_and_read_no_file():
     cfg = parse()
-    assert (cfg.train_split, cfg.eval_split, cfg.classes) == ("train", "valid", ["3", "7"])
-    assert cfg.metrics == ["l1", "l2"]
-    assert DEFAULT_CONFIG.name == "mnist_sample.toml"
+    assert (cfg.data, cfg.train_split, cfg.eval_split, cfg.classes) == ("mnist_sample", "", "", [])
+    assert cfg.metrics == ["l1", "l2"] and cfg == Config()
+
+
+def test_a_data_sets_split_given_as_the_other_split_is_refused(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "mnist_png", {s: {"3": 1, "7": 1} for s in ("training", "testing")})
+    monkeypatch.setattr("mnist37.datasets.download", lambda dataset, cache_dir=None: root)
+    with pytest.raises(ConfigError, match=r"eval_split: must differ from train_split \('training'\)"):
+        locate(parse("--data", "mnist", "--eval-split", "training"))
+
+
+def test_a_folder_is_read_with_fastbooks_splits_and_classes(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": {"3": 1, "7": 1}, "valid": {"3": 1, "7": 1}})
+    located = locate(parse("--data", str(root)))
+    assert (located.cfg.train_split, located.cfg.eval_split, located.classes) == ("train", "valid", ["3", "7"])
+    assert located.root == root.resolve()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ((), ("training", "testing", [str(d) for d in range(10)])),  # mnist brings its own
+    (("--classes", "7", "1"), ("training", "testing", ["7", "1"])),  # a flag says otherwise
+    (("--eval-split", "training", "--train-split", "testing"), ("testing", "training", [str(d) for d in range(10)])),
+])
+def test_a_named_data_set_brings_its_splits_and_classes(argv, expected, tmp_path, monkeypatch):
+    # What `--data mnist` finds in the cache once downloaded: fastai's layout, made small here.
+    root = make_image_folder(tmp_path / "mnist_png", {s: {str(d): 1 for d in range(10)} for s in ("training", "testing")})
+    monkeypatch.setattr("mnist37.datasets.download", lambda dataset, cache_dir=None: root)
+    located = locate(parse("--data", "mnist", *argv))
+    assert (located.cfg.train_split, located.cfg.eval_split, located.classes) == expected
 
 
 def test_command_line_overrides_file(tmp_path):
@@ -72,7 +99,7 @@ def test_missing_and_invalid_config_files(tmp_path):
     ({"gpus_per_task": 2}, r"gpus_per_task: expected a fraction in \(0, 1\], got 2"),
     ({"gpus_per_task": "half"}, r"gpus_per_task: expected a number, got 'half'"),
     ({"max_in_flight": -1}, r"max_in_flight: expected 0 \(auto\) or a positive count"),
-    ({"eval_split": "train"}, r"eval_split: must differ from train_split"),
+    ({"train_split": "train", "eval_split": "train"}, r"eval_split: must differ from train_split"),
     ({"data": 3}, r"data: expected a string, got 3"),
 ])
 def test_bad_values_are_rejected_by_key(overrides, message):
@@ -81,6 +108,7 @@ def test_bad_values_are_rejected_by_key(overrides, message):
 
 
 def test_job_rejects_bad_flag_with_one_line_and_exit_2():
+    """The one subprocess among the flag tests: the real entry point, as a user runs it."""
     run = subprocess.run([sys.executable, "jobs/evaluate.py", "--shard-size", "-3"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2

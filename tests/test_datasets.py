@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import re
 import tarfile
 import threading
 
@@ -55,7 +56,7 @@ def archive(tmp_path):
 
 
 def checks_for(data: bytes, url: str) -> Dataset:
-    return Dataset("tiny", url, len(data), hashlib.md5(data[: 1 << 20]).hexdigest(), "train", "valid")
+    return Dataset("tiny", url, len(data), hashlib.md5(data[: 1 << 20]).hexdigest(), "train", "valid", ("3", "7"))
 
 
 def test_download_verifies_and_is_reused(archive, tmp_path):
@@ -87,11 +88,11 @@ def test_a_wrong_checksum_or_size_is_refused(archive, tmp_path):
     server = Server({"/tiny.tgz": archive})
     try:
         good = checks_for(archive, f"{server.url}/tiny.tgz")
-        wrong_md5 = Dataset("tiny", good.url, good.num_bytes, "0" * 32, "train", "valid")
+        wrong_md5 = Dataset("tiny", good.url, good.num_bytes, "0" * 32, "train", "valid", ("3", "7"))
         with pytest.raises(DownloadError, match=rf"tiny: checksum mismatch \(MD5 of first MiB {good.md5_first_mib}, "
                                                 rf"expected 0{{32}}\); download a copy yourself"):
             download(wrong_md5, tmp_path / "cache")
-        wrong_size = Dataset("tiny", good.url, good.num_bytes + 1, good.md5_first_mib, "train", "valid")
+        wrong_size = Dataset("tiny", good.url, good.num_bytes + 1, good.md5_first_mib, "train", "valid", ("3", "7"))
         with pytest.raises(DownloadError, match=rf"tiny: downloaded {len(archive):,} bytes, expected {len(archive) + 1:,}"):
             download(wrong_size, tmp_path / "cache")
         assert list((tmp_path / "cache" / "downloads").iterdir()) == []
@@ -103,17 +104,21 @@ def test_a_wrong_checksum_or_size_is_refused(archive, tmp_path):
 
 
 def test_offline_is_one_line_naming_the_way_out(tmp_path):
-    dataset = Dataset("tiny", "http://127.0.0.1:9/tiny.tgz", 10, "0" * 32, "train", "valid")
+    dataset = Dataset("tiny", "http://127.0.0.1:9/tiny.tgz", 10, "0" * 32, "train", "valid", ("3", "7"))
     with pytest.raises(DownloadError, match=r"^tiny: could not download http://127.0.0.1:9/tiny.tgz \(.*\); "
                                             r"download a copy yourself and pass it with --data /path/to/tiny.tgz$"):
         download(dataset, tmp_path / "cache")
 
 
-def test_fastai_checks_match_what_the_readme_of_shared_data_says():
-    assert (datasets.DATASETS["mnist_sample"].num_bytes, datasets.DATASETS["mnist_sample"].md5_first_mib) == \
-        (3_214_948, "2dbc7ec6f9259b583af0072c55816a88")
-    assert (datasets.DATASETS["mnist"].num_bytes, datasets.DATASETS["mnist"].md5_first_mib) == \
-        (15_683_414, "03639f83c4e3d19e0a3a53a8a997c487")
+def test_fastai_checks_match_what_the_readme_of_shared_data_says(mnist_sample_tgz):
+    """Two independent records of fastai's checks: the table here and ../shared/data/README.md."""
+    readme = (mnist_sample_tgz.parent / "README.md").read_text()
+    for name in ("mnist_sample", "mnist"):
+        dataset = datasets.DATASETS[name]
+        archive = dataset.url.rsplit("/", 1)[1]
+        found = re.search(rf"{re.escape(archive)}: ([\d,]+) bytes, MD5 of its first MiB ([0-9a-f]{{32}})", readme)
+        assert found, f"{archive} not described in {mnist_sample_tgz.parent / 'README.md'}"
+        assert (dataset.num_bytes, dataset.md5_first_mib) == (int(found[1].replace(",", "")), found[2])
 
 
 def test_named_data_set_through_the_job(mnist_sample_tgz, tmp_path):

@@ -12,6 +12,8 @@ from mnist37.decode import DecodeError
 from mnist37.folder import list_split
 from mnist37.shards import make_shards
 
+pytestmark = pytest.mark.ray  # a local Ray
+
 
 @ray.remote(num_cpus=1)
 def _slow_square(x: int) -> int:

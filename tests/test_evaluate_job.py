@@ -15,6 +15,8 @@ import mnist37.seed
 
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
+pytestmark = pytest.mark.ray  # the job, with its own local Ray
+
 # fastbook chapter 4's published figures for the L1 baseline on MNIST_SAMPLE.
 FASTBOOK_L1 = {"3": 0.9168, "7": 0.9854, "mean": 0.9511}
 

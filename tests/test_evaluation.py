@@ -4,16 +4,20 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mnist37.config import load
-from mnist37.evaluation import evaluate
+from mnist37.evaluation import evaluate, plan, results_json
+from mnist37.folder import locate
+
+pytestmark = pytest.mark.ray  # a local Ray
 
 
 def run(tmp_path, data, shard_size, **overrides):
     overrides.setdefault("out", str(tmp_path / f"out-{shard_size}"))
     cfg = load(data=str(data), shard_size=shard_size, **overrides)
-    results, prototypes, _ = evaluate(cfg)
-    return results, prototypes
+    evaluation = evaluate(plan(locate(cfg)))
+    return results_json(evaluation), evaluation.prototypes
 
 
 def assert_same_evaluation(runs):

@@ -10,6 +10,8 @@ from PIL import Image
 
 from tests.test_evaluate_job import run_job
 
+pytestmark = pytest.mark.ray  # the job on full MNIST
+
 
 @pytest.fixture(scope="module")
 def mnist_png_tgz(mnist_sample_tgz):

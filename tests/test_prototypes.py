@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mnist37.folder import DatasetError
-from mnist37.prototypes import merge_sums, pixel_sums, prototypes
+from mnist37.prototypes import PixelSums, pixel_sums, prototypes
 
 
 def labelled_images(n=200, shape=(6, 7), num_classes=3, seed=0):
@@ -31,10 +31,13 @@ def test_merged_shard_sums_equal_whole_set_sums(shard_size):
     whole = pixel_sums(images, labels, 3)
     parts = [pixel_sums(images[i:i + shard_size], labels[i:i + shard_size], 3)
              for i in range(0, len(images), shard_size)]
-    for merged in (merge_sums(parts), merge_sums(reversed(parts))):
-        np.testing.assert_array_equal(merged[0], whole[0])
-        np.testing.assert_array_equal(merged[1], whole[1])
-    assert prototypes(*merge_sums(parts), "abc", "train").tobytes() == prototypes(*whole, "abc", "train").tobytes()
+    for order in (parts, parts[::-1], parts[1::2] + parts[::2]):
+        merged = PixelSums.zeros(3, (6, 7))
+        for sums, counts in order:
+            merged.add(sums, counts)
+        np.testing.assert_array_equal(merged.sums, whole[0])
+        np.testing.assert_array_equal(merged.counts, whole[1])
+        assert merged.prototypes("abc", "train").tobytes() == prototypes(*whole, "abc", "train").tobytes()
 
 
 def test_prototypes_are_float32_means_in_unit_range():
@@ -51,7 +54,9 @@ def test_merging_leaves_the_parts_untouched():
     images, labels = labelled_images()
     first = pixel_sums(images[:100], labels[:100], 3)
     before = first[0].copy()
-    merge_sums([first, pixel_sums(images[100:], labels[100:], 3)])
+    merged = PixelSums.zeros(3, (6, 7))
+    merged.add(*first)
+    merged.add(*pixel_sums(images[100:], labels[100:], 3))
     np.testing.assert_array_equal(first[0], before)
 
 
@@ -59,5 +64,5 @@ def test_errors():
     images, _ = labelled_images(10)
     with pytest.raises(DatasetError, match=r"Class 'b' has no images under train/"):
         prototypes(*pixel_sums(images, np.zeros(10, dtype=int), 2), ["a", "b"], "train")
-    with pytest.raises(ValueError, match="no shards to merge"):
-        merge_sums([])
+    with pytest.raises(DatasetError, match=r"Class 'a' has no images under train/"):
+        PixelSums.zeros(2, (6, 7)).prototypes(["a", "b"], "train")

@@ -12,6 +12,8 @@ from PIL import Image
 from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.test_evaluate_job import run_job
 
+pytestmark = pytest.mark.ray  # the job
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 # Screenshots are kept where a person can look at them after the run.
 ARTIFACTS = PROJECT_ROOT / "runs" / "test-output"
@@ -54,6 +56,7 @@ def test_report_is_self_contained_and_complete(report):
     assert closest[0]["margin"] <= farthest[0]["margin"] and len(closest) <= 2
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (.ci/run installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     out, results = report

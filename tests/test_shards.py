@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -112,25 +111,33 @@ def test_a_foreign_or_partial_file_under_a_chunk_name_is_not_trusted(image_folde
 
 
 def test_a_writer_killed_mid_write_leaves_no_chunk(image_folder, tmp_path):
-    """SIGKILL a real process while it writes a large chunk: the final name never appears,
-    and the next decode of that shard does not trust what was left."""
+    """SIGKILL a real process while it writes a chunk: the final name never appears, and the
+    next decode of that shard does not trust what was left. The writer is paused (SIGSTOP)
+    the moment its temporary has bytes, so it is caught mid-write however fast it writes."""
     target = tmp_path / "chunks" / "train" / "train-50-000000.arrow"
-    writer = subprocess.Popen([sys.executable, "-c", f"""
+    for _ in range(5):  # a ~60 MB write lasts tens of ms: catch it, or try again
+        writer = subprocess.Popen([sys.executable, "-c", f"""
 import numpy as np
 from mnist37.chunks import chunk_table, write_chunk
-n = 600_000  # ~470 MB: long enough to be caught writing
+n = 80_000
 table = chunk_table(np.zeros((n, 28, 28), dtype=np.uint8), np.zeros(n, dtype=np.int32), [""] * n, ["3"], "train")
 print("writing", flush=True)
 write_chunk({str(target)!r}, table)
 """], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "writing"
-    deadline = time.monotonic() + 60
-    partial = []
-    while not partial:
-        partial = [p for p in target.parent.glob(".*.partial") if p.stat().st_size > 0]
-        assert time.monotonic() < deadline and writer.poll() is None, "never caught the writer mid-write"
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
+        assert writer.stdout.readline().strip() == "writing"
+        partial = []
+        while not partial and writer.poll() is None:
+            partial = [p for p in target.parent.glob(".*.partial") if p.stat().st_size > 0]
+        if partial:
+            os.kill(writer.pid, signal.SIGSTOP)
+            caught = not target.exists()
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        if partial and caught:
+            break
+        target.unlink(missing_ok=True)
+    else:
+        pytest.fail("never caught the writer mid-write")
     assert not target.exists() and partial[0].exists()
     done = decode_shard(shards_of(image_folder)[0], image_folder, (8, 8), tmp_path / "chunks", with_sums=True)
     assert not done.reused and len(read_chunk(done.chunk_path)) == 50

@@ -1,0 +1,136 @@
+"""The evaluation job as a process: flags, Ray, the stages, the output folder, and how it ends.
+
+    python jobs/evaluate.py --data ../shared/data/mnist_sample.tgz --out runs/sample
+    python -m mnist37.job ...          (the same, from an installed mnist37)
+
+How it ends, always in one line on stderr: 0 with the table printed; 2 for a bad flag or
+config; 1 for a data, storage or cluster problem (`error: ...`); 130 / 143 when stopped by
+SIGINT (Ctrl-C) / SIGTERM (`ray job stop`, Kubernetes), saying what was finished and kept.
+A Ray the job started is stopped whichever way it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mnist37 import Mnist37Error
+from mnist37.config import Config, build_parser, from_args
+from mnist37.progress import Status
+
+log = logging.getLogger("mnist37.job")
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread as Python raises KeyboardInterrupt for SIGINT."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _take_signals() -> None:
+    """SIGINT and SIGTERM stop the job by an exception in the main thread, so every `finally`
+    runs (Ray is stopped, temporaries released). Installed again after `ray.init()`, whose
+    core worker installs a SIGTERM handler that dumps stack lines."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = build_parser(description=__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    try:
+        return from_args(args)
+    except Mnist37Error as e:
+        parser.error(str(e))
+
+
+def main(cfg: Config, status: Status | None = None) -> dict:
+    """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
+    the input, the storage or the cluster."""
+    from mnist37.folder import locate
+
+    status = status or Status()
+    clock = time.perf_counter()
+    # Before Ray is imported or started: a missing or malformed data set is one line at once.
+    status.stage = "locate"
+    located = locate(cfg)
+
+    import ray
+
+    from mnist37.distributed import check_address
+    from mnist37.evaluation import evaluate, plan, results_json
+    from mnist37.report import write_outputs
+
+    check_address(cfg.ray_address)
+    # Listing needs no Ray: it runs while Ray starts (on 2 cores ~0.5 s off a large job).
+    status.stage = "plan"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        planned = pool.submit(plan, located)
+        try:
+            # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
+            # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
+            ray.init(address=cfg.ray_address or None, include_dashboard=cfg.ray_dashboard,
+                     dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
+            _take_signals()
+            ray_init_s = time.perf_counter() - clock
+            evaluation = evaluate(planned.result(), status)
+        finally:
+            ray.shutdown()
+    results = results_json(evaluation, {"ray_init": ray_init_s, "total": time.perf_counter() - clock})
+    status.stage = "write results"
+    out = Path(located.cfg.out)
+    table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
+    print(table)
+    used = sum(sum(c.values()) for c in results["counts"].values())
+    rejected = len(results["rejected"])
+    print(f"\n{used + rejected} image files = {used} used + {rejected} rejected, in "
+          f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
+          f"results in {out / 'results.json'}")
+    return results
+
+
+def interrupted(status: Status, out: str) -> str:
+    """One line: where the job was stopped and what the next run will reuse."""
+    kept = "they are kept and reused by the next run"
+    if status.stage in ("starting", "locate", "plan"):
+        return "interrupted before decoding began (while finding and listing the data); nothing to keep"
+    if status.stage == "decode":
+        return f"interrupted: {status.shards_decoded} of {status.shards_total} shards decoded; {kept}"
+    if status.stage == "classify":
+        return (f"interrupted while classifying ({status.chunks_classified} of {status.chunks_total} chunks): "
+                f"all {status.shards_total} shards decoded; {kept}")
+    return f"interrupted while writing results to {out} (results.json not written): all shards decoded; {kept}"
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line: returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _take_signals()
+    cfg = parse_args(argv)
+    status = Status()
+    try:
+        main(cfg, status)
+        return 0
+    except Mnist37Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted(status, cfg.out), file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Interrupted as e:
+        print(interrupted(status, cfg.out), file=sys.stderr)
+        return 128 + e.signum
+
+
+if __name__ == "__main__":
+    sys.exit(run())

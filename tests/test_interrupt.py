@@ -1,0 +1,164 @@
+"""Stopping the job (SIGINT as Ctrl-C sends it, SIGTERM as `ray job stop` and Kubernetes do)
+at several moments: one line saying what was finished and kept, exit status 130 / 143, no
+traceback and no stack dump, the job's own Ray gone, and a next run whose figures equal an
+undisturbed run's, reusing what was finished.
+
+The moments are found by watching the job itself (its log lines, its files), and where a
+moment passes quickly the job is paused with SIGSTOP the instant it is seen, so the signal
+lands there whatever the machine's speed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.test_evaluate_job import run_job
+
+pytestmark = pytest.mark.ray  # the job, stopped by signals
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """28x28 images: 2 x 300 to train on, 2 x 150 to classify; shards of 10 make 60 + 30 tasks."""
+    return make_image_folder(tmp_path_factory.mktemp("interrupt") / "data",
+                             {"train": {"3": 300, "7": 300}, "valid": {"3": 150, "7": 150}}, shape=(28, 28))
+
+
+@pytest.fixture(scope="module")
+def undisturbed(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("undisturbed")
+    run = run_job("--data", str(data), "--out", str(out), "--shard-size", "10", "--chunk-dir", str(out / "chunks"))
+    assert run.returncode == 0, run.stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def start(data, out: Path) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(out.parent / f"{out.name}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "jobs/evaluate.py", "--data", str(data), "--out", str(out),
+                                 "--shard-size", "10", "--chunk-dir", str(out.parent / "chunks"),
+                                 "--ray-address", "local"],
+                                cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def log_of(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text(errors="replace")
+
+
+def wait_until(job: subprocess.Popen, seen, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not seen():
+        assert job.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.002)
+
+
+def session_processes(sid: int) -> list[str]:
+    """Processes still in the job's session (its own local Ray's among them)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and int(pid) != sid:
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def assert_stopped_cleanly(job: subprocess.Popen, out: Path, status: int, line: str) -> None:
+    job.wait(timeout=120)
+    log = log_of(out)
+    assert job.returncode == status, log[-3000:]
+    assert "Traceback" not in log and "SIGTERM received" not in log and "PC: @" not in log, log[-3000:]
+    assert log.rstrip().splitlines()[-1].startswith(line), log[-1500:]
+    assert not (out / "results.json").exists()
+    assert not list(out.parent.glob("chunks/*/*.partial"))  # a killed task's temporary is never trusted
+    deadline = time.monotonic() + 30
+    while (left := session_processes(job.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"the job's processes outlived it: {left}"
+
+
+def assert_next_run_agrees(data, out: Path, undisturbed: dict) -> dict:
+    run = run_job("--data", str(data), "--out", str(out), "--shard-size", "10",
+                  "--chunk-dir", str(out.parent / "chunks"))
+    assert run.returncode == 0, run.stderr
+    results = json.loads((out / "results.json").read_text())
+    for key in ("metrics", "counts", "files", "prototypes_sha256"):
+        assert results[key] == undisturbed[key], key
+    assert results["data"]["fingerprint"] == undisturbed["data"]["fingerprint"]
+    return results
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_while_decoding(signum, status, data, undisturbed, tmp_path):
+    out = tmp_path / "out"
+    job = start(data, out)
+    chunks = tmp_path / "chunks"
+    wait_until(job, lambda: len(list(chunks.glob("*/*.arrow"))) >= 2, "two chunks written")
+    os.kill(job.pid, signal.SIGSTOP)  # decoding is under way: land the signal here
+    os.kill(job.pid, signum)
+    os.kill(job.pid, signal.SIGCONT)
+    assert_stopped_cleanly(job, out, status, "interrupted: ")
+    line = log_of(out).rstrip().splitlines()[-1]
+    assert line.endswith("shards decoded; they are kept and reused by the next run") and " of 90 shards" in line
+    kept = len(list(chunks.glob("*/*.arrow")))
+    again = assert_next_run_agrees(data, out, undisturbed)
+    assert again["shards"]["files_reused"] >= 10 * kept - 10 * 2 * 2 > 0  # finished chunks were reused
+
+
+def test_stopped_while_classifying(data, undisturbed, tmp_path):
+    out = tmp_path / "out"
+    job = start(data, out)
+    wait_until(job, lambda: "classify: 1/" in log_of(out), "a classify line")
+    os.kill(job.pid, signal.SIGSTOP)
+    os.kill(job.pid, signal.SIGTERM)
+    os.kill(job.pid, signal.SIGCONT)
+    assert_stopped_cleanly(job, out, 143, "interrupted while classifying (")
+    assert "all 90 shards decoded; they are kept and reused by the next run" in log_of(out)
+    again = assert_next_run_agrees(data, out, undisturbed)
+    assert again["shards"]["files_decoded"] == 0  # every shard came from the stopped run
+
+
+def test_stopped_before_decoding(data, undisturbed, tmp_path):
+    out = tmp_path / "out"
+    job = start(data, out)
+    # The listing is done (its log line) while Ray is still starting: the job has decoded nothing.
+    wait_until(job, lambda: "shards of up to" in log_of(out), "the listing's line")
+    os.kill(job.pid, signal.SIGSTOP)
+    os.kill(job.pid, signal.SIGINT)
+    os.kill(job.pid, signal.SIGCONT)
+    job.wait(timeout=120)
+    if "decode: 1/" in log_of(out):
+        pytest.fail("decoding began before the signal landed; the moment was missed")
+    assert_stopped_cleanly(job, out, 130, "interrupted before decoding began")
+    assert_next_run_agrees(data, out, undisturbed)
+
+
+def test_stopped_while_writing_results(data, undisturbed, tmp_path):
+    """The results are written last, results.json last of all: a job stopped while writing
+    them leaves no results.json, and the next run writes them whole."""
+    for attempt in range(3):  # the writing lasts milliseconds: catch it, or try again
+        out = tmp_path / f"out{attempt}"
+        job = start(data, out)
+        wait_until(job, lambda: (out / "prototypes.npy").exists(), "the first output file", timeout_s=300)
+        os.kill(job.pid, signal.SIGSTOP)
+        if not (out / "results.json").exists():
+            break
+        os.kill(job.pid, signal.SIGCONT)
+        job.wait(timeout=120)
+    else:
+        pytest.fail("the results were written before the job could be paused, three times")
+    os.kill(job.pid, signal.SIGTERM)
+    os.kill(job.pid, signal.SIGCONT)
+    assert_stopped_cleanly(job, out, 143, f"interrupted while writing results to {out}")
+    assert_next_run_agrees(data, out, undisturbed)
