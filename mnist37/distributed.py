@@ -130,8 +130,10 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
                 received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
     `received(ref, result)` as tasks finish. A task that fails with an mnist37 error
-    re-raises that error (one clear line, not a remote traceback); whatever ends the loop
-    early (an error, an interrupt, the caller stopping) cancels the tasks still pending."""
+    re-raises that error (one clear line, not a remote traceback) after cancelling the tasks
+    still pending. An interrupt leaves them to `ray.shutdown()` (the job's own Ray) or to
+    the driver's exit (a cluster's tasks die with their owner): cancelling a task whose reply
+    is on its way crashed Ray 2.60's core worker (task_manager.cc "Check failed")."""
     pending: list[ray.ObjectRef] = []
 
     def next_result():
@@ -147,12 +149,11 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
         while pending:
             yield next_result()
     except ray.exceptions.RayTaskError as e:
+        for ref in pending:
+            ray.cancel(ref)
         if isinstance(e.cause, Mnist37Error):
             raise e.cause from None
         raise
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
 
 
 def default_max_in_flight() -> int:

@@ -40,7 +40,8 @@ def _interrupt(signum, frame) -> None:
 def _take_signals() -> None:
     """SIGINT and SIGTERM stop the job by an exception in the main thread, so every `finally`
     runs (Ray is stopped, temporaries released). Installed again after `ray.init()`, whose
-    core worker installs a SIGTERM handler that dumps stack lines."""
+    core worker installs a SIGTERM handler that dumps stack lines, and after `ray.shutdown()`,
+    which restores the default."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -86,6 +87,7 @@ def main(cfg: Config, status: Status | None = None) -> dict:
             evaluation = evaluate(planned.result(), status)
         finally:
             ray.shutdown()
+            _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
     results = results_json(evaluation, {"ray_init": ray_init_s, "total": time.perf_counter() - clock})
     status.stage = "write results"
     out = Path(located.cfg.out)

@@ -22,7 +22,12 @@ FASTBOOK_L1 = {"3": 0.9168, "7": 0.9854, "mean": 0.9511}
 
 
 def run_job(*argv: str, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """jobs/evaluate.py as a user runs it. Unless the test chooses a cluster (--ray-address,
+    RAY_ADDRESS, RAY_TMPDIR), the job starts a Ray of its own: a plain ray.init() would join
+    any `ray start` cluster running on the machine."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env_extra or {})}
+    if "--ray-address" not in argv and not {"RAY_ADDRESS", "RAY_TMPDIR"} & set(env_extra or {}):
+        argv = (*argv, "--ray-address", "local")
     return subprocess.run([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
