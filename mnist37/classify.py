@@ -38,11 +38,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# The 256 values x / 255 a uint8 pixel can take, as float32, divided on the CPU. CUDA divides a
+# tensor by a Python number as a multiplication by its reciprocal, one ulp off for some pixels;
+# looking the values up makes every device start from the same float32 numbers.
+PIXEL_VALUES = torch.arange(256, dtype=torch.uint8).float().div_(255.0)
+
+
+def scaled_pixels(images: torch.Tensor) -> torch.Tensor:
+    """`uint8 [N, H, W]` images as `float32 [N, H*W]` in [0, 1], bit for bit the same on every device."""
+    flat = images.reshape(len(images), -1)
+    return PIXEL_VALUES.to(images.device).index_select(0, flat.reshape(-1).int()).reshape(flat.shape)
+
+
 def distances(images: torch.Tensor, prototypes: torch.Tensor, metrics: Sequence[str],
               all_classes: bool | None = None) -> dict[str, torch.Tensor]:
     """Distances of `uint8 [N, H, W]` images to `float32 [C, H, W]` prototypes: {metric: float32 [N, C]}.
 
-    Both metrics come from one pass over the same float32 pixel differences `x / 255 - prototype`.
+    Both metrics come from one pass over the same float32 pixel differences `x / 255 - prototype`
+    (`scaled_pixels`).
     On the CPU (`all_classes` false, the default there) the pass goes one class at a time, so
     the working set stays `[N, H*W]`. On a GPU (`all_classes` true, the default on any other
     device) it is one broadcast `[N, C, H*W]` difference read by two fused norm reductions:
@@ -52,7 +65,7 @@ def distances(images: torch.Tensor, prototypes: torch.Tensor, metrics: Sequence[
     ulps and a prediction can differ only where two classes' distances do (jobs/gpu_check.py
     lists any such image).
     """
-    x = images.reshape(len(images), -1).float().div_(255.0)
+    x = scaled_pixels(images)
     protos = prototypes.reshape(len(prototypes), -1).to(x.device, torch.float32)
     if all_classes is None:
         all_classes = x.device.type != "cpu"

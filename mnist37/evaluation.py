@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37 import Mnist37Error, __version__, distributed
+from mnist37 import Mnist37Error, __version__
 from mnist37.archive import cache_home
 from mnist37.config import Config
 from mnist37.decode import combine_digests, image_shape
@@ -120,6 +120,10 @@ def file_accounts(listings: dict[str, Listing], counts: dict[str, np.ndarray],
 def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
     """Run the job on the connected Ray cluster; return (results, prototypes float32 [C, H, W],
     the pixels of the boundary examples by path)."""
+    # Imported here, not above: plan() and the rest of this module need no Ray (jobs/gpu_check.py
+    # runs them on machines without it).
+    from mnist37 import distributed
+
     planned = planned or plan(cfg)
     root, listings, shape, shards, chunk_dir = (planned.root, planned.listings, planned.shape,
                                                 planned.shards, planned.chunk_dir)
