@@ -8,6 +8,7 @@ Ties go to the earlier class in `classes` order (torch.argmin's first minimum).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from mnist37 import Mnist37Error
 from mnist37.chunks import Source, read_chunk
 
 # Images per step on the device: bounds the float32 working set to ~25 MB on CPU whatever
-# the shard size, and to ~260 MB for ten 28x28 classes on a GPU (all classes at once).
+# the shard size (and, with DIFFERENCES_AT_ONCE, to ~256 MB on a GPU).
 BATCH_IMAGES = 8192
 
 
@@ -38,16 +39,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Most float32 pixel differences the all-classes pass holds at once (256 MB): all ten MNIST
+# classes for a batch of BATCH_IMAGES 28x28 images; more classes go in several passes.
+DIFFERENCES_AT_ONCE = 64 << 20
+
 # The 256 values x / 255 a uint8 pixel can take, as float32, divided on the CPU. CUDA divides a
 # tensor by a Python number as a multiplication by its reciprocal, one ulp off for some pixels;
 # looking the values up makes every device start from the same float32 numbers.
 PIXEL_VALUES = torch.arange(256, dtype=torch.uint8).float().div_(255.0)
 
 
+@functools.cache
+def _pixel_values_on(device: torch.device) -> torch.Tensor:
+    # Once per device: a blocking copy per batch would wait for every kernel queued before it.
+    return PIXEL_VALUES.to(device)
+
+
 def scaled_pixels(images: torch.Tensor) -> torch.Tensor:
     """`uint8 [N, H, W]` images as `float32 [N, H*W]` in [0, 1], bit for bit the same on every device."""
     flat = images.reshape(len(images), -1)
-    return PIXEL_VALUES.to(images.device).index_select(0, flat.reshape(-1).int()).reshape(flat.shape)
+    return _pixel_values_on(images.device).index_select(0, flat.reshape(-1).int()).reshape(flat.shape)
 
 
 def distances(images: torch.Tensor, prototypes: torch.Tensor, metrics: Sequence[str],
@@ -55,30 +66,31 @@ def distances(images: torch.Tensor, prototypes: torch.Tensor, metrics: Sequence[
     """Distances of `uint8 [N, H, W]` images to `float32 [C, H, W]` prototypes: {metric: float32 [N, C]}.
 
     Both metrics come from one pass over the same float32 pixel differences `x / 255 - prototype`
-    (`scaled_pixels`).
-    On the CPU (`all_classes` false, the default there) the pass goes one class at a time, so
-    the working set stays `[N, H*W]`. On a GPU (`all_classes` true, the default on any other
-    device) it is one broadcast `[N, C, H*W]` difference read by two fused norm reductions:
-    about 8 kernels per batch instead of 7 per class, and the differences are read twice
-    instead of 7 times per class. The differences are the same float32 numbers either way; only
-    the order of the float32 sums (and l2's last rounding) differs, so the two agree to a few
-    ulps and a prediction can differ only where two classes' distances do (jobs/gpu_check.py
-    lists any such image).
+    (`scaled_pixels`). On the CPU (`all_classes` false, the default there) the pass goes one
+    class at a time, so the working set stays `[N, H*W]`. On a GPU (`all_classes` true, the
+    default on any other device) it is one broadcast `[N, C, H*W]` difference (in class groups
+    of at most DIFFERENCES_AT_ONCE values) read by two fused norm reductions: about 7 kernels
+    per batch rather than 8 per class, and the differences are read twice rather than 7 times
+    per class. The differences are the same float32 numbers either way; only the order of the
+    float32 sums (and the last roundings) differs, so the two agree to a few ulps and a
+    prediction can differ only where two classes are that close (jobs/gpu_check.py checks it).
     """
     x = scaled_pixels(images)
     protos = prototypes.reshape(len(prototypes), -1).to(x.device, torch.float32)
     if all_classes is None:
         all_classes = x.device.type != "cpu"
     if all_classes:
-        diff = x[:, None, :] - protos
-        pixels = diff.shape[2]
-        out = {}
-        for m in metrics:
-            if m == "l1":
-                out[m] = torch.linalg.vector_norm(diff, 1, dim=2).div_(pixels)
-            elif m == "l2":
-                out[m] = torch.linalg.vector_norm(diff, 2, dim=2).div_(math.sqrt(pixels))
-        return out
+        pixels = x.shape[1]
+        step = max(1, DIFFERENCES_AT_ONCE // max(1, len(x) * pixels))  # classes per pass
+        parts = {m: [] for m in metrics}
+        for first in range(0, len(protos), step):
+            diff = x[:, None, :] - protos[first:first + step]
+            for m, found in parts.items():
+                if m == "l1":
+                    found.append(torch.linalg.vector_norm(diff, 1, dim=2).div_(pixels))
+                elif m == "l2":
+                    found.append(torch.linalg.vector_norm(diff, 2, dim=2).div_(math.sqrt(pixels)))
+        return {m: found[0] if len(found) == 1 else torch.cat(found, dim=1) for m, found in parts.items()}
     out = {m: torch.empty(len(x), len(protos), dtype=torch.float32, device=x.device) for m in metrics}
     for c, proto in enumerate(protos):
         diff = x - proto

@@ -36,6 +36,7 @@ from mnist37 import decode as decode_module
 from mnist37.chunks import read_chunk
 from mnist37.classify import PIXEL_VALUES, classify_images, resolve_device
 from mnist37.config import Config
+from mnist37.decode import combine_digests
 from mnist37.evaluation import BadFilesError, plan
 from mnist37.metrics import accuracy_report
 from mnist37.prototypes import prototypes as make_prototypes
@@ -47,13 +48,15 @@ UNIT_ROUNDOFF = {np.float32: 2.0 ** -24, np.float64: 2.0 ** -53}
 # differences is ~32 MB.
 REFERENCE_BLOCK = 512
 
-# Accuracies (rounded to 4 places) the check expects: fastbook's L1 figures on mnist_sample
-# (3s 0.9168, 7s 0.9854, mean 0.9511), and full MNIST's as tests/test_mnist_full.py checks them
-# against a plain NumPy computation (README's table). Keys: data set role, metric, then a class
-# name, "mean" (of classes) or "overall".
+# Accuracies (rounded to 4 places) the check expects of the data sets it knows, by data
+# fingerprint (results.json's `data.fingerprint`: every file's relative path and bytes):
+# fastbook's L1 figures on fastai's mnist_sample, and fastai's full MNIST as
+# tests/test_mnist_full.py checks them against a plain NumPy computation (README's table).
+# Figures: metric, then a class name, "mean" (of classes) or "overall".
 EXPECTED = {
-    "mnist_sample": {"l1": {"3": 0.9168, "7": 0.9854, "mean": 0.9511}},
-    "mnist": {"l1": {"mean": 0.6610, "overall": 0.6685}, "l2": {"mean": 0.8173, "overall": 0.8203}},
+    "e96ff4127063f49b7e0c67aa5fd8a6f9": ("fastai's mnist_sample", {"l1": {"3": 0.9168, "7": 0.9854, "mean": 0.9511}}),
+    "a0e08190ff249cc9e326c0d03cd7b156": ("fastai's mnist_png (full MNIST)",
+         {"l1": {"mean": 0.6610, "overall": 0.6685}, "l2": {"mean": 0.8173, "overall": 0.8203}}),
 }
 
 
@@ -61,8 +64,9 @@ EXPECTED = {
 class DecodedSet:
     """A data set decoded into Arrow chunks, and its prototypes."""
 
-    name: str  # its role: "mnist" or "mnist_sample" (EXPECTED's keys)
+    name: str  # its role: "mnist" or "mnist_sample"
     cfg: Config
+    fingerprint: str  # 32 hex digits, as results.json's data.fingerprint
     classes: list[str]
     prototypes: np.ndarray  # float32 [C, H, W]
     counts: dict[str, int]  # images per split
@@ -136,8 +140,10 @@ class Comparison:
 @dataclass
 class Timing:
     device: str
+    memory: str  # where the host images lie: "pinned", "pageable"
     batch: int  # images per call
     seconds: list[float]  # one per timed call
+    wrong_calls: int  # calls (timed or not) whose confusions differ from the expected ones
 
     @property
     def median_s(self) -> float:
@@ -171,8 +177,10 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
     sums = sum(d.pixel_sums for d in decoded if d.split == cfg.train_split)
     counts = {split: sum(d.counts for d in decoded if d.split == split) for split in (cfg.train_split, cfg.eval_split)}
     prototypes = make_prototypes(sums, counts[cfg.train_split], planned.classes, cfg.train_split)
-    chunks = [d.chunk_path for d in sorted(decoded, key=lambda d: d.index) if d.split == cfg.eval_split and d.num_images]
-    return DecodedSet(name, cfg, planned.classes, prototypes, {s: int(c.sum()) for s, c in counts.items()}, chunks,
+    chunks = [d.chunk_path for d in sorted(decoded, key=lambda d: d.index)
+              if d.split == cfg.eval_split and d.num_images]
+    fingerprint = f"{combine_digests(*(d.digest for d in decoded)):032x}"
+    return DecodedSet(name, cfg, fingerprint, planned.classes, prototypes, {s: int(c.sum()) for s, c in counts.items()}, chunks,
                       len(decoded), workers, time.perf_counter() - clock)
 
 
@@ -296,10 +304,12 @@ def format_exactness(e: Exactness) -> str:
             f"{e.worst:.3f} of float32's error bound: {'ok' if e.ok else 'WRONG'}")
 
 
-def accuracy_checks(name: str, classes: list[str], confusions: dict[str, np.ndarray]) -> list[tuple[str, float, float]]:
-    """(what, found, expected) for each of EXPECTED[name]'s figures, rounded to 4 places."""
+def accuracy_checks(fingerprint: str, classes: list[str],
+                    confusions: dict[str, np.ndarray]) -> list[tuple[str, float, float]]:
+    """(what, found, expected) for each figure EXPECTED holds for the data, rounded to 4 places
+    (none for data it does not know)."""
     checks = []
-    for metric, figures in EXPECTED.get(name, {}).items():
+    for metric, figures in EXPECTED.get(fingerprint, ("", {}))[1].items():
         report = accuracy_report(confusions[metric], classes)
         for key, expected in figures.items():
             found = (report["mean_class_accuracy"] if key == "mean" else
@@ -319,23 +329,34 @@ def tiled(split: EvalSplit, size: int, pinned: bool) -> tuple[np.ndarray, np.nda
     return images.numpy(), np.resize(split.class_indices, size)
 
 
-def throughput(images: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, metrics: list[str],
-               device: str, batch: int, reps: int, warmup: int) -> Timing:
+def expected_confusions(predicted: dict[str, np.ndarray], labels: np.ndarray, num_classes: int,
+                        batch: int) -> dict[str, np.ndarray]:
+    """int64 [C, C] per metric for the first `batch` images of `tiled`'s repetition of a split
+    whose images a device predicted as `predicted` (metric -> int64 [N])."""
+    return {m: np.bincount(labels[:batch] * num_classes + np.resize(p, batch), minlength=num_classes ** 2)
+               .reshape(num_classes, num_classes) for m, p in predicted.items()}
+
+
+def throughput(images: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, device: str, batch: int,
+               reps: int, warmup: int, expected: dict[str, np.ndarray]) -> Timing:
     """Wall time of `classify_images` on the first `batch` images, from host memory to the
     confusion matrices back on the host (so the copy to the device is included): `warmup`
-    untimed calls, then `reps` timed ones."""
+    untimed calls, then `reps` timed ones, each call's confusions checked against `expected`
+    (metric -> int64 [C, C])."""
     cuda = torch.device(device).type == "cuda"
-    seconds = []
+    memory = "pinned" if cuda and torch.from_numpy(images).is_pinned() else "pageable"
+    seconds, wrong = [], 0
     for i in range(warmup + reps):
         if cuda:
             torch.cuda.synchronize()
         clock = time.perf_counter()
-        classify_images(images[:batch], labels[:batch], prototypes, metrics, device)
+        done = classify_images(images[:batch], labels[:batch], prototypes, list(expected), device)
         if cuda:
             torch.cuda.synchronize()  # classify_images already waited for its results; nothing is left queued
         if i >= warmup:
             seconds.append(time.perf_counter() - clock)
-    return Timing(device, batch, seconds)
+        wrong += any(not np.array_equal(done.confusions[m], e) for m, e in expected.items())
+    return Timing(device, memory, batch, seconds, wrong)
 
 
 def copy_gbps(images: np.ndarray, reps: int) -> float:
@@ -355,10 +376,13 @@ def copy_gbps(images: np.ndarray, reps: int) -> float:
 
 
 def format_timings(timings: list[Timing], image_bytes: int) -> str:
-    lines = [f"{'batch':>10}  {'device':<6}  {'images/s':>13}  {'input GB/s':>10}  {'median s':>9}  {'reps':>4}"]
+    """The throughput table (just its header for no timings)."""
+    lines = [f"{'batch':>10}  {'device':<6}  {'host':<8}  {'images/s':>13}  {'input GB/s':>10}  "
+             f"{'median s':>9}  {'reps':>4}  confusions"]
     for t in timings:
-        lines.append(f"{t.batch:>10,}  {t.device:<6}  {t.images_per_s:>13,.0f}  "
-                     f"{t.images_per_s * image_bytes / 1e9:>10.3f}  {t.median_s:>9.4f}  {len(t.seconds):>4}")
+        lines.append(f"{t.batch:>10,}  {t.device:<6}  {t.memory:<8}  {t.images_per_s:>13,.0f}  "
+                     f"{t.images_per_s * image_bytes / 1e9:>10.3f}  {t.median_s:>9.4f}  {len(t.seconds):>4}  "
+                     + ("as expected" if not t.wrong_calls else f"WRONG in {t.wrong_calls} calls"))
     return "\n".join(lines)
 
 

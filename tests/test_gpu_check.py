@@ -13,13 +13,14 @@ import torch
 from mnist37 import classify as classify_module
 from mnist37 import gpu_check as check
 from mnist37.classify import PIXEL_VALUES, classify_images, distances
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, make_image_folder
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
 # Runs the job as the device machine would: `import ray` and `import pyspng` fail.
 AS_ON_DEVICE = ("import runpy, sys; sys.modules['ray'] = sys.modules['pyspng'] = None; "
-                "sys.argv = ['jobs/gpu_check.py', *sys.argv[1:]]; runpy.run_path('jobs/gpu_check.py', run_name='__main__')")
+                "sys.argv = ['jobs/gpu_check.py', *sys.argv[1:]]; "
+                "runpy.run_path('jobs/gpu_check.py', run_name='__main__')")
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
@@ -28,24 +29,34 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the GPU half would run")
-def test_cpu_half_on_real_mnist_without_cuda_ray_or_pyspng(mnist_png_tgz, mnist_sample_tgz, cache_dir):
-    run = run_check("--data", str(mnist_png_tgz), "--sample", str(mnist_sample_tgz), "--cache-dir", str(cache_dir),
+def test_cpu_half_without_cuda_ray_or_pyspng(mnist_sample_tgz, cache_dir, tmp_path):
+    # Real mnist_sample (fastbook's figures are checked); for --data, a small folder in full
+    # MNIST's layout (training/ and testing/, digits 0-9), which the check does not know.
+    digits = make_image_folder(tmp_path / "digits", {"training": {str(d): 12 for d in range(10)},
+                                                     "testing": {str(d): 5 for d in range(10)}}, shape=(28, 28))
+    run = run_check("--data", str(digits), "--sample", str(mnist_sample_tgz), "--cache-dir", str(cache_dir),
                     "--cpu-batches", "1000", "4096", "--reps", "2", "--warmup", "0")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert "PNG decoder: Pillow (no pyspng)" in out
     assert [line for line in out.splitlines() if "CUDA" in line] == [
         f"no CUDA device visible to torch {torch.__version__}: GPU half skipped, CPU half only"]
-    assert "mnist: decoded training 60,000 + testing 10,000 images (10 classes, 10 shards)" in out
+    assert "mnist: decoded training 120 + testing 50 images (10 classes, 2 shards)" in out
     assert "mnist_sample: decoded train 12,396 + valid 2,038 images (2 classes, 3 shards)" in out
+    assert "(fastai's mnist_sample)" in out and "(data unknown to the check)" in out
+    assert out.count("  no expected accuracies for this data (fingerprint ") == 1
     for figure in ("l1 3: 0.9168, expected 0.9168: ok", "l1 7: 0.9854, expected 0.9854: ok",
-                   "l1 mean: 0.9511, expected 0.9511: ok", "l1 mean: 0.6610, expected 0.6610: ok",
-                   "l2 overall: 0.8203, expected 0.8203: ok"):
+                   "l1 mean: 0.9511, expected 0.9511: ok"):
         assert f"  cpu {figure}" in out
     assert "mean of classes  0.9511  0.9661" in out  # mnist_sample's l1 and l2 table row
+    exactness = [line for line in out.splitlines() if "distances vs exact" in line]
+    assert len(exactness) == 4 and all(line.endswith("of float32's error bound: ok") for line in exactness)
+    header = next(line for line in out.splitlines() if line.split()[:3] == ["batch", "device", "host"])
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("1,000", "4,096")]
-    assert [(r[0], r[1], r[-1]) for r in rows] == [("1,000", "cpu", "2"), ("4,096", "cpu", "2")]
-    assert all(float(r[2].replace(",", "")) > 0 for r in rows)
+    assert "images/s" in header and "input GB/s" in header and "median s" in header
+    assert [(r[0], r[1], r[2], r[6], r[7:]) for r in rows] == [
+        ("1,000", "cpu", "pageable", "2", ["as", "expected"]), ("4,096", "cpu", "pageable", "2", ["as", "expected"])]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows)
     assert out.rstrip().splitlines()[-1].startswith("CPU half passed in ")
     assert "Traceback" not in run.stderr
 
@@ -79,7 +90,8 @@ def tie_problem():
     protos[2] = 1.0
     labels = np.array([0, 2, 0])
     exact = {m: check.exact_distances(images, protos, m) for m in ("l1", "l2")}
-    return images, labels, protos, check.EvalSplit(images, labels, ["valid/a/0.png", "valid/c/1.png", "valid/a/2.png"]), exact
+    split = check.EvalSplit(images, labels, ["valid/a/0.png", "valid/c/1.png", "valid/a/2.png"])
+    return images, labels, protos, split, exact
 
 
 def outcome(images, labels, protos) -> check.Outcome:
@@ -183,10 +195,32 @@ def test_the_gpu_layout_agrees_with_the_cpu_layout_to_a_tie():
 def test_accuracy_checks_hold_fastbooks_figures():
     # mnist_sample's l1 confusion: 926 of 1010 3s and 1013 of 1028 7s right.
     right = {"l1": np.array([[926, 84], [15, 1013]])}
-    assert [(w, f == e) for w, f, e in check.accuracy_checks("mnist_sample", ["3", "7"], right)] == [
+    sample = next(key for key, (name, _) in check.EXPECTED.items() if "mnist_sample" in name)
+    assert [(w, f == e) for w, f, e in check.accuracy_checks(sample, ["3", "7"], right)] == [
         ("l1 3", True), ("l1 7", True), ("l1 mean", True)]
     wrong = {"l1": np.array([[925, 85], [15, 1013]])}
-    assert [w for w, f, e in check.accuracy_checks("mnist_sample", ["3", "7"], wrong) if f != e] == ["l1 3", "l1 mean"]
+    assert [w for w, f, e in check.accuracy_checks(sample, ["3", "7"], wrong) if f != e] == ["l1 3", "l1 mean"]
+    assert check.accuracy_checks("0" * 32, ["3", "7"], wrong) == []  # data the check does not know
+
+
+def test_throughput_checks_every_call_against_the_expected_confusions():
+    rng = np.random.default_rng(3)
+    split = check.EvalSplit(rng.integers(0, 256, (50, 6, 6), dtype=np.uint8), rng.integers(0, 3, 50), [""] * 50)
+    protos = rng.random((3, 6, 6), dtype=np.float32)
+    pixels, labels = check.tiled(split, 120, pinned=False)
+    assert pixels.shape == (120, 6, 6) and labels.shape == (120,)
+    assert (pixels[50:100] == split.images).all() and (pixels[100:] == split.images[:20]).all()
+    once = classify_images(split.images, split.class_indices, protos, ["l1"], "cpu")
+    expected = check.expected_confusions({"l1": once.predicted["l1"].numpy()}, labels, 3, 120)
+    np.testing.assert_array_equal(expected["l1"], classify_images(pixels, labels, protos, ["l1"], "cpu").confusions["l1"])
+    timing = check.throughput(pixels, labels, protos, "cpu", 120, reps=2, warmup=1, expected=expected)
+    assert (timing.device, timing.memory, timing.batch, len(timing.seconds), timing.wrong_calls) == (
+        "cpu", "pageable", 120, 2, 0)
+    assert timing.images_per_s == 120 / timing.median_s
+    off = {"l1": expected["l1"] + np.eye(3, dtype=np.int64)}
+    assert check.throughput(pixels, labels, protos, "cpu", 120, reps=2, warmup=1, expected=off).wrong_calls == 3
+    table = check.format_timings([timing], 36).splitlines()
+    assert len(table) == 2 and table[1].split()[:3] == ["120", "cpu", "pageable"] and table[1].endswith("as expected")
 
 
 @needs_cuda
@@ -203,7 +237,8 @@ def test_cuda_predictions_match_the_cpu_to_a_tie(monkeypatch, pinned):
     for device in ("cpu", "cuda"):
         done = classify_images(images, labels, protos, ["l1", "l2"], device)
         assert done.device.type == device
-        outcomes[device] = check.Outcome(device, done.confusions, {m: t.cpu().numpy() for m, t in done.predicted.items()},
+        outcomes[device] = check.Outcome(device, done.confusions,
+                                         {m: t.cpu().numpy() for m, t in done.predicted.items()},
                                          {m: t.cpu().numpy() for m, t in done.distances.items()}, 0.0)
     exact = {m: check.exact_distances(images, protos, m) for m in ("l1", "l2")}
     for o in outcomes.values():
