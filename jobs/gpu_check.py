@@ -156,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
             known = check.EXPECTED.get(data.fingerprint, ("data unknown to the check",))[0]
             print(f"{data.name}: decoded {' + '.join(f'{s} {n:,}' for s, n in data.counts.items())} images "
                   f"({len(data.classes)} classes, {data.num_shards} shards) in {data.decode_s:.2f} s "
-                  f"on {data.workers} processes; fingerprint {data.fingerprint} ({known})", flush=True)
+                  f"on {data.workers} processes (found and listed in {data.scan_s:.2f} s); "
+                  f"fingerprint {data.fingerprint} ({known})", flush=True)
         cuda = torch.cuda.is_available()
         if cuda:
             props = torch.cuda.get_device_properties(0)

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mnist37 import decode as decode_module
+from mnist37 import decode
 from mnist37.chunks import read_chunk
 from mnist37.classify import PIXEL_VALUES, classify_images, resolve_device
 from mnist37.config import Config
-from mnist37.decode import combine_digests
 from mnist37.evaluation import BadFilesError, plan
 from mnist37.metrics import accuracy_report
 from mnist37.prototypes import prototypes as make_prototypes
@@ -54,9 +53,11 @@ REFERENCE_BLOCK = 512
 # tests/test_mnist_full.py checks them against a plain NumPy computation (README's table).
 # Figures: metric, then a class name, "mean" (of classes) or "overall".
 EXPECTED = {
-    "e96ff4127063f49b7e0c67aa5fd8a6f9": ("fastai's mnist_sample", {"l1": {"3": 0.9168, "7": 0.9854, "mean": 0.9511}}),
-    "a0e08190ff249cc9e326c0d03cd7b156": ("fastai's mnist_png (full MNIST)",
-         {"l1": {"mean": 0.6610, "overall": 0.6685}, "l2": {"mean": 0.8173, "overall": 0.8203}}),
+    "e96ff4127063f49b7e0c67aa5fd8a6f9": (
+        "fastai's mnist_sample", {"l1": {"3": 0.9168, "7": 0.9854, "mean": 0.9511}}),
+    "a0e08190ff249cc9e326c0d03cd7b156": (
+        "fastai's mnist_png (full MNIST)",
+        {"l1": {"mean": 0.6610, "overall": 0.6685}, "l2": {"mean": 0.8173, "overall": 0.8203}}),
 }
 
 
@@ -73,6 +74,7 @@ class DecodedSet:
     eval_chunks: list[str]  # paths of the evaluation split's chunks, in shard order
     num_shards: int
     workers: int
+    scan_s: float  # finding the data (an archive is extracted once, into the cache) and listing it
     decode_s: float
 
 
@@ -179,9 +181,10 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
     prototypes = make_prototypes(sums, counts[cfg.train_split], planned.classes, cfg.train_split)
     chunks = [d.chunk_path for d in sorted(decoded, key=lambda d: d.index)
               if d.split == cfg.eval_split and d.num_images]
-    fingerprint = f"{combine_digests(*(d.digest for d in decoded)):032x}"
-    return DecodedSet(name, cfg, fingerprint, planned.classes, prototypes, {s: int(c.sum()) for s, c in counts.items()}, chunks,
-                      len(decoded), workers, time.perf_counter() - clock)
+    fingerprint = f"{decode.combine_digests(*(d.digest for d in decoded)):032x}"
+    return DecodedSet(name, cfg, fingerprint, planned.classes, prototypes,
+                      {split: int(c.sum()) for split, c in counts.items()}, chunks, len(decoded), workers,
+                      planned.scan_s, time.perf_counter() - clock)
 
 
 def eval_split(data: DecodedSet) -> EvalSplit:
@@ -387,7 +390,7 @@ def format_timings(timings: list[Timing], image_bytes: int) -> str:
 
 
 def decoder_name() -> str:
-    return "libspng (pyspng) for 8-bit grayscale, else Pillow" if decode_module.pyspng else "Pillow (no pyspng)"
+    return "libspng (pyspng) for 8-bit grayscale, else Pillow" if decode.pyspng else "Pillow (no pyspng)"
 
 
 def temporary_chunk_dir() -> tempfile.TemporaryDirectory:
