@@ -52,6 +52,22 @@ class DecodeError(Mnist37Error, ValueError):
         return f"{self.path}: {self.reason}"
 
 
+class BadFilesError(Mnist37Error):
+    """Files that could not be used, under on_bad_file = error: one line each, up to a limit."""
+
+    def __init__(self, rejected: list[tuple[str, str]], found: int, limit: int = 20):
+        super().__init__(rejected, found, limit)
+        self.rejected, self.found, self.limit = rejected, found, limit
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.rejected)} of {self.found} image files cannot be used (on_bad_file = error; "
+                 "--on-bad-file skip leaves them out and lists them in results.json):"]
+        lines += [f"  {path}: {reason}" for path, reason in self.rejected[:self.limit]]
+        if len(self.rejected) > self.limit:
+            lines.append(f"  ... and {len(self.rejected) - self.limit} more")
+        return "\n".join(lines)
+
+
 def decode_settings(convert: bool) -> str:
     """What decoded pixels mean; part of every chunk's reuse key, so a change re-decodes."""
     return f"grayscale-8bit/v2/{'convert' if convert else 'reject'}-non-grayscale"

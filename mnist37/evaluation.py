@@ -1,7 +1,7 @@
 """The evaluation job's stages, in the order they run:
 
     locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.folder)
-    plan     (no Ray)  the sorted listing of both splits, the image shape, the shards
+    plan     (no Ray)  the sorted listing of both splits, the image shape, the shards (mnist37.plan)
     decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
     check_files        found = used + rejected per split and class; the bad-file policy
     prototypes         summed pixel sums / counts, once
@@ -20,76 +20,24 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from mnist37 import Mnist37Error, __version__, distributed
+from mnist37.config import Config
+from mnist37.decode import BadFilesError, combine_digests
 from mnist37.distributed import ClassifiedChunk
 from mnist37.examples import BoundaryExamples
-from mnist37.config import Config
-from mnist37.decode import combine_digests, image_shape
-from mnist37.folder import DatasetError, Listing, Located, list_split
+from mnist37.folder import DatasetError
 from mnist37.metrics import accuracy_report
-from mnist37.paths import cache_home, is_uri
+from mnist37.paths import is_uri
+from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
 from mnist37.prototypes import PixelSums
 from mnist37.report import output_names
-from mnist37.shards import DecodedShard, Shard, clean_partials, make_shards, peak_rss_bytes
+from mnist37.shards import DecodedShard, peak_rss_bytes
 
 log = logging.getLogger(__name__)
-
-# Training files tried, in order, for the image shape when the config does not give it.
-SHAPE_PROBES = 100
-# Subfolder of a local chunk folder that keeps class folder listings for the next run.
-LISTINGS = ".listings"
-
-
-# ---------------------------------------------------------------- plan
-
-
-@dataclass(eq=False)
-class Plan:
-    """What to decode and where: everything the job needs before Ray is involved."""
-
-    cfg: Config
-    root: Path
-    classes: list[str]
-    listings: dict[str, Listing]  # per split, train first
-    shape: tuple[int, int]
-    shards: list[Shard]
-    chunk_dir: str  # a local path or a pyarrow filesystem URI
-    scan_s: float
-
-
-def default_chunk_dir(cfg: Config, root: Path) -> Path:
-    """One chunk folder per data root, in the cache, so every run over that root reuses it."""
-    tag = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
-    return cache_home(cfg.cache_dir) / "chunks" / f"{root.name}-{tag}"
-
-
-def plan(located: Located) -> Plan:
-    """List every split (sorted), fix the image shape, cut the shards; clear what writers
-    killed in earlier runs left in the chunk folder. Needs no Ray: a job runs it while
-    `ray.init()` starts."""
-    clock = time.perf_counter()
-    cfg, root, classes = located.cfg, located.root, located.classes
-    if is_uri(cfg.chunk_dir):
-        chunk_dir = cfg.chunk_dir
-    else:
-        chunk_dir = str(Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
-        clean_partials(Path(chunk_dir))
-    # Folder listings are kept beside local chunks, so emptying the chunk folder (or
-    # reuse_chunks = false) also means listing every folder afresh.
-    reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
-    listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
-    convert = cfg.non_grayscale == "convert"
-    shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
-    shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
-    log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
-        f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
-    return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
-
 
 # ---------------------------------------------------------------- decode
 
@@ -143,22 +91,6 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
 
 
 # ---------------------------------------------------------------- check_files
-
-
-class BadFilesError(Mnist37Error):
-    """Files that could not be used, under on_bad_file = error: one line each, up to a limit."""
-
-    def __init__(self, rejected: list[tuple[str, str]], found: int, limit: int = 20):
-        super().__init__(rejected, found, limit)
-        self.rejected, self.found, self.limit = rejected, found, limit
-
-    def __str__(self) -> str:
-        lines = [f"{len(self.rejected)} of {self.found} image files cannot be used (on_bad_file = error; "
-                 "--on-bad-file skip leaves them out and lists them in results.json):"]
-        lines += [f"  {path}: {reason}" for path, reason in self.rejected[:self.limit]]
-        if len(self.rejected) > self.limit:
-            lines.append(f"  ... and {len(self.rejected) - self.limit} more")
-        return "\n".join(lines)
 
 
 def check_files(planned: Plan, decoding: Decoding) -> dict:

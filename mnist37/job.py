@@ -69,7 +69,8 @@ def main(cfg: Config, status: Status | None = None) -> dict:
     import ray
 
     from mnist37.distributed import check_address
-    from mnist37.evaluation import evaluate, plan, results_json
+    from mnist37.evaluation import evaluate, results_json
+    from mnist37.plan import plan
     from mnist37.report import write_outputs
 
     check_address(cfg.ray_address)

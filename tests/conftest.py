@@ -88,6 +88,11 @@ def mnist_sample_tgz() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mnist_png_tgz() -> Path:
+    return _archive("mnist_png.tgz")
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One extraction cache for the whole session, so each archive is extracted once."""
     return tmp_path_factory.mktemp("cache")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from mnist37.config import load
-from mnist37.evaluation import plan
+from mnist37.plan import plan
 from mnist37.folder import DatasetError, locate
 from mnist37.job import parse_args
 from tests.conftest import make_image_folder, write_png

@@ -104,3 +104,13 @@ def test_cuda_agrees_with_cpu():
     cuda = classify(images, labels, protos, ["l1", "l2"], "cuda")
     for metric in cpu:
         np.testing.assert_array_equal(cuda[metric], cpu[metric])
+
+
+def test_the_all_classes_pass_in_class_groups_is_the_same(monkeypatch):
+    images, _, protos = problem(n=200, num_classes=7)
+    whole = distances(torch.from_numpy(images), torch.from_numpy(protos), ["l1", "l2"], all_classes=True)
+    monkeypatch.setattr(classify_module, "DIFFERENCES_AT_ONCE", 200 * 36 * 3)  # 3 classes per pass
+    grouped = distances(torch.from_numpy(images), torch.from_numpy(protos), ["l1", "l2"], all_classes=True)
+    for metric in ("l1", "l2"):
+        assert grouped[metric].shape == (200, 7)
+        torch.testing.assert_close(grouped[metric], whole[metric], rtol=0, atol=0)

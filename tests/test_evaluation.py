@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mnist37.config import load
-from mnist37.evaluation import evaluate, plan, results_json
+from mnist37.evaluation import evaluate, results_json
+from mnist37.plan import plan
 from mnist37.folder import locate
 
 pytestmark = pytest.mark.ray  # a local Ray

@@ -14,14 +14,6 @@ pytestmark = pytest.mark.ray  # the job on full MNIST
 
 
 @pytest.fixture(scope="module")
-def mnist_png_tgz(mnist_sample_tgz):
-    path = mnist_sample_tgz.with_name("mnist_png.tgz")
-    if not path.is_file():
-        pytest.fail(f"{path} not found beside mnist_sample.tgz")
-    return path
-
-
-@pytest.fixture(scope="module")
 def full_run(mnist_png_tgz, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist")
     run = run_job("--config", "configs/mnist.toml", "--data", str(mnist_png_tgz), "--out", str(out),

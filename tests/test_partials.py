@@ -12,7 +12,7 @@ import pytest
 from mnist37 import partials
 from mnist37.archive import extract
 from mnist37.config import load
-from mnist37.evaluation import plan
+from mnist37.plan import plan
 from mnist37.folder import locate
 from tests.conftest import PROJECT_ROOT, make_image_folder
 

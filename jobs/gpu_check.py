@@ -1,0 +1,186 @@
+"""Check the distance classifier on a GPU against the CPU, image by image, and measure its throughput.
+
+One process, no Ray (a lent GPU machine has none): decodes full MNIST and mnist_sample into
+Arrow chunks with mnist37's own decode step, classifies each evaluation split with
+`classify_images` (what every classify task calls) on the CPU and on CUDA, compares every
+prediction (a difference passes only as a proven float32 tie, mnist37/gpu_check.py), checks
+the accuracies (fastbook's L1 figures on mnist_sample), then times classification from host
+memory (pinned for the GPU, so the copy is included and overlapped) for a range of batch sizes.
+
+    python3 jobs/gpu_check.py --data .devdata/mnist_png.tgz --sample .devdata/mnist_sample.tgz
+
+(README, "GPU check", says how to send the data along to a lent device.) Without CUDA it says
+so in one line, runs the CPU half and exits 0. Exit status 1 when a prediction differs beyond a
+proven tie, a distance is further from the exact one than float32's error bound, or an
+accuracy is off; `error: ...` and 1 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))  # run as a script, mnist37 need not be installed
+
+import torch  # noqa: E402
+
+from mnist37 import Mnist37Error  # noqa: E402
+from mnist37 import gpu_check as check  # noqa: E402
+from mnist37.config import load  # noqa: E402
+from mnist37.metrics import accuracy_report  # noqa: E402
+from mnist37.report import format_table  # noqa: E402
+
+GPU_BATCHES = [8192, 32768, 131072, 524288, 1048576]
+CPU_BATCHES = [8192, 32768, 131072]
+PAGEABLE_BATCHES = [131072]
+GOAL = 10_000_000  # images/s on one H100, copy included (issue 14)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="full MNIST: mnist_png.tgz (or its folder)")
+    parser.add_argument("--sample", required=True, help="fastai's mnist_sample.tgz (or its folder)")
+    parser.add_argument("--cache-dir", default="", help="where archives are extracted (default: mnist37's cache)")
+    parser.add_argument("--batches", type=int, nargs="+", default=GPU_BATCHES, help="GPU throughput batch sizes")
+    parser.add_argument("--cpu-batches", type=int, nargs="+", default=CPU_BATCHES, help="CPU throughput batch sizes")
+    parser.add_argument("--pageable-batches", type=int, nargs="*", default=PAGEABLE_BATCHES,
+                        help="GPU throughput batch sizes from pageable host memory (staged through pinned buffers)")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per batch size (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
+    args = parser.parse_args(argv)
+    for name in ("batches", "cpu_batches", "pageable_batches"):
+        if any(b < 1 for b in getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')}: expected positive numbers of images")
+    if args.reps < 1 or args.warmup < 0 or args.workers < 1:
+        parser.error("--reps and --workers: expected at least 1; --warmup: at least 0")
+    return args
+
+
+def check_data_set(data: check.DecodedSet, devices: list[str]) -> tuple[list[str], dict, dict]:
+    """Classify the data set's evaluation chunks on each device, print the accuracies, how far
+    each device's distances are from the exact ones and (with two devices) every prediction
+    that differs; return the failures, each device's predictions (metric -> int64 [N]) and the
+    images at float32 ties (metric -> bool [N])."""
+    cfg, failures = data.cfg, []
+    split = check.eval_split(data)
+    outcomes = {device: check.classify_set(data, device) for device in devices}
+    print(f"\n{data.name}: {cfg.eval_split} split, {len(split.images):,} images, "
+          + ", ".join(f"{o.device} {o.elapsed_s:.3f} s" for o in outcomes.values()))
+    for device, outcome in outcomes.items():
+        counts = outcome.confusions[cfg.metrics[0]].sum(axis=1).tolist()
+        print(f"[{device}]\n" + format_table({
+            "classes": data.classes, "config": {"eval_split": cfg.eval_split},
+            "counts": {cfg.eval_split: dict(zip(data.classes, counts))},
+            "metrics": {m: accuracy_report(c, data.classes) for m, c in outcome.confusions.items()}}))
+        for what, found, expected in check.accuracy_checks(data.fingerprint, data.classes, outcome.confusions):
+            print(f"  {device} {what}: {found:.4f}, expected {expected:.4f}: {'ok' if found == expected else 'WRONG'}")
+            if found != expected:
+                failures.append(f"{data.name} {device} {what} is {found:.4f}, expected {expected:.4f}")
+    if data.fingerprint not in check.EXPECTED:
+        print(f"  no expected accuracies for this data (fingerprint {data.fingerprint}): not checked")
+    exact = {m: check.exact_distances(split.images, data.prototypes, m) for m in cfg.metrics}
+    for outcome in outcomes.values():
+        for e in check.exactness(outcome, exact, split.images[0].size):
+            print("  " + check.format_exactness(e))
+            if not e.ok:
+                failures.append(f"{data.name} {e.device} {e.metric} distances off by {e.worst:.2f} "
+                                "times float32's error bound")
+    if len(outcomes) == 2:
+        comparison = check.compare(outcomes["cpu"], outcomes["cuda"], split, exact)
+        for metric, ulps in comparison.max_ulps.items():
+            differing = sum(d.metric == metric for d in comparison.differences)
+            said = f"{differing} predictions differ" if differing else "predictions identical"
+            print(f"  cpu vs cuda, {metric}: {said} on {comparison.num_images:,} images; "
+                  f"distances at most {ulps} ulps apart")
+        for d in comparison.differences:
+            print("    " + check.format_difference(d, data.classes))
+        if not comparison.ok:
+            failures.append(f"{data.name}: {sum(not d.tie for d in comparison.differences)} predictions "
+                            "differ between cpu and cuda beyond a proven float32 tie")
+    near = {m: check.near_ties(e, split.images[0].size) for m, e in exact.items()}
+    return failures, {device: o.predicted for device, o in outcomes.items()}, near
+
+
+def measure_throughput(args: argparse.Namespace, data: check.DecodedSet, predictions: dict, near: dict) -> list[str]:
+    """Time classify_images on the data set's evaluation split repeated to each batch size, on
+    the CPU and (when `predictions` has it) CUDA; print the table; return the failures."""
+    split, failures, cuda = check.eval_split(data), [], "cuda" in predictions
+    height, width = split.images.shape[1:]
+    print(f"\nthroughput: classify_images, {len(data.classes)} classes, {' + '.join(data.cfg.metrics)}, "
+          f"{height}x{width} uint8 images ({data.cfg.eval_split} split repeated), host memory to confusion "
+          f"matrices on the host; each call's predictions checked against the device's above; median of "
+          f"{args.reps} after {args.warmup} warm-up", flush=True)
+    plans = [("cpu", "pageable", b) for b in args.cpu_batches]
+    if cuda:
+        plans += [("cuda", "pinned", b) for b in args.batches]
+        plans += [("cuda", "pageable", b) for b in args.pageable_batches]
+    images = {memory: check.tiled(split, max(b for _, m, b in plans if m == memory), pinned=memory == "pinned")
+              for memory in {m for _, m, _ in plans}}
+    print(check.format_timings([], height * width))
+    timings = []
+    for device, memory, batch in plans:
+        pixels, labels = images[memory]
+        timings.append(check.throughput(pixels, labels, data.prototypes, device, batch, args.reps, args.warmup,
+                                        predictions[device], near))
+        print(check.format_timings(timings[-1:], height * width).splitlines()[-1], flush=True)
+        if timings[-1].wrong_calls:
+            failures.append(f"throughput {device} {memory} {batch:,}: predictions wrong in "
+                            f"{timings[-1].wrong_calls} calls")
+    if cuda:
+        pinned = images["pinned"][0]
+        print(f"host-to-device copy alone, {len(pinned):,} pinned images: "
+              f"{check.copy_gbps(pinned, args.reps):.1f} GB/s")
+        best = max(t.images_per_s for t in timings if t.device == "cuda")
+        print(f"best GPU throughput {best:,.0f} images/s: {'meets' if best >= GOAL else 'BELOW'} "
+              f"the goal of {GOAL:,} images/s, copy included")
+    return failures
+
+
+def main(args: argparse.Namespace) -> int:
+    clock = time.perf_counter()
+    print(f"mnist37 GPU check: Python {platform.python_version()}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, no Ray; PNG decoder: {check.decoder_name()}", flush=True)
+    with check.temporary_chunk_dir() as chunk_dir:
+        common = {"cache_dir": args.cache_dir, "reuse_chunks": False}
+        configs = {"mnist": load(PROJECT_ROOT / "configs" / "mnist.toml", data=args.data,
+                                 chunk_dir=f"{chunk_dir}/mnist", **common),
+                   "mnist_sample": load(None, data=args.sample, chunk_dir=f"{chunk_dir}/mnist_sample", **common)}
+        # Decoding forks worker processes: it runs before anything touches CUDA.
+        sets = {name: check.decode_set(name, cfg, args.workers) for name, cfg in configs.items()}
+        for data in sets.values():
+            known = check.EXPECTED.get(data.fingerprint, ("data unknown to the check",))[0]
+            print(f"{data.name}: decoded {' + '.join(f'{s} {n:,}' for s, n in data.counts.items())} images "
+                  f"({len(data.classes)} classes, {data.num_shards} shards) in {data.decode_s:.2f} s "
+                  f"on {data.workers} processes (found and listed in {data.scan_s:.2f} s); "
+                  f"fingerprint {data.fingerprint} ({known})", flush=True)
+        cuda = torch.cuda.is_available()
+        if cuda:
+            props = torch.cuda.get_device_properties(0)
+            print(f"CUDA device: {props.name}, {props.multi_processor_count} SMs, "
+                  f"{props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}")
+        else:
+            print(f"no CUDA device visible to torch {torch.__version__}: GPU half skipped, CPU half only")
+        failures, predictions, near = [], {}, {}
+        for name, data in sets.items():
+            found, predictions[name], near[name] = check_data_set(data, ["cpu", "cuda"] if cuda else ["cpu"])
+            failures += found
+        failures += measure_throughput(args, sets["mnist"], predictions["mnist"], near["mnist"])
+    verdict = "GPU check" if cuda else "CPU half"
+    print(f"\n{verdict} {'FAILED: ' + '; '.join(failures) if failures else 'passed'} "
+          f"in {time.perf_counter() - clock:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        sys.exit(main(arguments))
+    except Mnist37Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,70 @@
+"""The plan: what a run decodes and where, worked out before Ray is involved.
+
+`plan(located)` lists both splits (sorted), fixes the image shape and cuts the shards; it
+needs no Ray, so the job runs it while `ray.init()` starts, and jobs/gpu_check.py uses it
+where there is no Ray at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist37.config import Config
+from mnist37.decode import image_shape
+from mnist37.folder import Listing, Located, list_split
+from mnist37.paths import cache_home, is_uri
+from mnist37.shards import Shard, clean_partials, make_shards
+
+log = logging.getLogger(__name__)
+
+# Training files tried, in order, for the image shape when the config does not give it.
+SHAPE_PROBES = 100
+# Subfolder of a local chunk folder that keeps class folder listings for the next run.
+LISTINGS = ".listings"
+
+
+@dataclass(eq=False)
+class Plan:
+    """What to decode and where: everything the job needs before Ray is involved."""
+
+    cfg: Config
+    root: Path
+    classes: list[str]
+    listings: dict[str, Listing]  # per split, train first
+    shape: tuple[int, int]
+    shards: list[Shard]
+    chunk_dir: str  # a local path or a pyarrow filesystem URI
+    scan_s: float
+
+
+def default_chunk_dir(cfg: Config, root: Path) -> Path:
+    """One chunk folder per data root, in the cache, so every run over that root reuses it."""
+    tag = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
+    return cache_home(cfg.cache_dir) / "chunks" / f"{root.name}-{tag}"
+
+
+def plan(located: Located) -> Plan:
+    """List every split (sorted), fix the image shape, cut the shards; clear what writers
+    killed in earlier runs left in the chunk folder. Needs no Ray: a job runs it while
+    `ray.init()` starts."""
+    clock = time.perf_counter()
+    cfg, root, classes = located.cfg, located.root, located.classes
+    if is_uri(cfg.chunk_dir):
+        chunk_dir = cfg.chunk_dir
+    else:
+        chunk_dir = str(Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
+        clean_partials(Path(chunk_dir))
+    # Folder listings are kept beside local chunks, so emptying the chunk folder (or
+    # reuse_chunks = false) also means listing every folder afresh.
+    reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
+    listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
+    convert = cfg.non_grayscale == "convert"
+    shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
+    shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
+    log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
+        f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
+    return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
