@@ -172,7 +172,18 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
             return _decode_and_ship_task.remote(*args)
         return _decode_task.remote(*args)
 
-    return bounded_map(submit, shards, max_in_flight)
+    for result in bounded_map(submit, shards, max_in_flight):
+        log_discarded(result[0] if isinstance(result, tuple) else result)
+        yield result
+
+
+def log_discarded(done: DecodedShard) -> None:
+    """One line on the driver for a chunk that was there but decoded again, naming it and why.
+
+    Logged here, not in the task: Ray folds workers' lines that differ only in numbers (as
+    chunk names do) into one, and may not forward them at all."""
+    if done.discarded:
+        log.warning("%s; decoded again", done.discarded)
 
 
 def classify_chunks(chunks: Sequence[tuple[str, str | ray.ObjectRef]], prototypes: np.ndarray,
