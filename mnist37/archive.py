@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from mnist37 import Mnist37Error
+from mnist37.storage import StorageError, writing
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +81,30 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     if target.is_dir():
         log.info("reusing %s extracted at %s", archive.name, target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    where = f"extracting {archive.name} into {target.relative_to(cache)}"
+    with writing("cache", cache, where):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         try:
             with tarfile.open(archive, mode="r:*") as tar:
                 members = tar.getmembers()
                 for member in members:
                     check_member(archive, member)
-                tar.extractall(staging, members=members, filter="data")
+                # A failed write into the cache (full, read-only) has an errno; a damaged
+                # archive raises TarError, EOFError, zlib.error or an OSError without one.
+                with writing("cache", cache, where):
+                    tar.extractall(staging, members=members, filter="data")
+        except StorageError:
+            raise
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ArchiveError(f"{archive}: not a readable .tgz/.tar archive ({e})") from None
         try:
             staging.rename(target)
         except OSError:
             if not target.is_dir():  # another run finished the same extraction first: use theirs
-                raise
+                with writing("cache", cache, where):
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("extracted %s to %s", archive.name, target)
