@@ -1,7 +1,8 @@
 """jobs/evaluate.py end to end when its folders misbehave: damaged or foreign chunks are decoded
 again (one log line each) and change no figure; a full chunk store or a read-only output folder
 ends the job with one `error:` line, exit status 1, no traceback and no partial file, and the
-run after it completes with the figures of an undisturbed run, reusing what was finished."""
+run after it completes with the figures of an undisturbed run, reusing what was finished; a
+full cache stops the archive's extraction the same way."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,24 @@ def test_a_read_only_output_folder_is_one_line_and_the_next_run_writes_it(undist
         again = results(out / "run")
         assert figures(again) == figures(reference) and again["shards"]["files_reused"] == NUM_FILES
         assert leftovers(out) == []
+
+
+def test_a_full_cache_is_one_line_and_the_next_run_extracts_and_completes(undisturbed, tmp_path):
+    data, _, reference = undisturbed
+    archive = tmp_path / "data.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(data, arcname="data")
+    with tmpfs(tmp_path / "cache", "256k") as cache:  # the 104 images alone need ~420 KiB here
+        argv = ("--data", str(archive), "--out", str(tmp_path / "out"), "--cache-dir", str(cache), *SHARD)
+        run = run_job(*argv)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        (line,) = error_lines(run.stderr)
+        assert re.fullmatch(rf"error: cache {cache}: no space left on device \(ENOSPC\) while extracting "
+                            r"data.tgz into extracted/data-[0-9a-f]{16}", line), line
+        assert os.listdir(cache / "extracted") == []
+        subprocess.run(["mount", "-o", "remount,size=4m", str(cache)], check=True)  # room made
+        run = run_job(*argv)
+        assert run.returncode == 0, run.stderr
+        again = results(tmp_path / "out")
+        assert (again["metrics"], again["prototypes_sha256"], again["counts"]) == \
+            (reference["metrics"], reference["prototypes_sha256"], reference["counts"])
