@@ -83,7 +83,8 @@ def main() -> None:
             clock = time.perf_counter()
             verify_chunk(done.chunk_path, done.checksum)
             verify_s.append(time.perf_counter() - clock)
-    print(f"{'hash':<10}{'GB/s':>8}  {'N=100 warm run (' + format(WARM_RUN_BYTES / 1e9, '.2f') + ' GB), s of one core':>40}")
+    heading = f"N=100 warm run ({WARM_RUN_BYTES / 1e9:.2f} GB), s of one core"
+    print(f"{'hash':<10}{'GB/s':>8}  {heading:>40}")
     for name, values in rates.items():
         median = statistics.median(values)
         print(f"{name:<10}{median / 1e9:>8.2f}  {WARM_RUN_BYTES / median:>40.3f}")

@@ -63,7 +63,8 @@ def test_damaged_and_foreign_chunks_are_decoded_again_with_one_line_each(undistu
         "valid/valid-16-000000.arrow": "not an Arrow IPC file",
     }
     paths = {name: chunks / name for name in damaged}
-    flip_pixels(paths["train/train-16-000002.arrow"], read_chunk(paths["train/train-16-000002.arrow"]).images.copy(), 300)
+    pixels = paths["train/train-16-000002.arrow"]
+    flip_pixels(pixels, read_chunk(pixels).images.copy(), 300)
     edit_footer_counts(paths["train/train-16-000001.arrow"])  # [16, 0]: unlike [8, 8], not also the image shape
     other = make_image_folder(tmp_path / "other", COUNTS, seed=1)  # another data set, same layout
     foreign = make_shards(list_split(other, "train", ["3", "7"]), 16)[3]

@@ -55,7 +55,9 @@ def read_only(folder: Path, on: bool = True) -> None:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if "partial" in p.name or p.name.startswith(".tiny-"))
+    """Partial files and extraction staging folders under `folder`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if "partial" in p.name or p.name.startswith(".tiny-"))
 
 
 def sample_table():
@@ -91,7 +93,8 @@ def test_a_full_store_under_ray_tasks_arrives_as_the_one_line(ray_local, image_f
             list(distributed.decode_shards(shards, image_folder, (8, 8), str(store), "train", True, False, None, 2))
         assert type(error.value) is StorageError
         message = str(error.value)
-        assert message.startswith(f"chunk store {store}: no space left on device (ENOSPC) while writing train/train-16-")
+        assert message.startswith(f"chunk store {store}: no space left on device (ENOSPC) "
+                                  "while writing train/train-16-")
         assert "\n" not in message and leftovers(store) == []
 
 
