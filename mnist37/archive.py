@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from mnist37 import Mnist37Error, partials
 from mnist37.paths import cache_home
+from mnist37.storage import StorageError, writing
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,16 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     archive = Path(archive)
     if not archive.is_file():
         raise ArchiveError(f"{archive}: archive not found")
-    target = cache_home(cache_dir) / "extracted" / f"{_archive_stem(archive)}-{file_sha256(archive)[:16]}"
+    cache = cache_home(cache_dir)
+    target = cache / "extracted" / f"{_archive_stem(archive)}-{file_sha256(archive)[:16]}"
     if target.is_dir():
         log.info("reusing %s extracted at %s", archive.name, target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partials.clean(target.parent, f".{target.name}-*")  # extractions killed part way
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    where = f"extracting {archive.name} into {target.relative_to(cache)}"
+    with writing("cache", cache, where):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partials.clean(target.parent, f".{target.name}-*")  # extractions killed part way
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with partials.claimed(staging):
             try:
@@ -81,14 +85,20 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
                     members = tar.getmembers()
                     for member in members:
                         check_member(archive, member)
-                    tar.extractall(staging, members=members, filter="data")
+                    # A failed write into the cache (full, read-only) has an errno; a damaged
+                    # archive raises TarError, EOFError, zlib.error or an OSError without one.
+                    with writing("cache", cache, where):
+                        tar.extractall(staging, members=members, filter="data")
+            except StorageError:
+                raise
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 raise ArchiveError(f"{archive}: not a readable .tgz/.tar archive ({e})") from None
             try:
                 staging.rename(target)
             except OSError:
                 if not target.is_dir():  # another run finished the same extraction first: use theirs
-                    raise
+                    with writing("cache", cache, where):
+                        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("extracted %s to %s", archive.name, target)

@@ -9,6 +9,8 @@ final name: a cut or corrupted download is never trusted by a later run.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.client
 import logging
@@ -21,6 +23,7 @@ from pathlib import Path
 from mnist37 import Mnist37Error, partials
 from mnist37.paths import cache_home
 from mnist37.progress import Progress
+from mnist37.storage import StorageError, writing
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,8 @@ def verify(path: Path, dataset: Dataset) -> None:
 
 def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: float = 30) -> Path:
     """The verified archive of `dataset` in `<cache>/downloads/`, downloading it if needed."""
-    folder = cache_home(cache_dir) / "downloads"
+    cache = cache_home(cache_dir)
+    folder = cache / "downloads"
     final = folder / dataset.url.rsplit("/", 1)[1]
     if final.is_file():
         try:
@@ -103,20 +107,32 @@ def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: f
         except DownloadError as e:  # changed since it was verified: fetch it again
             log.warning("%s; downloading it again", e)
             final.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    partials.clean(folder)
     partial = final.with_name(partials.partial_name(final.name))
     url = url_of(dataset)
     hint = f"download a copy yourself and pass it with --data /path/to/{final.name}"
+    # Only the writes are in `writing`: a network error (ECONNRESET) has an errno too.
+    saving = functools.partial(writing, "cache", cache, f"downloading {final.relative_to(cache)}")
     try:
-        with partials.claimed(partial):
-            with urllib.request.urlopen(url, timeout=timeout_s) as response, partial.open("wb") as out:
-                progress = Progress(f"downloading {final.name}", dataset.num_bytes, " bytes")
-                while block := response.read(_CHUNK):
-                    out.write(block)
-                    progress.update(len(block))
+        with saving():
+            folder.mkdir(parents=True, exist_ok=True)
+            partials.clean(folder)  # downloads killed part way
+        with partials.claimed(partial):  # under a lock until renamed: partials.clean leaves it alone
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                with saving():
+                    out = partial.open("wb", buffering=0)  # unbuffered: a full disk fails the write, not close()
+                with out:
+                    progress = Progress(f"downloading {final.name}", dataset.num_bytes, " bytes")
+                    while block := response.read(_CHUNK):
+                        with saving():
+                            out.write(block)
+                        progress.update(len(block))
             verify(partial, dataset)
-            os.replace(partial, final)
+            with saving():
+                os.replace(partial, final)
+    except StorageError:
+        with contextlib.suppress(OSError):  # never made, or a read-only folder
+            partial.unlink()
+        raise
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         partial.unlink(missing_ok=True)
         if isinstance(e, DownloadError):

@@ -58,13 +58,13 @@ def _decode_and_ship_task(*args) -> tuple[DecodedShard, pa.Buffer]:
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
-def _classify_task(key: str, chunk: str | pa.Buffer, prototypes: np.ndarray, metrics: Sequence[str],
+def _classify_task(key: str, chunk: str | pa.Buffer, checksum: str, prototypes: np.ndarray, metrics: Sequence[str],
                    device: str, examples: int) -> ClassifiedChunk:
     # Imported here: the driver needs no torch.
     from mnist37.classify import classify_chunk
 
     start = time.perf_counter()
-    confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples)
+    confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples, checksum)
     context = ray.get_runtime_context()
     return ClassifiedChunk(
         chunk_path=key, confusions=confusions, examples=found, device=str(used),
@@ -180,6 +180,10 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
 
     def received(ref: ray.ObjectRef, done: DecodedShard) -> DecodedShard:
         done.chunk_ref = shipped.pop(ref, None)
+        if done.discarded:
+            # Logged here, not in the task: Ray folds workers' lines that differ only in numbers
+            # (as chunk names do) into one, and may not forward them at all.
+            log.warning("%s; decoded again", done.discarded)
         return done
 
     return bounded_map(submit, shards, max_in_flight, received)
@@ -188,12 +192,12 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
 def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metrics: Sequence[str], device: str,
                     gpus_per_task: float, examples: int, max_in_flight: int) -> Iterator[ClassifiedChunk]:
     """Classify every decoded chunk as a Ray task, read from its path or, when it travelled
-    through the object store, from its bytes. The prototypes go to the object store once; on
+    through the object store, from its bytes, and checked to be the chunk decode reported. The prototypes go to the object store once; on
     a cluster with GPUs each task asks for `gpus_per_task` of one (decode tasks never do)."""
     prototypes_ref = ray.put(prototypes)
     task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
-    return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, prototypes_ref, list(metrics),
-                                             device, examples), chunks, max_in_flight)
+    return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref,
+                                             list(metrics), device, examples), chunks, max_in_flight)
 
 
 def has_gpus() -> bool:

@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from mnist37.prototypes import PIXEL_MAX
+from mnist37.storage import write_atomically, writing
 
 # Prototype images are 28x28; the side-by-side sheet is enlarged this many times to be seen.
 SHEET_SCALE = 8
@@ -44,21 +44,22 @@ def format_files(results: dict) -> str:
     return "\n".join(lines)
 
 
-def save_prototypes(folder: Path, prototypes: np.ndarray, classes: Sequence[str]) -> list[Path]:
-    """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG, plus one enlarged sheet of all."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
+    image = Image.fromarray(pixels)
+    if scale != 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prototype_images(prototypes: np.ndarray, classes: Sequence[str]) -> dict[str, bytes]:
+    """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG, plus one enlarged sheet of
+    all: {file name: PNG bytes}."""
     pixels = np.clip(np.rint(prototypes * PIXEL_MAX), 0, 255).astype(np.uint8)
-    paths = []
-    for name, image in zip(classes, pixels):
-        path = folder / f"prototype_{name}.png"
-        Image.fromarray(image).save(path)
-        paths.append(path)
-    sheet = np.concatenate(list(pixels), axis=1)
-    h, w = sheet.shape
-    path = folder / "prototypes.png"
-    Image.fromarray(sheet).resize((w * SHEET_SCALE, h * SHEET_SCALE), Image.NEAREST).save(path)
-    paths.append(path)
-    return paths
+    files = {f"prototype_{name}.png": _png_bytes(image) for name, image in zip(classes, pixels)}
+    files["prototypes.png"] = _png_bytes(np.concatenate(list(pixels), axis=1), SHEET_SCALE)
+    return files
 
 
 def output_names(classes: Sequence[str]) -> list[str]:
@@ -69,24 +70,32 @@ def output_names(classes: Sequence[str]) -> list[str]:
 
 def write_outputs(out: Path, results: dict, prototypes: np.ndarray,
                   example_images: dict[str, np.ndarray] | None = None) -> str:
-    """Write the prototypes (PNGs and exact float32 .npy), table.txt, report.html and, last,
-    results.json (atomically): a folder with results.json is complete. Return the table."""
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "prototypes.npy", prototypes)
-    save_prototypes(out, prototypes, results["classes"])
+    """Write the prototypes (exact float32 .npy and PNGs), table.txt, report.html and
+    results.json, last; return the table. `results` is written as it is (results_json made it).
+
+    Each file is written to `<name>.partial` and renamed into place, so a reader sees an old
+    file or a whole new one; a folder with results.json is complete. A folder that is full or
+    read-only raises StorageError naming it, the file and the errno, and leaves no partial file."""
+    def save(name: str, data: bytes) -> None:
+        with writing("output folder", out, f"writing {name}"):
+            write_atomically(out / name, lambda f: f.write(data))
+
+    with writing("output folder", out, "creating it"):
+        out.mkdir(parents=True, exist_ok=True)
+    npy = io.BytesIO()
+    np.save(npy, prototypes)
+    save("prototypes.npy", npy.getvalue())
+    for name, data in prototype_images(prototypes, results["classes"]).items():
+        save(name, data)
     table = format_table(results) + "\n\n" + format_files(results)
-    (out / "table.txt").write_text(table + "\n")
-    (out / "report.html").write_text(render_html(results, prototypes, example_images or {}), encoding="utf-8")
-    partial = out / "results.json.partial"
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(partial, out / "results.json")
+    save("table.txt", (table + "\n").encode())
+    save("report.html", render_html(results, prototypes, example_images or {}).encode())
+    save("results.json", (json.dumps(results, indent=2) + "\n").encode())
     return table
 
 
 def _png_data_uri(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(np.asarray(pixels, dtype=np.uint8))).decode()
 
 
 def _img(pixels: np.ndarray, title: str, scale: int = 3) -> str:

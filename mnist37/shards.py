@@ -3,7 +3,9 @@
 `decode_shard` is the whole per-shard decode step as a plain function; `mnist37.distributed`
 runs it as a Ray task. A shard whose chunk already exists with the same files key (paths,
 sizes, modification times, decode settings) is not decoded again: its counts, pixel sums and
-digest come from the chunk's metadata.
+digest come from the chunk's metadata, once the whole chunk is verified against its checksum.
+A chunk that is there but cannot be reused (damaged, of another data set or mnist37 version,
+written from other files) is decoded again, and the DecodedShard says why (`discarded`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mnist37 import partials
-from mnist37.chunks import ChunkError, chunk_table, join, read_chunk_metadata, write_chunk
+from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, join, read_chunk_metadata,
+                            verify_chunk, write_chunk)
 from mnist37.decode import Group, decode_groups, files_key
 from mnist37.folder import Listing, relative_paths
 from mnist37.paths import class_folder
@@ -64,9 +67,13 @@ class DecodedShard:
     rejected: list[tuple[str, str]]  # (path, reason) of each file left out
     num_bytes: int
     digest: str  # content digest of the files (decode.file_digest, combined)
+    checksum: str  # of the chunk (chunks.checksum): what a reader of chunk_path must find
     counts: np.ndarray  # int64 [C], images kept per class
     pixel_sums: np.ndarray | None  # int64 [C, H, W]; None unless asked for (training shards)
     reused: bool  # True when the chunk from an earlier run was still valid
+    # Why a chunk found at chunk_path was not reused but decoded again, naming it (damaged,
+    # another data set, files changed since); "" when there was none, it was reused, or reuse is off.
+    discarded: str
     elapsed_s: float
     peak_rss_bytes: int = 0  # of the process that ran it
     node_id: str = ""
@@ -101,19 +108,39 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _reusable(path: str, root: Path, shard: Shard, groups: list[Group], convert: bool) -> dict | None:
-    """The chunk's metadata if it was written from exactly these files, as they are now."""
+def _reusable(path: str, root: Path, shard: Shard, shape: tuple[int, int], groups: list[Group],
+              convert: bool) -> tuple[dict | None, str]:
+    """(the chunk's reuse record, "") if the chunk at `path` is intact and was written from
+    exactly these files as they are now; else (None, why not), the reason "" when there is no
+    chunk at all. The cheap checks come first: the chunk is hashed only when it would be reused."""
     try:
         meta = read_chunk_metadata(path)
-    except (ChunkError, OSError):  # no chunk yet (or a torn / foreign one): decode
-        return None
+    except ChunkNotFoundError:
+        return None, ""
+    except ChunkError as e:
+        return None, str(e)
+    except OSError as e:  # an unreadable store: decoding writes the chunk again, or says why not
+        return None, f"{path}: cannot read chunk ({e})"
+    found = (meta["split"], tuple(meta["classes"]), tuple(meta["image_shape"]))
+    expected = (shard.split, tuple(shard.classes), tuple(shape))
+    if found != expected:
+        return None, (f"{path}: chunk of another data set (split {found[0]}, classes {list(found[1])}, "
+                      f"{found[2][0]}x{found[2][1]}; expected split {expected[0]}, classes {list(expected[1])}, "
+                      f"{expected[2][0]}x{expected[2][1]})")
     if meta["num_images"] + len(meta["rejected"]) != len(shard) or len(meta["counts"]) != len(shard.classes):
-        return None
+        return None, (f"{path}: chunk records {meta['num_images']} images and {len(meta['rejected'])} rejected "
+                      f"files; the shard has {len(shard)} files")
     try:
         key = files_key(root, groups, convert)
     except OSError:
-        return None  # a file is gone or unreadable: decoding it reports which
-    return meta if key == meta["files_key"] else None
+        return None, ""  # a file is gone or unreadable: decoding it reports which
+    if key != meta["files_key"]:
+        return None, f"{path}: written from other files (names, sizes or modification times differ)"
+    try:
+        verify_chunk(path, meta["checksum"])
+    except ChunkError as e:
+        return None, str(e)
+    return meta, ""
 
 
 def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
@@ -126,7 +153,7 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
     reuses it reports the same rejections."""
     start = time.perf_counter()
     root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta = _reusable(path, root, shard, groups, convert) if reuse else None
+    meta, discarded = _reusable(path, root, shard, shape, groups, convert) if reuse else (None, "")
     if meta is None:
         decoded = decode_groups(root, groups, shape, convert)
         labels = shard.class_indices[decoded.kept]
@@ -134,14 +161,16 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
         meta = {"files_key": decoded.files_key, "digest": decoded.digest, "counts": counts,
                 "pixel_sums": sums, "rejected": decoded.rejected}
         table = chunk_table(decoded.images, labels, decoded.paths, shard.classes, shard.split, reuse=meta)
-        meta["num_bytes"] = write_chunk(path, table)
+        meta["checksum"] = table.schema.metadata[CHECKSUM_KEY].decode()
+        meta["num_bytes"] = write_chunk(path, table, store=chunk_dir)
         reused = False
     else:
         reused = True
     return DecodedShard(
         split=shard.split, index=shard.index, chunk_path=path, num_files=len(shard),
-        found=np.bincount(shard.class_indices, minlength=len(shard.classes)).astype(np.int64), num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
-        num_bytes=meta["num_bytes"], digest=meta["digest"], counts=meta["counts"],
-        pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused,
+        found=np.bincount(shard.class_indices, minlength=len(shard.classes)).astype(np.int64),
+        num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
+        num_bytes=meta["num_bytes"], digest=meta["digest"], checksum=meta["checksum"], counts=meta["counts"],
+        pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused, discarded=discarded,
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
     )

@@ -98,6 +98,13 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared local Ray is a `ray` test, marked or not."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for every in-process test that needs it (tests never assume task order)."""

@@ -118,3 +118,72 @@ def test_uri_chunk_store_and_bytes_round_trip(tmp_path):
         assert chunk.paths == paths
     with pytest.raises(ChunkError, match=r"chunk store 'nosuch://x/y': not a filesystem pyarrow can open"):
         write_chunk("nosuch://x/y", table)
+
+
+def checksummed_chunk(tmp_path, name="x.arrow"):
+    images, labels, paths, _ = sample_table()
+    table = chunk_table(images, labels, paths, ["3", "7"], "train",
+                        reuse={"files_key": "k" * 32, "digest": "d" * 32, "counts": np.array([5, 5]),
+                               "pixel_sums": np.zeros((2, 4, 5), dtype=np.int64)})
+    write_chunk(tmp_path / name, table)
+    return tmp_path / name, images, read_chunk_metadata(tmp_path / name)["checksum"]
+
+
+def test_the_checksum_covers_pixels_labels_paths_and_the_footer_record(tmp_path):
+    from mnist37.chunks import checksum
+
+    path, images, stored = checksummed_chunk(tmp_path)
+    assert stored.startswith("xxh3_128:") and len(stored) == len("xxh3_128:") + 32
+    original = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    assert checksum(original) == stored
+    # Any change to what a later run trusts changes the checksum.
+    changed_meta = original.replace_schema_metadata({**original.schema.metadata, b"mnist37.counts": b"[5, 6]"})
+    relabelled = original.set_column(1, "class_index", pa.array([1] * 10, pa.int32()))
+    renamed = original.set_column(2, "path", pa.array([f"train/x/{i}.png" for i in range(10)]))
+    assert len({stored, checksum(changed_meta), checksum(relabelled), checksum(renamed)}) == 4
+    # The same rows cut into other record batches hash the same.
+    assert checksum(pa.Table.from_batches(original.to_batches(max_chunksize=3))) == stored
+
+
+def test_damaged_pixels_or_footer_are_refused_wherever_the_chunk_comes_from(tmp_path):
+    from mnist37.chunks import chunk_bytes, verify_chunk
+
+    path, images, stored = checksummed_chunk(tmp_path)
+    data = bytearray(path.read_bytes())
+    start = data.find(images.tobytes())
+    data[start + 50] ^= 0xFF  # one pixel
+    damaged = tmp_path / "damaged.arrow"
+    damaged.write_bytes(data)
+    for source in (damaged, damaged.as_uri(), chunk_bytes(str(damaged))):
+        with pytest.raises(ChunkError, match=r": contents do not match the checksum written with them "
+                                             rf"\({stored} in its footer, xxh3_128:[0-9a-f]{{32}} computed\)"):
+            read_chunk(source)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"[5, 5]")  # the counts in the footer (the schema at the start has them too)
+    data[at + 1:at + 2] = b"6"
+    (tmp_path / "footer.arrow").write_bytes(data)
+    assert read_chunk_metadata(tmp_path / "footer.arrow")["counts"].tolist() == [6, 5]  # it still parses
+    with pytest.raises(ChunkError, match=r"footer.arrow: contents do not match the checksum"):
+        verify_chunk(tmp_path / "footer.arrow")
+    verify_chunk(path, stored)
+
+
+def test_read_chunk_checks_it_is_the_chunk_decode_reported(tmp_path):
+    path, images, stored = checksummed_chunk(tmp_path)
+    other = "xxh3_128:" + "0" * 32
+    with pytest.raises(ChunkError, match=rf"x.arrow: not the chunk that was decoded \(checksum {stored}, "
+                                         rf"expected {other}\); was it replaced since\?"):
+        read_chunk(path, expected_checksum=other)
+    np.testing.assert_array_equal(read_chunk(path, expected_checksum=stored).images, images)
+
+
+def test_a_chunk_of_an_older_schema_says_so(tmp_path):
+    from mnist37.chunks import ChunkVersionError
+
+    _, _, _, table = sample_table()
+    old = table.replace_schema_metadata({**table.schema.metadata, b"mnist37.schema_version": b"1"})
+    with pa.OSFile(str(tmp_path / "old.arrow"), "wb") as sink, pa.ipc.new_file(sink, old.schema) as w:
+        w.write_table(old)
+    with pytest.raises(ChunkVersionError, match=r"old.arrow: chunk schema version 1, expected 2 "
+                                                r"\(written by another mnist37 version\)"):
+        read_chunk(tmp_path / "old.arrow")

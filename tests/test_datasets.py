@@ -84,6 +84,26 @@ def test_a_truncated_response_is_not_trusted_later(archive, tmp_path):
         server.close()
 
 
+def test_a_full_cache_is_not_a_failed_download(archive, tmp_path):
+    from mnist37.storage import StorageError
+    from tests.test_storage import fill, tmpfs
+
+    server = Server({"/tiny.tgz": archive})
+    try:
+        dataset = checks_for(archive, f"{server.url}/tiny.tgz")
+        with tmpfs(tmp_path / "cache", "64k") as cache:
+            (cache / "downloads").mkdir()
+            filler = fill(cache)
+            with pytest.raises(StorageError, match=rf"^cache {cache}: no space left on device \(ENOSPC\) "
+                                                   r"while downloading downloads/tiny.tgz$"):
+                download(dataset, cache)
+            assert list((cache / "downloads").iterdir()) == []  # no partial file left
+            filler.unlink()
+            assert download(dataset, cache).read_bytes() == archive
+    finally:
+        server.close()
+
+
 def test_a_wrong_checksum_or_size_is_refused(archive, tmp_path):
     server = Server({"/tiny.tgz": archive})
     try:

@@ -1,4 +1,6 @@
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from mnist37.decode import decode_files
 from mnist37.folder import list_split
 from mnist37.prototypes import pixel_sums
 from mnist37.shards import chunk_path, decode_shard, make_shards
-from tests.conftest import PROJECT_ROOT, write_png
+from tests.conftest import PROJECT_ROOT, make_image_folder, write_png
 
 
 def shards_of(folder, split="train", size=50):
@@ -177,3 +179,61 @@ def test_converting_non_grayscale_is_part_of_the_reuse_key(image_folder, tmp_pat
     converting = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False, convert=True)
     assert not converting.reused and converting.rejected == [] and converting.num_images == 24
     assert read_chunk(converting.chunk_path).images[0].tolist() == [[9] * 8] * 8
+
+
+def flip_pixels(path: Path, images: np.ndarray, count: int) -> None:
+    """Invert `count` bytes in the middle of the chunk's pixels, as bit rot or a bad copy would."""
+    data = bytearray(path.read_bytes())
+    start = data.find(images.tobytes()) + images.nbytes // 2 - count // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(data)
+
+
+def edit_footer_counts(path: Path) -> None:
+    """Change a digit of the counts in the footer's JSON: the footer still parses. (Counts that
+    read like the image shape, [8, 8], would change that instead.)"""
+    counts = json.dumps(read_chunk_metadata(path)["counts"].tolist()).encode()
+    data = bytearray(path.read_bytes())
+    at = data.rfind(counts) + 1
+    data[at:at + 1] = b"9" if data[at:at + 1] != b"9" else b"8"
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("pixels", r"contents do not match the checksum written with them \(xxh3_128:\w+ in its footer, "
+               r"xxh3_128:\w+ computed\): damaged since it was written"),
+    ("footer", r"contents do not match the checksum written with them"),
+    ("another data set", r"written from other files \(names, sizes or modification times differ\)"),
+    ("another class list", r"chunk of another data set \(split train, classes \['3', '5'\], 8x8; "
+                           r"expected split train, classes \['3', '7'\], 8x8\)"),
+    ("truncated", r"not an Arrow IPC file"),
+])
+def test_a_damaged_or_foreign_chunk_is_decoded_again_and_says_why(image_folder, tmp_path, damage, reason):
+    shards = shards_of(image_folder, size=30)
+    first = [decode_shard(s, image_folder, (8, 8), tmp_path / "chunks", with_sums=True) for s in shards]
+    path = Path(first[2].chunk_path)
+    if damage == "pixels":
+        flip_pixels(path, read_chunk(path).images.copy(), 200)
+    elif damage == "footer":
+        edit_footer_counts(path)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    else:  # the same shard's chunk from another folder, renamed into place
+        other = image_folder.parent / "other"
+        classes = {"another data set": ("3", "7"), "another class list": ("3", "5")}[damage]
+        make_image_folder(other, {"train": {classes[0]: 64, classes[1]: 64}}, seed=1)
+        foreign = make_shards(list_split(other, "train", list(classes)), 30)[2]
+        os.replace(decode_shard(foreign, other, (8, 8), tmp_path / "other-chunks", with_sums=True).chunk_path, path)
+    again = [decode_shard(s, image_folder, (8, 8), tmp_path / "chunks", with_sums=True) for s in shards]
+    assert [d.reused for d in again] == [True, True, False, True, True]
+    assert [d.discarded for d in again[:2] + again[3:]] == [""] * 4
+    assert re.fullmatch(rf"{re.escape(str(path))}: .*{reason}.*", again[2].discarded), again[2].discarded
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.pixel_sums, b.pixel_sums)
+        assert (a.digest, a.checksum, a.counts.tolist()) == (b.digest, b.checksum, b.counts.tolist())
+    assert decode_shard(shards[2], image_folder, (8, 8), tmp_path / "chunks", with_sums=True).reused  # mended
+
+
+def test_a_missing_chunk_is_no_news(image_folder, tmp_path):
+    done = decode_shard(shards_of(image_folder)[0], image_folder, (8, 8), tmp_path, with_sums=True)
+    assert not done.reused and done.discarded == ""

@@ -1,0 +1,167 @@
+"""Full and read-only folders on a real filesystem (a small tmpfs, mounted as root): the chunk
+store, the cache and the output folder each fail with one StorageError line naming the folder,
+what was being written and the errno, and leave no partial file; freeing space is enough."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist37 import distributed
+from mnist37.archive import extract
+from mnist37.chunks import chunk_table, write_chunk
+from mnist37.folder import list_split
+from mnist37.report import write_outputs
+from mnist37.shards import make_shards
+from mnist37.storage import StorageError
+from tests.conftest import make_image_folder
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
+    """A real filesystem of `size` at `folder`, unmounted afterwards; skips where it cannot mount."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path, leave_bytes: int = 0) -> Path:
+    """Take all but `leave_bytes` of the filesystem's free space with one file; remove it to free."""
+    filler = folder / "filler"
+    stat = os.statvfs(folder)
+    with open(filler, "wb") as f:
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave_bytes))
+    return filler
+
+
+def read_only(folder: Path, on: bool = True) -> None:
+    subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(folder)], check=True)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Partial files and extraction staging folders under `folder`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if "partial" in p.name or p.name.startswith(".tiny-"))
+
+
+def sample_table():
+    images = np.random.default_rng(0).integers(0, 256, (4000, 28, 28), dtype=np.uint8)  # ~3 MB
+    return chunk_table(images, [0] * 4000, [f"train/3/{i}.png" for i in range(4000)], ["3", "7"], "train")
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_full_chunk_store_names_itself_the_chunk_and_the_errno(tmp_path, uri):
+    with tmpfs(tmp_path / "store") as store:
+        root = store.as_uri() if uri else str(store)
+        with pytest.raises(StorageError) as error:
+            write_chunk(f"{root}/train/train-4000-000000.arrow", sample_table(), store=root)
+        assert str(error.value) == (f"chunk store {root}: no space left on device (ENOSPC) "
+                                    "while writing train/train-4000-000000.arrow")
+        assert leftovers(store) == [] and os.listdir(store / "train") == []
+
+
+def test_a_read_only_chunk_store_names_the_errno(tmp_path):
+    with tmpfs(tmp_path / "store") as store:
+        read_only(store)
+        with pytest.raises(StorageError, match=rf"^chunk store {store}: read-only file system \(EROFS\) "
+                                               r"while writing valid/x.arrow$"):
+            write_chunk(f"{store}/valid/x.arrow", sample_table(), store=store)
+
+
+def test_a_full_store_under_ray_tasks_arrives_as_the_one_line(ray_local, image_folder, tmp_path):
+    """The task raises StorageError; Ray wraps it; bounded_map gives back the StorageError itself."""
+    shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 16)
+    with tmpfs(tmp_path / "store", "64k") as store:
+        fill(store, leave_bytes=8192)
+        with pytest.raises(StorageError) as error:
+            list(distributed.decode_shards(shards, image_folder, (8, 8), str(store), "train", True, False, None, 2))
+        assert type(error.value) is StorageError
+        message = str(error.value)
+        assert message.startswith(f"chunk store {store}: no space left on device (ENOSPC) "
+                                  "while writing train/train-16-")
+        assert "\n" not in message and leftovers(store) == []
+
+
+@pytest.fixture
+def tiny_tgz(tmp_path) -> Path:
+    """A .tgz of 300 small PNGs: ~1.2 MB extracted on tmpfs (a 4 KiB page per file)."""
+    data = make_image_folder(tmp_path / "tiny", {"train": {"3": 150, "7": 150}})
+    path = tmp_path / "tiny.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(data, arcname="tiny")
+    return path
+
+
+def test_a_full_cache_is_not_a_damaged_archive(tmp_path, tiny_tgz):
+    with tmpfs(tmp_path / "cache", "512k") as cache:
+        with pytest.raises(StorageError, match=rf"^cache {cache}: no space left on device \(ENOSPC\) while "
+                                               r"extracting tiny.tgz into extracted/tiny-[0-9a-f]{16}$"):
+            extract(tiny_tgz, cache)
+        assert os.listdir(cache / "extracted") == []  # the staging folder is gone
+        subprocess.run(["mount", "-o", "remount,size=4m", str(cache)], check=True)  # space freed
+        assert len(list((extract(tiny_tgz, cache) / "tiny" / "train" / "7").iterdir())) == 150
+
+
+def test_a_read_only_cache_names_the_errno(tmp_path, tiny_tgz):
+    with tmpfs(tmp_path / "cache") as cache:
+        read_only(cache)
+        with pytest.raises(StorageError, match=rf"^cache {cache}: read-only file system \(EROFS\) while extracting"):
+            extract(tiny_tgz, cache)
+
+
+def results_of(prototypes):
+    config = {"eval_split": "valid"}
+    metric = {"per_class": {"3": 1.0, "7": 0.5}, "mean_class_accuracy": 0.75, "overall_accuracy": 0.75,
+              "confusion": [[2, 0], [1, 1]]}
+    return {"classes": ["3", "7"], "config": config, "counts": {"valid": {"3": 2, "7": 2}},
+            "files": {"valid": {c: {"found": 2, "used": 2, "rejected": 0, "ignored": 0} for c in "37"}},
+            "metrics": {"l1": metric}, "rejected": [], "data": {"source": "x", "root": "x", "fingerprint": "f"},
+            "shards": {"count": {"valid": 1}, "shard_size": 4, "files_reused": 0, "transport": "filesystem"},
+            "ray": {"nodes": []}, "elapsed_s": {"total": 1.0}, "examples": {},
+            "prototypes_sha256": hashlib.sha256(prototypes.tobytes()).hexdigest()}
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_an_output_folder_that_refuses_writes_keeps_what_was_there(tmp_path, how):
+    prototypes = np.random.default_rng(0).random((2, 8, 8), dtype=np.float32)
+    with tmpfs(tmp_path / "out", "256k") as out:
+        write_outputs(out, results_of(prototypes), prototypes)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        filler = None
+        if how == "full":
+            filler = fill(out)
+        else:
+            read_only(out)
+        changed = results_of(prototypes * 0.5)
+        with pytest.raises(StorageError) as error:
+            write_outputs(out, changed, prototypes * 0.5)
+        errno_name = "ENOSPC" if how == "full" else "EROFS"
+        assert str(error.value).startswith(f"output folder {out}: ")
+        assert f"({errno_name}) while writing " in str(error.value)
+        assert leftovers(out) == []
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "filler"} == before
+        if filler:
+            filler.unlink()
+        else:
+            read_only(out, on=False)
+        write_outputs(out, changed, prototypes * 0.5)
+        assert json.loads((out / "results.json").read_text())["prototypes_sha256"] != \
+            json.loads(before["results.json"])["prototypes_sha256"]
+        np.testing.assert_array_equal(np.load(io.BytesIO((out / "prototypes.npy").read_bytes())), prototypes * 0.5)
