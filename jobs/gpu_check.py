@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from mnist37 import Mnist37Error  # noqa: E402
 from mnist37 import gpu_check as check  # noqa: E402
 from mnist37.config import load  # noqa: E402
-from mnist37.metrics import accuracy_report  # noqa: E402
+from mnist37.accuracy import accuracy_report  # noqa: E402
 from mnist37.report import format_table  # noqa: E402
 
 GPU_BATCHES = [8192, 32768, 131072, 524288, 1048576]

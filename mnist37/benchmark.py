@@ -1,7 +1,7 @@
 """Side-by-side timing of fastbook's single-process baseline and the mnist37 job.
 
 Each variant runs as its own process, alternating, so every figure comes from the same
-machine state: (a) `seed` — mnist37.seed, the book's code; (b) `cold` — mnist37.job (jobs/evaluate.py) with
+machine state: (a) `seed` — mnist37.fastbook, the book's code; (b) `cold` — mnist37.job (jobs/evaluate.py) with
 its chunk folder emptied first; (c) `warm` — the same again, reusing (b)'s chunks.
 Wall time is the whole process, `ray.init` and shutdown included: these two start and stop a
 local Ray inside the job, as on a laptop.
@@ -32,7 +32,7 @@ from pathlib import Path
 from mnist37 import Mnist37Error
 
 # The folder that holds the mnist37 package (a checkout or site-packages): the runs below start
-# `python -m mnist37.job` / `-m mnist37.seed` with it on their path, installed or not.
+# `python -m mnist37.job` / `-m mnist37.fastbook` with it on their path, installed or not.
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
@@ -48,7 +48,7 @@ def run_seed(data: Path, classes: list[str]) -> dict:
     # child blocked writing to a full pipe.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         clock = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "mnist37.seed", "--data", str(data), "--classes", *classes],
+        proc = subprocess.Popen([sys.executable, "-m", "mnist37.fastbook", "--data", str(data), "--classes", *classes],
                                 env=_module_env(), stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - clock

@@ -175,13 +175,6 @@ def _filesystem(location: str | Path) -> tuple[pafs.FileSystem | None, str]:
     return (None, path) if isinstance(fs, pafs.LocalFileSystem) else (fs, path)
 
 
-def exists(location: str | Path) -> bool:
-    fs, path = _filesystem(location)
-    if fs is None:
-        return os.path.exists(path)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def write_chunk(location: str | Path, table: pa.Table, store: str | Path | None = None) -> int:
     """Write `table` as an Arrow IPC file at `location`, atomically; return its size in bytes.
 

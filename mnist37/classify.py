@@ -205,12 +205,6 @@ def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: n
     return Classified(confusions, wrong, predicted, found, dev)
 
 
-def classify(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarray,
-             metrics: Sequence[str], device: str = "auto") -> dict[str, np.ndarray]:
-    """Confusion matrices `int64 [C, C]` per metric for `uint8 [N, H, W]` images."""
-    return classify_images(images, class_indices, prototypes, metrics, device).confusions
-
-
 def boundary_examples(misclassified: Misclassified, num_classes: int, k: int) -> dict[int, dict[str, np.ndarray]]:
     """Per true class, the k misclassified images closest to the decision boundary (smallest
     margin, then earliest row) and the k farthest from it (largest margin, then latest row),

@@ -170,17 +170,6 @@ def _read(name: bytes | str, dir_fd: int) -> tuple[bytes, os.stat_result]:
 Group = tuple[str, Sequence[bytes]]
 
 
-def groups_of(paths: Sequence[str]) -> list[Group]:
-    """Consecutive paths that share a folder, as groups."""
-    groups: list[tuple[str, list[bytes]]] = []
-    for path in paths:
-        folder, _, name = path.rpartition("/")
-        if not groups or groups[-1][0] != folder:
-            groups.append((folder, []))
-        groups[-1][1].append(os.fsencode(name))
-    return groups
-
-
 def _open_folder(root: str, folder: str) -> int:
     try:
         return os.open(os.path.join(root, folder), os.O_RDONLY | os.O_DIRECTORY)
@@ -264,12 +253,6 @@ def decode_groups(root: str | os.PathLike, groups: Sequence[Group], shape: tuple
             os.close(dir_fd)
     return Decoded(images[:len(paths)], kept, [os.fsdecode(p) for p in paths], rejected,
                    f"{digest % (1 << 128):032x}", _key(groups, stats, convert))
-
-
-def decode_files(root: str | os.PathLike, paths: Sequence[str], shape: tuple[int, int],
-                 convert: bool = False) -> Decoded:
-    """Decode `paths` ('/'-separated, relative to `root`) into `uint8 [K, H, W]`."""
-    return decode_groups(root, groups_of(paths), shape, convert)
 
 
 def files_key(root: str | os.PathLike, groups: Sequence[Group], convert: bool = False) -> str:

@@ -29,7 +29,7 @@ from mnist37.decode import BadFilesError, combine_digests
 from mnist37.distributed import ClassifiedChunk
 from mnist37.examples import BoundaryExamples
 from mnist37.folder import DatasetError
-from mnist37.metrics import accuracy_report
+from mnist37.accuracy import accuracy_report
 from mnist37.paths import is_uri
 from mnist37.plan import Plan
 from mnist37.progress import Progress, Status

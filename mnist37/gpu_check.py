@@ -38,7 +38,7 @@ from mnist37.classify import PIXEL_VALUES, classify_images, resolve_device
 from mnist37.config import Config
 from mnist37.decode import BadFilesError
 from mnist37.folder import locate
-from mnist37.metrics import accuracy_report
+from mnist37.accuracy import accuracy_report
 from mnist37.plan import plan
 from mnist37.prototypes import PixelSums
 from mnist37.shards import decode_shard

@@ -24,6 +24,24 @@ os.environ.pop("RAY_ADDRESS", None)  # tests start the clusters they use
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def groups_of(paths: list[str]) -> list[tuple[str, list[bytes]]]:
+    """Consecutive '/'-separated paths that share a folder, as decode.Group runs."""
+    groups: list[tuple[str, list[bytes]]] = []
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        if not groups or groups[-1][0] != folder:
+            groups.append((folder, []))
+        groups[-1][1].append(os.fsencode(name))
+    return groups
+
+
+def decode_files(root, paths: list[str], shape: tuple[int, int], convert: bool = False):
+    """decode.decode_groups over paths relative to `root`, as a shard's groups would give them."""
+    from mnist37.decode import decode_groups
+
+    return decode_groups(root, groups_of(paths), shape, convert)
+
+
 def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(pixels)

@@ -4,7 +4,12 @@ import torch
 
 from mnist37 import classify as classify_module
 from mnist37.chunks import chunk_bytes, chunk_table, write_chunk
-from mnist37.classify import DeviceError, classify, classify_chunk, confusion, distances, resolve_device
+from mnist37.classify import DeviceError, classify_chunk, classify_images, confusion, distances, resolve_device
+
+def classify(images, labels, prototypes, metrics, device):
+    """Confusion matrices per metric, as a classify task computes them."""
+    return classify_images(images, labels, prototypes, metrics, device).confusions
+
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from mnist37 import decode
-from mnist37.decode import (DecodeError, combine_digests, decode_files, decode_pillow, decode_png, files_key,
-                            groups_of, image_shape)
-from tests.conftest import PROJECT_ROOT, write_png
+from mnist37.decode import DecodeError, combine_digests, decode_pillow, decode_png, files_key, image_shape
+from tests.conftest import PROJECT_ROOT, decode_files, groups_of, write_png
 
 
 def pixels(shape=(8, 8), seed=0):
@@ -129,7 +128,7 @@ def test_an_unreadable_file_names_the_permission(tmp_path):
         os.chmod(folder, 0o755)
         os.chmod(folder / "secret.png", 0)
     drop = "import os; os.setgid(65534); os.setuid(65534); " if os.geteuid() == 0 else ""
-    code = (f"from mnist37.decode import decode_files; {drop}"
+    code = (f"from tests.conftest import decode_files; {drop}"
             f"print(decode_files({str(folder)!r}, ['secret.png'], (8, 8)).rejected)")
     try:
         run = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)

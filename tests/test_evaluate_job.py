@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mnist37.seed
+import mnist37.fastbook
 
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
@@ -56,7 +56,7 @@ def test_fastbook_figures_on_mnist_sample(sample_run):
 
 def test_agrees_with_the_seed_computation_exactly(sample_run):
     _, _, results = sample_run
-    seed = mnist37.seed.evaluate(Path(results["data"]["root"]))
+    seed = mnist37.fastbook.evaluate(Path(results["data"]["root"]))
     confusion = results["metrics"]["l1"]["confusion"]
     assert (confusion[0][0], confusion[1][1]) == (seed["3"], seed["7"])
 

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from mnist37.chunks import read_chunk, read_chunk_metadata
-from mnist37.decode import decode_files
 from mnist37.folder import list_split
 from mnist37.prototypes import pixel_sums
 from mnist37.shards import chunk_path, decode_shard, make_shards
-from tests.conftest import PROJECT_ROOT, make_image_folder, write_png
+from tests.conftest import PROJECT_ROOT, decode_files, make_image_folder, write_png
 
 
 def shards_of(folder, split="train", size=50):

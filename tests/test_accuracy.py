@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mnist37.metrics import accuracy_report
+from mnist37.accuracy import accuracy_report
 
 
 def test_accuracies_from_a_confusion_matrix():

@@ -3,8 +3,8 @@ Pillow per file, `torch.stack`, mean images, L1 distance. The benchmark's baseli
 tests' independent check; mnist37's distributed job must agree with it. Prints correct
 predictions per evaluation class as JSON:
 
-    python jobs/seed.py --data runs/bench/data-x10 [--classes 3 7]
-    python -m mnist37.seed ...        (the same, from an installed mnist37)
+    python jobs/fastbook.py --data runs/bench/data-x10 [--classes 3 7]
+    python -m mnist37.fastbook ...        (the same, from an installed mnist37)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """fastbook's baseline as the book writes it (one process, Pillow, torch.stack): the benchmark's
 reference. Prints correct predictions per evaluation class as JSON.
 
-    python jobs/seed.py --data runs/bench/data-x10 [--classes 3 7]
+    python jobs/fastbook.py --data runs/bench/data-x10 [--classes 3 7]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist37.seed import main, parse_args  # noqa: E402
+from mnist37.fastbook import main, parse_args  # noqa: E402
 
 if __name__ == "__main__":
     main(parse_args())
