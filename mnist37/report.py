@@ -110,61 +110,83 @@ def _heat(value: float) -> str:
     return f"background:rgb({shade},{shade},255);color:{'#fff' if value > 0.6 else '#000'}"
 
 
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; }
+img { image-rendering: pixelated; border: 1px solid #999; margin: 2px; }
+figure { display: inline-block; margin: 0.3em; text-align: center; font-size: 0.8em; }
+.facts td { text-align: left; }
+"""
+esc = html.escape
+
+
 def render_html(results: dict, prototypes: np.ndarray, example_images: dict[str, np.ndarray]) -> str:
     """report.html: one self-contained page (images inline), opened from disk without a server."""
-    classes, metrics = results["classes"], results["metrics"]
-    esc = html.escape
-    parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>mnist37 report: {esc(str(results['data']['source']))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
-th {{ background: #f3f3f3; }}
-img {{ image-rendering: pixelated; border: 1px solid #999; margin: 2px; }}
-figure {{ display: inline-block; margin: 0.3em; text-align: center; font-size: 0.8em; }}
-.facts td {{ text-align: left; }}
-</style></head><body>
-<h1>mnist37: nearest prototype on {esc(str(results['data']['source']))}</h1>"""]
-    parts.append("<h2>Prototypes</h2><div>" + "".join(
+    source = esc(str(results["data"]["source"]))
+    parts = [f'<!doctype html><html lang="en"><head><meta charset="utf-8">\n<title>mnist37 report: {source}</title>'
+             f"\n<style>{_STYLE}</style></head><body>\n<h1>mnist37: nearest prototype on {source}</h1>",
+             _prototypes_section(results["classes"], prototypes), _accuracy_section(results),
+             *(_confusion_section(m, report["confusion"], results["classes"]) for m, report in results["metrics"].items()),
+             *(_examples_section(m, per_class, results["classes"], example_images)
+               for m, per_class in results.get("examples", {}).items()),
+             _run_section(results), "</body></html>\n"]
+    return "\n".join(parts)
+
+
+def _prototypes_section(classes: Sequence[str], prototypes: np.ndarray) -> str:
+    return "<h2>Prototypes</h2><div>" + "".join(
         f"<figure>{_img(p * PIXEL_MAX, f'prototype {name}', 4)}<figcaption>ideal {esc(name)}</figcaption></figure>"
-        for name, p in zip(classes, prototypes)) + "</div>")
-    parts.append("<h2>Accuracy</h2><table id='accuracy'><tr><th>class</th><th>images</th>" +
-                 "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>")
+        for name, p in zip(classes, prototypes)) + "</div>"
+
+
+def _accuracy_section(results: dict) -> str:
+    classes, metrics = results["classes"], results["metrics"]
     eval_counts = results["counts"][results["config"]["eval_split"]]
+    rows = ["<h2>Accuracy</h2><table id='accuracy'><tr><th>class</th><th>images</th>" +
+            "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>"]
     for name in classes:
         cells = "".join("<td>-</td>" if metrics[m]["per_class"][name] is None
                         else f"<td>{metrics[m]['per_class'][name]:.4f}</td>" for m in metrics)
-        parts.append(f"<tr><th>{esc(name)}</th><td>{eval_counts[name]}</td>{cells}</tr>")
+        rows.append(f"<tr><th>{esc(name)}</th><td>{eval_counts[name]}</td>{cells}</tr>")
     for label, key in (("mean of classes", "mean_class_accuracy"), ("overall", "overall_accuracy")):
-        parts.append(f"<tr><th>{label}</th><td></td>" +
-                     "".join(f"<td>{metrics[m][key]:.4f}</td>" for m in metrics) + "</tr>")
-    parts.append("</table>")
-    for m, report in metrics.items():
-        matrix = np.array(report["confusion"])
-        rows = matrix.sum(axis=1, keepdims=True).clip(min=1)
-        parts.append(f"<h2>Confusion, {esc(m)}</h2><table class='confusion'><tr><th>true \\ predicted</th>" +
-                     "".join(f"<th>{esc(c)}</th>" for c in classes) + "</tr>")
-        for i, name in enumerate(classes):
-            parts.append(f"<tr><th>{esc(name)}</th>" + "".join(
-                f"<td style='{_heat(matrix[i, j] / rows[i, 0])}'>{matrix[i, j]}</td>"
-                for j in range(len(classes))) + "</tr>")
-        parts.append("</table>")
-    for m, per_class in results.get("examples", {}).items():
-        parts.append(f"<h2>Misclassified, {esc(m)}: nearest to and farthest from the boundary</h2>")
-        for c, sides in per_class.items():
-            name = classes[int(c)]
-            for side, label in (("closest", "closest to the boundary"), ("farthest", "farthest from it")):
-                if not sides[side]:
-                    continue
-                figures = []
-                for e in sides[side]:
-                    dists = ", ".join(f"{classes[j]}: {d:.4f}" for j, d in enumerate(e["distances"]))
-                    caption = f"{e['path']} → {classes[e['predicted']]} (margin {e['margin']:.4f}; {dists})"
-                    figures.append(f"<figure>{_img(example_images[e['path']], caption)}<figcaption>"
-                                   f"→ {esc(classes[e['predicted']])}<br>margin {e['margin']:.4f}<br>"
-                                   f"{esc(dists)}</figcaption></figure>")
-                parts.append(f"<h3>true {esc(name)}, {label}</h3><div class='examples'>{''.join(figures)}</div>")
+        rows.append(f"<tr><th>{label}</th><td></td>" +
+                    "".join(f"<td>{metrics[m][key]:.4f}</td>" for m in metrics) + "</tr>")
+    return "\n".join(rows) + "</table>"
+
+
+def _confusion_section(metric: str, confusion: list[list[int]], classes: Sequence[str]) -> str:
+    matrix = np.array(confusion)
+    totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    rows = [f"<h2>Confusion, {esc(metric)}</h2><table class='confusion'><tr><th>true \\ predicted</th>" +
+            "".join(f"<th>{esc(c)}</th>" for c in classes) + "</tr>"]
+    for i, name in enumerate(classes):
+        rows.append(f"<tr><th>{esc(name)}</th>" + "".join(
+            f"<td style='{_heat(matrix[i, j] / totals[i, 0])}'>{matrix[i, j]}</td>"
+            for j in range(len(classes))) + "</tr>")
+    return "\n".join(rows) + "</table>"
+
+
+def _examples_section(metric: str, per_class: dict, classes: Sequence[str],
+                      example_images: dict[str, np.ndarray]) -> str:
+    parts = [f"<h2>Misclassified, {esc(metric)}: nearest to and farthest from the boundary</h2>"]
+    for c, sides in per_class.items():
+        for side, label in (("closest", "closest to the boundary"), ("farthest", "farthest from it")):
+            if not sides[side]:
+                continue
+            figures = []
+            for e in sides[side]:
+                dists = ", ".join(f"{classes[j]}: {d:.4f}" for j, d in enumerate(e["distances"]))
+                caption = f"{e['path']} → {classes[e['predicted']]} (margin {e['margin']:.4f}; {dists})"
+                figures.append(f"<figure>{_img(example_images[e['path']], caption)}<figcaption>"
+                               f"→ {esc(classes[e['predicted']])}<br>margin {e['margin']:.4f}<br>"
+                               f"{esc(dists)}</figcaption></figure>")
+            parts.append(f"<h3>true {esc(classes[int(c)])}, {label}</h3><div class='examples'>{''.join(figures)}</div>")
+    return "\n".join(parts)
+
+
+def _run_section(results: dict) -> str:
     shards, elapsed = results["shards"], results["elapsed_s"]
     facts = [("data", results["data"]["source"]), ("root", results["data"]["root"]),
              ("fingerprint", results["data"]["fingerprint"]),
@@ -174,11 +196,10 @@ figure {{ display: inline-block; margin: 0.3em; text-align: center; font-size: 0
                         f"{shards['files_reused']:,} files reused, chunks via {shards['transport']}"),
              ("nodes", len(results["ray"]["nodes"])),
              ("seconds", ", ".join(f"{k} {v:.2f}" for k, v in elapsed.items()))]
-    parts.append("<h2>Run</h2><table class='facts'>" +
-                 "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts) + "</table>")
-    parts.append("<h2>Files</h2><pre>" + esc(format_files(results)) + "</pre>")
+    parts = ["<h2>Run</h2><table class='facts'>" +
+             "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts) + "</table>",
+             "<h2>Files</h2><pre>" + esc(format_files(results)) + "</pre>"]
     if results["rejected"]:
         parts.append("<h3>Rejected</h3><pre>" + esc("\n".join(
             f"{r['path']}: {r['reason']}" for r in results["rejected"][:200])) + "</pre>")
-    parts.append("</body></html>\n")
     return "\n".join(parts)
