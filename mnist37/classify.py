@@ -218,13 +218,13 @@ def boundary_examples(misclassified: Misclassified, num_classes: int, k: int) ->
 
 
 def classify_chunk(chunk: Source, prototypes: np.ndarray, metrics: Sequence[str], device: str = "auto",
-                   examples: int = 0, expected_checksum: str | None = None
+                   examples: int = 0, expected_checksum: str | None = None, verify: bool = True
                    ) -> tuple[dict[str, np.ndarray], torch.device, dict[str, dict[int, Sides]]]:
     """Read one Arrow chunk (a memory-mapped file, a URI, or its bytes), verified against its
     checksum (and, when given, `expected_checksum`: the chunk decode reported), and return its
     confusion matrices per metric, the device that computed them, and per metric and true class
     up to `examples` misclassified images closest to and farthest from the boundary."""
-    read = read_chunk(chunk, expected_checksum)
+    read = read_chunk(chunk, expected_checksum, verify)
     done = classify_images(read.images, read.class_indices, prototypes, metrics, device)
     found = {}
     for metric, wrong in done.misclassified.items():

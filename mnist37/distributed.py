@@ -36,8 +36,8 @@ _RETRIES = dict(max_retries=3, retry_exceptions=False)
 
 
 def _decode(shard: Shard, root: str, shape: tuple[int, int], chunk_dir: str, with_sums: bool,
-            reuse: bool, convert: bool) -> DecodedShard:
-    result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert)
+            reuse: bool, convert: bool, verify: bool) -> DecodedShard:
+    result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert, verify)
     context = ray.get_runtime_context()
     result.node_id, result.pid = context.get_node_id(), os.getpid()
     result.gpu_ids = list(context.get_accelerator_ids().get("GPU", []))
@@ -59,12 +59,12 @@ def _decode_and_ship_task(*args) -> tuple[DecodedShard, pa.Buffer]:
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
 def _classify_task(key: str, chunk: str | pa.Buffer, checksum: str, prototypes: np.ndarray, metrics: Sequence[str],
-                   device: str, examples: int) -> ClassifiedChunk:
+                   device: str, examples: int, verify: bool) -> ClassifiedChunk:
     # Imported here: the driver needs no torch.
     from mnist37.classify import classify_chunk
 
     start = time.perf_counter()
-    confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples, checksum)
+    confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples, checksum, verify)
     context = ray.get_runtime_context()
     return ClassifiedChunk(
         chunk_path=key, confusions=confusions, examples=found, device=str(used),
@@ -163,7 +163,7 @@ def default_max_in_flight() -> int:
 
 def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: str,
                   train_split: str, reuse: bool, convert: bool, ship_split: str | None,
-                  max_in_flight: int) -> Iterator[DecodedShard]:
+                  max_in_flight: int, verify: bool = True) -> Iterator[DecodedShard]:
     """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only.
 
     Shards of `ship_split` (the evaluation split, when chunks travel through the object
@@ -171,7 +171,7 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
     shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
 
     def submit(shard: Shard) -> ray.ObjectRef:
-        args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert)
+        args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert, verify)
         if shard.split != ship_split:
             return _decode_task.remote(*args)
         record, chunk = _decode_and_ship_task.remote(*args)
@@ -190,14 +190,16 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
 
 
 def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metrics: Sequence[str], device: str,
-                    gpus_per_task: float, examples: int, max_in_flight: int) -> Iterator[ClassifiedChunk]:
+                    gpus_per_task: float, examples: int, max_in_flight: int,
+                    verify: bool = True) -> Iterator[ClassifiedChunk]:
     """Classify every decoded chunk as a Ray task, read from its path or, when it travelled
-    through the object store, from its bytes, and checked to be the chunk decode reported. The prototypes go to the object store once; on
-    a cluster with GPUs each task asks for `gpus_per_task` of one (decode tasks never do)."""
+    through the object store, from its bytes, and checked to be the chunk decode reported.
+    The prototypes go to the object store once; on a cluster with GPUs each task asks for
+    `gpus_per_task` of one (decode tasks never do)."""
     prototypes_ref = ray.put(prototypes)
     task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
     return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref,
-                                             list(metrics), device, examples), chunks, max_in_flight)
+                                             list(metrics), device, examples, verify), chunks, max_in_flight)
 
 
 def has_gpus() -> bool:

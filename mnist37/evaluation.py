@@ -76,7 +76,8 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
     progress = Progress("decode", len(planned.shards), " shards")
     for done in distributed.decode_shards(
             planned.shards, planned.root, planned.shape, planned.chunk_dir, cfg.train_split, cfg.reuse_chunks,
-            cfg.non_grayscale == "convert", cfg.eval_split if transport == "object_store" else None, max_in_flight):
+            cfg.non_grayscale == "convert", cfg.eval_split if transport == "object_store" else None, max_in_flight,
+            cfg.verify_chunks):
         status.shards_decoded += 1
         progress.update()
         counts[done.split] += done.counts
@@ -146,7 +147,7 @@ def classify(planned: Plan, decoding: Decoding, prototypes: np.ndarray, max_in_f
     status.stage, status.chunks_total = "classify", len(chunks)
     progress = Progress("classify", len(chunks), " shards")
     for done in distributed.classify_chunks(chunks, prototypes, cfg.metrics, cfg.device, cfg.gpus_per_task,
-                                            cfg.report_examples, max_in_flight):
+                                            cfg.report_examples, max_in_flight, cfg.verify_chunks):
         status.chunks_classified += 1
         progress.update()
         for metric, matrix in done.confusions.items():

@@ -109,7 +109,7 @@ def peak_rss_bytes() -> int:
 
 
 def _reusable(path: str, root: Path, shard: Shard, shape: tuple[int, int], groups: list[Group],
-              convert: bool) -> tuple[dict | None, str]:
+              convert: bool, verify: bool = True) -> tuple[dict | None, str]:
     """(the chunk's reuse record, "") if the chunk at `path` is intact and was written from
     exactly these files as they are now; else (None, why not), the reason "" when there is no
     chunk at all. The cheap checks come first: the chunk is hashed only when it would be reused."""
@@ -137,14 +137,15 @@ def _reusable(path: str, root: Path, shard: Shard, shape: tuple[int, int], group
     if key != meta["files_key"]:
         return None, f"{path}: written from other files (names, sizes or modification times differ)"
     try:
-        verify_chunk(path, meta["checksum"])
+        if verify:
+            verify_chunk(path, meta["checksum"])
     except ChunkError as e:
         return None, str(e)
     return meta, ""
 
 
 def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
-                 with_sums: bool, reuse: bool = True, convert: bool = False) -> DecodedShard:
+                 with_sums: bool, reuse: bool = True, convert: bool = False, verify: bool = True) -> DecodedShard:
     """Decode a shard's PNGs into its Arrow chunk (or reuse a still-valid one), count images
     per class and, when `with_sums`, return their per-class pixel sums.
 
@@ -153,7 +154,7 @@ def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_d
     reuses it reports the same rejections."""
     start = time.perf_counter()
     root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta, discarded = _reusable(path, root, shard, shape, groups, convert) if reuse else (None, "")
+    meta, discarded = _reusable(path, root, shard, shape, groups, convert, verify) if reuse else (None, "")
     if meta is None:
         decoded = decode_groups(root, groups, shape, convert)
         labels = shard.class_indices[decoded.kept]

@@ -233,6 +233,15 @@ def test_a_damaged_or_foreign_chunk_is_decoded_again_and_says_why(image_folder, 
     assert decode_shard(shards[2], image_folder, (8, 8), tmp_path / "chunks", with_sums=True).reused  # mended
 
 
+def test_verify_chunks_false_skips_the_hashing_and_trusts_what_it_finds(image_folder, tmp_path):
+    """The knob exists to measure what verification costs; what it gives up is shown here."""
+    shard = shards_of(image_folder, size=30)[0]
+    path = Path(decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True).chunk_path)
+    flip_pixels(path, read_chunk(path).images.copy(), 50)
+    assert decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True, verify=False).reused
+    assert not decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True).reused
+
+
 def test_a_missing_chunk_is_no_news(image_folder, tmp_path):
     done = decode_shard(shards_of(image_folder)[0], image_folder, (8, 8), tmp_path, with_sums=True)
     assert not done.reused and done.discarded == ""
