@@ -70,9 +70,10 @@ class Chunk:
 
 def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequence[str],
                 classes: Sequence[str], split: str, reuse: dict | None = None) -> pa.Table:
-    """Build the Arrow table of one chunk from `uint8 [N, H, W]` images.
+    """Build the Arrow table of one chunk from `uint8 [N, H, W]` images, with its checksum.
 
-    `reuse` holds `files_key`, `digest`, `counts` and `pixel_sums` to store in the metadata.
+    `reuse` holds `files_key`, `digest`, `counts` (int64 [C]), `pixel_sums` (int64 [C, H, W])
+    and `rejected` ([(path, reason)]) to store in the footer as the reuse record.
     """
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"images: expected uint8 [N, H, W], got {images.dtype} {list(images.shape)}")

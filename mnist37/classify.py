@@ -22,8 +22,9 @@ from mnist37.chunks import Source, read_chunk
 from mnist37.examples import Example, Sides
 from mnist37.prototypes import PIXEL_MAX
 
-# Images per step on the device: bounds the float32 working set to ~25 MB on CPU whatever
-# the shard size (and, with DIFFERENCES_AT_ONCE, to ~256 MB on a GPU).
+# Images per step on the device: bounds the float32 working set to two [BATCH_IMAGES, H*W]
+# arrays on the CPU (the scaled pixels and one class's differences: ~51 MB for 28x28 images)
+# whatever the shard size, and with DIFFERENCES_AT_ONCE to ~256 MB on a GPU.
 BATCH_IMAGES = 8192
 
 

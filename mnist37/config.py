@@ -76,7 +76,8 @@ class Config:
     image_shape: list[int] = field(default_factory=list)
     # Images per shard, i.e. per Ray task and per Arrow chunk. 8192 MNIST images are ~100 ms
     # of decode, so Ray's few ms per task stay ~2-4% and the last task ends soon after the
-    # rest. Measured at 1.44M images on 2 cores (cold / warm whole-job s): 2048: 20.2 / 10.8,
+    # rest. Measured when it was chosen (commit a4e781f, before chunk reuse by listing and
+    # checksums), at 1.44M images on 2 cores (cold / warm whole-job s): 2048: 20.2 / 10.8,
     # 4096: 21.1 / 9.7, 8192: 20.0 / 10.4, 16384: 18.2 / 8.9; larger shards leave a big
     # cluster's cores idle on mid-size data sets. Fixed, not derived from the data size, so
     # adding files does not move every shard boundary (and re-decode everything).

@@ -15,7 +15,8 @@ from PIL import Image
 from mnist37.prototypes import PIXEL_MAX
 from mnist37.storage import write_atomically, writing
 
-# Prototype images are 28x28; the side-by-side sheet is enlarged this many times to be seen.
+# Prototypes are as small as the images (28x28 for MNIST): the side-by-side sheet is enlarged
+# this many times to be seen.
 SHEET_SCALE = 8
 
 
