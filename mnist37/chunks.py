@@ -7,7 +7,9 @@ Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_sh
 chunk without decoding again: `mnist37.files_key` (paths, sizes, modification times, decode
 settings), `mnist37.digest` (content), `mnist37.counts` (JSON, per class) and
 `mnist37.pixel_sums` (int64 [C, H, W], little-endian bytes), `mnist37.rejected` (JSON
-[path, reason] of the shard's files left out). The metadata is in the file's
+[path, reason] of the shard's files left out) and, for container shards, `mnist37.records`
+(JSON: `found` and `rejected_per_class` per class plus one for records of unreadable class,
+`ignored`). The metadata is in the file's
 footer, so it is read without touching the images.
 """
 
@@ -73,6 +75,8 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
             "mnist37.pixel_sums": np.ascontiguousarray(reuse["pixel_sums"], dtype="<i8").tobytes(),
             "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
         })
+        if reuse.get("records") is not None:  # container shards: what the task found per class
+            metadata["mnist37.records"] = json.dumps(reuse["records"])
     schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
                        metadata=metadata)
     return pa.Table.from_arrays(
@@ -192,6 +196,7 @@ def read_chunk_metadata(path: str | Path) -> dict:
         "pixel_sums": np.frombuffer(meta[b"mnist37.pixel_sums"], dtype="<i8").astype(np.int64)
                         .reshape(len(counts), h, w),
         "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
+        "records": json.loads(meta[b"mnist37.records"]) if b"mnist37.records" in meta else None,
     }
 
 

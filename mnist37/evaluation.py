@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37 import Mnist37Error, __version__, distributed
+from mnist37 import Mnist37Error, __version__, distributed, formats
 from mnist37.archive import cache_home
 from mnist37.config import Config
 from mnist37.decode import combine_digests, image_shape
@@ -23,7 +23,7 @@ from mnist37.folder import DatasetError, Listing, class_folders, find_root, list
 from mnist37.metrics import accuracy_report
 from mnist37.progress import Progress
 from mnist37.prototypes import prototypes as make_prototypes
-from mnist37.shards import Shard, make_shards, peak_rss_bytes
+from mnist37.shards import DecodedShard, Shard, make_shards, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,12 @@ class Plan:
     cfg: Config
     root: Path
     classes: list[str]
-    listings: dict[str, Listing]
+    listings: dict[str, Listing]  # folder format only; container formats list no files
     shape: tuple[int, int]
-    shards: list[Shard]
+    shards: list[Shard] | list[formats.ContainerShard]
     chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
+    format: str = "folder"
 
 
 def plan(cfg: Config) -> Plan:
@@ -60,14 +61,25 @@ def plan(cfg: Config) -> Plan:
     reported before any cluster is involved."""
     clock = time.perf_counter()
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
-    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
+    fmt = formats.detect(formats.container_root(root), cfg.format)
+    if fmt != "folder":
+        root = formats.container_root(root)
     chunk_dir = cfg.chunk_dir if "://" in cfg.chunk_dir else str(
         Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
+    convert = cfg.non_grayscale == "convert"
+    if fmt != "folder":
+        planned = formats.plan_containers(root, fmt, cfg.train_split, cfg.eval_split, list(cfg.classes),
+                                          cfg.shard_size, tuple(cfg.image_shape) or None, convert,
+                                          cfg.image_column, cfg.label_column)
+        log.info("%s: %s, %s, %d shards", root, fmt, ", ".join(
+            f"{split} {len(files)} files" for split, files in planned.splits.items()), len(planned.shards))
+        return Plan(cfg, root, planned.classes, {}, planned.shape, planned.shards, chunk_dir,
+                    time.perf_counter() - clock, fmt)
+    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
     reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and "://" not in chunk_dir else None
     listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
-    convert = cfg.non_grayscale == "convert"
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
@@ -117,6 +129,34 @@ def file_accounts(listings: dict[str, Listing], counts: dict[str, np.ndarray],
     return accounts
 
 
+def record_accounts(classes: list[str], splits: tuple[str, ...], shards: list[DecodedShard]) -> dict:
+    """`file_accounts` for container formats, from what the decode tasks found: per split and
+    class, records found, used, rejected; records of classes not selected are `ignored` under
+    "(other classes)", records whose class could not be read are found and rejected under
+    "(no class)". Raises Mnist37Error unless found = used + rejected everywhere."""
+    accounts = {}
+    for split in splits:
+        found = np.zeros(len(classes) + 1, dtype=np.int64)
+        used = np.zeros(len(classes) + 1, dtype=np.int64)
+        refused = np.zeros(len(classes) + 1, dtype=np.int64)
+        ignored = 0
+        for r in shards:
+            if r.split == split:
+                found += r.found
+                used[:-1] += r.counts
+                refused += r.rejected_per_class
+                ignored += r.ignored
+        accounts[split] = {}
+        for name, f, u, x in zip([*classes, "(no class)"], found.tolist(), used.tolist(), refused.tolist()):
+            if f != u + x:
+                raise Mnist37Error(f"{split}/{name}: {f} records found but {u} used and {x} rejected")
+            if name != "(no class)" or f:
+                accounts[split][name] = {"found": f, "used": u, "rejected": x, "ignored": 0}
+        if ignored:
+            accounts[split]["(other classes)"] = {"found": 0, "used": 0, "rejected": 0, "ignored": ignored}
+    return accounts
+
+
 def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
     """Run the job on the connected Ray cluster; return (results, prototypes float32 [C, H, W],
     the pixels of the boundary examples by path)."""
@@ -156,8 +196,12 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
         records[(done.split, done.index)] = done
     elapsed["decode"] = time.perf_counter() - clock
     rejected.sort()
-    accounts = file_accounts(listings, counts, rejected)
-    found = sum(len(listing) for listing in listings.values())
+    if planned.format == "folder":
+        accounts = file_accounts(listings, counts, rejected)
+        found = sum(len(listing) for listing in listings.values())
+    else:  # no listing on the driver: the tasks counted the records
+        accounts = record_accounts(classes, splits, list(records.values()))
+        found = sum(r.num_files for r in records.values())
     if rejected and cfg.on_bad_file == "error":
         raise BadFilesError(rejected, found)
     for name, count in zip(classes, counts[cfg.train_split]):
@@ -203,7 +247,7 @@ def evaluate(cfg: Config, planned: Plan | None = None) -> tuple[dict, np.ndarray
     results = {
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
-        "data": {"source": str(cfg.data), "root": str(root),
+        "data": {"source": str(cfg.data), "root": str(root), "format": planned.format,
                  "folder_listings_reused": sum(listing.reused for listing in listings.values()),
                  "fingerprint": f"{combine_digests(*(r.digest for r in ordered)):032x}"},
         "classes": list(classes),

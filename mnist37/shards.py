@@ -4,6 +4,11 @@
 runs it as a Ray task. A shard whose chunk already exists with the same files key (paths,
 sizes, modification times, decode settings) is not decoded again: its counts, pixel sums and
 digest come from the chunk's metadata.
+
+A shard is a run of listed files (`Shard`, the folder layout) or a piece of one container
+file (`formats.ContainerShard`: Parquet row groups, a tar, IDX records); both decode into
+the same chunks. A container shard also reports how many records of each class it found,
+since no listing on the driver knows that.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from mnist37.chunks import ChunkError, chunk_table, join, read_chunk_metadata, write_chunk
 from mnist37.decode import Group, decode_groups, files_key
 from mnist37.folder import Listing, relative_paths
+from mnist37.formats import ContainerShard, FormatError, read_shard
 from mnist37.prototypes import pixel_sums
 
 
@@ -56,7 +62,7 @@ class DecodedShard:
     split: str
     index: int
     chunk_path: str
-    num_files: int  # listed
+    num_files: int  # listed (container shards: records read of the selected classes, or of no readable class)
     num_images: int  # decoded and kept: num_files - len(rejected)
     rejected: list[tuple[str, str]]  # (path, reason) of each file left out
     num_bytes: int
@@ -65,6 +71,10 @@ class DecodedShard:
     pixel_sums: np.ndarray | None  # int64 [C, H, W]; None unless asked for (training shards)
     reused: bool  # True when the chunk from an earlier run was still valid
     elapsed_s: float
+    # Container shards only (None / 0 for folder shards, whose listing the driver holds):
+    found: np.ndarray | None = None  # int64 [C + 1]: records read per class; last: class unreadable
+    rejected_per_class: np.ndarray | None = None  # int64 [C + 1], same layout
+    ignored: int = 0  # records of classes not selected
     peak_rss_bytes: int = 0  # of the process that ran it
     node_id: str = ""
     pid: int = 0
@@ -80,7 +90,7 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
     ]
 
 
-def chunk_path(chunk_dir: str | Path, shard: Shard) -> str:
+def chunk_path(chunk_dir: str | Path, shard: Shard | ContainerShard) -> str:
     """Where the shard's chunk lives: a path, or a URI when `chunk_dir` is one."""
     return join(chunk_dir, shard.split, f"{shard.name}.arrow")
 
@@ -105,32 +115,67 @@ def _reusable(path: str, root: Path, shard: Shard, groups: list[Group], convert:
     return meta if key == meta["files_key"] else None
 
 
-def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
+def decode_shard(shard: Shard | ContainerShard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
                  with_sums: bool, reuse: bool = True, convert: bool = False) -> DecodedShard:
-    """Decode a shard's PNGs into its Arrow chunk (or reuse a still-valid one), count images
-    per class and, when `with_sums`, return their per-class pixel sums.
+    """Decode a shard's PNGs (or a container shard's records) into its Arrow chunk (or reuse
+    a still-valid one), count images per class and, when `with_sums`, return their per-class
+    pixel sums.
 
-    Files that cannot be used are left out of the chunk and returned in `rejected`; whether
-    that stops the job is the caller's policy. The chunk records them too, so a run that
-    reuses it reports the same rejections."""
+    Files (records) that cannot be used are left out of the chunk and returned in `rejected`;
+    whether that stops the job is the caller's policy. The chunk records them too, so a run
+    that reuses it reports the same rejections."""
     start = time.perf_counter()
-    root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta = _reusable(path, root, shard, groups, convert) if reuse else None
-    if meta is None:
-        decoded = decode_groups(root, groups, shape, convert)
-        labels = shard.class_indices[decoded.kept]
-        sums, counts = pixel_sums(decoded.images, labels, len(shard.classes))
-        meta = {"files_key": decoded.files_key, "digest": decoded.digest, "counts": counts,
-                "pixel_sums": sums, "rejected": decoded.rejected}
-        table = chunk_table(decoded.images, labels, decoded.paths, shard.classes, shard.split, reuse=meta)
-        meta["num_bytes"] = write_chunk(path, table)
-        reused = False
+    root, path = Path(root), chunk_path(chunk_dir, shard)
+    if isinstance(shard, ContainerShard):
+        meta, reused = _decode_container(shard, root, shape, path, reuse, convert)
     else:
-        reused = True
+        groups = shard.groups()
+        meta = _reusable(path, root, shard, groups, convert) if reuse else None
+        reused = meta is not None
+        if meta is None:
+            decoded = decode_groups(root, groups, shape, convert)
+            labels = shard.class_indices[decoded.kept]
+            sums, counts = pixel_sums(decoded.images, labels, len(shard.classes))
+            meta = {"files_key": decoded.files_key, "digest": decoded.digest, "counts": counts,
+                    "pixel_sums": sums, "rejected": decoded.rejected}
+            table = chunk_table(decoded.images, labels, decoded.paths, shard.classes, shard.split, reuse=meta)
+            meta["num_bytes"] = write_chunk(path, table)
+    records = meta.get("records")
+    num_images = int(meta["counts"].sum())
     return DecodedShard(
-        split=shard.split, index=shard.index, chunk_path=path, num_files=len(shard),
-        num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
+        split=shard.split, index=shard.index, chunk_path=path,
+        num_files=int(sum(records["found"])) if records else len(shard),
+        num_images=num_images, rejected=[tuple(r) for r in meta["rejected"]],
         num_bytes=meta["num_bytes"], digest=meta["digest"], counts=meta["counts"],
         pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused,
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
+        found=np.array(records["found"], dtype=np.int64) if records else None,
+        rejected_per_class=np.array(records["rejected_per_class"], dtype=np.int64) if records else None,
+        ignored=records["ignored"] if records else 0,
     )
+
+
+def _decode_container(shard: ContainerShard, root: Path, shape: tuple[int, int], path: str, reuse: bool,
+                      convert: bool) -> tuple[dict, bool]:
+    """A container shard's chunk record: reused while the container files' (path, size, mtime),
+    the shard's range and the decode settings are unchanged, else decoded and written."""
+    try:
+        key = shard.key(root, shape, convert)
+    except OSError as e:
+        raise FormatError(f"{shard.source}: cannot read ({e.strerror or e})") from None
+    if reuse:
+        try:
+            meta = read_chunk_metadata(path)
+        except (ChunkError, OSError):
+            meta = None
+        if meta is not None and meta["files_key"] == key and meta.get("records"):
+            return meta, True
+    decoded = read_shard(shard, root, shape, convert)
+    sums, counts = pixel_sums(decoded.images, decoded.class_indices, len(shard.classes))
+    meta = {"files_key": key, "digest": decoded.digest, "counts": counts, "pixel_sums": sums,
+            "rejected": decoded.rejected,
+            "records": {"found": decoded.found.tolist(), "rejected_per_class": decoded.rejected_per_class.tolist(),
+                        "ignored": decoded.ignored}}
+    table = chunk_table(decoded.images, decoded.class_indices, decoded.paths, shard.classes, shard.split, reuse=meta)
+    meta["num_bytes"] = write_chunk(path, table)
+    return meta, False
