@@ -261,7 +261,7 @@ def _first_shape(root: Path, shards: list[ContainerShard], convert: bool, probes
     """(H, W) of the first training record that decodes, reading records until one does."""
     first_error, seen = None, 0
     for shard in shards:
-        for record in _records(shard, root):
+        for record in read_records(shard, root):
             if record.data is None:
                 continue
             try:
@@ -525,7 +525,7 @@ def _plan_idx(root: Path, splits: dict[str, list[str]], train_split: str, classe
     return ContainerPlan("idx", list(classes), shapes.pop(), shards, splits)
 
 
-def _idx_shard(shard: ContainerShard, root: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
+def read_idx(shard: ContainerShard, root: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
     """(uint8 [N, H, W] pixels, uint8 [N] labels, content digest) of the shard's records."""
     n, size = shard.stop - shard.start, shape[0] * shape[1]
     pixels = _idx_read(root, shard.source, 16 + shard.start * size, n * size)
@@ -553,7 +553,8 @@ class Record:
     problem: str | None  # why the record cannot be used before decoding, if it cannot
 
 
-def _records(shard: ContainerShard, root: Path):
+def read_records(shard: ContainerShard, root: Path):
+    """The records of a Parquet or tar shard, in order, undecoded."""
     return (_parquet_records if shard.format == "parquet" else _webdataset_records)(shard, root)
 
 
@@ -573,7 +574,7 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
     """Every record of the shard, decoded and counted (see the module doc)."""
     classes = len(shard.classes)
     if shard.format == "idx":
-        pixels, labels, digest = _idx_shard(shard, root, shape)
+        pixels, labels, digest = read_idx(shard, root, shape)
         selected = shard.class_map[labels]
         keep = selected >= 0
         idx = np.flatnonzero(keep)
@@ -587,7 +588,7 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
     refused = np.zeros(classes + 1, dtype=np.int64)
     ignored, digest = 0, 0
     declared, mapping = shard.declared, shard.class_map
-    for record in _records(shard, root):
+    for record in read_records(shard, root):
         label = record.label
         if label is None or (declared and not 0 <= label < declared):
             c = classes
