@@ -89,7 +89,8 @@ def records(shard: Shard | ContainerShard, root: Path, shape: tuple[int, int]):
     for record in read_records(shard, root):
         label = record.label
         if label is None or (shard.declared and not 0 <= label < shard.declared):
-            yield record.path, -1, None, record.problem or f"label {label} out of range 0..{shard.declared - 1}"
+            yield record.path, -1, None, record.problem or ("no label" if label is None else
+                                                            f"label {label} out of range 0..{shard.declared - 1}")
             continue
         c = int(shard.class_map[label]) if 0 <= label < len(shard.class_map) else -1
         yield record.path, (c if c >= 0 else None), record.data, None if c < 0 or record.data else record.problem

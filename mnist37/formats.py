@@ -132,7 +132,7 @@ def detect(root: Path, fmt: str = "auto") -> str:
 
 def container_root(path: Path) -> Path:
     """A data root wrapped in one top folder (mnist/...) resolves to that folder."""
-    if path.is_dir() and not _files(path):
+    if path.is_dir() and not _files(path) and detect(path) == "folder":
         inner = _subfolders(path)
         if len(inner) == 1 and detect(path / inner[0]) != "folder":
             return path / inner[0]
@@ -360,35 +360,51 @@ def _octal(field: bytes) -> int:
     return int(field.strip(b"\0 ") or b"0", 8)
 
 
+class TarCutShort(FormatError):
+    """A tar stream that ends inside a member (`member` is its name) or inside a header (None)."""
+
+    def __init__(self, source: str, reason: str, member: str | None):
+        super().__init__(f"{source}: {reason}")
+        self.reason, self.member = reason, member
+
+
+def _member_key(name: str) -> tuple[str, str] | None:
+    """WebDataset's split of a member name into (key, extension): at the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem, ext.lower()) if dot else None
+
+
 def _tar_members(f, source: str):
-    """(member name, bytes) of each regular file of a tar stream, in order; raises FormatError
-    naming the member when the stream ends inside it or a header does not parse.
+    """(member name, bytes) of each regular file of a tar stream, in order; raises TarCutShort
+    when the stream ends inside a member or a header, FormatError when a header does not parse.
 
     A small reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is
-    several times a 250-byte PNG's decode; this is ~1 µs. It follows ustar, GNU long names and
-    pax path records, and skips everything that is not a regular file."""
+    several times a 250-byte PNG's decode. It follows ustar, GNU long names and pax path
+    records, and skips everything that is not a regular file. Header checksums are not
+    verified: a damaged header shows up as a size that does not parse or a stream cut short."""
     long_name = None
     while True:
         header = f.read(_TAR_BLOCK)
         if not header or header == bytes(_TAR_BLOCK):
             return  # end of archive (or a stream cut exactly between members: nothing lost)
         if len(header) < _TAR_BLOCK:
-            raise FormatError(f"{source}: truncated tar (header cut short)")
-        try:
-            size = _octal(header[124:136])
-        except ValueError:
-            raise FormatError(f"{source}: corrupt tar header after {long_name or 'the last member'}") from None
-        kind = header[156:157]
-        padded = (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
-        data = f.read(padded)
+            raise TarCutShort(source, "truncated tar (header cut short)", None)
         name = long_name
         if name is None:
             name = header[:100].split(b"\0", 1)[0]
             if header[257:262] == b"ustar" and header[345:346] != b"\0":
                 name = header[345:500].split(b"\0", 1)[0] + b"/" + name
             name = name.decode("utf-8", "surrogateescape")
+        try:
+            size = _octal(header[124:136])
+        except ValueError:
+            raise FormatError(f"{source}: corrupt tar header (member {name!r}: size "
+                              f"{header[124:136]!r} is not a number)") from None
+        kind = header[156:157]
+        data = f.read((size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK)
         if len(data) < size:
-            raise FormatError(f"{source}: truncated tar ({name} cut short: {len(data)} of {size} bytes)")
+            raise TarCutShort(source, f"truncated tar ({name} cut short: {len(data)} of {size} bytes)", name)
         long_name = None
         if kind == b"L":
             long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -400,19 +416,20 @@ def _tar_members(f, source: str):
 
 
 def _webdataset_records(shard: ContainerShard, root: Path):
-    """One record per key: its `.png` bytes and its `.cls` label; a member of another kind is
-    not part of a record. A cut-short tar rejects the record being read (and ends the shard)."""
+    """One record per key: its `.png` bytes and its `.cls` label (members of other kinds are
+    not read). A tar cut short rejects the record it cuts (and ends the shard); a damaged
+    header rejects the record being read and is named."""
     key, fields = None, {}
 
-    def record():
-        path = record_path(shard.source, key)
-        text = fields.get("cls")
-        label = None
-        if text is not None:
-            try:
-                label = int(text.strip())
-            except ValueError:
-                return Record(path, None, None, f"class {text[:20]!r} is not an integer")
+    def record(problem: str | None = None) -> Record:
+        path, text = record_path(shard.source, key), fields.get("cls")
+        try:
+            label = int(text.strip()) if text is not None else None
+        except ValueError:
+            return Record(path, None, None, problem or
+                          f"class {text[:20].decode('utf-8', 'replace')!r} is not an integer")
+        if problem is not None:
+            return Record(path, label, None, problem)
         if "png" not in fields:
             return Record(path, label, None, "no .png member" if label is not None else "no .png or .cls member")
         if text is None:
@@ -422,27 +439,27 @@ def _webdataset_records(shard: ContainerShard, root: Path):
     with open_input(root, shard.source) as f:
         try:
             for name, data in _tar_members(f, shard.source):
-                folder, _, base = name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
+                split = _member_key(name)
+                if split is None:
                     continue
-                member_key = f"{folder}/{stem}" if folder else stem
-                if member_key != key:
+                if split[0] != key:
                     if key is not None:
                         yield record()
-                    key, fields = member_key, {}
-                fields[ext.lower()] = data
+                    key, fields = split[0], {}
+                fields[split[1]] = data
+        except TarCutShort as e:
+            cut = _member_key(e.member) if e.member else None
+            whole = "png" in fields and "cls" in fields
+            if key is not None and (cut[0] != key if cut else whole):
+                yield record()  # the record before the cut is whole
+                key, fields = None, {}
+            if key is None:
+                key = cut[0] if cut else "<after the last whole record>"
+            yield record(e.reason)
+            return
         except FormatError as e:
-            reason = str(e).removeprefix(f"{shard.source}: ")
-            if key is not None:
-                label = fields.get("cls")
-                try:
-                    label = int(label.strip()) if label is not None else None
-                except ValueError:
-                    label = None
-                yield Record(record_path(shard.source, key), label, None, reason)
-            else:
-                yield Record(record_path(shard.source, "<start>"), None, None, reason)
+            key = key if key is not None else "<start>"
+            yield record(str(e).removeprefix(f"{shard.source}: "))
             return
         if key is not None:
             yield record()
@@ -592,7 +609,7 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
         label = record.label
         if label is None or (declared and not 0 <= label < declared):
             c = classes
-            reason = record.problem or f"label {label} out of range 0..{declared - 1}"
+            reason = record.problem or ("no label" if label is None else f"label {label} out of range 0..{declared - 1}")
         else:
             c = int(mapping[label]) if 0 <= label < len(mapping) else -1
             if c < 0:
