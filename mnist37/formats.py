@@ -131,10 +131,11 @@ def detect(root: Path, fmt: str = "auto") -> str:
 
 
 def container_root(path: Path) -> Path:
-    """A data root wrapped in one top folder (mnist/...) resolves to that folder."""
-    if path.is_dir() and not _files(path) and detect(path) == "folder":
+    """A data root wrapped in one top folder (mnist/...) resolves to that folder (a folder per
+    split needs two, and Hugging Face's `data/` folder belongs to the root above it)."""
+    if path.is_dir() and not _files(path):
         inner = _subfolders(path)
-        if len(inner) == 1 and detect(path / inner[0]) != "folder":
+        if len(inner) == 1 and inner[0] != "data" and detect(path / inner[0]) != "folder":
             return path / inner[0]
     return path
 
