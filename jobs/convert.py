@@ -1,4 +1,4 @@
-"""Convert a data set the job reads into Parquet (Hugging Face layout) or WebDataset tar shards.
+"""Convert a data set the job reads into Parquet (Hugging Face layout), WebDataset tar shards or IDX.
 
     python jobs/convert.py --data ../shared/data/mnist_png.tgz --train-split training \
         --eval-split testing --to webdataset --dest data/mnist-wds --shard-size 8192

@@ -11,9 +11,12 @@ The job's own plan cuts the input (a PNG folder, Parquet, tar shards, IDX) into 
   ClassLabel `names` in the `huggingface` schema metadata; row groups of 1024 rows.
 - `webdataset`: `<split>-NNNNNN.tar`, members `<key>.cls` (class index as text) and `<key>.png`,
   and `classes.txt` (one name a line, index order).
+- `idx`: `<split>-images-idx3-ubyte` and `<split>-labels-idx1-ubyte`, uncompressed, the images
+  decoded (class names must be label values 0..255, as MNIST's digits are); each shard's part
+  is decoded by the pool, the driver joins the parts behind the headers.
 
 Encoded images are copied as they are (IDX pixels are encoded as PNG), so a PNG the job would
-reject is rejected the same way after conversion. Records without a usable class (a label out
+reject is rejected the same way after conversion (to IDX, such a PNG is left out and reported). Records without a usable class (a label out
 of range, an unreadable file) are left out and reported. Everything is written into
 `<dest>.partial/`, each file under a temporary name renamed into place, and the folder is
 renamed to `<dest>` once every file is there: a killed conversion leaves nothing to trust.
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -38,14 +42,14 @@ from PIL import Image
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config
-from mnist37.decode import DecodeError, read_file
+from mnist37.decode import DecodeError, decode_png, read_file
 from mnist37.evaluation import plan
-from mnist37.formats import CLASSES_FILE, ContainerShard, read_idx, read_records
+from mnist37.formats import CLASSES_FILE, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, ContainerShard, label_class, label_problem, read_idx, read_records
 from mnist37.shards import Shard
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("parquet", "webdataset")
+TARGETS = ("parquet", "webdataset", "idx")
 ROW_GROUP_ROWS = 1024
 
 
@@ -86,14 +90,13 @@ def records(shard: Shard | ContainerShard, root: Path, shape: tuple[int, int]):
             c = int(shard.class_map[label])
             yield f"{shard.source}:{shard.start + i}", (c if c >= 0 else None), _png(image) if c >= 0 else None, None
         return
-    for record in read_records(shard, root):
-        label = record.label
-        if label is None or (shard.declared and not 0 <= label < shard.declared):
-            yield record.path, -1, None, record.problem or ("no label" if label is None else
-                                                            f"label {label} out of range 0..{shard.declared - 1}")
-            continue
-        c = int(shard.class_map[label]) if 0 <= label < len(shard.class_map) else -1
-        yield record.path, (c if c >= 0 else None), record.data, None if c < 0 or record.data else record.problem
+    mapping, classes = shard.class_map.tolist(), len(shard.classes)
+    for path, label, data, problem in read_records(shard, root):
+        c = label_class(label, shard.declared, mapping, classes)
+        if c == classes:
+            yield path, -1, None, problem or label_problem(label, shard.declared)
+        else:
+            yield path, (c if c >= 0 else None), data, problem
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -122,7 +125,24 @@ def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, in
     temp = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, ignored, n = [], 0, 0
-    if target == "webdataset":
+    if target == "idx":  # raw pixels and label values, joined into one file per split by `convert`
+        values = [int(c) for c in classes]
+        with open(temp, "wb", buffering=1 << 20) as f, open(out.with_suffix(".labels"), "wb") as labels:
+            for path, c, data, reason in records(shard, root, shape):
+                if c is None:
+                    ignored += 1
+                    continue
+                if c >= 0 and data is not None:
+                    try:
+                        f.write(decode_png(data, path, shape).tobytes())
+                    except DecodeError as e:
+                        reason, c = e.reason, -1
+                    else:
+                        labels.write(bytes([values[c]]))
+                        n += 1
+                        continue
+                skipped.append((path, reason))
+    elif target == "webdataset":
         with open(temp, "wb", buffering=1 << 20) as f:
             for path, c, data, reason in records(shard, root, shape):
                 if c is None:
@@ -179,8 +199,23 @@ def _output_names(shards: list, target: str) -> list[str]:
     for s in shards:
         i = seen[s.split] = seen.get(s.split, -1) + 1
         names.append(f"data/{s.split}-{i:05d}-of-{totals[s.split]:05d}.parquet" if target == "parquet"
-                     else f"{s.split}-{i:06d}.tar")
+                     else f"{s.split}-{i:06d}.tar" if target == "webdataset" else f"parts/{s.split}-{i:06d}.images")
     return names
+
+
+def _join_idx(partial: Path, written: list[Written], split: str, shape: tuple[int, int]) -> None:
+    """One split's IDX pair from its parts, in order: big-endian sizes after the magic."""
+    parts = [partial / w.path for w in written if w.split == split]
+    n = sum(w.num_records for w in written if w.split == split)
+    for name, magic, sizes, suffix in ((f"{split}-images-idx3-ubyte", IDX_IMAGES_MAGIC, (n, *shape), ".images"),
+                                       (f"{split}-labels-idx1-ubyte", IDX_LABELS_MAGIC, (n,), ".labels")):
+        temp = partial / f".{name}.partial"
+        with open(temp, "wb") as out:
+            out.write(struct.pack(f">I{len(sizes)}I", magic, *sizes))
+            for part in parts:
+                with open(part.with_suffix(suffix), "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        os.replace(temp, partial / name)
 
 
 def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) -> dict:
@@ -194,6 +229,8 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
         raise ConvertError(f"{dest} already exists; remove it or choose another destination")
     clock = time.perf_counter()
     planned = plan(cfg)
+    if target == "idx" and not all(c.isdigit() and int(c) < 256 for c in planned.classes):
+        raise ConvertError(f"to idx: IDX labels are the class names as values 0..255, got classes {planned.classes}")
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # a conversion killed earlier
     partial.mkdir(parents=True)
@@ -204,6 +241,10 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
         written = [f.result() for f in futures]
     if target == "webdataset":
         (partial / CLASSES_FILE).write_text("".join(c + "\n" for c in planned.classes))
+    if target == "idx":
+        for split in (cfg.train_split, cfg.eval_split):
+            _join_idx(partial, written, split, planned.shape)
+        shutil.rmtree(partial / "parts")
     os.replace(partial, dest)
     skipped = sorted(r for w in written for r in w.skipped)
     for path, reason in skipped[:20]:

@@ -54,7 +54,7 @@ def test_webdataset_reads_back_in_webdataset(folder, tmp_path):
     assert (tmp_path / "wds" / "classes.txt").read_text() == "3\n7\n"
 
 
-@pytest.mark.parametrize("target", ["parquet", "webdataset"])
+@pytest.mark.parametrize("target", ["parquet", "webdataset", "idx"])
 def test_converted_data_gives_the_sources_figures(ray_local, folder, tmp_path, target):
     idx = write_idx(folder, tmp_path / "idx", ["3", "7", "9"], [3, 7, 9])
     expected = run(tmp_path, folder, "png", classes="all", shard_size=25)
