@@ -51,6 +51,7 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
     """Build the Arrow table of one chunk from `uint8 [N, H, W]` images.
 
     `reuse` holds `files_key`, `digest`, `counts` and `pixel_sums` to store in the metadata.
+    `paths` may be a pyarrow string array (built without a Python string per image).
     """
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"images: expected uint8 [N, H, W], got {images.dtype} {list(images.shape)}")
@@ -82,7 +83,7 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
     return pa.Table.from_arrays(
         [pa.ExtensionArray.from_storage(tensor_type, storage),
          pa.array(np.asarray(class_indices, dtype=np.int32)),
-         pa.array(list(paths), pa.string())],
+         paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())],
         schema=schema,
     )
 
