@@ -46,8 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mnist37 import Mnist37Error
 from mnist37.decode import DecodeError, decode_png, decode_settings
@@ -288,6 +286,8 @@ def _first_shape(root: Path, shards: list[ContainerShard], convert: bool, probes
 
 def _parquet_names(root: Path, source: str, label_column: str) -> tuple[list[str] | None, int]:
     """ClassLabel names of `label_column` from the file's `huggingface` schema metadata."""
+    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
+
     try:
         schema = pq.read_schema(os.path.join(root, source))
     except (pa.ArrowInvalid, OSError) as e:
@@ -305,6 +305,8 @@ def _parquet_names(root: Path, source: str, label_column: str) -> tuple[list[str
 
 def _row_groups(root: Path, source: str, image_column: str, label_column: str) -> list[int]:
     """Rows per row group, from the footer; the columns must be there."""
+    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
+
     try:
         meta = pq.read_metadata(os.path.join(root, source))
     except (pa.ArrowInvalid, OSError) as e:
@@ -324,7 +326,9 @@ def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> list[bytes 
         if column.type.get_field_index("bytes") < 0:
             raise FormatError(f"{source}: image column is a struct without a 'bytes' field ({column.type})")
         nulls = column.is_null()
-        column = pa.compute.if_else(nulls, pa.scalar(None, column.type.field("bytes").type),
+        import pyarrow.compute as pc
+
+        column = pc.if_else(nulls, pa.scalar(None, column.type.field("bytes").type),
                                     column.field("bytes")) if column.null_count else column.field("bytes")
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise FormatError(f"{source}: image column holds {column.type}, expected encoded image bytes")
@@ -332,6 +336,8 @@ def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> list[bytes 
 
 
 def _parquet_records(shard: ContainerShard, root: Path):
+    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
+
     with open_input(root, shard.source) as f:
         parquet = pq.ParquetFile(f)
         row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
@@ -620,6 +626,8 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
         keep = selected >= 0
         idx = np.flatnonzero(keep)
         found = np.bincount(selected[keep], minlength=classes + 1).astype(np.int64)
+        import pyarrow.compute as pc  # here: ~0.1 s of every decode worker's start, for IDX alone
+
         paths = pc.binary_join_element_wise(record_path(shard.source, ""),
                                             pc.cast(pa.array(idx + shard.start), pa.string()), "")
         return ContainerDecoded(pixels[keep] if len(idx) < len(labels) else pixels, selected[keep].astype(np.int32),
