@@ -50,7 +50,6 @@ import pyarrow as pa
 from mnist37 import Mnist37Error
 from mnist37.decode import DecodeError, decode_png, decode_settings
 
-CONTAINER_FORMATS = ("parquet", "webdataset", "idx")
 CLASSES_FILE = "classes.txt"  # WebDataset class names, one a line, in index order
 
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
