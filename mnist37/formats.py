@@ -371,16 +371,19 @@ def _octal(field: bytes) -> int:
 class TarCutShort(FormatError):
     """A tar stream that ends inside a member (`member` is its name) or inside a header (None)."""
 
-    def __init__(self, source: str, reason: str, member: str | None):
+    def __init__(self, source: str, reason: str, member: bytes | None):
         super().__init__(f"{source}: {reason}")
         self.reason, self.member = reason, member
 
 
-def _member_key(name: str) -> tuple[str, str] | None:
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _member_key(name: bytes) -> tuple[bytes, bytes] | None:
     """WebDataset's split of a member name into (key, extension): at the first dot of the base name."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem, ext.lower()) if dot else None
+    dot = name.find(b".", name.rfind(b"/") + 1)
+    return (name[:dot], name[dot + 1:].lower()) if dot >= 0 else None
 
 
 _READ_BLOCK = 1 << 22
@@ -388,7 +391,7 @@ _ZERO_BLOCK = bytes(_TAR_BLOCK)
 
 
 def _tar_members(f, source: str):
-    """(member name, bytes) of each regular file of a tar stream, in order; raises TarCutShort
+    """(member name as bytes, bytes) of each regular file of a tar stream, in order; raises TarCutShort
     when the stream ends inside a member or a header, FormatError when a header does not parse.
 
     A small reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is
@@ -412,11 +415,10 @@ def _tar_members(f, source: str):
             name = buf[pos:end if end >= 0 else pos + 100]
             if buf[pos + 345] != 0 and buf[pos + 257:pos + 262] == b"ustar":
                 name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
-            name = name.decode("utf-8", "surrogateescape")
         try:
             size = int(buf[pos + 124:pos + 135], 8) if buf[pos + 135] == 0 else _octal(buf[pos + 124:pos + 136])
         except ValueError:
-            raise FormatError(f"{source}: corrupt tar header (member {name!r}: size "
+            raise FormatError(f"{source}: corrupt tar header (member {_text(name)!r}: size "
                               f"{buf[pos + 124:pos + 136]!r} is not a number)") from None
         kind = buf[pos + 156]
         start = pos + _TAR_BLOCK
@@ -425,68 +427,62 @@ def _tar_members(f, source: str):
             buf = buf[pos:] + f.read(max(_READ_BLOCK, end - len(buf)))
             start, end, pos = start - pos, end - pos, 0
             if start + size > len(buf):
-                raise TarCutShort(source, f"truncated tar ({name} cut short: {max(len(buf) - start, 0)} of "
+                raise TarCutShort(source, f"truncated tar ({_text(name)} cut short: {max(len(buf) - start, 0)} of "
                                           f"{size} bytes)", name)
         data, pos, long_name = buf[start:start + size], end, None
         if kind == 48 or kind == 0 or kind == 55:  # "0", NUL, "7": regular files
             yield name, data
         elif kind == 76:  # "L": GNU long name of the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            long_name = data.split(b"\0", 1)[0]
         elif kind == 120:  # "x": pax extended header
             for match in re.finditer(rb"\d+ path=([^\n]*)\n", data):
-                long_name = match[1].decode("utf-8", "surrogateescape")
+                long_name = match[1]
 
 
 def _webdataset_records(shard: ContainerShard, root: Path):
     """One record per key: its `.png` bytes and its `.cls` label (members of other kinds are
     not read). A tar cut short rejects the record it cuts (and ends the shard); a damaged
     header rejects the record being read and is named."""
-    key, fields, source = None, {}, shard.source
+    key, fields, prefix = None, {}, record_path(shard.source, "")
 
     def record(problem: str | None = None) -> Record:
-        path, text = record_path(shard.source, key), fields.get("cls")
+        path, text = prefix + _text(key), fields.get(b"cls")
         try:
-            label = int(text.strip()) if text is not None else None
+            label = int(text) if text is not None else None
         except ValueError:
             return Record(path, None, None, problem or
                           f"class {text[:20].decode('utf-8', 'replace')!r} is not an integer")
         if problem is not None:
             return Record(path, label, None, problem)
-        if "png" not in fields:
+        if b"png" not in fields:
             return Record(path, label, None, "no .png member" if label is not None else "no .png or .cls member")
         if text is None:
             return Record(path, None, None, "no .cls member")
-        return Record(path, label, fields["png"], None)
+        return Record(path, label, fields[b"png"], None)
 
     with open_input(root, shard.source) as f:
         try:
             for name, data in _tar_members(f, shard.source):
-                dot = name.find(".", name.rfind("/") + 1)
+                dot = name.find(b".", name.rfind(b"/") + 1)
                 if dot < 0:
                     continue
                 if name[:dot] != key:
                     if key is not None:
-                        if len(fields) == 2 and "png" in fields and "cls" in fields:  # the common case
-                            try:
-                                yield Record(f"{source}:{key}", int(fields["cls"]), fields["png"], None)
-                            except ValueError:
-                                yield record()
-                        else:
-                            yield record()
+                        yield record()
                     key, fields = name[:dot], {}
                 fields[name[dot + 1:].lower()] = data
         except TarCutShort as e:
             cut = _member_key(e.member) if e.member else None
-            whole = "png" in fields and "cls" in fields
+            whole = b"png" in fields and b"cls" in fields
             if key is not None and (cut[0] != key if cut else whole):
                 yield record()  # the record before the cut is whole
                 key, fields = None, {}
             if key is None:
-                key = cut[0] if cut else "<after the last whole record>"
+                key = cut[0] if cut else b"<after the last whole record>"
             yield record(e.reason)
             return
         except FormatError as e:
-            key = key if key is not None else "<start>"
+            key = key if key is not None else b"<start>"
             yield record(str(e).removeprefix(f"{shard.source}: "))
             return
         if key is not None:
