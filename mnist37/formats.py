@@ -520,9 +520,11 @@ def _idx_header(root: Path, path: str, magic: int, ndim: int) -> tuple[int, ...]
 
 
 def _idx_labels_file(root: Path, images: str) -> str:
-    split = _IDX_IMAGES.match(images.rpartition("/")[2])["split"]
-    base = _IDX_LABELS.format(split=split)
-    for name in (base, base + ".gz"):
+    match = _IDX_IMAGES.match(images.rpartition("/")[2])
+    base = _IDX_LABELS.format(split=match["split"])
+    # The labels file is named as its images file is: train-labels-idx1-ubyte or train-labels.idx1-ubyte.
+    separator = images[len(match["split"]) + len("-images")]
+    for name in (base.replace("-idx1", separator + "idx1"), base.replace("-idx1", separator + "idx1") + ".gz"):
         if (root / name).is_file():
             return name
     raise FormatError(f"{root}: {images} has no labels file ({base} or {base}.gz)")

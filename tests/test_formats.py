@@ -184,3 +184,13 @@ def test_errors_name_the_file(folder, tmp_path):
         plan(load(data=str(hf), classes="3 5", chunk_dir=str(tmp_path / "c")))
     with pytest.raises(FormatError, match=r"no column 'img' \(image_column\)"):
         plan(load(data=str(hf), image_column="img", chunk_dir=str(tmp_path / "c")))
+
+
+def test_idx_files_named_with_a_dot(folder, tmp_path):
+    data = write_idx(folder, tmp_path / "idx", ["3", "7", "9"], [3, 7, 9])
+    for path in data.iterdir():  # as some MNIST mirrors name them: train-images.idx3-ubyte
+        path.rename(path.with_name(path.name.replace("-idx", ".idx")))
+    planned = plan(load(data=str(data), classes="all", shard_size=40, chunk_dir=str(tmp_path / "c")))
+    assert planned.format == "idx" and planned.classes == ["3", "7", "9"] and planned.shape == (8, 8)
+    assert [(s.source, s.labels_source, s.start, s.stop) for s in planned.shards if s.split == "train"] == \
+        [("train-images.idx3-ubyte", "train-labels.idx1-ubyte", a, b) for a, b in ((0, 40), (40, 80), (80, 95))]
