@@ -1,10 +1,13 @@
 """Benchmark: fastbook's single-process baseline against mnist37 cold and warm, side by side.
 
     python jobs/benchmark.py --data ../shared/data/mnist_sample.tgz --copies 1 10 100 --repeats 3
+    python jobs/benchmark.py --data ../shared/data/mnist_sample.tgz --copies 100 --formats tar parquet idx
 
 For each N in --copies it builds the data set replicated N times (hard links) under --work,
 then alternates seed / cold / warm --repeats times and prints median wall seconds, images/s,
 ratios to the seed, decode throughput, peak RSS of the driver and of the largest Ray worker.
+--formats tar parquet idx adds cold runs from the same images converted (once, timed apart) to
+WebDataset tar shards, Parquet and IDX.
 cold and warm start their own Ray (`ray.init()`), as on a laptop; --cluster adds cluster-cold
 and cluster-warm, the same job connecting to a Ray head already running on loopback, as under
 `ray job submit`. Everything is also written to --json. Flags after `--` go to
@@ -24,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist37 import Mnist37Error  # noqa: E402
-from mnist37.benchmark import benchmark, format_summary  # noqa: E402
+from mnist37.benchmark import FORMATS, benchmark, format_summary  # noqa: E402
 from mnist37.folder import find_root  # noqa: E402
 from mnist37.replicate import replicate  # noqa: E402
 
@@ -39,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"))
     parser.add_argument("--cluster", action="store_true",
                         help="also run cold and warm against a `ray start --head` on loopback")
+    parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
+                        help="also run cold from these formats (the scaled folder converted once): tar parquet idx")
+    parser.add_argument("--shard-size", type=int, default=8192, help="images per converted file (tar, parquet)")
     parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.copies) < 1:
@@ -56,10 +62,13 @@ def main(args: argparse.Namespace) -> dict:
         made = replicate(source, data, copies, ["train", "valid"], args.classes)
         logging.info("N=%d: %s", copies, made)
         scale = benchmark(data, args.work / f"x{copies}", args.repeats, args.classes, args.evaluate_args,
-                          cluster=args.cluster)
+                          cluster=args.cluster, formats=args.formats, shard_size=args.shard_size)
         scale["copies"] = copies
         report["scales"][str(copies)] = scale
         print(f"\nN = {copies}: " + format_summary(scale["num_images"], scale["summary"]), flush=True)
+        for fmt, seconds in scale["conversion_s"].items():
+            print(f"{fmt}: converted from the folder in " + (f"{seconds:.1f} s" if seconds is not None
+                                                            else "an earlier run (reused)"))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     hashes = {n: {r["prototypes_sha256"] for v, rs in s["runs"].items() if v != "seed" for r in rs}

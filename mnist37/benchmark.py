@@ -11,6 +11,10 @@ Ray is already up: `cluster-cold` and `cluster-warm` connect (`--ray-address`) t
 `ray start --head` that the benchmark starts before them and stops after them, in each round.
 Their wall time is still the whole driver process, connecting included; starting the cluster
 is not.
+
+With `formats`, the same images also run cold from each container format (`tar-cold`,
+`parquet-cold`, `idx-cold`): the scaled folder is converted once (mnist37.convert, timed and
+reported apart, not part of any run) and every round empties that format's chunk folder first.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def _module_env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep}{path}" if path else str(PACKAGE_PARENT)}
 VARIANTS = ("seed", "cold", "warm")
 CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
+# Container formats the benchmark converts the scaled folder to: variant prefix -> converter target.
+FORMATS = {"tar": "webdataset", "parquet": "parquet", "idx": "idx"}
 
 
 def run_seed(data: Path, classes: list[str]) -> dict:
@@ -127,13 +133,37 @@ def running_cluster(log: Path, timeout_s: float = 120) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def converted(data: Path, work: Path, fmt: str, classes: list[str], shard_size: int) -> tuple[Path, float | None]:
+    """The ImageFolder at `data` as format `fmt` (a FORMATS key) under `work`, converted once:
+    (its folder, conversion seconds, or None when an earlier benchmark's copy was reused)."""
+    from mnist37.config import load
+    from mnist37.convert import convert
+
+    dest = work / f"data-{fmt}"
+    marker = work / f".data-{fmt}.done"
+    stamp = f"{data.resolve()}\n{(data / '.mnist37-replica').read_text() if (data / '.mnist37-replica').exists() else ''}" \
+            f"{','.join(classes)}\n{shard_size}\n"
+    if dest.is_dir() and marker.is_file() and marker.read_text() == stamp:
+        return dest, None
+    shutil.rmtree(dest, ignore_errors=True)
+    clock = time.perf_counter()
+    convert(load(data=str(data), classes=classes, shard_size=shard_size, chunk_dir=str(work / "convert-chunks")),
+            dest, FORMATS[fmt])
+    seconds = time.perf_counter() - clock
+    marker.write_text(stamp)
+    return dest, seconds
+
+
 def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str],
-              cluster: bool = False) -> dict:
-    """Alternate seed, cold, warm (and, with `cluster`, cluster-cold and cluster-warm)
-    `repeats` times over the ImageFolder at `data`."""
+              cluster: bool = False, formats: list[str] = (), shard_size: int = 8192) -> dict:
+    """Alternate seed, cold, warm (and, with `cluster`, cluster-cold and cluster-warm; with
+    `formats`, <format>-cold for each) `repeats` times over the ImageFolder at `data`."""
     num_images = sum(len(os.listdir(data / split / c)) for split in ("train", "valid") for c in classes)
-    runs = {v: [] for v in VARIANTS + (CLUSTER_VARIANTS if cluster else ())}
+    runs = {v: [] for v in VARIANTS + (CLUSTER_VARIANTS if cluster else ()) + tuple(f"{f}-cold" for f in formats)}
     addresses = []
+    sources, conversion_s = {}, {}
+    for fmt in formats:
+        sources[fmt], conversion_s[fmt] = converted(data, work, fmt, classes, shard_size)
 
     def cold_then_warm(prefix: str, address: str) -> None:
         chunk_dir = work / f"{prefix}chunks"
@@ -147,12 +177,17 @@ def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: l
         # `local`: the job's own Ray. The head is up only for the cluster runs: with another
         # Ray on the machine a local ray.init() takes ~7.6 s here instead of ~2.7 s.
         cold_then_warm("", "local")
+        for fmt in formats:
+            chunk_dir = work / f"{fmt}-chunks"
+            shutil.rmtree(chunk_dir, ignore_errors=True)
+            runs[f"{fmt}-cold"].append(run_mnist37(sources[fmt], work / f"out-{fmt}-cold", chunk_dir,
+                                                   [*extra, "--ray-address", "local"]))
         if cluster:
             with running_cluster(work / "ray-start.log") as address:
                 addresses.append(address)
                 cold_then_warm("cluster-", address)
     return {"data": str(data), "num_images": num_images, "ray_addresses": addresses, "runs": runs,
-            "summary": summarize(runs, num_images)}
+            "conversion_s": conversion_s, "summary": summarize(runs, num_images)}
 
 
 def summarize(runs: dict, num_images: int) -> dict:

@@ -7,7 +7,9 @@ Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_sh
 chunk without decoding again: `mnist37.files_key` (paths, sizes, modification times, decode
 settings), `mnist37.digest` (content), `mnist37.counts` (JSON, per class) and
 `mnist37.pixel_sums` (int64 [C, H, W], little-endian bytes), `mnist37.rejected` (JSON
-[path, reason] of the shard's files left out). The metadata is in the file's
+[path, reason] of the shard's files left out) and, for container shards, `mnist37.records`
+(JSON: `found` and `rejected_per_class` per class plus one for records of unreadable class,
+`ignored`). The metadata is in the file's
 footer, so it is read without touching the images.
 
 `mnist37.checksum` covers everything a later run trusts: every other metadata entry (the reuse
@@ -74,6 +76,7 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
 
     `reuse` holds `files_key`, `digest`, `counts` (int64 [C]), `pixel_sums` (int64 [C, H, W])
     and `rejected` ([(path, reason)]) to store in the footer as the reuse record.
+    `paths` may be a pyarrow string array (built without a Python string per image).
     """
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"images: expected uint8 [N, H, W], got {images.dtype} {list(images.shape)}")
@@ -98,12 +101,14 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
             "mnist37.pixel_sums": np.ascontiguousarray(reuse["pixel_sums"], dtype="<i8").tobytes(),
             "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
         })
+        if reuse.get("records") is not None:  # container shards: what the task found per class
+            metadata["mnist37.records"] = json.dumps(reuse["records"])
     schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
                        metadata=metadata)
     table = pa.Table.from_arrays(
         [pa.ExtensionArray.from_storage(tensor_type, storage),
          pa.array(np.asarray(class_indices, dtype=np.int32)),
-         pa.array(list(paths), pa.string())],
+         paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())],
         schema=schema,
     )
     return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table)})
@@ -276,6 +281,7 @@ def read_chunk_metadata(path: str | Path) -> dict:
             "pixel_sums": np.frombuffer(meta[b"mnist37.pixel_sums"], dtype="<i8").astype(np.int64)
                             .reshape(len(counts), h, w),
             "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
+            "records": json.loads(meta[b"mnist37.records"]) if b"mnist37.records" in meta else None,
         }
     except (KeyError, ValueError, TypeError) as e:
         raise ChunkError(f"{path}: the reuse record in its footer does not parse ({type(e).__name__}: {e})") from None

@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_FILE = ("error", "skip")
 CHUNK_TRANSPORTS = ("auto", "filesystem", "object_store")
 NON_GRAYSCALE = ("reject", "convert")
+FORMATS = ("auto", "folder", "parquet", "webdataset", "idx")
 
 
 class ConfigError(Mnist37Error, ValueError):
@@ -33,10 +34,19 @@ class ConfigError(Mnist37Error, ValueError):
 @dataclass
 class Config:
     # A data set in ImageFolder layout, <root>/<split>/<class>/*.png: a folder, a .tgz/.tar.gz,
-    # or a name (mnist_sample, mnist, mnist_tiny) downloaded from fastai's archives.
+    # or a name (mnist_sample, mnist, mnist_tiny) downloaded from fastai's archives; or a
+    # folder of Parquet files, WebDataset tar shards or IDX files (see `format`).
     data: str = "mnist_sample"
     # Output folder: results.json, prototype PNGs, the accuracy table.
     out: str = "runs/latest"
+    # What `data` holds: "folder" (ImageFolder PNGs), "parquet" (Hugging Face datasets layout),
+    # "webdataset" (tar shards of <key>.png + <key>.cls), "idx" (MNIST's own files); "auto"
+    # tells them apart by the files there (README: Formats).
+    format: str = "auto"
+    # Parquet columns: encoded image bytes (a struct with a `bytes` field, or binary) and the
+    # integer label.
+    image_column: str = "image"
+    label_column: str = "label"
     # Where Arrow tensor chunks are kept: a path or a pyarrow filesystem URI (file://, s3://,
     # gs://, hdfs://); empty means <cache_dir>/chunks/<data root name>-<hash>, shared by every
     # run over the same data root.
@@ -167,6 +177,8 @@ def validate(cfg: Config) -> None:
     if cfg.chunk_transport not in CHUNK_TRANSPORTS:
         raise ConfigError(f"chunk_transport: unknown transport {cfg.chunk_transport!r}; "
                           f"expected one of {', '.join(CHUNK_TRANSPORTS)}")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format: unknown format {cfg.format!r}; expected one of {', '.join(FORMATS)}")
     if cfg.on_bad_file not in ON_BAD_FILE:
         raise ConfigError(f"on_bad_file: unknown policy {cfg.on_bad_file!r}; expected one of {', '.join(ON_BAD_FILE)}")
     if cfg.non_grayscale not in NON_GRAYSCALE:

@@ -49,7 +49,7 @@ class Decoding:
     shards: list[DecodedShard]  # sorted by (split, index); pixel sums dropped once added
     sums: PixelSums  # of the training split
     counts: dict[str, np.ndarray]  # per split: images used per class, int64 [C]
-    found: dict[str, np.ndarray]  # per split: image files per class the tasks were given, int64 [C]
+    found: dict[str, np.ndarray]  # per split: files (records) per class the tasks found, int64 [C + 1]
     rejected: list[tuple[str, str]]  # (path, reason), sorted
     transport: str  # how evaluation chunks reach classify tasks
     elapsed_s: float
@@ -70,7 +70,7 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
     transport = choose_transport(cfg, planned.chunk_dir)
     sums = PixelSums.zeros(len(planned.classes), planned.shape)
     counts = {split: np.zeros(len(planned.classes), dtype=np.int64) for split in splits}
-    found = {split: np.zeros(len(planned.classes), dtype=np.int64) for split in splits}
+    found = {split: np.zeros(len(planned.classes) + 1, dtype=np.int64) for split in splits}
     done_shards, rejected = [], []
     status.stage, status.shards_total = "decode", len(planned.shards)
     progress = Progress("decode", len(planned.shards), " shards")
@@ -95,10 +95,34 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
 
 
 def check_files(planned: Plan, decoding: Decoding) -> dict:
-    """Per split and class: image files found, used, rejected, ignored, with found = used +
-    rejected everywhere (no image goes missing); then the bad-file policy and the classes
-    left with no training images. Returns the accounts for results.json."""
-    cfg, accounts = planned.cfg, {}
+    """Per split and class: image files (records) found, used, rejected, ignored, with found =
+    used + rejected everywhere (no image goes missing); then the bad-file policy and the
+    classes left with no training images. Returns the accounts for results.json."""
+    cfg = planned.cfg
+    if planned.format == "folder":
+        accounts = folder_accounts(planned, decoding)
+    else:  # no listing on the driver: the tasks counted the records
+        accounts = record_accounts(planned.classes, (cfg.train_split, cfg.eval_split), decoding.shards)
+    refused = sum(a["rejected"] for per_class in accounts.values() for a in per_class.values())
+    if refused != len(decoding.rejected):
+        raise Mnist37Error(f"{refused} image files were not used but {len(decoding.rejected)} rejections were reported")
+    found = sum(r.num_files for r in decoding.shards)
+    if decoding.rejected and cfg.on_bad_file == "error":
+        raise BadFilesError(decoding.rejected, found)
+    for name, count in zip(planned.classes, decoding.counts[cfg.train_split]):
+        if count == 0:
+            raise DatasetError(f"Class {name!r} has no usable images under {cfg.train_split}/ "
+                               f"(all {accounts[cfg.train_split][name]['found']} rejected)")
+    if decoding.rejected:
+        log.warning("left out %d of %d image files (on_bad_file = skip); listed in results.json",
+                    len(decoding.rejected), found)
+    return accounts
+
+
+def folder_accounts(planned: Plan, decoding: Decoding) -> dict:
+    """The files table of a folder data set: found per class from the driver's listing, which
+    must equal what the decode tasks were given."""
+    accounts = {}
     for split, listing in planned.listings.items():
         listed = np.bincount(listing.class_indices, minlength=len(planned.classes))
         used, given = decoding.counts[split], decoding.found[split]
@@ -109,19 +133,34 @@ def check_files(planned: Plan, decoding: Decoding) -> dict:
                                    "reached the decode tasks")
             accounts[split][name] = {"found": int(listed[index]), "used": int(used[index]),
                                      "rejected": int(given[index] - used[index]), "ignored": listing.ignored[index]}
-    refused = sum(a["rejected"] for per_class in accounts.values() for a in per_class.values())
-    if refused != len(decoding.rejected):
-        raise Mnist37Error(f"{refused} image files were not used but {len(decoding.rejected)} rejections were reported")
-    found = sum(len(listing) for listing in planned.listings.values())
-    if decoding.rejected and cfg.on_bad_file == "error":
-        raise BadFilesError(decoding.rejected, found)
-    for name, count in zip(planned.classes, decoding.counts[cfg.train_split]):
-        if count == 0:
-            raise DatasetError(f"Class {name!r} has no usable images under {cfg.train_split}/ "
-                               f"(all {accounts[cfg.train_split][name]['found']} rejected)")
-    if decoding.rejected:
-        log.warning("left out %d of %d image files (on_bad_file = skip); listed in results.json",
-                    len(decoding.rejected), found)
+    return accounts
+
+
+def record_accounts(classes: list[str], splits: tuple[str, ...], shards: list[DecodedShard]) -> dict:
+    """The files table of a container data set, from what the decode tasks found: per split
+    and class, records found, used, rejected; records of classes not selected are `ignored`
+    under "(other classes)", records whose class could not be read are found and rejected
+    under "(no class)". Raises Mnist37Error unless found = used + rejected everywhere."""
+    accounts = {}
+    for split in splits:
+        found = np.zeros(len(classes) + 1, dtype=np.int64)
+        used = np.zeros(len(classes) + 1, dtype=np.int64)
+        refused = np.zeros(len(classes) + 1, dtype=np.int64)
+        ignored = 0
+        for r in shards:
+            if r.split == split:
+                found += r.found
+                used[:-1] += r.counts
+                refused += r.rejected_per_class
+                ignored += r.ignored
+        accounts[split] = {}
+        for name, f, u, x in zip([*classes, "(no class)"], found.tolist(), used.tolist(), refused.tolist()):
+            if f != u + x:
+                raise Mnist37Error(f"{split}/{name}: {f} records found but {u} used and {x} rejected")
+            if name != "(no class)" or f:
+                accounts[split][name] = {"found": f, "used": u, "rejected": x, "ignored": 0}
+        if ignored:
+            accounts[split]["(other classes)"] = {"found": 0, "used": 0, "rejected": 0, "ignored": ignored}
     return accounts
 
 
@@ -198,7 +237,7 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
     planned, decoding, classification = ev.plan, ev.decoding, ev.classification
     cfg, classes = planned.cfg, planned.classes
     splits = (cfg.train_split, cfg.eval_split)
-    found = sum(len(listing) for listing in planned.listings.values())
+    found = sum(r.num_files for r in decoding.shards)
     reused = sum(r.num_files for r in decoding.shards if r.reused)
     worker_peaks = {}  # (node, pid) -> bytes: pids repeat across nodes
     for r in [*decoding.shards, *classification.chunks.values()]:
@@ -216,7 +255,7 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
     return {
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
-        "data": {"source": str(cfg.data), "root": str(planned.root),
+        "data": {"source": str(cfg.data), "root": str(planned.root), "format": planned.format,
                  "folder_listings_reused": sum(listing.reused for listing in planned.listings.values()),
                  "fingerprint": f"{combine_digests(*(r.digest for r in decoding.shards)):032x}"},
         "classes": list(classes),

@@ -218,8 +218,9 @@ class Located:
     """The data set found, with its splits and classes resolved into the config."""
 
     cfg: Config  # train_split, eval_split and classes filled in
-    root: Path  # the folder holding <split>/<class>/ folders
-    classes: list[str]  # in index order ("all" expanded)
+    root: Path  # the folder holding <split>/<class>/ folders, or a container format's files
+    classes: list[str]  # in index order ("all" expanded for folders; containers resolve it in plan)
+    format: str = "folder"  # or a container format (mnist37.formats)
 
 
 def locate(cfg: Config) -> Located:
@@ -232,6 +233,13 @@ def locate(cfg: Config) -> Located:
     if cfg.train_split == cfg.eval_split:
         raise ConfigError(f"eval_split: must differ from train_split ({cfg.train_split!r})")
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
+    from mnist37 import formats  # here, not at the top: pyarrow.parquet is not needed to say "no such file"
+
+    fmt = formats.detect(formats.container_root(root), cfg.format)
+    if fmt != "folder":
+        root = formats.container_root(root)
+        formats.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
+        return Located(cfg, root, list(cfg.classes), fmt)
     classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
     for split in (cfg.train_split, cfg.eval_split):
         check_split(root, split, classes)

@@ -16,6 +16,7 @@ from pathlib import Path
 from mnist37.config import Config
 from mnist37.decode import image_shape
 from mnist37.folder import Listing, Located, list_split
+from mnist37.formats import ContainerShard, plan_containers
 from mnist37.paths import cache_home, is_uri
 from mnist37.shards import Shard, clean_partials, make_shards
 
@@ -34,11 +35,12 @@ class Plan:
     cfg: Config
     root: Path
     classes: list[str]
-    listings: dict[str, Listing]  # per split, train first
+    listings: dict[str, Listing]  # per split, train first; container formats list no files ({})
     shape: tuple[int, int]
-    shards: list[Shard]
+    shards: list[Shard] | list[ContainerShard]
     chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
+    format: str = "folder"  # or a container format (mnist37.formats)
 
 
 def default_chunk_dir(cfg: Config, root: Path) -> Path:
@@ -58,11 +60,19 @@ def plan(located: Located) -> Plan:
     else:
         chunk_dir = str(Path(cfg.chunk_dir).resolve() if cfg.chunk_dir else default_chunk_dir(cfg, root))
         clean_partials(Path(chunk_dir))
+    convert = cfg.non_grayscale == "convert"
+    if located.format != "folder":
+        planned = plan_containers(root, located.format, cfg.train_split, cfg.eval_split, list(cfg.classes),
+                                  cfg.shard_size, tuple(cfg.image_shape) or None, convert,
+                                  cfg.image_column, cfg.label_column)
+        log.info("%s: %s, %s, %d shards", root, located.format, ", ".join(
+            f"{split} {len(files)} files" for split, files in planned.splits.items()), len(planned.shards))
+        return Plan(cfg, root, planned.classes, {}, planned.shape, planned.shards, chunk_dir,
+                    time.perf_counter() - clock, located.format)
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
     reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
     listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
-    convert = cfg.non_grayscale == "convert"
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(

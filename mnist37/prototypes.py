@@ -17,13 +17,20 @@ from mnist37.folder import DatasetError
 PIXEL_MAX = 255.0
 
 
+# 257 uint8 images add up to at most 255 * 257 = 65535: exact in uint16, which numpy sums
+# ~3x faster than into int64; blocks of them are then added in int64.
+_UINT16_BLOCK = 257
+
+
 def pixel_sums(images: np.ndarray, class_indices: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class sums of `uint8 [N, H, W]` images: (`int64 [C, H, W]`, counts `int64 [C]`)."""
     class_indices = np.asarray(class_indices)
     sums = np.zeros((num_classes, *images.shape[1:]), dtype=np.int64)
     counts = np.bincount(class_indices, minlength=num_classes).astype(np.int64)
     for c in np.flatnonzero(counts):
-        sums[c] = images[class_indices == c].sum(axis=0, dtype=np.int64)
+        members = images if counts[c] == len(images) else images[class_indices == c]
+        for start in range(0, len(members), _UINT16_BLOCK):
+            sums[c] += members[start:start + _UINT16_BLOCK].sum(axis=0, dtype=np.uint16)
     return sums, counts
 
 

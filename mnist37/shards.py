@@ -6,6 +6,11 @@ sizes, modification times, decode settings) is not decoded again: its counts, pi
 digest come from the chunk's metadata, once the whole chunk is verified against its checksum.
 A chunk that is there but cannot be reused (damaged, of another data set or mnist37 version,
 written from other files) is decoded again, and the DecodedShard says why (`discarded`).
+
+A shard is a run of listed files (`Shard`, the folder layout) or a piece of one container
+file (`formats.ContainerShard`: Parquet row groups, a tar, IDX records); both decode into
+the same chunks. A container shard also reports how many records of each class it found,
+since no listing on the driver knows that.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_
                             verify_chunk, write_chunk)
 from mnist37.decode import Group, decode_groups, files_key
 from mnist37.folder import Listing, relative_paths
+from mnist37.formats import ContainerShard, FormatError, read_shard
 from mnist37.paths import class_folder
 from mnist37.prototypes import pixel_sums
 
@@ -61,8 +67,10 @@ class DecodedShard:
     split: str
     index: int
     chunk_path: str
-    num_files: int  # listed
-    found: np.ndarray  # int64 [C], listed files per class: found = counts + rejected, per class
+    num_files: int  # listed (container shards: records read of the selected classes, or of no readable class)
+    # int64 [C + 1]: files (records) per class, found = counts + rejected per class; the last
+    # slot counts records whose class could not be read (containers only; 0 for folders)
+    found: np.ndarray
     num_images: int  # decoded and kept: num_files - len(rejected)
     rejected: list[tuple[str, str]]  # (path, reason) of each file left out
     num_bytes: int
@@ -80,6 +88,9 @@ class DecodedShard:
     pid: int = 0
     gpu_ids: list = field(default_factory=list)  # GPUs Ray assigned to the task (none, by design)
     chunk_ref: object = None  # Ray's ref to the chunk's bytes, when they travel through the object store
+    # Container shards only (None / 0 for folder shards, whose listing the driver holds):
+    rejected_per_class: np.ndarray | None = None  # int64 [C + 1], as `found`
+    ignored: int = 0  # records of classes not selected
 
 
 def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
@@ -91,7 +102,7 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
     ]
 
 
-def chunk_path(chunk_dir: str | Path, shard: Shard) -> str:
+def chunk_path(chunk_dir: str | Path, shard: Shard | ContainerShard) -> str:
     """Where the shard's chunk lives: a path, or a URI when `chunk_dir` is one."""
     return join(chunk_dir, shard.split, f"{shard.name}.arrow")
 
@@ -144,34 +155,81 @@ def _reusable(path: str, root: Path, shard: Shard, shape: tuple[int, int], group
     return meta, ""
 
 
-def decode_shard(shard: Shard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
+def decode_shard(shard: Shard | ContainerShard, root: str | Path, shape: tuple[int, int], chunk_dir: str | Path,
                  with_sums: bool, reuse: bool = True, convert: bool = False, verify: bool = True) -> DecodedShard:
-    """Decode a shard's PNGs into its Arrow chunk (or reuse a still-valid one), count images
-    per class and, when `with_sums`, return their per-class pixel sums.
+    """Decode a shard's PNGs (or a container shard's records) into its Arrow chunk (or reuse
+    a still-valid one), count images per class and, when `with_sums`, return their per-class
+    pixel sums.
 
-    Files that cannot be used are left out of the chunk and returned in `rejected`; whether
-    that stops the job is the caller's policy. The chunk records them too, so a run that
-    reuses it reports the same rejections."""
+    Files (records) that cannot be used are left out of the chunk and returned in `rejected`;
+    whether that stops the job is the caller's policy. The chunk records them too, so a run
+    that reuses it reports the same rejections."""
     start = time.perf_counter()
-    root, path, groups = Path(root), chunk_path(chunk_dir, shard), shard.groups()
-    meta, discarded = _reusable(path, root, shard, shape, groups, convert, verify) if reuse else (None, "")
-    if meta is None:
-        decoded = decode_groups(root, groups, shape, convert)
-        labels = shard.class_indices[decoded.kept]
-        sums, counts = pixel_sums(decoded.images, labels, len(shard.classes))
-        meta = {"files_key": decoded.files_key, "digest": decoded.digest, "counts": counts,
-                "pixel_sums": sums, "rejected": decoded.rejected}
-        table = chunk_table(decoded.images, labels, decoded.paths, shard.classes, shard.split, reuse=meta)
-        meta["checksum"] = table.schema.metadata[CHECKSUM_KEY].decode()
-        meta["num_bytes"] = write_chunk(path, table, store=chunk_dir)
-        reused = False
+    root, path = Path(root), chunk_path(chunk_dir, shard)
+    if isinstance(shard, ContainerShard):
+        meta, discarded = _decode_container(shard, root, shape, path, chunk_dir, reuse, convert, verify)
     else:
-        reused = True
+        groups = shard.groups()
+        meta, discarded = _reusable(path, root, shard, shape, groups, convert, verify) if reuse else (None, "")
+        if meta is not None:
+            meta = {**meta, "reused": True}
+        else:
+            decoded = decode_groups(root, groups, shape, convert)
+            labels = shard.class_indices[decoded.kept]
+            sums, counts = pixel_sums(decoded.images, labels, len(shard.classes))
+            meta = _write(path, chunk_dir, decoded.images, labels, decoded.paths, shard, {
+                "files_key": decoded.files_key, "digest": decoded.digest, "counts": counts, "pixel_sums": sums,
+                "rejected": decoded.rejected})
+    records = meta.get("records")
+    found = (np.array(records["found"], dtype=np.int64) if records else
+             np.bincount(shard.class_indices, minlength=len(shard.classes) + 1).astype(np.int64))
     return DecodedShard(
-        split=shard.split, index=shard.index, chunk_path=path, num_files=len(shard),
-        found=np.bincount(shard.class_indices, minlength=len(shard.classes)).astype(np.int64),
+        split=shard.split, index=shard.index, chunk_path=path, num_files=int(found.sum()), found=found,
         num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
         num_bytes=meta["num_bytes"], digest=meta["digest"], checksum=meta["checksum"], counts=meta["counts"],
-        pixel_sums=meta["pixel_sums"] if with_sums else None, reused=reused, discarded=discarded,
+        pixel_sums=meta["pixel_sums"] if with_sums else None, reused=meta.get("reused", False), discarded=discarded,
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
+        rejected_per_class=np.array(records["rejected_per_class"], dtype=np.int64) if records else None,
+        ignored=records["ignored"] if records else 0,
     )
+
+
+def _write(path: str, chunk_dir: str | Path, images: np.ndarray, labels: np.ndarray, paths, shard,
+           record: dict) -> dict:
+    """Write a freshly decoded chunk with its reuse `record`; return the record completed with
+    the chunk's checksum and size."""
+    table = chunk_table(images, labels, paths, shard.classes, shard.split, reuse=record)
+    return {**record, "checksum": table.schema.metadata[CHECKSUM_KEY].decode(),
+            "num_bytes": write_chunk(path, table, store=chunk_dir), "reused": False}
+
+
+def _decode_container(shard: ContainerShard, root: Path, shape: tuple[int, int], path: str, chunk_dir: str | Path,
+                      reuse: bool, convert: bool, verify: bool) -> tuple[dict, str]:
+    """A container shard's chunk record and why an existing chunk was not reused (as
+    `_reusable`): reused while the container files' (path, size, mtime), the shard's range and
+    the decode settings are unchanged and the chunk verifies, else decoded and written."""
+    try:
+        key = shard.key(root, shape, convert)
+    except OSError as e:
+        raise FormatError(f"{shard.source}: cannot read ({e.strerror or e})") from None
+    discarded = ""
+    if reuse:
+        try:
+            meta = read_chunk_metadata(path)
+            if meta["files_key"] != key or not meta.get("records"):
+                discarded = f"{path}: written from other records (container files, range or settings differ)"
+            else:
+                if verify:
+                    verify_chunk(path, meta["checksum"])
+                return {**meta, "reused": True}, ""
+        except ChunkNotFoundError:
+            pass
+        except (ChunkError, OSError) as e:
+            discarded = str(e)
+    decoded = read_shard(shard, root, shape, convert)
+    sums, counts = pixel_sums(decoded.images, decoded.class_indices, len(shard.classes))
+    return _write(path, chunk_dir, decoded.images, decoded.class_indices, decoded.paths, shard, {
+        "files_key": key, "digest": decoded.digest, "counts": counts, "pixel_sums": sums,
+        "rejected": decoded.rejected,
+        "records": {"found": decoded.found.tolist(), "rejected_per_class": decoded.rejected_per_class.tolist(),
+                    "ignored": decoded.ignored}}), discarded

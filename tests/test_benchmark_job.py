@@ -51,3 +51,21 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
         host, port = scale["ray_addresses"][0].split(":")
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect((host, int(port)))
+
+
+def test_benchmark_adds_cold_runs_from_each_format(image_folder, tmp_path):
+    argv = [sys.executable, "jobs/benchmark.py", "--data", str(image_folder), "--copies", "2", "--repeats", "1",
+            "--work", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json"),
+            "--formats", "tar", "parquet", "idx", "--shard-size", "100", "--", "--shard-size", "16"]
+    run = subprocess.run(argv, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    scale = json.loads((tmp_path / "bench.json").read_text())["scales"]["2"]
+    assert set(scale["summary"]) == {"seed", "cold", "warm", "tar-cold", "parquet-cold", "idx-cold"}
+    assert set(scale["conversion_s"]) == {"tar", "parquet", "idx"}
+    assert sorted(p.name for p in (tmp_path / "bench" / "x2" / "data-tar").glob("*.tar")) == \
+        ["train-000000.tar", "train-000001.tar", "train-000002.tar", "valid-000000.tar"]  # 256 + 48 images
+    for fmt in ("tar", "parquet", "idx"):
+        assert scale["runs"][f"{fmt}-cold"][0]["files_reused"] == 0
+    assert "prototypes_identical_across_scales_and_runs: True" in run.stdout  # every format, same prototypes
+    assert "seed_and_mnist37_agree_per_scale: {'2': True}" in run.stdout
+    assert "idx-cold" in run.stdout and "tar: converted from the folder in" in run.stdout

@@ -1,0 +1,684 @@
+"""Container formats: Hugging Face Parquet, WebDataset tar shards and MNIST's IDX files.
+
+One home for what a data set in one of these formats holds and how its records are read:
+
+- `detect(root, format)`: which format a data root is in ("folder", "parquet", "webdataset",
+  "idx"), from the files it holds, unless the `format` config key says.
+- `plan_containers(...)`: its splits, class names, image shape and shards, reading only
+  Parquet footers, IDX headers (and the small IDX labels file) and, for the image shape,
+  the first image of the training split; never a whole container.
+- `read_shard(shard, root, shape, convert)`: one task's records, front to back, decoded as
+  the folder path decodes (decode.decode_png), with every record counted: used, rejected
+  (with its class when known and a reason) or ignored (a class not selected).
+
+Layouts:
+
+- Parquet (Hugging Face datasets): `<split>-NNNNN-of-NNNNN.parquet` (also under `data/`) or
+  `<split>/*.parquet`; an `image` column (struct of `bytes`, `path`, or plain binary) and an
+  integer `label` column (`image_column`, `label_column` name others); class names from the
+  `huggingface` schema metadata (the label's ClassLabel `names`). A shard is a run of row
+  groups.
+- WebDataset: `<split>-*.tar` or `<split>/*.tar`; members `<key>.png` and `<key>.cls` (the
+  class index as text); class names from `classes.txt` beside the shards (one a line, index
+  order), else the indices as text. A shard is one tar file, read as a stream.
+- IDX: `<split>-images-idx3-ubyte` and `<split>-labels-idx1-ubyte`, plain or `.gz`; class
+  names are the label values as text ("0".."9"); pixels are read as they are (no decoding).
+  A shard is a range of records.
+
+Files are opened through `open_input`, which a `pyarrow.fs` filesystem can take over later
+(object stores); everything else sees only relative paths and readable files.
+
+A record is named `<container path>:<key>`: the tar member key, the Parquet row, the IDX
+record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mnist37 import Mnist37Error
+from mnist37.decode import DecodeError, decode_png, decode_settings
+
+CLASSES_FILE = "classes.txt"  # WebDataset class names, one a line, in index order
+
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
+_IDX_IMAGES = re.compile(r"^(?P<split>.+)-images[-.]idx3-ubyte(?P<gz>\.gz)?$")
+_IDX_LABELS = "{split}-labels-idx1-ubyte"
+_PARQUET_SPLIT = re.compile(r"^(?P<split>.+?)(-\d+-of-\d+)?\.parquet$")
+_TAR_SPLIT = re.compile(r"^(?P<split>.+?)-[^-]*\.tar$")
+_TAR_BLOCK = 512
+
+
+class FormatError(Mnist37Error, ValueError):
+    """A container file that is not what its format says (one line: the file and what is wrong)."""
+
+
+def open_input(root: Path, path: str):
+    """A readable binary file for `path` ('/'-separated, relative to `root`): the one place a
+    container is opened (a pyarrow.fs filesystem would take it over for object stores)."""
+    return open(os.path.join(root, path), "rb")
+
+
+def _stat(root: Path, path: str) -> tuple[int, int]:
+    stat = os.stat(os.path.join(root, path))
+    return stat.st_size, stat.st_mtime_ns
+
+
+def record_path(source: str, key: str | int) -> str:
+    """How a record is named in rejections, chunks and reports: `<container>:<key>`."""
+    return f"{source}:{key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection and listing of containers
+
+
+def _files(folder: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def containers(root: Path, fmt: str) -> dict[str, list[str]]:
+    """split -> its container files of format `fmt` (sorted, relative to root); for IDX the
+    images file of each split."""
+    found: dict[str, list[str]] = {}
+    if fmt == "idx":
+        for name in _files(root):
+            if m := _IDX_IMAGES.match(name):
+                found.setdefault(m["split"], []).append(name)
+        return found
+    ext, pattern = (".parquet", _PARQUET_SPLIT) if fmt == "parquet" else (".tar", _TAR_SPLIT)
+    for prefix in ("", "data/") if fmt == "parquet" else ("",):
+        for name in _files(root / prefix):
+            if name.endswith(ext) and (m := pattern.match(name)):
+                found.setdefault(m["split"], []).append(prefix + name)
+        if found:
+            return found
+    for split in _subfolders(root):  # a folder per split
+        names = [f"{split}/{n}" for n in _files(root / split) if n.endswith(ext)]
+        if names:
+            found[split] = names
+    return found
+
+
+def detect(root: Path, fmt: str = "auto") -> str:
+    """The format of the data root: `fmt` unless it is "auto"; else the first container format
+    whose files it holds (IDX, then Parquet, then WebDataset), else "folder"."""
+    if fmt != "auto":
+        return fmt
+    for candidate in ("idx", "parquet", "webdataset"):
+        if containers(root, candidate):
+            return candidate
+    return "folder"
+
+
+def container_root(path: Path) -> Path:
+    """A data root wrapped in one top folder (mnist/...) resolves to that folder (a folder per
+    split needs two, and Hugging Face's `data/` folder belongs to the root above it)."""
+    if path.is_dir() and not _files(path):
+        inner = _subfolders(path)
+        if len(inner) == 1 and inner[0] != "data" and detect(path / inner[0]) != "folder":
+            return path / inner[0]
+    return path
+
+
+@dataclass(eq=False)
+class ContainerShard:
+    """A piece of one container file, decoded by one task into one chunk."""
+
+    split: str
+    index: int
+    shard_size: int  # as configured (container shards are cut near it, at row-group or file ends)
+    classes: tuple[str, ...]  # selected classes, in index order
+    format: str  # "parquet" | "webdataset" | "idx"
+    source: str  # the container file, relative to the root
+    start: int  # first row group (Parquet) or record (IDX); 0 for a tar
+    stop: int  # one past the last; -1 for a tar (read to its end)
+    class_map: np.ndarray  # int32 [L]: label value -> selected class index, -1 = not selected
+    declared: int  # labels the format declares (values 0..declared-1); 0 = names not declared
+    labels_source: str = ""  # IDX: the labels file
+    image_column: str = "image"
+    label_column: str = "label"
+    num_records: int = 0  # when known before reading (Parquet, IDX); 0 for a tar
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.format}-{self.shard_size}-{self.index:06d}"
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def key(self, root: Path, shape: tuple[int, int], convert: bool) -> str:
+        """What the chunk was made from: the container files' (path, size, mtime), the range,
+        the columns, the class selection and the decode settings. Raises OSError when a
+        container cannot be stat'ed."""
+        h = hashlib.blake2b(decode_settings(convert).encode(), digest_size=16)
+        for path in filter(None, (self.source, self.labels_source)):
+            h.update(json.dumps([path, *_stat(root, path)]).encode())
+        h.update(json.dumps([self.format, self.start, self.stop, self.image_column, self.label_column,
+                             self.declared, list(shape)]).encode())
+        h.update(np.ascontiguousarray(self.class_map, dtype="<i4").tobytes())
+        return h.hexdigest()
+
+
+@dataclass(eq=False)
+class ContainerPlan:
+    format: str
+    classes: list[str]  # selected, in index order
+    shape: tuple[int, int]
+    shards: list[ContainerShard]
+    splits: dict[str, list[str]]  # split -> container files
+
+
+def _class_map(declared_names: list[str] | None, classes: list[str], where: str,
+               size: int | None = None) -> np.ndarray:
+    """int32 [L]: for each label value, its index in `classes`, or -1."""
+    if declared_names is not None:
+        index = {name: i for i, name in enumerate(declared_names)}
+        missing = [c for c in classes if c not in index]
+        if missing:
+            raise FormatError(f"{where}: class {missing[0]!r} is not among its class names {declared_names}")
+        mapping = np.full(size or len(declared_names), -1, dtype=np.int32)
+        for i, c in enumerate(classes):
+            mapping[index[c]] = i
+        return mapping
+    values = []
+    for c in classes:
+        if not c.isdigit():
+            raise FormatError(f"{where}: declares no class names, so classes are label values; got {c!r}")
+        values.append(int(c))
+    mapping = np.full(max(values) + 1, -1, dtype=np.int32)
+    mapping[values] = np.arange(len(values), dtype=np.int32)
+    return mapping
+
+
+def check_splits(root: Path, fmt: str, splits: tuple[str, ...]) -> dict[str, list[str]]:
+    """The container files of each split; FormatError naming the splits found when one is missing."""
+    found = containers(root, fmt)
+    for split in splits:
+        if split not in found:
+            raise FormatError(f"{root}: no {fmt} files for split {split!r}; found splits: "
+                              f"{', '.join(sorted(found)) or 'none'}")
+    return {split: found[split] for split in splits}
+
+
+def plan_containers(root: Path, fmt: str, train_split: str, eval_split: str, classes: list[str],
+                    shard_size: int, shape: tuple[int, int] | None, convert: bool,
+                    image_column: str = "image", label_column: str = "label") -> ContainerPlan:
+    """Splits, classes, image shape and shards of a container data set (see the module doc)."""
+    splits = check_splits(root, fmt, (train_split, eval_split))
+    if fmt == "idx":
+        return _plan_idx(root, splits, train_split, classes, shard_size, shape)
+    if fmt == "parquet":
+        names, declared = _parquet_names(root, splits[train_split][0], label_column)
+    else:
+        names, declared = _webdataset_names(root)
+    where = f"{root}/{splits[train_split][0]}" if fmt == "parquet" else str(root)
+    if classes == ["all"]:
+        if names is None:
+            raise FormatError(f"{where}: classes = all, but it declares no class names "
+                              f"({'no ClassLabel names' if fmt == 'parquet' else 'no ' + CLASSES_FILE}); "
+                              "give the classes (label values) with --classes")
+        classes = list(names)
+    class_map = _class_map(names, classes, where)
+    shards = []
+    for split, files in splits.items():
+        index = 0
+        for source in files:
+            if fmt == "webdataset":
+                shards.append(ContainerShard(split, index, shard_size, tuple(classes), fmt, source, 0, -1,
+                                             class_map, declared))
+                index += 1
+                continue
+            rows = _row_groups(root, source, image_column, label_column)
+            start = taken = 0
+            for group, n in enumerate(rows):
+                taken += n
+                if taken >= shard_size or group == len(rows) - 1:
+                    shards.append(ContainerShard(split, index, shard_size, tuple(classes), fmt, source, start,
+                                                 group + 1, class_map, declared, image_column=image_column,
+                                                 label_column=label_column, num_records=taken))
+                    index, start, taken = index + 1, group + 1, 0
+    if shape is None:
+        shape = _first_shape(root, [s for s in shards if s.split == train_split], convert)
+    return ContainerPlan(fmt, list(classes), tuple(shape), shards, splits)
+
+
+def _first_shape(root: Path, shards: list[ContainerShard], convert: bool, probes: int = 100) -> tuple[int, int]:
+    """(H, W) of the first training record that decodes, reading records until one does."""
+    first_error, seen = None, 0
+    for shard in shards:
+        for record in read_records(shard, root):
+            if record.data is None:
+                continue
+            try:
+                return decode_png(record.data, record.path, convert=convert).shape
+            except DecodeError as e:
+                first_error = first_error or e
+            seen += 1
+            if seen >= probes:
+                break
+        if seen >= probes:
+            break
+    if first_error is None:
+        raise FormatError(f"{root}: no training images found to take the image shape from")
+    raise DecodeError(first_error.path, f"{first_error.reason}; and none of the first {seen} records "
+                                        "decodes, so the image shape is unknown (set image_shape)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet
+
+
+def _parquet_names(root: Path, source: str, label_column: str) -> tuple[list[str] | None, int]:
+    """ClassLabel names of `label_column` from the file's `huggingface` schema metadata."""
+    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
+
+    try:
+        schema = pq.read_schema(os.path.join(root, source))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{source}: not a Parquet file ({e})") from None
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if meta is None:
+        return None, 0
+    try:
+        feature = json.loads(meta)["info"]["features"][label_column]
+    except (ValueError, KeyError, TypeError):
+        return None, 0
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return (list(map(str, names)), len(names)) if names else (None, 0)
+
+
+def _row_groups(root: Path, source: str, image_column: str, label_column: str) -> list[int]:
+    """Rows per row group, from the footer; the columns must be there."""
+    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
+
+    try:
+        meta = pq.read_metadata(os.path.join(root, source))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{source}: not a Parquet file ({e})") from None
+    names = set(meta.schema.to_arrow_schema().names)
+    for column, key in ((image_column, "image_column"), (label_column, "label_column")):
+        if column not in names:
+            raise FormatError(f"{source}: no column {column!r} ({key}); columns: {', '.join(sorted(names))}")
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> list[bytes | None]:
+    """Encoded image bytes per row: a struct's `bytes` field, or the binary column itself."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_struct(column.type):
+        if column.type.get_field_index("bytes") < 0:
+            raise FormatError(f"{source}: image column is a struct without a 'bytes' field ({column.type})")
+        nulls = column.is_null()
+        import pyarrow.compute as pc
+
+        column = pc.if_else(nulls, pa.scalar(None, column.type.field("bytes").type),
+                                    column.field("bytes")) if column.null_count else column.field("bytes")
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise FormatError(f"{source}: image column holds {column.type}, expected encoded image bytes")
+    return column.to_pylist()
+
+
+def _parquet_records(shard: ContainerShard, root: Path):
+    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
+
+    with open_input(root, shard.source) as f:
+        parquet = pq.ParquetFile(f)
+        row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
+        for group in range(shard.start, shard.stop):
+            table = parquet.read_row_group(group, columns=[shard.image_column, shard.label_column])
+            images = _image_bytes(table.column(shard.image_column), shard.source)
+            labels = table.column(shard.label_column).to_pylist()
+            for data, label in zip(images, labels):
+                yield Record(record_path(shard.source, row), label if isinstance(label, int) else None,
+                             data, None if data else "row without image bytes")
+                row += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset tar shards
+
+
+def _webdataset_names(root: Path) -> tuple[list[str] | None, int]:
+    try:
+        names = [line.strip() for line in (root / CLASSES_FILE).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return None, 0
+    return names, len(names)
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # base-256, for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+class TarCutShort(FormatError):
+    """A tar stream that ends inside a member (`member` is its name) or inside a header (None)."""
+
+    def __init__(self, source: str, reason: str, member: bytes | None):
+        super().__init__(f"{source}: {reason}")
+        self.reason, self.member = reason, member
+
+
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _member_key(name: bytes) -> tuple[bytes, bytes] | None:
+    """WebDataset's split of a member name into (key, extension): at the first dot of the base name."""
+    dot = name.find(b".", name.rfind(b"/") + 1)
+    return (name[:dot], name[dot + 1:].lower()) if dot >= 0 else None
+
+
+_READ_BLOCK = 1 << 22
+_ZERO_BLOCK = bytes(_TAR_BLOCK)
+
+
+def _tar_members(f, source: str):
+    """(member name as bytes, bytes) of each regular file of a tar stream, in order; raises TarCutShort
+    when the stream ends inside a member or a header, FormatError when a header does not parse.
+
+    A small reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is
+    several times a 250-byte PNG's decode; this one reads 4 MiB at a time and parses headers
+    in place (~1 µs a member). It follows ustar, GNU long names and pax path records, and
+    skips everything that is not a regular file. Header checksums are not verified: a damaged
+    header shows up as a size that does not parse or a stream cut short."""
+    buf, pos, long_name = b"", 0, None
+    while True:
+        if len(buf) - pos < _TAR_BLOCK:
+            buf, pos = buf[pos:] + f.read(_READ_BLOCK), 0
+            if len(buf) < _TAR_BLOCK:
+                if buf.strip(b"\0"):
+                    raise TarCutShort(source, "truncated tar (header cut short)", None)
+                return  # end of the stream (with or without the end-of-archive blocks)
+        if buf[pos] == 0 and buf[pos:pos + _TAR_BLOCK] == _ZERO_BLOCK:
+            return  # end-of-archive marker
+        name = long_name
+        if name is None:
+            end = buf.find(b"\0", pos, pos + 100)
+            name = buf[pos:end if end >= 0 else pos + 100]
+            if buf[pos + 345] != 0 and buf[pos + 257:pos + 262] == b"ustar":
+                name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
+        try:
+            size = int(buf[pos + 124:pos + 135], 8) if buf[pos + 135] == 0 else _octal(buf[pos + 124:pos + 136])
+        except ValueError:
+            raise FormatError(f"{source}: corrupt tar header (member {_text(name)!r}: size "
+                              f"{buf[pos + 124:pos + 136]!r} is not a number)") from None
+        kind = buf[pos + 156]
+        start = pos + _TAR_BLOCK
+        end = start + (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+        if end > len(buf):
+            buf = buf[pos:] + f.read(max(_READ_BLOCK, end - len(buf)))
+            start, end, pos = start - pos, end - pos, 0
+            if start + size > len(buf):
+                raise TarCutShort(source, f"truncated tar ({_text(name)} cut short: {max(len(buf) - start, 0)} of "
+                                          f"{size} bytes)", name)
+        data, pos, long_name = buf[start:start + size], end, None
+        if kind == 48 or kind == 0 or kind == 55:  # "0", NUL, "7": regular files
+            yield name, data
+        elif kind == 76:  # "L": GNU long name of the next member
+            long_name = data.split(b"\0", 1)[0]
+        elif kind == 120:  # "x": pax extended header
+            for match in re.finditer(rb"\d+ path=([^\n]*)\n", data):
+                long_name = match[1]
+
+
+def _webdataset_records(shard: ContainerShard, root: Path):
+    """One record per key: its `.png` bytes and its `.cls` label (members of other kinds are
+    not read). A tar cut short rejects the record it cuts (and ends the shard); a damaged
+    header rejects the record being read and is named."""
+    key, fields, prefix = None, {}, record_path(shard.source, "")
+
+    def record(problem: str | None = None) -> Record:
+        path, text = prefix + _text(key), fields.get(b"cls")
+        try:
+            label = int(text) if text is not None else None
+        except ValueError:
+            return Record(path, None, None, problem or
+                          f"class {text[:20].decode('utf-8', 'replace')!r} is not an integer")
+        if problem is not None:
+            return Record(path, label, None, problem)
+        if b"png" not in fields:
+            return Record(path, label, None, "no .png member" if label is not None else "no .png or .cls member")
+        if text is None:
+            return Record(path, None, None, "no .cls member")
+        return Record(path, label, fields[b"png"], None)
+
+    with open_input(root, shard.source) as f:
+        try:
+            for name, data in _tar_members(f, shard.source):
+                dot = name.find(b".", name.rfind(b"/") + 1)
+                if dot < 0:
+                    continue
+                if name[:dot] != key:
+                    if key is not None:
+                        yield record()
+                    key, fields = name[:dot], {}
+                fields[name[dot + 1:].lower()] = data
+        except TarCutShort as e:
+            cut = _member_key(e.member) if e.member else None
+            whole = b"png" in fields and b"cls" in fields
+            if key is not None and (cut[0] != key if cut else whole):
+                yield record()  # the record before the cut is whole
+                key, fields = None, {}
+            if key is None:
+                key = cut[0] if cut else b"<after the last whole record>"
+            yield record(e.reason)
+            return
+        except FormatError as e:
+            key = key if key is not None else b"<start>"
+            yield record(str(e).removeprefix(f"{shard.source}: "))
+            return
+        if key is not None:
+            yield record()
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX
+
+
+def _idx_open(root: Path, path: str):
+    f = open_input(root, path)
+    return gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
+
+
+def _idx_header(root: Path, path: str, magic: int, ndim: int) -> tuple[int, ...]:
+    """The sizes an IDX header declares; checks the magic and, for a plain file, the length."""
+    with _idx_open(root, path) as f:
+        try:
+            head = f.read(4 + 4 * ndim)
+        except (OSError, EOFError) as e:
+            raise FormatError(f"{path}: not a readable IDX file ({e})") from None
+    if len(head) < 4 + 4 * ndim:
+        raise FormatError(f"{path}: IDX header cut short ({len(head)} of {4 + 4 * ndim} bytes)")
+    found, *sizes = struct.unpack(f">I{ndim}I", head)
+    if found != magic:
+        raise FormatError(f"{path}: expected IDX magic 0x{magic:08x}, found 0x{found:08x}")
+    if not path.endswith(".gz"):
+        expected = 4 + 4 * ndim + int(np.prod(sizes))
+        actual = _stat(root, path)[0]
+        if actual != expected:
+            raise FormatError(f"{path}: header declares {' x '.join(map(str, sizes))} bytes of data "
+                              f"({expected} bytes in all), but the file has {actual}")
+    return tuple(sizes)
+
+
+def _idx_labels_file(root: Path, images: str) -> str:
+    match = _IDX_IMAGES.match(images.rpartition("/")[2])
+    base = _IDX_LABELS.format(split=match["split"])
+    # The labels file is named as its images file is: train-labels-idx1-ubyte or train-labels.idx1-ubyte.
+    separator = images[len(match["split"]) + len("-images")]
+    for name in (base.replace("-idx1", separator + "idx1"), base.replace("-idx1", separator + "idx1") + ".gz"):
+        if (root / name).is_file():
+            return name
+    raise FormatError(f"{root}: {images} has no labels file ({base} or {base}.gz)")
+
+
+def _idx_read(root: Path, path: str, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset` of an IDX file (a .gz is decompressed up to there)."""
+    with _idx_open(root, path) as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _plan_idx(root: Path, splits: dict[str, list[str]], train_split: str, classes: list[str],
+              shard_size: int, shape: tuple[int, int] | None) -> ContainerPlan:
+    pairs = {}
+    for split, files in splits.items():
+        images = files[0]
+        labels = _idx_labels_file(root, images)
+        n, rows, cols = _idx_header(root, images, IDX_IMAGES_MAGIC, 3)
+        (m,) = _idx_header(root, labels, IDX_LABELS_MAGIC, 1)
+        if n != m:
+            raise FormatError(f"{images}: {n} images, but {labels} has {m} labels")
+        if shape is not None and tuple(shape) != (rows, cols):
+            raise FormatError(f"{images}: images are {rows}x{cols}, image_shape says {shape[0]}x{shape[1]}")
+        pairs[split] = (images, labels, n, (rows, cols))
+    shapes = {p[3] for p in pairs.values()}
+    if len(shapes) > 1:
+        raise FormatError(f"{root}: IDX splits differ in image shape: {sorted(shapes)}")
+    if classes == ["all"]:
+        images, labels, n, _ = pairs[train_split]
+        values = _idx_read(root, labels, 8, n)
+        classes = [str(v) for v in np.unique(np.frombuffer(values, dtype=np.uint8))]
+    class_map = _class_map(None, classes, f"{root}/{pairs[train_split][1]}")
+    class_map = np.concatenate([class_map, np.full(256 - len(class_map), -1, dtype=np.int32)])
+    shards = []
+    for split, (images, labels, n, _) in pairs.items():
+        for index, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            shards.append(ContainerShard(split, index, shard_size, tuple(classes), "idx", images, start, stop,
+                                         class_map, 256, labels_source=labels, num_records=stop - start))
+    return ContainerPlan("idx", list(classes), shapes.pop(), shards, splits)
+
+
+def read_idx(shard: ContainerShard, root: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 [N, H, W] pixels, uint8 [N] labels, content digest) of the shard's records."""
+    n, size = shard.stop - shard.start, shape[0] * shape[1]
+    pixels = _idx_read(root, shard.source, 16 + shard.start * size, n * size)
+    labels = _idx_read(root, shard.labels_source, 8 + shard.start, n)
+    for path, data, expected in ((shard.source, pixels, n * size), (shard.labels_source, labels, n)):
+        if len(data) != expected:  # a .gz whose header promises more than it holds
+            raise FormatError(f"{path}: header declares more records than the file holds "
+                              f"(records {shard.start}..{shard.stop - 1} cut short)")
+    digest = hashlib.sha256(f"{shard.source}:{shard.start}:{shard.stop}".encode())
+    digest.update(labels)
+    digest.update(pixels)
+    return (np.frombuffer(pixels, dtype=np.uint8).reshape(n, *shape), np.frombuffer(labels, dtype=np.uint8),
+            digest.hexdigest()[:32])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a shard
+
+
+class Record(NamedTuple):
+    path: str  # record_path(container, key)
+    label: int | None  # the label value as stored; None when it cannot be read
+    data: bytes | None  # encoded image; None when the record has none
+    problem: str | None  # why the record cannot be used before decoding, if it cannot
+
+
+def read_records(shard: ContainerShard, root: Path):
+    """The records of a Parquet or tar shard, in order, undecoded."""
+    return (_parquet_records if shard.format == "parquet" else _webdataset_records)(shard, root)
+
+
+@dataclass
+class ContainerDecoded:
+    images: np.ndarray  # uint8 [K, H, W]: the records used, in order
+    class_indices: np.ndarray  # int32 [K], into the selected classes
+    paths: list[str] | pa.StringArray  # [K]
+    rejected: list[tuple[str, str]]  # (record path, reason)
+    found: np.ndarray  # int64 [C + 1]: records per selected class read; the last: class unknown
+    rejected_per_class: np.ndarray  # int64 [C + 1], same layout
+    ignored: int  # records of classes not selected
+    # SHA-256 (128 bits of it) of the shard's range and its records' (path, bytes) in order
+    # (IDX: labels, pixels); OpenSSL's SHA-256 hashes bulk bytes ~2x faster than BLAKE2b here.
+    digest: str
+
+
+def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], convert: bool) -> ContainerDecoded:
+    """Every record of the shard, decoded and counted (see the module doc)."""
+    classes = len(shard.classes)
+    if shard.format == "idx":
+        pixels, labels, digest = read_idx(shard, root, shape)
+        selected = shard.class_map[labels]
+        keep = selected >= 0
+        idx = np.flatnonzero(keep)
+        found = np.bincount(selected[keep], minlength=classes + 1).astype(np.int64)
+        import pyarrow.compute as pc  # here: ~0.1 s of every decode worker's start, for IDX alone
+
+        paths = pc.binary_join_element_wise(record_path(shard.source, ""),
+                                            pc.cast(pa.array(idx + shard.start), pa.string()), "")
+        return ContainerDecoded(pixels[keep] if len(idx) < len(labels) else pixels, selected[keep].astype(np.int32),
+                                paths, [],
+                                found, np.zeros(classes + 1, dtype=np.int64), int(len(labels) - len(idx)), digest)
+    images = np.empty((max(shard.num_records, 1024), *shape), dtype=np.uint8)
+    class_indices, paths, rejected = [], [], []
+    found, refused = [0] * (classes + 1), [0] * (classes + 1)
+    ignored, mapping = 0, shard.class_map.tolist()
+    # One running hash of every (path, bytes) in order: per record, a hasher of its own (as
+    # decode.file_digest) costs more than a third of a 250-byte PNG's decode.
+    digest = hashlib.sha256(f"{shard.source}:{shard.start}:{shard.stop}".encode())
+    for path, label, data, problem in read_records(shard, root):
+        c = label_class(label, shard.declared, mapping, classes)
+        if c < 0:
+            ignored += 1
+            continue
+        found[c] += 1
+        if data is not None:
+            digest.update(path.encode())
+            digest.update(data)
+        if c == classes:
+            problem = problem or label_problem(label, shard.declared)
+        if problem is None:
+            try:
+                pixels = decode_png(data, path, shape, convert)
+            except DecodeError as e:
+                problem = e.reason
+        if problem is not None:
+            rejected.append((path, problem))
+            refused[c] += 1
+            continue
+        if len(paths) == len(images):
+            images = np.concatenate([images, np.empty_like(images)])
+        images[len(paths)] = pixels
+        class_indices.append(c)
+        paths.append(path)
+    return ContainerDecoded(images[:len(paths)], np.array(class_indices, dtype=np.int32), paths, rejected,
+                            np.array(found, dtype=np.int64), np.array(refused, dtype=np.int64), ignored,
+                            digest.hexdigest()[:32])
+
+
+def label_class(label: int | None, declared: int, mapping: list[int], classes: int) -> int:
+    """A record's selected class index; -1 for a class not selected, `classes` (C) for a label
+    that is missing or outside the declared range (see `label_problem`)."""
+    if label is None or (declared and not 0 <= label < declared):
+        return classes
+    return mapping[label] if 0 <= label < len(mapping) else -1
+
+
+def label_problem(label: int | None, declared: int) -> str:
+    """Why a record's label gives no class."""
+    return "no label" if label is None else f"label {label} out of range 0..{declared - 1}"
