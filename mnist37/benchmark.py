@@ -19,9 +19,12 @@ reported apart, not part of any run) and every round empties that format's chunk
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import logging
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -34,6 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mnist37 import Mnist37Error
+from mnist37.folder import find_root
+from mnist37.replicate import replicate
+
+log = logging.getLogger(__name__)
 
 # The folder that holds the mnist37 package (a checkout or site-packages): the runs below start
 # `python -m mnist37.job` / `-m mnist37.fastbook` with it on their path, installed or not.
@@ -155,11 +162,15 @@ def converted(data: Path, work: Path, fmt: str, classes: list[str], shard_size: 
 
 
 def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str],
-              cluster: bool = False, formats: list[str] = (), shard_size: int = 8192) -> dict:
+              cluster: bool = False, formats: list[str] = (), shard_size: int = 8192,
+              unverified: bool = False) -> dict:
     """Alternate seed, cold, warm (and, with `cluster`, cluster-cold and cluster-warm; with
-    `formats`, <format>-cold for each) `repeats` times over the ImageFolder at `data`."""
+    `formats`, <format>-cold for each; with `unverified`, warm-unverified: the warm run with
+    verify_chunks = false, right after warm) `repeats` times over the ImageFolder at `data`."""
     num_images = sum(len(os.listdir(data / split / c)) for split in ("train", "valid") for c in classes)
-    runs = {v: [] for v in VARIANTS + (CLUSTER_VARIANTS if cluster else ()) + tuple(f"{f}-cold" for f in formats)}
+    variants = (VARIANTS + (("warm-unverified",) if unverified else ()) + (CLUSTER_VARIANTS if cluster else ())
+                + tuple(f"{f}-cold" for f in formats))
+    runs = {v: [] for v in variants}
     addresses = []
     sources, conversion_s = {}, {}
     for fmt in formats:
@@ -171,6 +182,9 @@ def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: l
         for variant in ("cold", "warm"):
             runs[prefix + variant].append(
                 run_mnist37(data, work / f"out-{prefix}{variant}", chunk_dir, [*extra, "--ray-address", address]))
+        if unverified and not prefix:
+            runs["warm-unverified"].append(run_mnist37(data, work / "out-warm-unverified", chunk_dir,
+                                                       [*extra, "--ray-address", address, "--verify-chunks", "false"]))
 
     for _ in range(repeats):
         runs["seed"].append(run_seed(data, classes))
@@ -225,3 +239,72 @@ def format_summary(num_images: int, summary: dict) -> str:
                      f"{s['ratio_to_seed']:>7.3f} {decode:>12} {init:>10} "
                      f"{s['driver_peak_rss_bytes'] / mib:>14.0f} {worker:>14}")
     return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="fastbook's single-process baseline against mnist37, side by side")
+    parser.add_argument("--data", required=True, help="ImageFolder folder or .tgz (as for jobs/evaluate.py)")
+    parser.add_argument("--copies", type=int, nargs="+", default=[10], help="replication factors N")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant per N (at least 3)")
+    parser.add_argument("--classes", nargs="+", default=["3", "7"])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scaled data, chunks, outputs")
+    parser.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"))
+    parser.add_argument("--cluster", action="store_true",
+                        help="also run cold and warm against a `ray start --head` on loopback")
+    parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
+                        help="also run cold from these formats (the scaled folder converted once): tar parquet idx")
+    parser.add_argument("--shard-size", type=int, default=8192, help="images per converted file (tar, parquet)")
+    parser.add_argument("--unverified", action="store_true",
+                        help="also run warm with verify_chunks = false: what checking chunks costs")
+    parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or min(args.copies) < 1:
+        parser.error("--repeats and --copies must be positive")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    source = find_root(args.data, "train")
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()},
+              "evaluate_args": args.evaluate_args, "cluster": args.cluster, "scales": {}}
+    for copies in args.copies:
+        data = args.work / f"data-x{copies}"
+        made = replicate(source, data, copies, ["train", "valid"], args.classes)
+        log.info("N=%d: %s", copies, made)
+        scale = benchmark(data, args.work / f"x{copies}", args.repeats, args.classes, args.evaluate_args,
+                          cluster=args.cluster, formats=args.formats, shard_size=args.shard_size,
+                          unverified=args.unverified)
+        scale["copies"] = copies
+        report["scales"][str(copies)] = scale
+        print(f"\nN = {copies}: " + format_summary(scale["num_images"], scale["summary"]), flush=True)
+        for fmt, seconds in scale["conversion_s"].items():
+            print(f"{fmt}: converted from the folder in " + (f"{seconds:.1f} s" if seconds is not None
+                                                            else "an earlier run (reused)"))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    hashes = {n: {r["prototypes_sha256"] for v, rs in s["runs"].items() if v != "seed" for r in rs}
+              for n, s in report["scales"].items()}
+    accuracies = {n: {json.dumps(r["metrics"]) for v, rs in s["runs"].items() if v != "seed" for r in rs}
+                  for n, s in report["scales"].items()}
+    agree = {n: len({json.dumps(r["correct"]) for rs in s["runs"].values() for r in rs}) == 1
+             for n, s in report["scales"].items()}
+    report["checks"] = {
+        "prototypes_identical_across_scales_and_runs": len(set().union(*hashes.values())) == 1,
+        "accuracies_identical_across_scales_and_runs": len(set().union(*accuracies.values())) == 1,
+        "seed_and_mnist37_agree_per_scale": agree,
+    }
+    for check, value in report["checks"].items():
+        print(f"{check}: {value}")
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"figures in {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        main(parse_args())
+    except Mnist37Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

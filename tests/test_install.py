@@ -58,3 +58,17 @@ def test_the_installed_package_runs_the_job_with_its_own_defaults(installed, tmp
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert (results["config"]["train_split"], results["config"]["eval_split"]) == ("train", "valid")
     assert results["classes"] == ["3", "7"] and results["metrics"]["l1"]["total"] == 10
+
+
+@pytest.mark.ray
+def test_the_installed_package_runs_the_benchmark(installed, tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": {"3": 10, "7": 10}, "valid": {"3": 4, "7": 4}})
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")},
+           "PYTHONPATH": str(installed)}
+    run = subprocess.run([sys.executable, "-m", "mnist37.benchmark", "--data", str(data), "--copies", "1",
+                          "--repeats", "1", "--work", str(tmp_path / "bench"), "--json", str(tmp_path / "b.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["checks"]["seed_and_mnist37_agree_per_scale"] == {"1": True}
+    assert "x seed" in run.stdout
