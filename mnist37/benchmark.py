@@ -163,12 +163,12 @@ def converted(data: Path, work: Path, fmt: str, classes: list[str], shard_size: 
 
 def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str],
               cluster: bool = False, formats: list[str] = (), shard_size: int = 8192,
-              unverified: bool = False) -> dict:
+              unverified: bool = False, seed: bool = True) -> dict:
     """Alternate seed, cold, warm (and, with `cluster`, cluster-cold and cluster-warm; with
     `formats`, <format>-cold for each; with `unverified`, warm-unverified: the warm run with
     verify_chunks = false, right after warm) `repeats` times over the ImageFolder at `data`."""
     num_images = sum(len(os.listdir(data / split / c)) for split in ("train", "valid") for c in classes)
-    variants = (VARIANTS + (("warm-unverified",) if unverified else ()) + (CLUSTER_VARIANTS if cluster else ())
+    variants = (VARIANTS[VARIANTS.index("seed") + (0 if seed else 1):] + (("warm-unverified",) if unverified else ()) + (CLUSTER_VARIANTS if cluster else ())
                 + tuple(f"{f}-cold" for f in formats))
     runs = {v: [] for v in variants}
     addresses = []
@@ -187,7 +187,8 @@ def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: l
                                                        [*extra, "--ray-address", address, "--verify-chunks", "false"]))
 
     for _ in range(repeats):
-        runs["seed"].append(run_seed(data, classes))
+        if seed:
+            runs["seed"].append(run_seed(data, classes))
         # `local`: the job's own Ray. The head is up only for the cluster runs: with another
         # Ray on the machine a local ray.init() takes ~7.6 s here instead of ~2.7 s.
         cold_then_warm("", "local")
@@ -206,7 +207,7 @@ def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: l
 
 def summarize(runs: dict, num_images: int) -> dict:
     def median(variant, key):
-        values = [r[key] for r in runs[variant] if r.get(key) is not None]
+        values = [r[key] for r in runs.get(variant, []) if r.get(key) is not None]
         return statistics.median(values) if values else None
 
     seed_wall = median("seed", "wall_s")
@@ -216,7 +217,7 @@ def summarize(runs: dict, num_images: int) -> dict:
         summary[variant] = {
             "median_wall_s": wall,
             "images_per_s": num_images / wall,
-            "ratio_to_seed": wall / seed_wall,
+            "ratio_to_seed": wall / seed_wall if seed_wall else None,
             "driver_peak_rss_bytes": max(r["driver_peak_rss_bytes"] for r in runs[variant]),
             "worker_peak_rss_bytes": max((r["worker_peak_rss_bytes"] or 0 for r in runs[variant]), default=0) or None,
             "median_decode_images_per_s": median(variant, "decode_images_per_s"),
@@ -229,14 +230,15 @@ def summarize(runs: dict, num_images: int) -> dict:
 def format_summary(num_images: int, summary: dict) -> str:
     mib = 1 << 20
     lines = [f"{num_images:,} images",
-             f"{'variant':<12} {'median wall s':>13} {'images/s':>10} {'x seed':>7} {'decode img/s':>12} "
+             f"{'variant':<15} {'median wall s':>13} {'images/s':>10} {'x seed':>7} {'decode img/s':>12} "
              f"{'ray.init s':>10} {'driver RSS MiB':>14} {'worker RSS MiB':>14}"]
     for variant, s in summary.items():
         decode = f"{s['median_decode_images_per_s']:,.0f}" if s["median_decode_images_per_s"] else "-"
         init = f"{s['median_ray_init_s']:.2f}" if s["median_ray_init_s"] is not None else "-"
+        ratio = f"{s['ratio_to_seed']:.3f}" if s["ratio_to_seed"] is not None else "-"
         worker = f"{s['worker_peak_rss_bytes'] / mib:.0f}" if s["worker_peak_rss_bytes"] else "-"
-        lines.append(f"{variant:<12} {s['median_wall_s']:>13.2f} {s['images_per_s']:>10,.0f} "
-                     f"{s['ratio_to_seed']:>7.3f} {decode:>12} {init:>10} "
+        lines.append(f"{variant:<15} {s['median_wall_s']:>13.2f} {s['images_per_s']:>10,.0f} "
+                     f"{ratio:>7} {decode:>12} {init:>10} "
                      f"{s['driver_peak_rss_bytes'] / mib:>14.0f} {worker:>14}")
     return "\n".join(lines)
 
@@ -254,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
                         help="also run cold from these formats (the scaled folder converted once): tar parquet idx")
     parser.add_argument("--shard-size", type=int, default=8192, help="images per converted file (tar, parquet)")
+    parser.add_argument("--no-seed", dest="seed", action="store_false",
+                        help="leave out fastbook's single-process run (minutes at N = 100) when comparing mnist37 runs")
     parser.add_argument("--unverified", action="store_true",
                         help="also run warm with verify_chunks = false: what checking chunks costs")
     parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
@@ -274,7 +278,7 @@ def main(args: argparse.Namespace) -> dict:
         log.info("N=%d: %s", copies, made)
         scale = benchmark(data, args.work / f"x{copies}", args.repeats, args.classes, args.evaluate_args,
                           cluster=args.cluster, formats=args.formats, shard_size=args.shard_size,
-                          unverified=args.unverified)
+                          unverified=args.unverified, seed=args.seed)
         scale["copies"] = copies
         report["scales"][str(copies)] = scale
         print(f"\nN = {copies}: " + format_summary(scale["num_images"], scale["summary"]), flush=True)
