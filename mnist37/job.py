@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from mnist37 import Mnist37Error
@@ -89,6 +89,7 @@ def main(cfg: Config, status: Status | None = None) -> dict:
         finally:
             ray.shutdown()
             _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
+            _clear_temporaries(planned)
     results = results_json(evaluation, {"ray_init": ray_init_s, "total": time.perf_counter() - clock})
     status.stage = "write results"
     out = Path(located.cfg.out)
@@ -100,6 +101,17 @@ def main(cfg: Config, status: Status | None = None) -> dict:
           f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
           f"results in {out / 'results.json'}")
     return results
+
+
+def _clear_temporaries(planned: Future) -> None:
+    """Remove the temporaries of tasks that Ray stopped mid-write (after an error or an
+    interrupt) now, not at the next run: a job that ends leaves no .partial in a local chunk
+    store. Only abandoned ones go (mnist37.partials), so other jobs' writers are safe."""
+    from mnist37.paths import is_uri
+    from mnist37.shards import clean_partials
+
+    if planned.done() and planned.exception() is None and not is_uri(planned.result().chunk_dir):
+        clean_partials(Path(planned.result().chunk_dir))
 
 
 def interrupted(status: Status, out: str) -> str:
