@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,27 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+_SHARED = contextlib.ExitStack()
+_SHARED_ADDRESS: list[str] = []
+
+
+def shared_ray_address() -> str:
+    """One Ray for the whole test session (`ray start --head` on loopback, its own temp dir),
+    started on first use and stopped when the session ends, passed or failed: the jobs tests
+    run and the in-process Ray tests join it instead of each starting a Ray (~3-4 s each on 2
+    cores). Tests about the job's own Ray (starting it, stopping it) pass --ray-address local."""
+    if not _SHARED_ADDRESS:
+        from mnist37.benchmark import running_cluster
+
+        log = Path(tempfile.mkdtemp(prefix="mnist37-tests-")) / "ray-start.log"
+        _SHARED_ADDRESS.append(_SHARED.enter_context(running_cluster(log)))
+    return _SHARED_ADDRESS[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SHARED.close()
+
+
 def pytest_collection_modifyitems(items):
     """A test that uses the shared local Ray is a `ray` test, marked or not."""
     for item in items:
@@ -125,9 +148,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for every in-process test that needs it (tests never assume task order)."""
+    """The session's Ray, joined by every in-process test that needs one (tests never assume
+    task order)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address=shared_ray_address(), configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

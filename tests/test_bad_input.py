@@ -206,7 +206,7 @@ def test_a_training_class_with_every_file_rejected(tmp_path):
 
 def test_missing_split_and_broken_archives_through_the_job(tmp_path):
     root = make_image_folder(tmp_path / "d", {"train": {"3": 2, "7": 2}})
-    run = run_job("--data", str(root), "--out", str(tmp_path / "o1"))
+    run = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "o1"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert f"error: Split folder 'valid' not found under {root}; found: train" in run.stderr
     with tarfile.open(tmp_path / "ok.tgz", "w:gz") as tar:
@@ -215,7 +215,7 @@ def test_missing_split_and_broken_archives_through_the_job(tmp_path):
     (tmp_path / "cut.tgz").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "fake.tgz").write_bytes(b"not an archive")
     for name in ("cut.tgz", "fake.tgz"):
-        run = run_job("--data", str(tmp_path / name), "--out", str(tmp_path / "o2"), "--cache-dir", str(tmp_path / "cache"))
+        run = run_job("--ray-address", "local", "--data", str(tmp_path / name), "--out", str(tmp_path / "o2"), "--cache-dir", str(tmp_path / "cache"))
         assert run.returncode == 1 and "Traceback" not in run.stderr
         assert f"error: {tmp_path / name}: not a readable .tgz/.tar archive" in run.stderr
     assert list((tmp_path / "cache" / "extracted").iterdir()) == []  # nothing half-extracted to trust

@@ -19,7 +19,8 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     run = subprocess.run(
         [sys.executable, "jobs/benchmark.py", "--data", str(image_folder), "--copies", "2",
          "--repeats", "1", "--work", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json"),
-         "--cluster", "--", "--shard-size", "16"],
+         "--cluster", "--unverified", "--formats", "tar", "parquet", "idx", "--shard-size", "100",
+         "--", "--shard-size", "16"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -28,12 +29,17 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     assert report["scales"]["2"]["num_images"] == 2 * 152
     for scale in report["scales"].values():
         summary = scale["summary"]
-        assert set(summary) == {"seed", "cold", "warm", "cluster-cold", "cluster-warm"}
+        assert set(summary) == {"seed", "cold", "warm", "warm-unverified", "cluster-cold", "cluster-warm",
+                                "tar-cold", "parquet-cold", "idx-cold"}
         assert summary["seed"]["ratio_to_seed"] == 1.0
         assert summary["warm"]["worker_peak_rss_bytes"] > 0 and summary["seed"]["worker_peak_rss_bytes"] is None
         for prefix in ("", "cluster-"):
             assert scale["runs"][prefix + "cold"][0]["files_reused"] == 0
             assert scale["runs"][prefix + "warm"][0]["files_reused"] == scale["num_images"]
+        assert scale["runs"]["warm-unverified"][0]["files_reused"] == scale["num_images"]
+        assert set(scale["conversion_s"]) == {"tar", "parquet", "idx"}
+        for fmt in ("tar", "parquet", "idx"):
+            assert scale["runs"][f"{fmt}-cold"][0]["files_reused"] == 0
         # Connecting to the running head is not starting Ray: a fraction of a local start.
         assert summary["cluster-warm"]["median_ray_init_s"] < summary["warm"]["median_ray_init_s"]
     assert report["checks"] == {
@@ -41,7 +47,9 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
         "accuracies_identical_across_scales_and_runs": True,
         "seed_and_mnist37_agree_per_scale": {"2": True},
     }
-    for line in ("N = 2: 304 images", "x seed", "warm", "cluster-warm"):
+    assert sorted(p.name for p in (tmp_path / "bench" / "x2" / "data-tar").glob("*.tar")) == \
+        ["train-000000.tar", "train-000001.tar", "train-000002.tar", "valid-000000.tar"]  # 256 + 48 images
+    for line in ("N = 2: 304 images", "x seed", "warm", "cluster-warm", "idx-cold", "tar: converted from the folder in"):
         assert line in run.stdout
     # Each scale's head is gone with it: nothing listens on its GCS port any more, and it
     # left no "current cluster" behind for a later ray.init() to join.
@@ -51,21 +59,3 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
         host, port = scale["ray_addresses"][0].split(":")
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect((host, int(port)))
-
-
-def test_benchmark_adds_cold_runs_from_each_format(image_folder, tmp_path):
-    argv = [sys.executable, "jobs/benchmark.py", "--data", str(image_folder), "--copies", "2", "--repeats", "1",
-            "--work", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json"),
-            "--formats", "tar", "parquet", "idx", "--shard-size", "100", "--", "--shard-size", "16"]
-    run = subprocess.run(argv, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    scale = json.loads((tmp_path / "bench.json").read_text())["scales"]["2"]
-    assert set(scale["summary"]) == {"seed", "cold", "warm", "tar-cold", "parquet-cold", "idx-cold"}
-    assert set(scale["conversion_s"]) == {"tar", "parquet", "idx"}
-    assert sorted(p.name for p in (tmp_path / "bench" / "x2" / "data-tar").glob("*.tar")) == \
-        ["train-000000.tar", "train-000001.tar", "train-000002.tar", "valid-000000.tar"]  # 256 + 48 images
-    for fmt in ("tar", "parquet", "idx"):
-        assert scale["runs"][f"{fmt}-cold"][0]["files_reused"] == 0
-    assert "prototypes_identical_across_scales_and_runs: True" in run.stdout  # every format, same prototypes
-    assert "seed_and_mnist37_agree_per_scale: {'2': True}" in run.stdout
-    assert "idx-cold" in run.stdout and "tar: converted from the folder in" in run.stdout

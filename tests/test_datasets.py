@@ -146,7 +146,7 @@ def test_named_data_set_through_the_job(mnist_sample_tgz, tmp_path):
     are not fastai's, so the job must refuse it, in one line, and trust nothing afterwards."""
     server = Server({"/mnist_sample.tgz": mnist_sample_tgz.read_bytes()})
     try:
-        run = run_job("--data", "mnist_sample", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+        run = run_job("--ray-address", "local", "--data", "mnist_sample", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
                       env_extra={"MNIST37_URL_BASE": server.url})
     finally:
         server.close()
@@ -158,7 +158,7 @@ def test_named_data_set_through_the_job(mnist_sample_tgz, tmp_path):
 
 
 def test_no_data_flag_means_mnist_sample(tmp_path):
-    run = run_job("--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+    run = run_job("--ray-address", "local", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
                   env_extra={"MNIST37_URL_BASE": "http://127.0.0.1:9"})
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "error: mnist_sample: could not download http://127.0.0.1:9/mnist_sample.tgz" in run.stderr

@@ -13,7 +13,7 @@ from PIL import Image
 
 import mnist37.fastbook
 
-from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder, shared_ray_address
 
 pytestmark = pytest.mark.ray  # the job, with its own local Ray
 
@@ -22,12 +22,12 @@ FASTBOOK_L1 = {"3": 0.9168, "7": 0.9854, "mean": 0.9511}
 
 
 def run_job(*argv: str, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """jobs/evaluate.py as a user runs it. Unless the test chooses a cluster (--ray-address,
-    RAY_ADDRESS, RAY_TMPDIR), the job starts a Ray of its own: a plain ray.init() would join
-    any `ray start` cluster running on the machine."""
+    """jobs/evaluate.py as a user runs it under `ray job submit`: joining a running cluster, the
+    test session's (tests/conftest.py), unless the test chooses one itself (--ray-address,
+    `local` for a Ray of the job's own; RAY_ADDRESS; RAY_TMPDIR)."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env_extra or {})}
     if "--ray-address" not in argv and not {"RAY_ADDRESS", "RAY_TMPDIR"} & set(env_extra or {}):
-        argv = (*argv, "--ray-address", "local")
+        argv = (*argv, "--ray-address", shared_ray_address())
     return subprocess.run([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
