@@ -18,6 +18,7 @@ two requests per object.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,8 @@ from mnist37 import Mnist37Error
 from mnist37.paths import open_location
 
 # Reads in flight per decode task; see jobs/object_benchmark.py and README: Object storage.
-REQUESTS_IN_FLIGHT = 16
+# MNIST37_OBJECT_REQUESTS overrides it (set where the job starts, it reaches a local Ray's workers).
+REQUESTS_IN_FLIGHT = int(os.environ.get("MNIST37_OBJECT_REQUESTS") or 16)
 # Tries per request, pausing BACKOFF_S, 2x, 4x ... (at most MAX_BACKOFF_S, with jitter) between them.
 ATTEMPTS = 8
 BACKOFF_S = 0.05

@@ -167,3 +167,22 @@ def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_f
     finally:
         client.delete_bucket_policy(Bucket=BUCKET)
     _one_error_line(run, f"s3://{BUCKET}/{denied}", "access denied")
+
+
+@pytest.mark.ray
+def test_chunks_in_the_store_are_reused(s3, stored_folder, tmp_path):
+    """No local disk at all: data, chunks and results in the store; the second run decodes nothing."""
+    _, uri = stored_folder
+    chunks = f"s3://{BUCKET}/chunks"
+    runs = [run_job("--data", uri, "--chunk-dir", chunks, "--out", f"s3://{BUCKET}/runs/chunks{i}",
+                    "--cache-dir", str(tmp_path / f"c{i}"), env_extra=aws_env(s3.endpoint)) for i in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    first, second = (read_json(s3, f"runs/chunks{i}/results.json") for i in range(2))
+    assert first["shards"]["files_reused"] == 0
+    assert second["shards"]["files_decoded"] == 0 and figures(second) == figures(first)
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="chunks/")["Contents"]
+    # pyarrow's create_dir leaves empty "folder/" marker objects; beside them, the chunks and no partials
+    assert sorted(o["Key"] for o in listed if not o["Key"].endswith("/")) == [f"chunks/{s}/{s}-{n}-000000.arrow" for s, n in
+                                                (("train", first["config"]["shard_size"]),
+                                                 ("valid", first["config"]["shard_size"]))]
