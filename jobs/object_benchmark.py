@@ -3,12 +3,18 @@ requests in flight: what chose mnist37.objects.REQUESTS_IN_FLIGHT.
 
     python jobs/object_benchmark.py                       # moto on 127.0.0.1, 2,000 MNIST-sized objects
     python jobs/object_benchmark.py --objects 4000 --requests 1 4 16 64
+    python jobs/object_benchmark.py --job --requests 1 16   # the whole job, from moto
     AWS_ENDPOINT_URL=http://host:9000 python jobs/object_benchmark.py --uri s3://bucket/prefix
 
 Without --uri it starts moto's server (a test dependency) on 127.0.0.1 and uploads
 `--objects` objects of `--size` bytes; with --uri it reads the objects already under that
 prefix (AWS variables as usual). Each setting reads every object once, through the same
 `read_objects` a decode task uses, after one warm-up pass. Needs no Ray.
+
+With --job: uploads a 3,000-image 28x28 ImageFolder (tests.conftest.make_image_folder) to
+moto and runs jobs/evaluate.py on it (`--shard-size 1000`, a local Ray, a cold chunk cache)
+once per --requests setting (MNIST37_OBJECT_REQUESTS), printing the job's and the mean
+task's objects/s.
 """
 
 from __future__ import annotations
@@ -41,14 +47,51 @@ def start_server(objects: int, size: int) -> tuple[object, str]:
     return server, "s3://bench/objects"
 
 
+def job_figures(requests: list[int]) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    from tests.conftest import make_image_folder
+    from tests.s3server import S3Server, aws_env
+
+    tmp = Path(tempfile.mkdtemp(prefix="mnist37-object-bench-"))
+    root = make_image_folder(tmp / "data", {"train": {"3": 1000, "7": 1000}, "valid": {"3": 500, "7": 500}},
+                             shape=(28, 28))
+    server = S3Server()
+    try:
+        server.client().create_bucket(Bucket="bench")
+        server.upload(root, "bench", "data")
+        for n in requests:
+            out = tmp / f"out-{n}"
+            run = subprocess.run(
+                [sys.executable, "jobs/evaluate.py", "--data", "s3://bench/data", "--out", str(out), "--cache-dir",
+                 str(tmp / f"cache-{n}"), "--ray-address", "local", "--shard-size", "1000"],
+                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                env={**os.environ, **aws_env(server.endpoint), "MNIST37_OBJECT_REQUESTS": str(n)})
+            if run.returncode:
+                sys.exit(run.stderr)
+            results = json.loads((out / "results.json").read_text())
+            tasks = results["shards"]["per_shard"]
+            per_task = sum(t["num_files"] for t in tasks) / sum(t["decode_elapsed_s"] for t in tasks)
+            print(f"requests {n:>3}: job {results['throughput']['decode_files_per_s']:.0f} objects/s "
+                  f"(decode stage {results['elapsed_s']['decode']:.2f} s), a task {per_task:.0f} objects/s "
+                  f"(mean of {len(tasks)})", flush=True)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uri", help="read the objects under this prefix instead of starting a loopback server")
     parser.add_argument("--objects", type=int, default=2000)
     parser.add_argument("--size", type=int, default=250, help="bytes per object (an MNIST PNG is ~250)")
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    parser.add_argument("--job", action="store_true", help="time the whole job from moto instead")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    if args.job:
+        return job_figures(args.requests)
     server, uri = (None, args.uri) if args.uri else start_server(args.objects, args.size)
     try:
         names = [n.decode() for n in list_objects(uri)[0]]
