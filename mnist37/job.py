@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args

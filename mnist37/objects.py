@@ -96,7 +96,7 @@ def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS) -> T:
     raise AssertionError("unreachable")
 
 
-def _uri(location: str, fs, path: str) -> str:
+def _uri(location: str, path: str) -> str:
     """The URI of `path` on the filesystem of `location`: what error messages name."""
     return f"{location.split('://', 1)[0]}://{path}"
 
@@ -112,7 +112,7 @@ def check_folder(location: str) -> bool:
         return True
     bucket = path.split("/", 1)[0]
     if retrying(location, lambda: fs.get_file_info(bucket)).type == pafs.FileType.NotFound:
-        raise ObjectStoreError(f"{_uri(location, fs, bucket)}: bucket not found (while looking for {location})")
+        raise ObjectStoreError(f"{_uri(location, bucket)}: bucket not found (while looking for {location})")
     return False
 
 
