@@ -94,9 +94,12 @@ def main() -> None:
         return job_figures(args.requests)
     server, uri = (None, args.uri) if args.uri else start_server(args.objects, args.size)
     try:
+        clock = time.perf_counter()
         names = [n.decode() for n in list_objects(uri)[0]]
+        listed_s = time.perf_counter() - clock
         read_objects(uri, names[:200], requests=16)  # warm-up: connections, the server's caches
-        print(f"{len(names)} objects under {uri}; default REQUESTS_IN_FLIGHT = {REQUESTS_IN_FLIGHT}")
+        print(f"{len(names)} objects under {uri}, listed in {listed_s:.2f} s ({len(names) / listed_s:.0f} keys/s, "
+              f"one prefix); default REQUESTS_IN_FLIGHT = {REQUESTS_IN_FLIGHT}")
         print(f"{'requests':>9} {'objects/s':>10} {'seconds':>8}")
         for requests in args.requests:
             clock = time.perf_counter()
