@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mnist37.config import Config
 from mnist37.decode import image_shape
-from mnist37.folder import FolderMap, Listing, Located, Root, list_split
+from mnist37.folder import FolderMap, Listing, Located, Root, list_object_folder, list_split
 from mnist37.paths import cache_home, is_uri
 from mnist37.shards import Shard, clean_partials, make_shards
 
@@ -62,7 +62,13 @@ def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
     reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
-    listings = {split: list_split(root, split, classes, reuse_dir, map_folders) for split in (cfg.train_split, cfg.eval_split)}
+    splits = (cfg.train_split, cfg.eval_split)
+    if is_uri(root) and map_folders is not None:
+        # Every class prefix of both splits in one round of tasks, then each split from those.
+        folders = [f"{str(root).rstrip('/')}/{split}/{name}" for split in splits for name in classes]
+        listed = dict(zip(folders, map_folders(list_object_folder, folders)))
+        map_folders = lambda function, locations: [listed[location] for location in locations]  # noqa: E731
+    listings = {split: list_split(root, split, classes, reuse_dir, map_folders) for split in splits}
     convert = cfg.non_grayscale == "convert"
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]

@@ -92,7 +92,7 @@ def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_pa
     remote = run_job("--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
                      env_extra=env)
     assert remote.returncode == 0, remote.stderr
-    assert "list: 2/2 class prefixes" in remote.stderr  # the listing's progress line, per split
+    assert "list: 4/4 class prefixes" in remote.stderr  # the listing's progress line, both splits at once
 
     on_disk = json.loads((tmp_path / "local" / "results.json").read_text())
     in_store = read_json(s3, "runs/x/results.json")
