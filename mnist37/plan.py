@@ -50,8 +50,9 @@ def default_chunk_dir(cfg: Config, root: Root) -> Path:
 def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     """List every split (sorted), fix the image shape, cut the shards; clear what writers
     killed in earlier runs left in the chunk folder. Needs no Ray: a job runs it while
-    `ray.init()` starts. Data in an object store is listed one class prefix at a time through
-    `map_folders` (the job passes one that runs Ray tasks; serially here by default)."""
+    `ray.init()` starts. Data in an object store is listed by one `map_folders` call over every
+    class prefix of both splits (the job passes one that runs a Ray task per prefix,
+    distributed.map_tasks; without it, one prefix after another here)."""
     clock = time.perf_counter()
     cfg, root, classes = located.cfg, located.root, located.classes
     if is_uri(cfg.chunk_dir):
