@@ -33,6 +33,7 @@ import xxhash
 
 from mnist37 import Mnist37Error
 from mnist37.partials import claimed, partial_name
+from mnist37.paths import open_location
 from mnist37.storage import writing
 
 # 2: chunks carry mnist37.checksum; a chunk of version 1 is decoded again.
@@ -171,14 +172,10 @@ def join(chunk_dir: str | Path, *parts: str) -> str:
 
 def _filesystem(location: str | Path) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path) for a URI; (None, path) for a local path, which is memory-mapped."""
-    location = str(location)
-    if "://" not in location:
-        return None, location
     try:
-        fs, path = pafs.FileSystem.from_uri(location)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise ChunkError(f"chunk store {location!r}: not a filesystem pyarrow can open ({e})") from None
-    return (None, path) if isinstance(fs, pafs.LocalFileSystem) else (fs, path)
+        return open_location(location)
+    except ValueError as e:
+        raise ChunkError(f"chunk store {e}") from None
 
 
 def write_chunk(location: str | Path, table: pa.Table, store: str | Path | None = None) -> int:

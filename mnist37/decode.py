@@ -178,7 +178,14 @@ def _open_folder(root: str, folder: str) -> int:
 
 
 def read_file(root: str | os.PathLike, path: str) -> bytes:
-    """One file's bytes; an unreadable file raises DecodeError with the reason."""
+    """One file's bytes; an unreadable file raises DecodeError with the reason. A root in an
+    object store (a URI) is read from there (a store that refuses raises ObjectStoreError)."""
+    if "://" in os.fspath(root):
+        from mnist37.objects import read_objects
+        data = read_objects(os.fspath(root), [path])[0]
+        if isinstance(data, OSError):
+            raise DecodeError(path, read_reason(data))
+        return data
     folder, _, name = path.rpartition("/")
     dir_fd = _open_folder(os.fspath(root), folder)
     try:
@@ -293,3 +300,37 @@ def combine_digests(*digests: int | str) -> int:
     """Sum of digests modulo 2**128: a set hash, so a data set's fingerprint is the same
     however its files are cut into shards and in whatever order shards finish."""
     return sum(int(d, 16) if isinstance(d, str) else d for d in digests) % (1 << 128)
+
+
+def decode_objects(root: str, groups: Sequence[Group], stamps: np.ndarray, shape: tuple[int, int],
+                   convert: bool = False) -> Decoded:
+    """`decode_groups` for objects under a prefix of an object store (`root`, a URI), read
+    many at once (mnist37.objects.read_objects). `stamps` (int64 [N, 2], size and mtime as
+    listed) make the files key, as a stat does for local files. An object gone since the
+    listing is rejected; a store that refuses raises ObjectStoreError, which stops the job."""
+    from mnist37.objects import read_objects
+
+    paths = [f"{folder}/{os.fsdecode(name)}" if folder else os.fsdecode(name)
+             for folder, names in groups for name in names]
+    images = np.empty((len(paths), *shape), dtype=np.uint8)
+    kept = np.zeros(len(paths), dtype=bool)
+    used, rejected, digest = [], [], 0
+    for i, (path, data) in enumerate(zip(paths, read_objects(root, paths))):
+        if isinstance(data, OSError):
+            rejected.append((path, read_reason(data)))
+            continue
+        digest += file_digest(os.fsencode(path), data)
+        try:
+            images[len(used)] = decode_png(data, path, shape, convert)
+        except DecodeError as e:
+            rejected.append((e.path, e.reason))
+        else:
+            kept[i] = True
+            used.append(path)
+    return Decoded(images[:len(used)], kept, used, rejected, f"{digest % (1 << 128):032x}",
+                   listed_files_key(groups, stamps, convert))
+
+
+def listed_files_key(groups: Sequence[Group], stamps: np.ndarray, convert: bool = False) -> str:
+    """`files_key` from (size, mtime) as a listing found them, `int64 [N, 2]`: no request per file."""
+    return _key(groups, np.asarray(stamps, dtype=np.int64).reshape(-1, 2).tolist(), convert)

@@ -156,6 +156,29 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
         raise
 
 
+def map_tasks(function: Callable, locations: Sequence[str]) -> list:
+    """`[function(location) for location in locations]`, each a Ray task, all at once, with a
+    progress line as they finish: how the job lists the class prefixes of an object store
+    (mnist37.folder.FolderMap), on whichever nodes have a free CPU."""
+    from mnist37.progress import Progress
+
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)(function)
+    indices: dict[ray.ObjectRef, int] = {}
+
+    def submit(item: tuple[int, str]) -> ray.ObjectRef:
+        ref = task.remote(item[1])
+        indices[ref] = item[0]
+        return ref
+
+    progress = Progress("list", len(locations), " class prefixes")
+    results: list = [None] * len(locations)
+    for index, value in bounded_map(submit, list(enumerate(locations)), max(1, len(locations)),
+                                    lambda ref, value: (indices.pop(ref), value)):
+        results[index] = value
+        progress.update()
+    return results
+
+
 def default_max_in_flight() -> int:
     """Twice the cluster's CPUs: every core busy, the next task already queued."""
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 from mnist37 import Mnist37Error, archive, datasets
 from mnist37.config import Config, ConfigError
 from mnist37.partials import claimed, partial_name
-from mnist37.paths import sample_path
+from mnist37.paths import is_uri, open_location, sample_path
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class Listing:
     class_indices: np.ndarray  # int32 [N], into `classes`
     ignored: list[int]  # per class: entries that are not image files (labels.csv, .DS_Store, folders)
     reused: int = 0  # class folders whose listing an earlier run kept, unchanged since
+    # int64 [N, 2]: (size, modification time in ns) of each object as the store listed it; only
+    # for data in an object store, where it stands in for the stat a decode task would make.
+    stamps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -62,8 +65,40 @@ def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray
     return [sample_path(split, classes[c], os.fsdecode(n)) for c, n in zip(class_indices.tolist(), names.tolist())]
 
 
-def _subfolders(folder: Path) -> list[str]:
+# A data root: a local folder, or a URI of a prefix in an object store (s3://bucket/prefix).
+Root = Path | str
+
+
+def _under(root: Root, *parts: str) -> Root:
+    """A location under a root, of the root's kind."""
+    return "/".join([root.rstrip("/"), *parts]) if isinstance(root, str) else root.joinpath(*parts)
+
+
+def _subfolders(folder: Root) -> list[str]:
+    if isinstance(folder, str):
+        from mnist37.objects import subfolders
+        return subfolders(folder)
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _is_folder(folder: Root) -> bool:
+    if isinstance(folder, str):
+        from mnist37.objects import check_folder
+        return check_folder(folder)
+    return folder.is_dir()
+
+
+def _find_prefix(data: str, train_split: str) -> str:
+    """`find_root` for a URI: the prefix holding `<split>/` prefixes, or the single prefix
+    under it that does. A missing bucket or a refused listing is ObjectStoreError."""
+    root = data.rstrip("/")
+    if not _is_folder(root):
+        raise DatasetError(f"data: {data} does not exist (no objects under this prefix)")
+    if not _is_folder(_under(root, train_split)):
+        inner = _subfolders(root)
+        if len(inner) == 1 and _is_folder(_under(root, inner[0], train_split)):
+            root = _under(root, inner[0])
+    return root
 
 
 def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None = None) -> Path:
@@ -75,6 +110,14 @@ def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None =
     """
     if (dataset := datasets.named(data)) is not None:
         data = datasets.download(dataset, cache_dir)
+    if is_uri(data):
+        fs, local = open_location(data)
+        if fs is not None:
+            if archive.is_archive(Path(local)):
+                raise DatasetError(f"data: {data}: archives are read from local paths only; "
+                                   "upload the extracted ImageFolder, or copy the archive here")
+            return _find_prefix(str(data), train_split)
+        data = local  # file://: a local path
     path = Path(data).expanduser()
     if not str(data):
         raise DatasetError("data: no data set given; pass --data PATH (an ImageFolder folder or a .tgz "
@@ -160,40 +203,72 @@ def _scan_images(folder: bytes) -> tuple[np.ndarray, int]:
 def _keep_images(names: list[bytes]) -> tuple[np.ndarray, int]:
     """The image names of a batch (by extension), and how many others it had."""
     names = np.array(names, dtype=bytes)
-    lower = np.strings.lower(names)
-    keep = np.logical_or.reduce([np.strings.endswith(lower, ext) for ext in IMAGE_EXTENSIONS])
+    keep = _image_mask(names)
     return names[keep], int(len(names) - keep.sum())
 
 
-def class_folders(root: Path, split: str) -> list[str]:
+def _image_mask(names: np.ndarray) -> np.ndarray:
+    """bool [N]: which of bytes 'S' [N] names have an image extension."""
+    lower = np.strings.lower(names)
+    return np.logical_or.reduce([np.strings.endswith(lower, ext) for ext in IMAGE_EXTENSIONS])
+
+
+def class_folders(root: Root, split: str) -> list[str]:
     """Every class folder of `split`, sorted: what `classes = ["all"]` means."""
-    if not (root / split).is_dir():
+    if not _is_folder(_under(root, split)):
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    names = _subfolders(root / split)
+    names = _subfolders(_under(root, split))
     if len(names) < 2:
         raise DatasetError(f"classes = all: expected at least two class folders under {split}/, found {names}")
     return names
 
 
-def check_split(root: Path, split: str, classes: Sequence[str]) -> None:
+def check_split(root: Root, split: str, classes: Sequence[str]) -> None:
     """Raise DatasetError, naming what is there instead, unless `root/split/<class>/` exists
-    for every class: two stats per class, so a wrong layout is reported before any listing."""
-    split_dir = root / split
-    if not split_dir.is_dir():
+    for every class: two stats (or store requests) per class, so a wrong layout is reported
+    before any listing."""
+    split_dir = _under(root, split)
+    if not _is_folder(split_dir):
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
     for name in classes:
-        if not (split_dir / name).is_dir():
+        if not _is_folder(_under(split_dir, name)):
             found = ", ".join(_subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
 
 
-def list_split(root: Path, split: str, classes: Sequence[str], reuse_dir: Path | None = None) -> Listing:
+def list_object_folder(location: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """One class prefix of an object store: the image names (bytes 'S' [N], sorted), their
+    `int64 [N, 2]` (size, mtime in ns) and how many other entries were ignored. Runs where
+    it is called: the job runs it as one Ray task per class prefix."""
+    from mnist37.objects import list_objects
+
+    names, stamps, folders = list_objects(location)
+    names = np.array(names, dtype=bytes) if names else np.array([], dtype="S1")
+    keep = _image_mask(names)
+    names, stamps = names[keep], stamps[keep]
+    order = np.argsort(names, kind="stable")
+    return names[order], stamps[order], folders + int((~keep).sum())
+
+
+# Maps a function over class folder locations, yielding results in order: serially here by
+# default, as Ray tasks in the job (mnist37.distributed.map_tasks).
+FolderMap = Callable[[Callable, Sequence[str]], Iterable]
+
+
+def list_split(root: Root, split: str, classes: Sequence[str], reuse_dir: Path | None = None,
+               map_folders: FolderMap | None = None) -> Listing:
     """All images of `split` for `classes`, sorted by class order, then file name (bytewise,
     which for UTF-8 names is code-point order). With `reuse_dir`, class folders unchanged
-    since an earlier run kept their listing there are not listed again (`_image_names`)."""
+    since an earlier run kept their listing there are not listed again (`_image_names`).
+
+    A root in an object store is listed one class prefix at a time through `map_folders`
+    (the job's runs them as Ray tasks, all at once), and the listing keeps each object's
+    (size, mtime) in `stamps`."""
     check_split(root, split, classes)
+    if isinstance(root, str):
+        return _list_object_split(root, split, classes, map_folders or map)
     names, class_indices, ignored, reused = [], [], [], 0
     for index, name in enumerate(classes):
         files, others, kept = _image_names(os.fsencode(root / split / name), reuse_dir)
@@ -218,7 +293,7 @@ class Located:
     """The data set found, with its splits and classes resolved into the config."""
 
     cfg: Config  # train_split, eval_split and classes filled in
-    root: Path  # the folder holding <split>/<class>/ folders, or a container format's files
+    root: Root  # the folder (or object store prefix) holding <split>/<class>/ folders, or a container format's files
     classes: list[str]  # in index order ("all" expanded for folders; containers resolve it in plan)
     format: str = "folder"  # or a container format (mnist37.formats)
 
@@ -244,3 +319,24 @@ def locate(cfg: Config) -> Located:
     for split in (cfg.train_split, cfg.eval_split):
         check_split(root, split, classes)
     return Located(cfg, root, classes)
+
+
+def _list_object_split(root: str, split: str, classes: Sequence[str], map_folders: FolderMap) -> Listing:
+    """`list_split` for a prefix of an object store (no listing reuse: listing a prefix is
+    what finds out whether it changed)."""
+    folders = [_under(root, split, name) for name in classes]
+    names, stamps, class_indices, ignored = [], [], [], []
+    for index, (name, (files, stamp, others)) in enumerate(zip(classes, map_folders(list_object_folder, folders))):
+        if others:
+            log.info("%s/%s/: ignored %d entries that are not image files", split, name, others)
+        if not len(files):
+            raise DatasetError(f"Class {name!r} has no images under {_under(root, split)}/")
+        names.append(files)
+        stamps.append(stamp)
+        ignored.append(others)
+        class_indices.append(np.full(len(files), index, dtype=np.int32))
+    width = max(n.dtype.itemsize for n in names)
+    listing = Listing(split, tuple(classes), np.concatenate([n.astype(f"S{width}") for n in names]),
+                      np.concatenate(class_indices), ignored, 0, np.concatenate(stamps))
+    log.info("%s: %d images in %d classes (listed from %s)", split, len(listing), len(classes), root)
+    return listing

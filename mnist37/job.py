@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args
+from mnist37.paths import is_uri, local_or_uri
 from mnist37.progress import Status
 
 log = logging.getLogger("mnist37.job")
@@ -68,16 +69,18 @@ def main(cfg: Config, status: Status | None = None) -> dict:
 
     import ray
 
-    from mnist37.distributed import check_address
+    from mnist37.distributed import check_address, map_tasks
     from mnist37.evaluation import evaluate, results_json
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
     check_address(cfg.ray_address)
-    # Listing needs no Ray: it runs while Ray starts (on 2 cores ~0.5 s off a large job).
+    # Listing a local folder needs no Ray: it runs while Ray starts (on 2 cores ~0.5 s off a
+    # large job). An object store's class prefixes are listed by Ray tasks, once Ray is up.
     status.stage = "plan"
+    in_store = is_uri(located.root)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        planned = pool.submit(plan, located)
+        planned = None if in_store else pool.submit(plan, located)
         try:
             # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
             # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
@@ -85,32 +88,32 @@ def main(cfg: Config, status: Status | None = None) -> dict:
                      dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
             _take_signals()
             ray_init_s = time.perf_counter() - clock
-            evaluation = evaluate(planned.result(), status)
+            evaluation = evaluate(plan(located, map_tasks) if in_store else planned.result(), status)
         finally:
             ray.shutdown()
             _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
             _clear_temporaries(planned)
     results = results_json(evaluation, {"ray_init": ray_init_s, "total": time.perf_counter() - clock})
     status.stage = "write results"
-    out = Path(located.cfg.out)
+    out = local_or_uri(located.cfg.out)
     table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
     print(table)
     used = sum(sum(c.values()) for c in results["counts"].values())
     rejected = len(results["rejected"])
     print(f"\n{used + rejected} image files = {used} used + {rejected} rejected, in "
           f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
-          f"results in {out / 'results.json'}")
+          f"results in {str(out).rstrip('/')}/results.json")
     return results
 
 
-def _clear_temporaries(planned: Future) -> None:
+def _clear_temporaries(planned: Future | None) -> None:
     """Remove the temporaries of tasks that Ray stopped mid-write (after an error or an
     interrupt) now, not at the next run: a job that ends leaves no .partial in a local chunk
     store. Only abandoned ones go (mnist37.partials), so other jobs' writers are safe."""
-    from mnist37.paths import is_uri
     from mnist37.shards import clean_partials
 
-    if planned.done() and planned.exception() is None and not is_uri(planned.result().chunk_dir):
+    if planned is not None and planned.done() and planned.exception() is None \
+            and not is_uri(planned.result().chunk_dir):
         clean_partials(Path(planned.result().chunk_dir))
 
 

@@ -37,3 +37,30 @@ def class_folder(split: str, class_name: str) -> str:
 def sample_path(split: str, class_name: str, name: str) -> str:
     """An image relative to the data root: "train/3/10.png"."""
     return f"{class_folder(split, class_name)}/{name}"
+
+
+def open_location(location: str | os.PathLike):
+    """`(filesystem, path)` for a location: `(None, path)` for a local path or `file://` URI,
+    which callers open with the os module (and memory-map); a pyarrow FileSystem and its
+    path (`bucket/key` for S3) for any other URI. The one place a location becomes a
+    filesystem. Raises ValueError naming the location when pyarrow cannot open it.
+
+    S3 credentials, region and endpoint come the standard AWS way (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, ~/.aws, instance roles)."""
+    location = os.fspath(location)
+    if not is_uri(location):
+        return None, location
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise ValueError(f"{location!r}: not a filesystem pyarrow can open ({e})") from None
+    return (None, path) if isinstance(fs, pafs.LocalFileSystem) else (fs, path)
+
+
+def local_or_uri(location: str | os.PathLike) -> Path | str:
+    """A local path as a Path (`file://` URIs included), any other URI as its string."""
+    fs, path = open_location(location)
+    return Path(path) if fs is None else os.fspath(location)

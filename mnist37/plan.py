@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mnist37.config import Config
 from mnist37.decode import image_shape
-from mnist37.folder import Listing, Located, list_split
+from mnist37.folder import FolderMap, Listing, Located, Root, list_object_folder, list_split
 from mnist37.formats import ContainerShard, plan_containers
 from mnist37.paths import cache_home, is_uri
 from mnist37.shards import Shard, clean_partials, make_shards
@@ -33,7 +33,7 @@ class Plan:
     """What to decode and where: everything the job needs before Ray is involved."""
 
     cfg: Config
-    root: Path
+    root: Root  # a local folder, or a URI (s3://bucket/prefix)
     classes: list[str]
     listings: dict[str, Listing]  # per split, train first; container formats list no files ({})
     shape: tuple[int, int]
@@ -43,16 +43,18 @@ class Plan:
     format: str = "folder"  # or a container format (mnist37.formats)
 
 
-def default_chunk_dir(cfg: Config, root: Path) -> Path:
+def default_chunk_dir(cfg: Config, root: Root) -> Path:
     """One chunk folder per data root, in the cache, so every run over that root reuses it."""
     tag = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
-    return cache_home(cfg.cache_dir) / "chunks" / f"{root.name}-{tag}"
+    return cache_home(cfg.cache_dir) / "chunks" / f"{str(root).rstrip('/').rpartition('/')[2]}-{tag}"
 
 
-def plan(located: Located) -> Plan:
+def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     """List every split (sorted), fix the image shape, cut the shards; clear what writers
     killed in earlier runs left in the chunk folder. Needs no Ray: a job runs it while
-    `ray.init()` starts."""
+    `ray.init()` starts. Data in an object store is listed by one `map_folders` call over every
+    class prefix of both splits (the job passes one that runs a Ray task per prefix,
+    distributed.map_tasks; without it, one prefix after another here)."""
     clock = time.perf_counter()
     cfg, root, classes = located.cfg, located.root, located.classes
     if is_uri(cfg.chunk_dir):
@@ -72,7 +74,13 @@ def plan(located: Located) -> Plan:
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
     reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
-    listings = {split: list_split(root, split, classes, reuse_dir) for split in (cfg.train_split, cfg.eval_split)}
+    splits = (cfg.train_split, cfg.eval_split)
+    if is_uri(root) and map_folders is not None:
+        # Every class prefix of both splits in one round of tasks, then each split from those.
+        folders = [f"{str(root).rstrip('/')}/{split}/{name}" for split in splits for name in classes]
+        listed = dict(zip(folders, map_folders(list_object_folder, folders)))
+        map_folders = lambda function, locations: [listed[location] for location in locations]  # noqa: E731
+    listings = {split: list_split(root, split, classes, reuse_dir, map_folders) for split in splits}
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(

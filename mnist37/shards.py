@@ -25,10 +25,10 @@ import numpy as np
 from mnist37 import partials
 from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, join, read_chunk_metadata,
                             verify_chunk, write_chunk)
-from mnist37.decode import Group, decode_groups, files_key
+from mnist37.decode import Group, decode_groups, decode_objects, files_key, listed_files_key
 from mnist37.folder import Listing, relative_paths
 from mnist37.formats import ContainerShard, FormatError, read_shard
-from mnist37.paths import class_folder
+from mnist37.paths import class_folder, is_uri
 from mnist37.prototypes import pixel_sums
 
 
@@ -40,6 +40,7 @@ class Shard:
     classes: tuple[str, ...]
     names: np.ndarray  # bytes 'S' [N], file names within their class folders
     class_indices: np.ndarray  # int32 [N]
+    stamps: np.ndarray | None = None  # int64 [N, 2], (size, mtime ns) as listed: objects in a store only
 
     @property
     def name(self) -> str:
@@ -97,7 +98,8 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
     """Consecutive runs of `shard_size` images (the last may be shorter), in listing order."""
     return [
         Shard(listing.split, i // shard_size, shard_size, listing.classes,
-              listing.names[i:i + shard_size], listing.class_indices[i:i + shard_size])
+              listing.names[i:i + shard_size], listing.class_indices[i:i + shard_size],
+              None if listing.stamps is None else listing.stamps[i:i + shard_size])
         for i in range(0, len(listing), shard_size)
     ]
 
@@ -119,7 +121,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _reusable(path: str, root: Path, shard: Shard, shape: tuple[int, int], groups: list[Group],
+def _reusable(path: str, root: Path | str, shard: Shard, shape: tuple[int, int], groups: list[Group],
               convert: bool, verify: bool = True) -> tuple[dict | None, str]:
     """(the chunk's reuse record, "") if the chunk at `path` is intact and was written from
     exactly these files as they are now; else (None, why not), the reason "" when there is no
@@ -142,7 +144,8 @@ def _reusable(path: str, root: Path, shard: Shard, shape: tuple[int, int], group
         return None, (f"{path}: chunk records {meta['num_images']} images and {len(meta['rejected'])} rejected "
                       f"files; the shard has {len(shard)} files")
     try:
-        key = files_key(root, groups, convert)
+        # Objects in a store: the (size, mtime) the listing found, so a warm run reads none of them.
+        key = files_key(root, groups, convert) if shard.stamps is None else listed_files_key(groups, shard.stamps, convert)
     except OSError:
         return None, ""  # a file is gone or unreadable: decoding it reports which
     if key != meta["files_key"]:
@@ -165,7 +168,7 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, shape: tuple[i
     whether that stops the job is the caller's policy. The chunk records them too, so a run
     that reuses it reports the same rejections."""
     start = time.perf_counter()
-    root, path = Path(root), chunk_path(chunk_dir, shard)
+    root, path = str(root) if is_uri(root) else Path(root), chunk_path(chunk_dir, shard)
     if isinstance(shard, ContainerShard):
         meta, discarded = _decode_container(shard, root, shape, path, chunk_dir, reuse, convert, verify)
     else:
@@ -174,7 +177,8 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, shape: tuple[i
         if meta is not None:
             meta = {**meta, "reused": True}
         else:
-            decoded = decode_groups(root, groups, shape, convert)
+            decoded = (decode_groups(root, groups, shape, convert) if shard.stamps is None
+                       else decode_objects(root, groups, shard.stamps, shape, convert))  # from an object store
             labels = shard.class_indices[decoded.kept]
             sums, counts = pixel_sums(decoded.images, labels, len(shard.classes))
             meta = _write(path, chunk_dir, decoded.images, labels, decoded.paths, shard, {

@@ -162,11 +162,12 @@ def test_a_failing_job_fails_submit_with_its_error_in_the_logs(head, tmp_path):
 
 
 class MultiNode:
-    """tests/multinode.py in a subprocess: head + N worker nodes, 1 CPU each."""
+    """tests/multinode.py in a subprocess: head + N worker nodes, 1 CPU each; `extra_env`
+    reaches every node's tasks (AWS variables, for data in an object store)."""
 
-    def __init__(self, workers: int, gpus: float = 0):
+    def __init__(self, workers: int, gpus: float = 0, **extra_env: str):
         self.process = subprocess.Popen([sys.executable, "tests/multinode.py", str(workers), str(gpus)],
-                                        cwd=PROJECT_ROOT, env=env(**FAST_HEALTH_CHECKS), text=True,
+                                        cwd=PROJECT_ROOT, env=env(**FAST_HEALTH_CHECKS, **extra_env), text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         try:
             self.info = json.loads(self.process.stdout.readline())

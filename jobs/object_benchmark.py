@@ -1,0 +1,115 @@
+"""Objects per second read from an S3-compatible server on loopback, at several numbers of
+requests in flight: what chose mnist37.objects.REQUESTS_IN_FLIGHT.
+
+    python jobs/object_benchmark.py                       # moto on 127.0.0.1, 2,000 MNIST-sized objects
+    python jobs/object_benchmark.py --objects 4000 --requests 1 4 16 64
+    python jobs/object_benchmark.py --job --requests 1 16   # the whole job, from moto
+    AWS_ENDPOINT_URL=http://host:9000 python jobs/object_benchmark.py --uri s3://bucket/prefix
+
+Without --uri it starts moto's server (a test dependency) on 127.0.0.1 and uploads
+`--objects` objects of `--size` bytes; with --uri it reads the objects already under that
+prefix (AWS variables as usual). Each setting reads every object once, through the same
+`read_objects` a decode task uses, after one warm-up pass. Needs no Ray.
+
+With --job: uploads a 3,000-image 28x28 ImageFolder (tests.conftest.make_image_folder) to
+moto and runs jobs/evaluate.py on it (`--shard-size 1000`, a local Ray, a cold chunk cache)
+once per --requests setting (MNIST37_OBJECT_REQUESTS), printing the job's and the mean
+task's objects/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mnist37.objects import REQUESTS_IN_FLIGHT, list_objects, read_objects  # noqa: E402
+
+
+def start_server(objects: int, size: int) -> tuple[object, str]:
+    """moto on loopback with `objects` objects of `size` bytes at s3://bench/objects."""
+    from tests.s3server import S3Server, aws_env
+
+    server = S3Server()
+    os.environ.update(aws_env(server.endpoint))
+    client = server.client()
+    client.create_bucket(Bucket="bench")
+    body = os.urandom(size)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket="bench", Key=f"objects/{i:07d}.png", Body=body),
+                      range(objects)))
+    return server, "s3://bench/objects"
+
+
+def job_figures(requests: list[int]) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    from tests.conftest import make_image_folder
+    from tests.s3server import S3Server, aws_env
+
+    tmp = Path(tempfile.mkdtemp(prefix="mnist37-object-bench-"))
+    root = make_image_folder(tmp / "data", {"train": {"3": 1000, "7": 1000}, "valid": {"3": 500, "7": 500}},
+                             shape=(28, 28))
+    server = S3Server()
+    try:
+        server.client().create_bucket(Bucket="bench")
+        server.upload(root, "bench", "data")
+        for n in requests:
+            out = tmp / f"out-{n}"
+            run = subprocess.run(
+                [sys.executable, "jobs/evaluate.py", "--data", "s3://bench/data", "--out", str(out), "--cache-dir",
+                 str(tmp / f"cache-{n}"), "--ray-address", "local", "--shard-size", "1000"],
+                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                env={**os.environ, **aws_env(server.endpoint), "MNIST37_OBJECT_REQUESTS": str(n)})
+            if run.returncode:
+                sys.exit(run.stderr)
+            results = json.loads((out / "results.json").read_text())
+            tasks = results["shards"]["per_shard"]
+            per_task = sum(t["num_files"] for t in tasks) / sum(t["decode_elapsed_s"] for t in tasks)
+            print(f"requests {n:>3}: job {results['throughput']['decode_files_per_s']:.0f} objects/s "
+                  f"(decode stage {results['elapsed_s']['decode']:.2f} s), a task {per_task:.0f} objects/s "
+                  f"(mean of {len(tasks)})", flush=True)
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", help="read the objects under this prefix instead of starting a loopback server")
+    parser.add_argument("--objects", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=250, help="bytes per object (an MNIST PNG is ~250)")
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    parser.add_argument("--job", action="store_true", help="time the whole job from moto instead")
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    if args.job:
+        return job_figures(args.requests)
+    server, uri = (None, args.uri) if args.uri else start_server(args.objects, args.size)
+    try:
+        clock = time.perf_counter()
+        names = [n.decode() for n in list_objects(uri)[0]]
+        listed_s = time.perf_counter() - clock
+        read_objects(uri, names[:200], requests=16)  # warm-up: connections, the server's caches
+        print(f"{len(names)} objects under {uri}, listed in {listed_s:.2f} s ({len(names) / listed_s:.0f} keys/s, "
+              f"one prefix); default REQUESTS_IN_FLIGHT = {REQUESTS_IN_FLIGHT}")
+        print(f"{'requests':>9} {'objects/s':>10} {'seconds':>8}")
+        for requests in args.requests:
+            clock = time.perf_counter()
+            read_objects(uri, names, requests=requests)
+            elapsed = time.perf_counter() - clock
+            print(f"{requests:>9} {len(names) / elapsed:>10.0f} {elapsed:>8.2f}", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

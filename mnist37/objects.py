@@ -1,0 +1,179 @@
+"""Object stores (S3 and S3-compatible stores, GCS, HDFS: any pyarrow filesystem behind a URI):
+listing a prefix, reading many small objects at once, writing an object whole.
+
+Small objects are latency-bound: a decode task keeps `REQUESTS_IN_FLIGHT` reads open at once
+(jobs/object_benchmark.py measured the choice; README: Object storage). A request that fails
+for a reason that may pass (503 SlowDown, a timeout, a dropped connection, any 5xx) is tried
+again after an exponentially growing pause; one that cannot pass (no such bucket, access
+denied) or that outlasts `ATTEMPTS` stops the job with one line naming the object:
+
+    s3://images/train/3/10.png: access denied (AWS Error ACCESS_DENIED during GetObject operation)
+
+An object that is gone since it was listed is not such an error: like a local file deleted
+after listing it is a rejected file, counted and reported (decode.read_reason).
+
+pyarrow 26's `open_input_stream` on S3 sends a HEAD before the GET (as `open_input_file` does):
+two requests per object.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from mnist37 import Mnist37Error
+from mnist37.paths import open_location
+
+# Reads in flight per decode task; see jobs/object_benchmark.py and README: Object storage.
+# MNIST37_OBJECT_REQUESTS overrides it (set where the job starts, it reaches a local Ray's workers).
+REQUESTS_IN_FLIGHT = int(os.environ.get("MNIST37_OBJECT_REQUESTS") or 16)
+# Tries per request, pausing BACKOFF_S, 2x, 4x ... (at most MAX_BACKOFF_S, with jitter) between them.
+ATTEMPTS = 8
+BACKOFF_S = 0.05
+MAX_BACKOFF_S = 5.0
+
+# Words in pyarrow's error messages that mean retrying cannot help.
+_PERMANENT = {
+    "NO_SUCH_BUCKET": "bucket not found",
+    "ACCESS_DENIED": "access denied",
+    "AccessDenied": "access denied",
+    "INVALID_ACCESS_KEY_ID": "invalid access key",
+    "SIGNATURE_DOES_NOT_MATCH": "invalid credentials",
+    "Forbidden": "access denied",
+    "HTTP response code: 403": "access denied",
+}
+
+T = TypeVar("T")
+
+
+class ObjectStoreError(Mnist37Error, OSError):
+    """An object store refused a request for good (no such bucket, access denied) or kept
+    failing past every retry. Built from one message only, so it pickles as itself through
+    a Ray task's error."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def permanent(error: OSError) -> str | None:
+    """What makes `error` final, in words, or None when trying again may help."""
+    text = str(error)
+    return next((words for marker, words in _PERMANENT.items() if marker in text), None)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(" (Request ID")[0]
+
+
+def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS) -> T:
+    """`request()`, tried again with exponential backoff while it fails with an OSError that may
+    pass. FileNotFoundError goes to the caller as it is; anything final, or the last failure,
+    becomes ObjectStoreError naming `uri`."""
+    for attempt in range(attempts):
+        try:
+            return request()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if isinstance(e, ObjectStoreError):
+                raise
+            if (words := permanent(e)) is not None:
+                raise ObjectStoreError(f"{uri}: {words} ({_first_line(e)})") from None
+            if attempt == attempts - 1:
+                raise ObjectStoreError(f"{uri}: still failing after {attempts} tries ({_first_line(e)})") from None
+            pause = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)
+            time.sleep(pause * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
+def _uri(location: str, path: str) -> str:
+    """The URI of `path` on the filesystem of `location`: what error messages name."""
+    return f"{location.split('://', 1)[0]}://{path}"
+
+
+def check_folder(location: str) -> bool:
+    """Whether a prefix holds anything (a "folder" of the store); ObjectStoreError when its
+    bucket does not exist or the store refuses the request."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_location(location)
+    info = retrying(location, lambda: fs.get_file_info(path))
+    if info.type == pafs.FileType.Directory:
+        return True
+    bucket = path.split("/", 1)[0]
+    if retrying(location, lambda: fs.get_file_info(bucket)).type == pafs.FileType.NotFound:
+        raise ObjectStoreError(f"{_uri(location, bucket)}: bucket not found (while looking for {location})")
+    return False
+
+
+def subfolders(location: str) -> list[str]:
+    """Names of the "folders" (common prefixes) right under a prefix, sorted; [] when the
+    prefix holds nothing."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_location(location)
+    try:
+        infos = retrying(location, lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    except FileNotFoundError:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def list_objects(location: str) -> tuple[list[bytes], np.ndarray, int]:
+    """The objects right under a prefix: their names (bytes, in the store's order), `int64
+    [N, 2]` (size, modification time in ns) and how many "folders" were there too.
+
+    pyarrow pages through the store's listing (1,000 keys a page on S3) by itself."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_location(location)
+    try:
+        infos = retrying(location, lambda: fs.get_file_info(pafs.FileSelector(path)))
+    except FileNotFoundError:
+        raise ObjectStoreError(f"{location}: no objects under this prefix (was it deleted after it was found?)") from None
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    stamps = np.array([(i.size, i.mtime_ns or 0) for i in files], dtype=np.int64).reshape(-1, 2)
+    return [i.base_name.encode() for i in files], stamps, len(infos) - len(files)
+
+
+def read_objects(location: str, names: Sequence[str], requests: int = REQUESTS_IN_FLIGHT) -> list[bytes | OSError]:
+    """The bytes of the objects `<location>/<name>`, in order, `requests` at a time. An object
+    gone since it was listed comes back as its FileNotFoundError; anything final raises
+    ObjectStoreError (see `retrying`)."""
+    fs, root = open_location(location)
+    base = location.rstrip("/")
+
+    def read(name: str) -> bytes | OSError:
+        def get() -> bytes:
+            with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
+                return f.read()
+        try:
+            return retrying(f"{base}/{name}", get)
+        except FileNotFoundError as e:
+            return e
+
+    if requests <= 1 or len(names) <= 1:
+        return [read(n) for n in names]
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        return list(pool.map(read, names))
+
+
+def write_object(location: str, data: bytes) -> None:
+    """Write one object whole: an S3 object appears only when its upload completes, so a
+    reader finds the old object, the new one, or none."""
+    fs, path = open_location(location)
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    retrying(location, put)

@@ -1,0 +1,118 @@
+"""A real S3-compatible server on 127.0.0.1 for tests (moto's server mode), a fault proxy in
+front of it, and uploading a folder into it.
+
+`aws_env(endpoint)` is every variable a process needs to talk to the loopback server and to
+nothing else: the endpoint, dummy credentials, a region, no instance metadata, no ~/.aws files.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
+
+class S3Server:
+    """moto's ThreadedMotoServer on 127.0.0.1, on a free port."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> int:
+        """Every file under `folder` to `s3://bucket/prefix/<relative path>`; returns how many."""
+        client = self.client()
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=f"{prefix}/{p.relative_to(folder).as_posix()}",
+                                                      Body=p.read_bytes()), files))
+        return len(files)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+_SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+              b'<Message>Please reduce your request rate.</Message></Error>')
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of `upstream` that answers every `slow_every`-th
+    request with 503 SlowDown and drops the connection, unanswered, on every `drop_every`-th."""
+
+    def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7):
+        host, port = upstream.removeprefix("http://").split(":")
+        self.counts = {"requests": 0, "slow_down": 0, "dropped": 0}
+        lock, counts = threading.Lock(), self.counts
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    counts["requests"] += 1
+                    n = counts["requests"]
+                if n % drop_every == 0:
+                    counts["dropped"] += 1
+                    self.close_connection = True
+                    return
+                if n % slow_every == 0:
+                    counts["slow_down"] += 1
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(_SLOW_DOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(_SLOW_DOWN)
+                    return
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                try:
+                    connection.request(self.command, self.path, body=body or None,
+                                       headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                    response = connection.getresponse()
+                    data = response.read()
+                finally:
+                    connection.close()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

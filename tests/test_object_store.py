@@ -1,0 +1,216 @@
+"""Data and results in an object store: a real S3-compatible server (moto) on 127.0.0.1, the
+job reading an ImageFolder from it and writing its outputs to it, a fault proxy in front of
+it, and the store's refusals (no bucket, no such prefix, access denied) as one line each."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mnist37.folder import list_object_folder
+from mnist37.objects import read_objects, write_object
+
+from tests.conftest import make_image_folder
+from tests.s3server import FaultProxy, S3Server, aws_env
+from tests.test_evaluate_job import run_job
+
+BUCKET = "mnist37-test"
+COUNTS = {"train": {"3": 12, "7": 10}, "valid": {"3": 6, "7": 7}}
+# What must agree between a run from the store and one from disk.
+FIGURES = ("counts", "files", "rejected", "metrics", "prototypes_sha256", "classes", "image_shape")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The server, with this process's AWS variables pointed at it (and nowhere else)."""
+    server = S3Server()
+    saved = dict(os.environ)
+    os.environ.update(aws_env(server.endpoint))
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    os.environ.clear()
+    os.environ.update(saved)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stored_folder(s3, tmp_path_factory):
+    """A tiny ImageFolder on disk and the same files at s3://BUCKET/sample."""
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "sample", COUNTS)
+    (root / "train" / "3" / "labels.csv").write_text("not an image\n")
+    s3.upload(root, BUCKET, "sample")
+    return root, f"s3://{BUCKET}/sample"
+
+
+def figures(results: dict) -> dict:
+    return {key: results[key] for key in FIGURES} | {"fingerprint": results["data"]["fingerprint"]}
+
+
+def read_json(s3, key: str) -> dict:
+    return json.loads(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def test_listing_pages_past_1000_objects(s3):
+    client, names = s3.client(), [f"{i:05d}.png" for i in range(1_100)]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: client.put_object(Bucket=BUCKET, Key=f"many/train/3/{n}", Body=n.encode()), names))
+    client.put_object(Bucket=BUCKET, Key="many/train/3/README.txt", Body=b"x")
+    client.put_object(Bucket=BUCKET, Key="many/train/3/sub/inner.png", Body=b"x")
+
+    listed, stamps, ignored = list_object_folder(f"s3://{BUCKET}/many/train/3")
+
+    assert [n.decode() for n in listed] == names  # every page, sorted
+    assert ignored == 2  # README.txt and the sub/ "folder"
+    assert stamps.dtype == np.int64 and stamps.shape == (1_100, 2)
+    assert (stamps[:, 0] == 9).all() and (stamps[:, 1] > 0).all()  # size, mtime
+
+
+def test_objects_are_read_many_at_once_in_order(s3):
+    client = s3.client()
+    for i in range(40):
+        client.put_object(Bucket=BUCKET, Key=f"read/{i}.bin", Body=bytes([i]) * (i + 1))
+    names = [f"{i}.bin" for i in range(40)] + ["gone.bin"]
+    got = read_objects(f"s3://{BUCKET}/read", names, requests=8)
+    assert got[:40] == [bytes([i]) * (i + 1) for i in range(40)]
+    assert isinstance(got[40], FileNotFoundError)  # listed, then deleted: a rejected file, not a stop
+
+
+def test_an_object_is_written_whole(s3):
+    write_object(f"s3://{BUCKET}/out/x.json", b'{"a": 1}')
+    assert read_json(s3, "out/x.json") == {"a": 1}
+
+
+@pytest.mark.ray
+def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_path):
+    root, uri = stored_folder
+    env = aws_env(s3.endpoint)
+    local = run_job("--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c1"),
+                    env_extra=env)
+    assert local.returncode == 0, local.stderr
+    remote = run_job("--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
+                     env_extra=env)
+    assert remote.returncode == 0, remote.stderr
+    assert "list: 4/4 class prefixes" in remote.stderr  # the listing's progress line, both splits at once
+
+    on_disk = json.loads((tmp_path / "local" / "results.json").read_text())
+    in_store = read_json(s3, "runs/x/results.json")
+    assert figures(in_store) == figures(on_disk)
+    assert in_store["files"]["train"]["3"]["ignored"] == 1  # labels.csv
+    assert in_store["shards"]["files_decoded"] == sum(sum(c.values()) for c in COUNTS.values())
+    stored = {o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="runs/x/")["Contents"]}
+    assert stored == {f"runs/x/{name}" for name in ["results.json", *in_store["outputs"]]}
+    table = s3.client().get_object(Bucket=BUCKET, Key="runs/x/table.txt")["Body"].read().decode()
+    assert table == (tmp_path / "local" / "table.txt").read_text()
+
+    # A warm run reuses every chunk: the listing's (size, mtime) is the reuse key, no object is read.
+    warm = run_job("--data", uri, "--out", f"s3://{BUCKET}/runs/y", "--cache-dir", str(tmp_path / "c2"),
+                   env_extra=env)
+    assert warm.returncode == 0, warm.stderr
+    again = read_json(s3, "runs/y/results.json")
+    assert again["shards"]["files_decoded"] == 0 and figures(again) == figures(on_disk)
+
+
+@pytest.mark.ray
+def test_throttling_and_dropped_connections_are_retried(s3, stored_folder, tmp_path):
+    root, uri = stored_folder
+    proxy = FaultProxy(s3.endpoint, slow_every=5, drop_every=7)
+    try:
+        run = run_job("--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                      env_extra=aws_env(proxy.endpoint))
+    finally:
+        proxy.stop()
+    assert run.returncode == 0, run.stderr
+    assert proxy.counts["slow_down"] > 5 and proxy.counts["dropped"] > 5, proxy.counts
+    local = run_job("--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c"))
+    assert local.returncode == 0, local.stderr
+    assert (figures(json.loads((tmp_path / "out" / "results.json").read_text()))
+            == figures(json.loads((tmp_path / "local" / "results.json").read_text())))
+
+
+def _one_error_line(run, *words: str) -> None:
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, run.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.mark.ray
+def test_a_missing_bucket_is_one_line(s3, tmp_path):
+    run = run_job("--data", "s3://no-such-bucket-here/sample", "--out", str(tmp_path / "out"),
+                  "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
+    _one_error_line(run, "s3://no-such-bucket-here", "bucket not found")
+
+
+@pytest.mark.ray
+def test_a_wrong_prefix_is_one_line(s3, stored_folder, tmp_path):
+    run = run_job("--data", f"s3://{BUCKET}/no-such-prefix", "--out", str(tmp_path / "out"),
+                  "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
+    _one_error_line(run, f"s3://{BUCKET}/no-such-prefix", "does not exist")
+
+
+@pytest.mark.ray
+def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_folder, tmp_path):
+    """A bucket policy denies one object of the evaluation split: read by a decode task, it
+    stops the job (on_bad_file = skip leaves out bad image data, not refusals)."""
+    root, uri = stored_folder
+    denied = "sample/valid/7/" + sorted(p.name for p in (root / "valid" / "7").iterdir())[2]
+    client = s3.client()
+    client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/{denied}"}]}))
+    try:
+        run = run_job("--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                      "--on-bad-file", "skip", env_extra=aws_env(s3.endpoint))
+    finally:
+        client.delete_bucket_policy(Bucket=BUCKET)
+    _one_error_line(run, f"s3://{BUCKET}/{denied}", "access denied")
+
+
+@pytest.mark.ray
+def test_chunks_in_the_store_are_reused(s3, stored_folder, tmp_path):
+    """No local disk at all: data, chunks and results in the store; the second run decodes nothing."""
+    _, uri = stored_folder
+    chunks = f"s3://{BUCKET}/chunks"
+    runs = [run_job("--data", uri, "--chunk-dir", chunks, "--out", f"s3://{BUCKET}/runs/chunks{i}",
+                    "--cache-dir", str(tmp_path / f"c{i}"), env_extra=aws_env(s3.endpoint)) for i in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    first, second = (read_json(s3, f"runs/chunks{i}/results.json") for i in range(2))
+    assert first["shards"]["files_reused"] == 0
+    assert second["shards"]["files_decoded"] == 0 and figures(second) == figures(first)
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="chunks/")["Contents"]
+    # pyarrow's create_dir leaves empty "folder/" marker objects; beside them, the chunks and no partials
+    assert sorted(o["Key"] for o in listed if not o["Key"].endswith("/")) == [f"chunks/{s}/{s}-{n}-000000.arrow" for s, n in
+                                                (("train", first["config"]["shard_size"]),
+                                                 ("valid", first["config"]["shard_size"]))]
+
+
+@pytest.mark.ray
+def test_three_nodes_with_the_data_only_in_the_store(s3, tmp_path_factory, tmp_path):
+    """A 3-node cluster (tests/multinode.py) whose nodes know only the store: the data is read
+    by every node's decode tasks from S3, chunks reach classify tasks through Ray's object
+    store (no chunk store is shared: each node's is its own default), figures as on one node."""
+    from tests.test_cluster import MultiNode
+
+    root = make_image_folder(tmp_path_factory.mktemp("cluster") / "data",
+                             {"train": {"3": 300, "7": 300}, "valid": {"3": 100, "7": 100}}, shape=(28, 28))
+    s3.upload(root, BUCKET, "cluster")
+    baseline = run_job("--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
+                       "--cache-dir", str(tmp_path / "c1"))
+    assert baseline.returncode == 0, baseline.stderr
+    cluster = MultiNode(2, **aws_env(s3.endpoint))
+    try:
+        run = run_job("--data", f"s3://{BUCKET}/cluster", "--out", str(tmp_path / "three"), "--shard-size", "100",
+                      "--cache-dir", str(tmp_path / "c3"), "--ray-address", cluster.info["address"],
+                      env_extra=aws_env(s3.endpoint))
+    finally:
+        cluster.close()
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "three" / "results.json").read_text())
+    assert figures(results) == figures(json.loads((tmp_path / "one" / "results.json").read_text()))
+    decode_nodes = {shard["decode_node_id"] for shard in results["shards"]["per_shard"]}
+    assert decode_nodes == {cluster.info["head"], *cluster.info["workers"]}  # every node read from the store
+    assert results["shards"]["transport"] == "object_store"
