@@ -310,7 +310,13 @@ def locate(cfg: Config) -> Located:
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
     from mnist37 import formats  # here, not at the top: pyarrow.parquet is not needed to say "no such file"
 
-    fmt = formats.detect(formats.container_root(root), cfg.format)
+    if is_uri(root):  # an object store holds the ImageFolder layout; container formats there are not read yet
+        if cfg.format not in ("auto", "folder"):
+            raise DatasetError(f"format: {cfg.format} from an object store ({root}) is not supported yet; "
+                               "copy the files to a local folder, or store the images as an ImageFolder")
+        fmt = "folder"
+    else:
+        fmt = formats.detect(formats.container_root(root), cfg.format)
     if fmt != "folder":
         root = formats.container_root(root)
         formats.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
