@@ -12,6 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mnist37 import Mnist37Error
+
+
+
+class LocationError(Mnist37Error, ValueError):
+    """A URI that pyarrow cannot open (unknown scheme, unreachable store, no such bucket)."""
 
 def is_uri(location: str | os.PathLike) -> bool:
     """True for `scheme://...` (a pyarrow filesystem URI), False for a local path."""
@@ -43,7 +49,7 @@ def open_location(location: str | os.PathLike):
     """`(filesystem, path)` for a location: `(None, path)` for a local path or `file://` URI,
     which callers open with the os module (and memory-map); a pyarrow FileSystem and its
     path (`bucket/key` for S3) for any other URI. The one place a location becomes a
-    filesystem. Raises ValueError naming the location when pyarrow cannot open it.
+    filesystem. Raises LocationError naming the location when pyarrow cannot open it.
 
     S3 credentials, region and endpoint come the standard AWS way (AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, ~/.aws, instance roles)."""
@@ -56,7 +62,7 @@ def open_location(location: str | os.PathLike):
     try:
         fs, path = pafs.FileSystem.from_uri(location)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise ValueError(f"{location!r}: not a filesystem pyarrow can open ({e})") from None
+        raise LocationError(f"{location!r}: not a filesystem pyarrow can open ({e})") from None
     return (None, path) if isinstance(fs, pafs.LocalFileSystem) else (fs, path)
 
 

@@ -86,10 +86,10 @@ def test_an_object_is_written_whole(s3):
 def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_path):
     root, uri = stored_folder
     env = aws_env(s3.endpoint)
-    local = run_job("--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c1"),
+    local = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c1"),
                     env_extra=env)
     assert local.returncode == 0, local.stderr
-    remote = run_job("--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
+    remote = run_job("--ray-address", "local", "--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
                      env_extra=env)
     assert remote.returncode == 0, remote.stderr
     assert "list: 4/4 class prefixes" in remote.stderr  # the listing's progress line, both splits at once
@@ -105,7 +105,7 @@ def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_pa
     assert table == (tmp_path / "local" / "table.txt").read_text()
 
     # A warm run reuses every chunk: the listing's (size, mtime) is the reuse key, no object is read.
-    warm = run_job("--data", uri, "--out", f"s3://{BUCKET}/runs/y", "--cache-dir", str(tmp_path / "c2"),
+    warm = run_job("--ray-address", "local", "--data", uri, "--out", f"s3://{BUCKET}/runs/y", "--cache-dir", str(tmp_path / "c2"),
                    env_extra=env)
     assert warm.returncode == 0, warm.stderr
     again = read_json(s3, "runs/y/results.json")
@@ -117,13 +117,13 @@ def test_throttling_and_dropped_connections_are_retried(s3, stored_folder, tmp_p
     root, uri = stored_folder
     proxy = FaultProxy(s3.endpoint, slow_every=5, drop_every=7)
     try:
-        run = run_job("--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+        run = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
                       env_extra=aws_env(proxy.endpoint))
     finally:
         proxy.stop()
     assert run.returncode == 0, run.stderr
     assert proxy.counts["slow_down"] > 5 and proxy.counts["dropped"] > 5, proxy.counts
-    local = run_job("--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c"))
+    local = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c"))
     assert local.returncode == 0, local.stderr
     assert (figures(json.loads((tmp_path / "out" / "results.json").read_text()))
             == figures(json.loads((tmp_path / "local" / "results.json").read_text())))
@@ -140,14 +140,14 @@ def _one_error_line(run, *words: str) -> None:
 
 @pytest.mark.ray
 def test_a_missing_bucket_is_one_line(s3, tmp_path):
-    run = run_job("--data", "s3://no-such-bucket-here/sample", "--out", str(tmp_path / "out"),
+    run = run_job("--ray-address", "local", "--data", "s3://no-such-bucket-here/sample", "--out", str(tmp_path / "out"),
                   "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
     _one_error_line(run, "s3://no-such-bucket-here", "bucket not found")
 
 
 @pytest.mark.ray
 def test_a_wrong_prefix_is_one_line(s3, stored_folder, tmp_path):
-    run = run_job("--data", f"s3://{BUCKET}/no-such-prefix", "--out", str(tmp_path / "out"),
+    run = run_job("--ray-address", "local", "--data", f"s3://{BUCKET}/no-such-prefix", "--out", str(tmp_path / "out"),
                   "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
     _one_error_line(run, f"s3://{BUCKET}/no-such-prefix", "does not exist")
 
@@ -162,7 +162,7 @@ def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_f
     client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
         {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/{denied}"}]}))
     try:
-        run = run_job("--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+        run = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
                       "--on-bad-file", "skip", env_extra=aws_env(s3.endpoint))
     finally:
         client.delete_bucket_policy(Bucket=BUCKET)
@@ -174,7 +174,7 @@ def test_chunks_in_the_store_are_reused(s3, stored_folder, tmp_path):
     """No local disk at all: data, chunks and results in the store; the second run decodes nothing."""
     _, uri = stored_folder
     chunks = f"s3://{BUCKET}/chunks"
-    runs = [run_job("--data", uri, "--chunk-dir", chunks, "--out", f"s3://{BUCKET}/runs/chunks{i}",
+    runs = [run_job("--ray-address", "local", "--data", uri, "--chunk-dir", chunks, "--out", f"s3://{BUCKET}/runs/chunks{i}",
                     "--cache-dir", str(tmp_path / f"c{i}"), env_extra=aws_env(s3.endpoint)) for i in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr
@@ -198,12 +198,12 @@ def test_three_nodes_with_the_data_only_in_the_store(s3, tmp_path_factory, tmp_p
     root = make_image_folder(tmp_path_factory.mktemp("cluster") / "data",
                              {"train": {"3": 300, "7": 300}, "valid": {"3": 100, "7": 100}}, shape=(28, 28))
     s3.upload(root, BUCKET, "cluster")
-    baseline = run_job("--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
+    baseline = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
                        "--cache-dir", str(tmp_path / "c1"))
     assert baseline.returncode == 0, baseline.stderr
     cluster = MultiNode(2, **aws_env(s3.endpoint))
     try:
-        run = run_job("--data", f"s3://{BUCKET}/cluster", "--out", str(tmp_path / "three"), "--shard-size", "100",
+        run = run_job("--ray-address", "local", "--data", f"s3://{BUCKET}/cluster", "--out", str(tmp_path / "three"), "--shard-size", "100",
                       "--cache-dir", str(tmp_path / "c3"), "--ray-address", cluster.info["address"],
                       env_extra=aws_env(s3.endpoint))
     finally:
