@@ -18,19 +18,12 @@ jobs/evaluate.py (--shard-size 4096). The benchmark is mnist37.benchmark
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist37 import Mnist37Error  # noqa: E402
-from mnist37.benchmark import main, parse_args  # noqa: E402
+from mnist37.benchmark import main, parse_args, run  # noqa: E402, F401 - main and parse_args for callers
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        main(parse_args())
-    except Mnist37Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run())

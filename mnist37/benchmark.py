@@ -306,10 +306,16 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> int:
+    """The command line: returns the exit status (1 with one line for a data problem)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        main(parse_args())
+        main(parse_args(argv))
+        return 0
     except Mnist37Error as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
