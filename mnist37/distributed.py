@@ -24,6 +24,7 @@ import ray
 from mnist37 import Mnist37Error
 from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
+from mnist37.formats import ContainerShard
 from mnist37.shards import DecodedShard, Shard, decode_shard, peak_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 _RETRIES = dict(max_retries=3, retry_exceptions=False)
 
 
-def _decode(shard: Shard, root: str, shape: tuple[int, int], chunk_dir: str, with_sums: bool,
+def _decode(shard: Shard | ContainerShard, root: str, shape: tuple[int, int], chunk_dir: str, with_sums: bool,
             reuse: bool, convert: bool, verify: bool) -> DecodedShard:
+    if isinstance(shard, Shard):  # its file names are in the listing, in the object store
+        shard = shard.resolved(ray.get)
     result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert, verify)
     context = ray.get_runtime_context()
     result.node_id, result.pid = context.get_node_id(), os.getpid()
@@ -156,25 +159,31 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
         raise
 
 
-def map_tasks(function: Callable, locations: Sequence[str]) -> list:
-    """`[function(location) for location in locations]`, each a Ray task, all at once, with a
-    progress line as they finish: how the job lists the class prefixes of an object store
-    (mnist37.folder.FolderMap), on whichever nodes have a free CPU."""
+def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[tuple]:
+    """`[function(*a) for a in arguments]` for a function that returns (summary, files), each
+    call a Ray task, all at once, with a progress line as they finish: how the job lists class
+    folders and prefixes (mnist37.folder.FolderMap), on whichever nodes have a free CPU. Only
+    the summaries come to the driver; each call's files stay in Ray's object store, and the
+    driver keeps a ref to them (decode tasks read their shard's slice). A listing lost with its
+    node is listed again by Ray (lineage), as a lost task's result is recomputed."""
     from mnist37.progress import Progress
 
-    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)(function)
-    indices: dict[ray.ObjectRef, int] = {}
+    task = ray.remote(num_cpus=1, num_returns=2, scheduling_strategy="SPREAD", **_RETRIES)(function)
+    files: dict[ray.ObjectRef, tuple[int, ray.ObjectRef]] = {}  # summary ref -> (index, files ref)
 
-    def submit(item: tuple[int, str]) -> ray.ObjectRef:
-        ref = task.remote(item[1])
-        indices[ref] = item[0]
-        return ref
+    def submit(item: tuple[int, tuple]) -> ray.ObjectRef:
+        summary, listed = task.remote(*item[1])
+        files[summary] = item[0], listed
+        return summary
 
-    progress = Progress("list", len(locations), " class prefixes")
-    results: list = [None] * len(locations)
-    for index, value in bounded_map(submit, list(enumerate(locations)), max(1, len(locations)),
-                                    lambda ref, value: (indices.pop(ref), value)):
-        results[index] = value
+    def received(ref: ray.ObjectRef, summary) -> tuple[int, tuple]:
+        index, listed = files.pop(ref)
+        return index, (summary, listed)
+
+    progress = Progress("list", len(arguments), " class folders")
+    results: list = [None] * len(arguments)
+    for index, result in bounded_map(submit, list(enumerate(arguments)), max(1, len(arguments)), received):
+        results[index] = result
         progress.update()
     return results
 

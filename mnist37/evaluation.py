@@ -1,7 +1,7 @@
 """The evaluation job's stages, in the order they run:
 
     locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.folder)
-    plan     (no Ray)  the sorted listing of both splits, the image shape, the shards (mnist37.plan)
+    plan     (Ray)     the sorted listing of both splits, the image shape, the shards (mnist37.plan)
     decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
     check_files        found = used + rejected per split and class; the bad-file policy
     prototypes         summed pixel sums / counts, once
@@ -9,8 +9,8 @@
     results_json       everything results.json holds, assembled here and nowhere else
 
 Each stage returns a typed record. `evaluate()` runs decode to classify on a connected Ray
-(`ray.init()` is the caller's). The driver holds the compact listing and one small record per
-shard, never images.
+(`ray.init()` is the caller's). The driver holds a small record per class folder and per
+shard, never file names or images.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def folder_accounts(planned: Plan, decoding: Decoding) -> dict:
     must equal what the decode tasks were given."""
     accounts = {}
     for split, listing in planned.listings.items():
-        listed = np.bincount(listing.class_indices, minlength=len(planned.classes))
+        listed = listing.counts()
         used, given = decoding.counts[split], decoding.found[split]
         accounts[split] = {}
         for index, name in enumerate(planned.classes):

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +34,13 @@ class DatasetError(Mnist37Error, ValueError):
 
 
 @dataclass(eq=False)
-class Listing:
-    """The sorted images of one split, compactly: the driver of a million-image job holds
-    file names as one fixed-width bytes array, not a million Python objects."""
+class ClassFiles:
+    """One class folder's images, sorted: the names (one fixed-width bytes array, not a
+    Python object per file) and, for objects in a store, what the listing said of each. In a
+    job these stay in Ray's object store, where the listing task left them: decode tasks read
+    their shard's slice, the driver never holds them."""
 
-    split: str
-    classes: tuple[str, ...]
-    names: np.ndarray  # bytes 'S' [N]: file names within their class folder
-    class_indices: np.ndarray  # int32 [N], into `classes`
-    ignored: list[int]  # per class: entries that are not image files (labels.csv, .DS_Store, folders)
-    reused: int = 0  # class folders whose listing an earlier run kept, unchanged since
+    names: np.ndarray  # bytes 'S' [N]: file names within the class folder, bytewise sorted
     # int64 [N, 2]: (size, modification time in ns) of each object as the store listed it; only
     # for data in an object store, where it stands in for the stat a decode task would make.
     stamps: np.ndarray | None = None
@@ -51,13 +48,65 @@ class Listing:
     def __len__(self) -> int:
         return len(self.names)
 
+
+@dataclass(eq=False)
+class ClassListing:
+    """What the driver keeps of one class folder's listing: a few numbers, the first names
+    (to find the image shape) and its files, in a job a ref to them in Ray's object store."""
+
+    split: str
+    class_name: str
+    count: int  # image files listed
+    ignored: int  # entries that are not image files (labels.csv, .DS_Store, folders)
+    reused: bool  # the listing an earlier run kept, unchanged since
+    head: np.ndarray  # bytes 'S' [<= HEAD_NAMES]: the first names
+    files: ClassFiles | object = None  # or Ray's ObjectRef to them
+
+
+# First names of each class folder the driver keeps, to find the image shape from.
+HEAD_NAMES = 100
+
+
+@dataclass(eq=False)
+class Listing:
+    """The sorted images of one split: its class folders' listings, in class order. Sample i
+    of the split is sample i of the class folders laid end to end."""
+
+    split: str
+    classes: tuple[str, ...]
+    folders: list[ClassListing]  # one per class, in class order
+
+    def __len__(self) -> int:
+        return sum(f.count for f in self.folders)
+
+    @property
+    def ignored(self) -> list[int]:
+        return [f.ignored for f in self.folders]
+
+    @property
+    def reused(self) -> int:
+        """Class folders whose listing an earlier run kept, unchanged since."""
+        return sum(f.reused for f in self.folders)
+
+    def counts(self) -> np.ndarray:
+        """int64 [C]: image files listed per class."""
+        return np.array([f.count for f in self.folders], dtype=np.int64)
+
+    def head_paths(self, limit: int) -> list[str]:
+        """'/'-separated paths of up to `limit` first images, in listing order."""
+        paths = [sample_path(self.split, f.class_name, os.fsdecode(n)) for f in self.folders for n in f.head.tolist()]
+        return paths[:limit]
+
+    # In-process only (the files are here, not refs): the whole split as arrays.
+    @property
+    def class_indices(self) -> np.ndarray:
+        """int32 [N]: the class of each image."""
+        return np.repeat(np.arange(len(self.folders), dtype=np.int32), [f.count for f in self.folders])
+
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         """'/'-separated paths relative to the data root: "train/3/10.png"."""
-        return relative_paths(self.split, self.classes, self.class_indices[start:stop], self.names[start:stop])
-
-    def counts(self) -> dict[str, int]:
-        per_class = np.bincount(self.class_indices, minlength=len(self.classes))
-        return {name: int(n) for name, n in zip(self.classes, per_class)}
+        names = np.concatenate([f.files.names for f in self.folders])
+        return relative_paths(self.split, self.classes, self.class_indices[start:stop], names[start:stop])
 
 
 def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray, names: np.ndarray) -> list[str]:
@@ -238,54 +287,70 @@ def check_split(root: Root, split: str, classes: Sequence[str]) -> None:
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
 
 
-def list_object_folder(location: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """One class prefix of an object store: the image names (bytes 'S' [N], sorted), their
-    `int64 [N, 2]` (size, mtime in ns) and how many other entries were ignored. Runs where
-    it is called: the job runs it as one Ray task per class prefix."""
-    from mnist37.objects import list_objects
+def list_class_folder(root: Root, split: str, class_name: str,
+                      reuse_dir: Path | None = None) -> tuple[ClassListing, ClassFiles]:
+    """One class folder's images, sorted, and what the driver keeps of them; runs where it is
+    called (the job: one Ray task per class folder, so the names stay in Ray's object store).
 
-    names, stamps, folders = list_objects(location)
-    names = np.array(names, dtype=bytes) if names else np.array([], dtype="S1")
-    keep = _image_mask(names)
-    names, stamps = names[keep], stamps[keep]
-    order = np.argsort(names, kind="stable")
-    return names[order], stamps[order], folders + int((~keep).sum())
-
-
-# Maps a function over class folder locations, yielding results in order: serially here by
-# default, as Ray tasks in the job (mnist37.distributed.map_tasks).
-FolderMap = Callable[[Callable, Sequence[str]], Iterable]
-
-
-def list_split(root: Root, split: str, classes: Sequence[str], reuse_dir: Path | None = None,
-               map_folders: FolderMap | None = None) -> Listing:
-    """All images of `split` for `classes`, sorted by class order, then file name (bytewise,
-    which for UTF-8 names is code-point order). With `reuse_dir`, class folders unchanged
-    since an earlier run kept their listing there are not listed again (`_image_names`).
-
-    A root in an object store is listed one class prefix at a time through `map_folders`
-    (the job's runs them as Ray tasks, all at once), and the listing keeps each object's
-    (size, mtime) in `stamps`."""
-    check_split(root, split, classes)
+    A local folder is scanned, or its listing kept in `reuse_dir` by an earlier run is reused
+    while the folder is unchanged (`_image_names`); a prefix of an object store is listed, with
+    each object's (size, mtime), every run: listing it is what finds out whether it changed."""
     if isinstance(root, str):
-        return _list_object_split(root, split, classes, map_folders or map)
-    names, class_indices, ignored, reused = [], [], [], 0
-    for index, name in enumerate(classes):
-        files, others, kept = _image_names(os.fsencode(root / split / name), reuse_dir)
-        ignored.append(others)
-        reused += kept
-        if others:
-            log.info("%s/%s/: ignored %d entries that are not image files", split, name, others)
-        if not len(files):
-            raise DatasetError(f"Class {name!r} has no images under {split}/")
-        names.append(files)
-        class_indices.append(np.full(len(files), index, dtype=np.int32))
-    width = max(n.dtype.itemsize for n in names)
-    listing = Listing(split, tuple(classes), np.concatenate([n.astype(f"S{width}") for n in names]),
-                      np.concatenate(class_indices), ignored, reused)
-    log.info("%s: %d images in %d classes%s", split, len(listing), len(classes),
-             f" ({reused} folder listings reused)" if reused else "")
-    return listing
+        from mnist37.objects import list_objects
+
+        listed, stamps, folders = list_objects(_under(root, split, class_name))
+        names = np.array(listed, dtype=bytes) if listed else np.array([], dtype="S1")
+        keep = _image_mask(names)
+        order = np.argsort(names[keep], kind="stable")
+        names, stamps, ignored, reused = names[keep][order], stamps[keep][order], folders + int((~keep).sum()), False
+    else:
+        (names, ignored, reused), stamps = _image_names(os.fsencode(root / split / class_name), reuse_dir), None
+    if not len(names):
+        where = _under(root, split) if isinstance(root, str) else split
+        raise DatasetError(f"Class {class_name!r} has no images under {where}/")
+    return (ClassListing(split, class_name, len(names), ignored, reused, names[:HEAD_NAMES].copy()),
+            ClassFiles(names, stamps))
+
+
+# Maps `list_class_folder` over argument tuples, returning each call's (ClassListing,
+# ClassFiles or a ref to them) in order: in this process by default; in the job one Ray task
+# per class folder, the files left in Ray's object store (mnist37.distributed.map_listings).
+FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[tuple]]
+
+
+def _here(function: Callable, arguments: Sequence[tuple]) -> list:
+    return [function(*a) for a in arguments]
+
+
+def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse_dir: Path | None = None,
+                map_folders: FolderMap | None = None) -> dict[str, Listing]:
+    """All images of each split for `classes`, sorted by class order, then file name (bytewise,
+    which for UTF-8 names is code-point order): every class folder of every split listed by
+    one `map_folders` call, so a job lists them all at once. With `reuse_dir`, local class
+    folders unchanged since an earlier run kept their listing there are not listed again."""
+    for split in splits:
+        check_split(root, split, classes)
+    listed = iter((map_folders or _here)(list_class_folder,
+                                         [(root, split, name, reuse_dir) for split in splits for name in classes]))
+    listings = {}
+    for split in splits:
+        folders = []
+        for name in classes:
+            summary, files = next(listed)
+            summary.files = files
+            folders.append(summary)
+            if summary.ignored:
+                log.info("%s/%s/: ignored %d entries that are not image files", split, name, summary.ignored)
+        listings[split] = listing = Listing(split, tuple(classes), folders)
+        log.info("%s: %d images in %d classes%s%s", split, len(listing), len(classes),
+                 f" ({listing.reused} folder listings reused)" if listing.reused else "",
+                 f" (listed from {root})" if isinstance(root, str) else "")
+    return listings
+
+
+def list_split(root: Root, split: str, classes: Sequence[str], reuse_dir: Path | None = None) -> Listing:
+    """`list_splits` for one split, in this process."""
+    return list_splits(root, [split], classes, reuse_dir)[split]
 
 
 @dataclass(eq=False)
@@ -325,24 +390,3 @@ def locate(cfg: Config) -> Located:
     for split in (cfg.train_split, cfg.eval_split):
         check_split(root, split, classes)
     return Located(cfg, root, classes)
-
-
-def _list_object_split(root: str, split: str, classes: Sequence[str], map_folders: FolderMap) -> Listing:
-    """`list_split` for a prefix of an object store (no listing reuse: listing a prefix is
-    what finds out whether it changed)."""
-    folders = [_under(root, split, name) for name in classes]
-    names, stamps, class_indices, ignored = [], [], [], []
-    for index, (name, (files, stamp, others)) in enumerate(zip(classes, map_folders(list_object_folder, folders))):
-        if others:
-            log.info("%s/%s/: ignored %d entries that are not image files", split, name, others)
-        if not len(files):
-            raise DatasetError(f"Class {name!r} has no images under {_under(root, split)}/")
-        names.append(files)
-        stamps.append(stamp)
-        ignored.append(others)
-        class_indices.append(np.full(len(files), index, dtype=np.int32))
-    width = max(n.dtype.itemsize for n in names)
-    listing = Listing(split, tuple(classes), np.concatenate([n.astype(f"S{width}") for n in names]),
-                      np.concatenate(class_indices), ignored, 0, np.concatenate(stamps))
-    log.info("%s: %d images in %d classes (listed from %s)", split, len(listing), len(classes), root)
-    return listing

@@ -15,13 +15,16 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args
 from mnist37.paths import is_uri, local_or_uri
 from mnist37.progress import Status
+
+if TYPE_CHECKING:
+    from mnist37.plan import Plan
 
 log = logging.getLogger("mnist37.job")
 
@@ -69,30 +72,28 @@ def main(cfg: Config, status: Status | None = None) -> dict:
 
     import ray
 
-    from mnist37.distributed import check_address, map_tasks
+    from mnist37.distributed import check_address, map_listings
     from mnist37.evaluation import evaluate, results_json
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
     check_address(cfg.ray_address)
-    # Listing a local folder needs no Ray: it runs while Ray starts (on 2 cores ~0.5 s off a
-    # large job). An object store's class prefixes are listed by Ray tasks, once Ray is up.
-    status.stage = "plan"
-    in_store = is_uri(located.root)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        planned = None if in_store else pool.submit(plan, located)
-        try:
-            # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
-            # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
-            ray.init(address=cfg.ray_address or None, include_dashboard=cfg.ray_dashboard,
-                     dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
-            _take_signals()
-            ray_init_s = time.perf_counter() - clock
-            evaluation = evaluate(plan(located, map_tasks) if in_store else planned.result(), status)
-        finally:
-            ray.shutdown()
-            _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
-            _clear_temporaries(planned)
+    status.stage, planned = "plan", None
+    try:
+        # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
+        # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
+        ray.init(address=cfg.ray_address or None, include_dashboard=cfg.ray_dashboard,
+                 dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
+        _take_signals()
+        ray_init_s = time.perf_counter() - clock
+        # Class folders are listed by Ray tasks, their file names left in Ray's object store:
+        # the driver's memory does not grow with the number of files.
+        planned = plan(located, map_listings)
+        evaluation = evaluate(planned, status)
+    finally:
+        ray.shutdown()
+        _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
+        _clear_temporaries(planned)
     results = results_json(evaluation, {"ray_init": ray_init_s, "total": time.perf_counter() - clock})
     status.stage = "write results"
     out = local_or_uri(located.cfg.out)
@@ -106,15 +107,14 @@ def main(cfg: Config, status: Status | None = None) -> dict:
     return results
 
 
-def _clear_temporaries(planned: Future | None) -> None:
+def _clear_temporaries(planned: Plan | None) -> None:
     """Remove the temporaries of tasks that Ray stopped mid-write (after an error or an
     interrupt) now, not at the next run: a job that ends leaves no .partial in a local chunk
     store. Only abandoned ones go (mnist37.partials), so other jobs' writers are safe."""
     from mnist37.shards import clean_partials
 
-    if planned is not None and planned.done() and planned.exception() is None \
-            and not is_uri(planned.result().chunk_dir):
-        clean_partials(Path(planned.result().chunk_dir))
+    if planned is not None and not is_uri(planned.chunk_dir):
+        clean_partials(Path(planned.chunk_dir))
 
 
 def interrupted(status: Status, out: str) -> str:

@@ -1,8 +1,9 @@
-"""The plan: what a run decodes and where, worked out before Ray is involved.
+"""The plan: what a run decodes and where.
 
-`plan(located)` lists both splits (sorted), fixes the image shape and cuts the shards; it
-needs no Ray, so the job runs it while `ray.init()` starts, and jobs/gpu_check.py uses it
-where there is no Ray at all.
+`plan(located, map_folders)` lists both splits (sorted), fixes the image shape and cuts the
+shards. The job lists with Ray tasks, so the driver holds a few numbers per class folder and
+per shard whatever the number of files; without Ray (jobs/gpu_check.py, the converter) the
+listing is made here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from mnist37.config import Config
 from mnist37.decode import image_shape
-from mnist37.folder import FolderMap, Listing, Located, Root, list_object_folder, list_split
+from mnist37.folder import FolderMap, Listing, Located, Root, list_splits
 from mnist37.formats import ContainerShard, plan_containers
 from mnist37.paths import cache_home, is_uri
 from mnist37.shards import Shard, clean_partials, make_shards
@@ -51,10 +52,11 @@ def default_chunk_dir(cfg: Config, root: Root) -> Path:
 
 def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     """List every split (sorted), fix the image shape, cut the shards; clear what writers
-    killed in earlier runs left in the chunk folder. Needs no Ray: a job runs it while
-    `ray.init()` starts. Data in an object store is listed by one `map_folders` call over every
-    class prefix of both splits (the job passes one that runs a Ray task per prefix,
-    distributed.map_tasks; without it, one prefix after another here)."""
+    killed in earlier runs left in the chunk folder. Every class folder (or prefix) of both
+    splits is listed by one `map_folders` call: the job passes one that runs a Ray task per
+    folder and leaves the file names in Ray's object store (distributed.map_listings), so the
+    driver keeps per-folder and per-shard records only; without it, here, one after another
+    (jobs/gpu_check.py and the converter, which have no Ray)."""
     clock = time.perf_counter()
     cfg, root, classes = located.cfg, located.root, located.classes
     if is_uri(cfg.chunk_dir):
@@ -74,14 +76,8 @@ def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
     reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
-    splits = (cfg.train_split, cfg.eval_split)
-    if is_uri(root) and map_folders is not None:
-        # Every class prefix of both splits in one round of tasks, then each split from those.
-        folders = [f"{str(root).rstrip('/')}/{split}/{name}" for split in splits for name in classes]
-        listed = dict(zip(folders, map_folders(list_object_folder, folders)))
-        map_folders = lambda function, locations: [listed[location] for location in locations]  # noqa: E731
-    listings = {split: list_split(root, split, classes, reuse_dir, map_folders) for split in splits}
-    shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].paths(0, SHAPE_PROBES), convert)
+    listings = list_splits(root, (cfg.train_split, cfg.eval_split), classes, reuse_dir, map_folders)
+    shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].head_paths(SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)

@@ -15,6 +15,7 @@ since no listing on the driver knows that.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
@@ -26,26 +27,78 @@ from mnist37 import partials
 from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, join, read_chunk_metadata,
                             verify_chunk, write_chunk)
 from mnist37.decode import Group, decode_groups, decode_objects, files_key, listed_files_key
-from mnist37.folder import Listing, relative_paths
+from mnist37.folder import ClassFiles, Listing, relative_paths
 from mnist37.formats import ContainerShard, FormatError, read_shard
 from mnist37.paths import class_folder, is_uri
 from mnist37.prototypes import pixel_sums
 
 
 @dataclass(eq=False)
+class Run:
+    """Files [start, stop) of one class folder's listing: a shard is one run or a few."""
+
+    class_index: int
+    files: ClassFiles | object  # or Ray's ObjectRef to them, until the task that decodes the shard resolves it
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(eq=False)
 class Shard:
+    """`shard_size` consecutive images of a split's listing (the last shard may be shorter).
+
+    The driver's record of a shard is a few numbers per class folder it touches (`runs`), not
+    its file names: those stay in the listing (in a job, in Ray's object store) until the task
+    that decodes the shard resolves them (`resolved`); `names`, `paths` and the rest need that."""
+
     split: str
     index: int
     shard_size: int  # of every shard of this split (the last may be shorter)
     classes: tuple[str, ...]
-    names: np.ndarray  # bytes 'S' [N], file names within their class folders
-    class_indices: np.ndarray  # int32 [N]
-    stamps: np.ndarray | None = None  # int64 [N, 2], (size, mtime ns) as listed: objects in a store only
+    runs: list[Run]  # in class order
 
     @property
     def name(self) -> str:
         """Unique per split, shard size and position: runs with other shard sizes keep their own chunks."""
         return f"{self.split}-{self.shard_size}-{self.index:06d}"
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def found(self) -> np.ndarray:
+        """int64 [C + 1]: files per class (the last slot, records of no class, is 0 for folders)."""
+        found = np.zeros(len(self.classes) + 1, dtype=np.int64)
+        for r in self.runs:
+            found[r.class_index] += len(r)
+        return found
+
+    def resolved(self, get) -> Shard:
+        """This shard with its runs' files here: `get` turns the refs into ClassFiles (ray.get)."""
+        refs = [r.files for r in self.runs if not isinstance(r.files, ClassFiles)]
+        got = iter(get(refs)) if refs else iter(())
+        runs = [r if isinstance(r.files, ClassFiles) else dataclasses.replace(r, files=next(got)) for r in self.runs]
+        return dataclasses.replace(self, runs=runs)
+
+    # The shard's files; only once resolved.
+    @property
+    def names(self) -> np.ndarray:
+        """bytes 'S' [N]: file names within their class folders."""
+        return np.concatenate([r.files.names[r.start:r.stop] for r in self.runs])
+
+    @property
+    def class_indices(self) -> np.ndarray:
+        """int32 [N]."""
+        return np.repeat(np.array([r.class_index for r in self.runs], dtype=np.int32), [len(r) for r in self.runs])
+
+    @property
+    def stamps(self) -> np.ndarray | None:
+        """int64 [N, 2]: (size, mtime ns) as listed, for objects in a store; None for local files."""
+        if self.runs[0].files.stamps is None:
+            return None
+        return np.concatenate([r.files.stamps[r.start:r.stop] for r in self.runs])
 
     @property
     def paths(self) -> list[str]:
@@ -53,12 +106,8 @@ class Shard:
 
     def groups(self) -> list[Group]:
         """The shard's files as runs sharing a class folder: [("train/3", [b"10.png", ...]), ...]."""
-        starts = [0, *(np.flatnonzero(np.diff(self.class_indices)) + 1).tolist(), len(self)]
-        return [(class_folder(self.split, self.classes[self.class_indices[a]]), self.names[a:b].tolist())
-                for a, b in zip(starts, starts[1:]) if b > a]
-
-    def __len__(self) -> int:
-        return len(self.names)
+        return [(class_folder(self.split, self.classes[r.class_index]), r.files.names[r.start:r.stop].tolist())
+                for r in self.runs]
 
 
 @dataclass
@@ -95,13 +144,16 @@ class DecodedShard:
 
 
 def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
-    """Consecutive runs of `shard_size` images (the last may be shorter), in listing order."""
-    return [
-        Shard(listing.split, i // shard_size, shard_size, listing.classes,
-              listing.names[i:i + shard_size], listing.class_indices[i:i + shard_size],
-              None if listing.stamps is None else listing.stamps[i:i + shard_size])
-        for i in range(0, len(listing), shard_size)
-    ]
+    """Consecutive runs of `shard_size` images (the last may be shorter), in listing order,
+    each a few (class folder, start, stop) runs: cut from the class folders' counts alone."""
+    bounds = np.cumsum([0, *(f.count for f in listing.folders)]).tolist()
+    shards = []
+    for index, start in enumerate(range(0, bounds[-1], shard_size)):
+        stop = min(start + shard_size, bounds[-1])
+        runs = [Run(c, f.files, max(start, low) - low, min(stop, high) - low)
+                for c, (f, low, high) in enumerate(zip(listing.folders, bounds, bounds[1:])) if low < stop and start < high]
+        shards.append(Shard(listing.split, index, shard_size, listing.classes, runs))
+    return shards
 
 
 def chunk_path(chunk_dir: str | Path, shard: Shard | ContainerShard) -> str:
@@ -186,7 +238,7 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, shape: tuple[i
                 "rejected": decoded.rejected})
     records = meta.get("records")
     found = (np.array(records["found"], dtype=np.int64) if records else
-             np.bincount(shard.class_indices, minlength=len(shard.classes) + 1).astype(np.int64))
+             shard.found())
     return DecodedShard(
         split=shard.split, index=shard.index, chunk_path=path, num_files=int(found.sum()), found=found,
         num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],

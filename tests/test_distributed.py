@@ -9,7 +9,7 @@ import ray
 
 from mnist37 import distributed
 from mnist37.decode import DecodeError
-from mnist37.folder import list_split
+from mnist37.folder import ClassFiles, list_split, list_splits
 from mnist37.shards import make_shards
 
 pytestmark = pytest.mark.ray  # a local Ray
@@ -48,6 +48,27 @@ def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
     assert all(d.pixel_sums is not None for d in done)
     total = np.sum([d.counts for d in done], axis=0)
     assert total.tolist() == [64, 64]
+
+
+def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image_folder, tmp_path):
+    here = list_splits(image_folder, ["train", "valid"], ["3", "7"])
+    listed = list_splits(image_folder, ["train", "valid"], ["3", "7"], map_folders=distributed.map_listings)
+    # The driver holds counts, the first names and a ref per class folder, not the names.
+    for split in ("train", "valid"):
+        assert listed[split].counts().tolist() == here[split].counts().tolist()
+        assert all(isinstance(f.files, ray.ObjectRef) for f in listed[split].folders)
+        assert [f.head.tolist() for f in listed[split].folders] == [f.head.tolist() for f in here[split].folders]
+        assert [ray.get(f.files).names.tolist() for f in listed[split].folders] == \
+            [f.files.names.tolist() for f in here[split].folders]
+    shards = make_shards(listed["train"], 10)
+    assert all(isinstance(r.files, ray.ObjectRef) for s in shards for r in s.runs)
+    assert [s.resolved(ray.get).paths for s in shards] == [s.paths for s in make_shards(here["train"], 10)]
+    assert all(isinstance(r.files, ClassFiles) for r in shards[6].resolved(ray.get).runs)
+    # A shard across the class boundary: 64 images of "3", so shard 6 holds the last 4 of them and 6 of "7".
+    assert [(r.class_index, r.start, r.stop) for r in shards[6].runs] == [(0, 60, 64), (1, 0, 6)]
+    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 4))
+    assert sorted(d.index for d in done) == list(range(13))
+    assert np.sum([d.counts for d in done], axis=0).tolist() == [64, 64]
 
 
 def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_path):

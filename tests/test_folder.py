@@ -18,7 +18,7 @@ def test_listing_sorted_and_indexed_in_class_order(image_folder):
     assert paths[:12] == sorted(paths[:12])  # name order: 0, 1, 10, 11, 2, ...
     assert paths == list_split(image_folder, "valid", ["7", "3"]).paths()
     assert listing.paths(3, 5) == paths[3:5]
-    assert listing.counts() == {"7": 12, "3": 12}
+    assert listing.counts().tolist() == [12, 12]
 
 
 def test_names_with_spaces_and_non_ascii_survive(tmp_path):

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from mnist37.folder import list_object_folder
+from mnist37.folder import list_class_folder
 from mnist37.objects import read_objects, write_object
 
 from tests.conftest import make_image_folder
@@ -59,10 +59,12 @@ def test_listing_pages_past_1000_objects(s3):
     client.put_object(Bucket=BUCKET, Key="many/train/3/README.txt", Body=b"x")
     client.put_object(Bucket=BUCKET, Key="many/train/3/sub/inner.png", Body=b"x")
 
-    listed, stamps, ignored = list_object_folder(f"s3://{BUCKET}/many/train/3")
+    summary, files = list_class_folder(f"s3://{BUCKET}/many", "train", "3")
 
+    listed, stamps = files.names, files.stamps
     assert [n.decode() for n in listed] == names  # every page, sorted
-    assert ignored == 2  # README.txt and the sub/ "folder"
+    assert summary.count == 1_100 and summary.head.tolist() == listed[:100].tolist()
+    assert summary.ignored == 2  # README.txt and the sub/ "folder"
     assert stamps.dtype == np.int64 and stamps.shape == (1_100, 2)
     assert (stamps[:, 0] == 9).all() and (stamps[:, 1] > 0).all()  # size, mtime
 
@@ -92,7 +94,7 @@ def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_pa
     remote = run_job("--ray-address", "local", "--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
                      env_extra=env)
     assert remote.returncode == 0, remote.stderr
-    assert "list: 4/4 class prefixes" in remote.stderr  # the listing's progress line, both splits at once
+    assert "list: 4/4 class folders" in remote.stderr  # the listing's progress line, both splits at once
 
     on_disk = json.loads((tmp_path / "local" / "results.json").read_text())
     in_store = read_json(s3, "runs/x/results.json")
