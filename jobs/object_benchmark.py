@@ -3,12 +3,16 @@ requests in flight: what chose mnist37.objects.REQUESTS_IN_FLIGHT.
 
     python jobs/object_benchmark.py                       # moto on 127.0.0.1, 2,000 MNIST-sized objects
     python jobs/object_benchmark.py --objects 4000 --requests 1 4 16 64
+    python jobs/object_benchmark.py --latency-ms 30       # each request held 30 ms, as a store's latency
     python jobs/object_benchmark.py --job --requests 1 16   # the whole job, from moto
     AWS_ENDPOINT_URL=http://host:9000 python jobs/object_benchmark.py --uri s3://bucket/prefix
 
 Without --uri it starts moto's server (a test dependency) on 127.0.0.1 and uploads
 `--objects` objects of `--size` bytes; with --uri it reads the objects already under that
-prefix (AWS variables as usual). Each setting reads every object once, through the same
+prefix (AWS variables as usual). With --latency-ms, requests go through a proxy on loopback
+(tests.s3server.FaultProxy) that holds each one that long before passing it to moto: on
+loopback a request costs the server's CPU only, against a real store it waits tens of ms.
+Each setting reads every object once, through the same
 `read_objects` a decode task uses, after one warm-up pass. Needs no Ray.
 
 With --job: uploads a 3,000-image 28x28 ImageFolder (tests.conftest.make_image_folder) to
@@ -87,12 +91,21 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=2000)
     parser.add_argument("--size", type=int, default=250, help="bytes per object (an MNIST PNG is ~250)")
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="hold each request this long in a loopback proxy in front of moto")
     parser.add_argument("--job", action="store_true", help="time the whole job from moto instead")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     if args.job:
         return job_figures(args.requests)
     server, uri = (None, args.uri) if args.uri else start_server(args.objects, args.size)
+    proxy = None
+    if args.latency_ms and server is not None:
+        from tests.s3server import FaultProxy, aws_env
+
+        proxy = FaultProxy(server.endpoint, slow_every=0, drop_every=0, delay_s=args.latency_ms / 1000)
+        os.environ.update(aws_env(proxy.endpoint))
+        print(f"every request held {args.latency_ms:g} ms by a proxy on loopback")
     try:
         clock = time.perf_counter()
         names = [n.decode() for n in list_objects(uri)[0]]
@@ -101,12 +114,19 @@ def main() -> None:
         print(f"{len(names)} objects under {uri}, listed in {listed_s:.2f} s ({len(names) / listed_s:.0f} keys/s, "
               f"one prefix); default REQUESTS_IN_FLIGHT = {REQUESTS_IN_FLIGHT}")
         print(f"{'requests':>9} {'objects/s':>10} {'seconds':>8}")
+        rates = {}
         for requests in args.requests:
             clock = time.perf_counter()
             read_objects(uri, names, requests=requests)
             elapsed = time.perf_counter() - clock
-            print(f"{requests:>9} {len(names) / elapsed:>10.0f} {elapsed:>8.2f}", flush=True)
+            rates[requests] = len(names) / elapsed
+            print(f"{requests:>9} {rates[requests]:>10.0f} {elapsed:>8.2f}", flush=True)
+        best = max(rates.values())
+        knee = min(n for n, rate in rates.items() if rate >= 0.9 * best)
+        print(f"fewest requests in flight within 10% of the best ({best:.0f} objects/s): {knee}")
     finally:
+        if proxy is not None:
+            proxy.stop()
         if server is not None:
             server.stop()
 

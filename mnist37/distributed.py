@@ -24,6 +24,7 @@ import ray
 from mnist37 import Mnist37Error
 from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
+from mnist37.folder import ClassListing
 from mnist37.formats import ContainerShard
 from mnist37.shards import DecodedShard, Shard, decode_shard, peak_rss_bytes
 
@@ -159,33 +160,46 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
         raise
 
 
-def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[tuple]:
-    """`[function(*a) for a in arguments]` for a function that returns (summary, files), each
-    call a Ray task, all at once, with a progress line as they finish: how the job lists class
-    folders and prefixes (mnist37.folder.FolderMap), on whichever nodes have a free CPU. Only
-    the summaries come to the driver; each call's files stay in Ray's object store, and the
-    driver keeps a ref to them (decode tasks read their shard's slice). A listing lost with its
-    node is listed again by Ray (lineage), as a lost task's result is recomputed."""
+# Names (and stamps) per listing block in Ray's object store: a decode task of an 8,192-image
+# shard fetches one or two blocks of its class folder, ~1-2 MB, never the whole listing.
+LISTING_BLOCK = 65536
+
+
+def _listed_in_blocks(function: Callable, block_size: int, *arguments):
+    """A listing task: the folder's summary first, then its files in blocks, each its own object."""
+    summary, files = function(*arguments)
+    yield summary
+    for block in files.blocks(block_size):
+        yield block
+
+
+def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
+    """`function(*a)` for each argument tuple, a function that returns (ClassListing,
+    ClassFiles): each call a Ray task, all at once, with a progress line as they finish. How
+    the job lists class folders and prefixes (mnist37.folder.FolderMap), on whichever nodes
+    have a free CPU. Only the summaries come to the driver; the files stay in Ray's object
+    store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
+    with its node is listed again by Ray (lineage), as a lost task's result is recomputed."""
     from mnist37.progress import Progress
 
-    task = ray.remote(num_cpus=1, num_returns=2, scheduling_strategy="SPREAD", **_RETRIES)(function)
-    files: dict[ray.ObjectRef, tuple[int, ray.ObjectRef]] = {}  # summary ref -> (index, files ref)
-
-    def submit(item: tuple[int, tuple]) -> ray.ObjectRef:
-        summary, listed = task.remote(*item[1])
-        files[summary] = item[0], listed
-        return summary
-
-    def received(ref: ray.ObjectRef, summary) -> tuple[int, tuple]:
-        index, listed = files.pop(ref)
-        return index, (summary, listed)
-
+    task = ray.remote(num_cpus=1, num_returns="streaming", scheduling_strategy="SPREAD", **_RETRIES)(_listed_in_blocks)
+    generators = [task.remote(function, LISTING_BLOCK, *a) for a in arguments]
     progress = Progress("list", len(arguments), " class folders")
-    results: list = [None] * len(arguments)
-    for index, result in bounded_map(submit, list(enumerate(arguments)), max(1, len(arguments)), received):
-        results[index] = result
-        progress.update()
-    return results
+    listed = []
+    try:
+        for generator in generators:
+            refs = list(generator)  # returns once the task has yielded everything
+            summary = ray.get(refs[0])
+            summary.blocks, summary.block_size = refs[1:], LISTING_BLOCK
+            listed.append(summary)
+            progress.update()
+    except ray.exceptions.RayTaskError as e:
+        for generator in generators:
+            ray.cancel(generator)
+        if isinstance(e.cause, Mnist37Error):
+            raise e.cause from None
+        raise
+    return listed
 
 
 def default_max_in_flight() -> int:

@@ -14,7 +14,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +48,24 @@ class ClassFiles:
     def __len__(self) -> int:
         return len(self.names)
 
+    @staticmethod
+    def concatenate(parts: Sequence[ClassFiles]) -> ClassFiles:
+        if len(parts) == 1:
+            return parts[0]
+        return ClassFiles(np.concatenate([p.names for p in parts]),
+                          None if parts[0].stamps is None else np.concatenate([p.stamps for p in parts]))
+
+    def blocks(self, size: int) -> list[ClassFiles]:
+        """These files in consecutive pieces of `size` (the last may be shorter)."""
+        return [ClassFiles(self.names[a:a + size], None if self.stamps is None else self.stamps[a:a + size])
+                for a in range(0, len(self), size)]
+
 
 @dataclass(eq=False)
 class ClassListing:
     """What the driver keeps of one class folder's listing: a few numbers, the first names
-    (to find the image shape) and its files, in a job a ref to them in Ray's object store."""
+    (to find the image shape) and its files in blocks of `block_size`: in a job, refs to
+    blocks in Ray's object store, so a decode task fetches the one or two its shard needs."""
 
     split: str
     class_name: str
@@ -60,7 +73,12 @@ class ClassListing:
     ignored: int  # entries that are not image files (labels.csv, .DS_Store, folders)
     reused: bool  # the listing an earlier run kept, unchanged since
     head: np.ndarray  # bytes 'S' [<= HEAD_NAMES]: the first names
-    files: ClassFiles | object = None  # or Ray's ObjectRef to them
+    blocks: list = field(default_factory=list)  # ClassFiles, or Ray's ObjectRefs to them
+    block_size: int = 0  # files per block (the last block may hold fewer)
+
+    def files(self) -> ClassFiles:
+        """All the folder's files; in-process only (the blocks are here, not refs)."""
+        return ClassFiles.concatenate(self.blocks)
 
 
 # First names of each class folder the driver keeps, to find the image shape from.
@@ -105,7 +123,7 @@ class Listing:
 
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         """'/'-separated paths relative to the data root: "train/3/10.png"."""
-        names = np.concatenate([f.files.names for f in self.folders])
+        names = np.concatenate([f.files().names for f in self.folders])
         return relative_paths(self.split, self.classes, self.class_indices[start:stop], names[start:stop])
 
 
@@ -312,14 +330,19 @@ def list_class_folder(root: Root, split: str, class_name: str,
             ClassFiles(names, stamps))
 
 
-# Maps `list_class_folder` over argument tuples, returning each call's (ClassListing,
-# ClassFiles or a ref to them) in order: in this process by default; in the job one Ray task
-# per class folder, the files left in Ray's object store (mnist37.distributed.map_listings).
-FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[tuple]]
+# Maps `list_class_folder` over argument tuples, returning each call's ClassListing with its
+# blocks, in order: in this process by default (one block per folder); in the job one Ray task
+# per class folder, its blocks left in Ray's object store (mnist37.distributed.map_listings).
+FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[ClassListing]]
 
 
-def _here(function: Callable, arguments: Sequence[tuple]) -> list:
-    return [function(*a) for a in arguments]
+def _here(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
+    listed = []
+    for a in arguments:
+        summary, files = function(*a)
+        summary.blocks, summary.block_size = [files], max(1, len(files))
+        listed.append(summary)
+    return listed
 
 
 def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse_dir: Path | None = None,
@@ -336,9 +359,7 @@ def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse
     for split in splits:
         folders = []
         for name in classes:
-            summary, files = next(listed)
-            summary.files = files
-            folders.append(summary)
+            folders.append(summary := next(listed))
             if summary.ignored:
                 log.info("%s/%s/: ignored %d entries that are not image files", split, name, summary.ignored)
         listings[split] = listing = Listing(split, tuple(classes), folders)

@@ -35,15 +35,22 @@ from mnist37.prototypes import pixel_sums
 
 @dataclass(eq=False)
 class Run:
-    """Files [start, stop) of one class folder's listing: a shard is one run or a few."""
+    """Files [start, stop) of the listing blocks `files` of one class folder, laid end to end:
+    a shard is one run or a few."""
 
     class_index: int
-    files: ClassFiles | object  # or Ray's ObjectRef to them, until the task that decodes the shard resolves it
+    files: list  # the blocks: ClassFiles, or Ray's ObjectRefs until the decoding task resolves them
     start: int
     stop: int
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def listed(self) -> ClassFiles:
+        """The run's files [start, stop) once its blocks are here."""
+        joined = ClassFiles.concatenate(self.files)
+        return ClassFiles(joined.names[self.start:self.stop],
+                          None if joined.stamps is None else joined.stamps[self.start:self.stop])
 
 
 @dataclass(eq=False)
@@ -76,17 +83,21 @@ class Shard:
         return found
 
     def resolved(self, get) -> Shard:
-        """This shard with its runs' files here: `get` turns the refs into ClassFiles (ray.get)."""
-        refs = [r.files for r in self.runs if not isinstance(r.files, ClassFiles)]
-        got = iter(get(refs)) if refs else iter(())
-        runs = [r if isinstance(r.files, ClassFiles) else dataclasses.replace(r, files=next(got)) for r in self.runs]
+        """This shard with each run's files fetched and cut to the run: `get` turns the
+        blocks that are refs into ClassFiles (ray.get), in one call."""
+        refs = [b for r in self.runs for b in r.files if not isinstance(b, ClassFiles)]
+        got = iter(get(refs) if refs else ())
+        runs = []
+        for r in self.runs:
+            blocks = [b if isinstance(b, ClassFiles) else next(got) for b in r.files]
+            runs.append(Run(r.class_index, [Run(r.class_index, blocks, r.start, r.stop).listed()], 0, len(r)))
         return dataclasses.replace(self, runs=runs)
 
-    # The shard's files; only once resolved.
+    # The shard's files: only where its blocks are (in-process, or once `resolved`).
     @property
     def names(self) -> np.ndarray:
         """bytes 'S' [N]: file names within their class folders."""
-        return np.concatenate([r.files.names[r.start:r.stop] for r in self.runs])
+        return np.concatenate([r.listed().names for r in self.runs])
 
     @property
     def class_indices(self) -> np.ndarray:
@@ -96,9 +107,8 @@ class Shard:
     @property
     def stamps(self) -> np.ndarray | None:
         """int64 [N, 2]: (size, mtime ns) as listed, for objects in a store; None for local files."""
-        if self.runs[0].files.stamps is None:
-            return None
-        return np.concatenate([r.files.stamps[r.start:r.stop] for r in self.runs])
+        listed = [r.listed() for r in self.runs]
+        return None if listed[0].stamps is None else np.concatenate([f.stamps for f in listed])
 
     @property
     def paths(self) -> list[str]:
@@ -106,7 +116,7 @@ class Shard:
 
     def groups(self) -> list[Group]:
         """The shard's files as runs sharing a class folder: [("train/3", [b"10.png", ...]), ...]."""
-        return [(class_folder(self.split, self.classes[r.class_index]), r.files.names[r.start:r.stop].tolist())
+        return [(class_folder(self.split, self.classes[r.class_index]), r.listed().names.tolist())
                 for r in self.runs]
 
 
@@ -145,13 +155,17 @@ class DecodedShard:
 
 def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
     """Consecutive runs of `shard_size` images (the last may be shorter), in listing order,
-    each a few (class folder, start, stop) runs: cut from the class folders' counts alone."""
+    each a few (class folder, blocks, start, stop) runs: cut from the class folders' counts
+    alone, each run naming only the listing blocks it reads."""
     bounds = np.cumsum([0, *(f.count for f in listing.folders)]).tolist()
     shards = []
     for index, start in enumerate(range(0, bounds[-1], shard_size)):
-        stop = min(start + shard_size, bounds[-1])
-        runs = [Run(c, f.files, max(start, low) - low, min(stop, high) - low)
-                for c, (f, low, high) in enumerate(zip(listing.folders, bounds, bounds[1:])) if low < stop and start < high]
+        stop, runs = min(start + shard_size, bounds[-1]), []
+        for c, (folder, low, high) in enumerate(zip(listing.folders, bounds, bounds[1:])):
+            if low < stop and start < high:
+                a, b, size = max(start, low) - low, min(stop, high) - low, folder.block_size
+                first, last = a // size, (b - 1) // size
+                runs.append(Run(c, folder.blocks[first:last + 1], a - first * size, b - first * size))
         shards.append(Shard(listing.split, index, shard_size, listing.classes, runs))
     return shards
 

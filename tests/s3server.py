@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,9 +58,10 @@ _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Cod
 
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of `upstream` that answers every `slow_every`-th
-    request with 503 SlowDown and drops the connection, unanswered, on every `drop_every`-th."""
+    request with 503 SlowDown and drops the connection, unanswered, on every `drop_every`-th
+    (0: never), and holds every request `delay_s` before forwarding it: a store's latency."""
 
-    def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7):
+    def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7, delay_s: float = 0.0):
         host, port = upstream.removeprefix("http://").split(":")
         self.counts = {"requests": 0, "slow_down": 0, "dropped": 0}
         lock, counts = threading.Lock(), self.counts
@@ -75,11 +77,11 @@ class FaultProxy:
                 with lock:
                     counts["requests"] += 1
                     n = counts["requests"]
-                if n % drop_every == 0:
+                if drop_every and n % drop_every == 0:
                     counts["dropped"] += 1
                     self.close_connection = True
                     return
-                if n % slow_every == 0:
+                if slow_every and n % slow_every == 0:
                     counts["slow_down"] += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -88,6 +90,8 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(_SLOW_DOWN)
                     return
+                if delay_s:
+                    time.sleep(delay_s)
                 connection = http.client.HTTPConnection(host, int(port), timeout=30)
                 try:
                     connection.request(self.command, self.path, body=body or None,

@@ -50,22 +50,29 @@ def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
     assert total.tolist() == [64, 64]
 
 
-def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image_folder, tmp_path):
+def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "LISTING_BLOCK", 25)  # the driver tells the listing tasks
     here = list_splits(image_folder, ["train", "valid"], ["3", "7"])
     listed = list_splits(image_folder, ["train", "valid"], ["3", "7"], map_folders=distributed.map_listings)
-    # The driver holds counts, the first names and a ref per class folder, not the names.
+    # The driver holds counts, the first names and refs to blocks of names, not the names.
     for split in ("train", "valid"):
         assert listed[split].counts().tolist() == here[split].counts().tolist()
-        assert all(isinstance(f.files, ray.ObjectRef) for f in listed[split].folders)
+        assert all(isinstance(b, ray.ObjectRef) for f in listed[split].folders for b in f.blocks)
         assert [f.head.tolist() for f in listed[split].folders] == [f.head.tolist() for f in here[split].folders]
-        assert [ray.get(f.files).names.tolist() for f in listed[split].folders] == \
-            [f.files.names.tolist() for f in here[split].folders]
+        fetched = [ClassFiles.concatenate(ray.get(f.blocks)).names.tolist() for f in listed[split].folders]
+        assert fetched == [f.files().names.tolist() for f in here[split].folders]
+    block = listed["train"].folders[0].block_size
+    assert [len(b) for b in ray.get(listed["train"].folders[0].blocks)] == \
+        [min(block, 64 - a) for a in range(0, 64, block)]  # 64 training 3s in blocks
+    for size in (10, 64, 100, 1000):
+        shards = make_shards(listed["train"], size)
+        assert all(isinstance(b, ray.ObjectRef) for s in shards for r in s.runs for b in r.files)
+        assert [s.resolved(ray.get).paths for s in shards] == [s.paths for s in make_shards(here["train"], size)]
     shards = make_shards(listed["train"], 10)
-    assert all(isinstance(r.files, ray.ObjectRef) for s in shards for r in s.runs)
-    assert [s.resolved(ray.get).paths for s in shards] == [s.paths for s in make_shards(here["train"], 10)]
-    assert all(isinstance(r.files, ClassFiles) for r in shards[6].resolved(ray.get).runs)
     # A shard across the class boundary: 64 images of "3", so shard 6 holds the last 4 of them and 6 of "7".
-    assert [(r.class_index, r.start, r.stop) for r in shards[6].runs] == [(0, 60, 64), (1, 0, 6)]
+    assert [(r.class_index, r.start, r.stop) for r in shards[6].runs] == [(0, 60 % block, 64 - 60 // block * block),
+                                                                        (1, 0, 6)]
+    assert all(isinstance(b, ClassFiles) for r in shards[6].resolved(ray.get).runs for b in r.files)
     done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 4))
     assert sorted(d.index for d in done) == list(range(13))
     assert np.sum([d.counts for d in done], axis=0).tolist() == [64, 64]
