@@ -22,7 +22,7 @@ import numpy as np
 from mnist37 import Mnist37Error, archive, datasets
 from mnist37.config import Config, ConfigError
 from mnist37.partials import claimed, partial_name
-from mnist37.paths import is_uri, open_location, sample_path
+from mnist37.paths import is_uri, open_location, sample_path, under
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray
 Root = Path | str
 
 
-def _under(root: Root, *parts: str) -> Root:
-    """A location under a root, of the root's kind."""
-    return "/".join([root.rstrip("/"), *parts]) if isinstance(root, str) else root.joinpath(*parts)
+_under = under  # a location under a root, of the root's kind
 
 
 def _subfolders(folder: Root) -> list[str]:
@@ -310,15 +308,11 @@ def locate(cfg: Config) -> Located:
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
     from mnist37 import formats  # here, not at the top: pyarrow.parquet is not needed to say "no such file"
 
-    if is_uri(root):  # an object store holds the ImageFolder layout; container formats there are not read yet
-        if cfg.format not in ("auto", "folder"):
-            raise DatasetError(f"format: {cfg.format} from an object store ({root}) is not supported yet; "
-                               "copy the files to a local folder, or store the images as an ImageFolder")
-        fmt = "folder"
-    else:
-        fmt = formats.detect(formats.container_root(root), cfg.format)
+    # Local or in an object store alike: the files (objects) under the root tell the format.
+    inner = formats.container_root(root)
+    fmt = formats.detect(inner, cfg.format)
     if fmt != "folder":
-        root = formats.container_root(root)
+        root = inner
         formats.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
         return Located(cfg, root, list(cfg.classes), fmt)
     classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
