@@ -135,8 +135,8 @@ class ObjectInput(io.RawIOBase):
 
 
 def _stat(root: Root, path: str) -> tuple[int, int]:
-    """(size, modification time in ns) of a file, or of an object as the store's listing gives
-    them (pyarrow's FileInfo). FileNotFoundError when there is none."""
+    """(size, modification time in ns) of a file, or of an object as pyarrow's FileInfo gives
+    them (one HEAD request). FileNotFoundError when there is none."""
     if not is_uri(root):
         stat = os.stat(os.path.join(root, path))
         return stat.st_size, stat.st_mtime_ns
