@@ -38,6 +38,7 @@ record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -599,13 +600,18 @@ def _webdataset_records(shard: ContainerShard, root: Path):
 OBJECT_READ = 1 << 22
 
 
+@contextlib.contextmanager
 def _idx_open(root: Root, path: str, front_to_back: bool = False):
-    """An IDX file, decompressed when it is a .gz; `front_to_back` (an object read up to a
-    task's records): in requests of OBJECT_READ bytes rather than gzip's 128 KiB."""
-    f = open_input(root, path)
-    if not path.endswith(".gz"):
-        return f
-    return gzip.GzipFile(fileobj=io.BufferedReader(f, OBJECT_READ) if front_to_back and is_uri(root) else f, mode="rb")
+    """An IDX file, decompressed when it is a .gz, closed on leaving the block. An object's .gz
+    is read through a buffer, so gzip's small reads become few requests: 64 KiB for a header,
+    OBJECT_READ bytes at a time when `front_to_back` (up to a task's records)."""
+    with open_input(root, path) as f:
+        if not path.endswith(".gz"):
+            yield f
+            return
+        buffered = io.BufferedReader(f, OBJECT_READ if front_to_back else 1 << 16) if is_uri(root) else f
+        with gzip.GzipFile(fileobj=buffered, mode="rb") as gz:
+            yield gz
 
 
 def _idx_header(root: Root, path: str, magic: int, ndim: int) -> tuple[int, ...]:
