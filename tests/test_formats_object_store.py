@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from mnist37.formats import container_root, detect, read_records
+from mnist37.formats import FormatError, container_root, detect, read_records
 from mnist37.folder import locate
 from mnist37.config import load
 from mnist37.plan import plan
@@ -80,6 +80,10 @@ def test_detection_and_plan_from_the_store(stored, tmp_path):
         assert (in_store.classes, in_store.shape) == (on_disk.classes, on_disk.shape)
         assert ([(s.split, s.source, s.labels_source, s.start, s.stop, s.num_records) for s in in_store.shards] ==
                 [(s.split, s.source, s.labels_source, s.start, s.stop, s.num_records) for s in on_disk.shards])
+        assert locate(load(data=uri, format=fmt, classes="3 7")).format == fmt  # the format key, stated
+    with pytest.raises(FormatError, match=f"{stored['webdataset'][1]}: no parquet files for split 'train'; "
+                                          "found splits: none"):
+        locate(load(data=stored["webdataset"][1], format="parquet"))
 
 
 def test_tars_read_through_throttling_and_dropped_connections(stored, s3, monkeypatch, tmp_path):
