@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gzip
 import hashlib
 import io
@@ -182,32 +183,25 @@ def _entries(folder: Root) -> tuple[list[str], list[str]]:
             sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory))
 
 
-def _files(folder: Root) -> list[str]:
-    return _entries(folder)[0]
-
-
-def _subfolders(folder: Root) -> list[str]:
-    return _entries(folder)[1]
-
-
-def containers(root: Root, fmt: str) -> dict[str, list[str]]:
+def containers(root: Root, fmt: str, entries=None) -> dict[str, list[str]]:
     """split -> its container files of format `fmt` (sorted, relative to root); for IDX the
-    images file of each split."""
+    images file of each split. `entries` lists a folder (`_entries`, or a memo of it)."""
+    entries = entries or _entries
     found: dict[str, list[str]] = {}
     if fmt == "idx":
-        for name in _files(root):
+        for name in entries(root)[0]:
             if m := _IDX_IMAGES.match(name):
                 found.setdefault(m["split"], []).append(name)
         return found
     ext, pattern = (".parquet", _PARQUET_SPLIT) if fmt == "parquet" else (".tar", _TAR_SPLIT)
-    for prefix in ("", "data/") if fmt == "parquet" else ("",):
-        for name in _files(under(root, prefix)):
+    for prefix in ("", "data") if fmt == "parquet" else ("",):
+        for name in entries(under(root, prefix))[0]:
             if name.endswith(ext) and (m := pattern.match(name)):
-                found.setdefault(m["split"], []).append(prefix + name)
+                found.setdefault(m["split"], []).append(f"{prefix}/{name}" if prefix else name)
         if found:
             return found
-    for split in _subfolders(root):  # a folder per split
-        names = [f"{split}/{n}" for n in _files(under(root, split)) if n.endswith(ext)]
+    for split in entries(root)[1]:  # a folder per split
+        names = [f"{split}/{n}" for n in entries(under(root, split))[0] if n.endswith(ext)]
         if names:
             found[split] = names
     return found
@@ -215,11 +209,13 @@ def containers(root: Root, fmt: str) -> dict[str, list[str]]:
 
 def detect(root: Root, fmt: str = "auto") -> str:
     """The format of the data root: `fmt` unless it is "auto"; else the first container format
-    whose files it holds (IDX, then Parquet, then WebDataset), else "folder"."""
+    whose files it holds (IDX, then Parquet, then WebDataset), else "folder". Each folder is
+    listed once (in an object store: a request or a page per folder, not per format tried)."""
     if fmt != "auto":
         return fmt
+    listed = functools.cache(_entries)
     for candidate in ("idx", "parquet", "webdataset"):
-        if containers(root, candidate):
+        if containers(root, candidate, listed):
             return candidate
     return "folder"
 
@@ -642,7 +638,7 @@ def _idx_labels_file(root: Root, images: str) -> str:
     base = _IDX_LABELS.format(split=match["split"])
     # The labels file is named as its images file is: train-labels-idx1-ubyte or train-labels.idx1-ubyte.
     separator = images[len(match["split"]) + len("-images")]
-    files = set(_files(root))
+    files = set(_entries(root)[0])
     for name in (base.replace("-idx1", separator + "idx1"), base.replace("-idx1", separator + "idx1") + ".gz"):
         if name in files:
             return name
