@@ -22,7 +22,7 @@ import numpy as np
 from mnist37 import Mnist37Error, archive, datasets
 from mnist37.config import Config, ConfigError
 from mnist37.partials import claimed, partial_name
-from mnist37.paths import is_uri, open_location, sample_path
+from mnist37.paths import is_uri, open_location, sample_path, under
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,6 @@ def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray
 Root = Path | str
 
 
-def _under(root: Root, *parts: str) -> Root:
-    """A location under a root, of the root's kind."""
-    return "/".join([root.rstrip("/"), *parts]) if isinstance(root, str) else root.joinpath(*parts)
-
-
 def _subfolders(folder: Root) -> list[str]:
     if isinstance(folder, str):
         from mnist37.objects import subfolders
@@ -161,10 +156,10 @@ def _find_prefix(data: str, train_split: str) -> str:
     root = data.rstrip("/")
     if not _is_folder(root):
         raise DatasetError(f"data: {data} does not exist (no objects under this prefix)")
-    if not _is_folder(_under(root, train_split)):
+    if not _is_folder(under(root, train_split)):
         inner = _subfolders(root)
-        if len(inner) == 1 and _is_folder(_under(root, inner[0], train_split)):
-            root = _under(root, inner[0])
+        if len(inner) == 1 and _is_folder(under(root, inner[0], train_split)):
+            root = under(root, inner[0])
     return root
 
 
@@ -282,10 +277,10 @@ def _image_mask(names: np.ndarray) -> np.ndarray:
 
 def class_folders(root: Root, split: str) -> list[str]:
     """Every class folder of `split`, sorted: what `classes = ["all"]` means."""
-    if not _is_folder(_under(root, split)):
+    if not _is_folder(under(root, split)):
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    names = _subfolders(_under(root, split))
+    names = _subfolders(under(root, split))
     if len(names) < 2:
         raise DatasetError(f"classes = all: expected at least two class folders under {split}/, found {names}")
     return names
@@ -295,12 +290,12 @@ def check_split(root: Root, split: str, classes: Sequence[str]) -> None:
     """Raise DatasetError, naming what is there instead, unless `root/split/<class>/` exists
     for every class: two stats (or store requests) per class, so a wrong layout is reported
     before any listing."""
-    split_dir = _under(root, split)
+    split_dir = under(root, split)
     if not _is_folder(split_dir):
         found = ", ".join(_subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
     for name in classes:
-        if not _is_folder(_under(split_dir, name)):
+        if not _is_folder(under(split_dir, name)):
             found = ", ".join(_subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
 
@@ -316,7 +311,7 @@ def list_class_folder(root: Root, split: str, class_name: str,
     if isinstance(root, str):
         from mnist37.objects import list_objects
 
-        listed, stamps, folders = list_objects(_under(root, split, class_name))
+        listed, stamps, folders = list_objects(under(root, split, class_name))
         names = np.array(listed, dtype=bytes) if listed else np.array([], dtype="S1")
         keep = _image_mask(names)
         order = np.argsort(names[keep], kind="stable")
@@ -324,7 +319,7 @@ def list_class_folder(root: Root, split: str, class_name: str,
     else:
         (names, ignored, reused), stamps = _image_names(os.fsencode(root / split / class_name), reuse_dir), None
     if not len(names):
-        where = _under(root, split) if isinstance(root, str) else split
+        where = under(root, split) if isinstance(root, str) else split
         raise DatasetError(f"Class {class_name!r} has no images under {where}/")
     return (ClassListing(split, class_name, len(names), ignored, reused, names[:HEAD_NAMES].copy()),
             ClassFiles(names, stamps))
@@ -396,15 +391,11 @@ def locate(cfg: Config) -> Located:
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
     from mnist37 import formats  # here, not at the top: pyarrow.parquet is not needed to say "no such file"
 
-    if is_uri(root):  # an object store holds the ImageFolder layout; container formats there are not read yet
-        if cfg.format not in ("auto", "folder"):
-            raise DatasetError(f"format: {cfg.format} from an object store ({root}) is not supported yet; "
-                               "copy the files to a local folder, or store the images as an ImageFolder")
-        fmt = "folder"
-    else:
-        fmt = formats.detect(formats.container_root(root), cfg.format)
+    # Local or in an object store alike: the files (objects) under the root tell the format.
+    inner = formats.container_root(root)
+    fmt = formats.detect(inner, cfg.format)
     if fmt != "folder":
-        root = formats.container_root(root)
+        root = inner
         formats.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
         return Located(cfg, root, list(cfg.classes), fmt)
     classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)

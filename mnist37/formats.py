@@ -25,8 +25,12 @@ Layouts:
   names are the label values as text ("0".."9"); pixels are read as they are (no decoding).
   A shard is a range of records.
 
-Files are opened through `open_input`, which a `pyarrow.fs` filesystem can take over later
-(object stores); everything else sees only relative paths and readable files.
+The data root is a local folder or a URI of a prefix in an object store (`s3://bucket/prefix`,
+any location `pyarrow.fs` opens: `paths.open_location`). Its files are listed (`_entries`),
+stat'ed (`_stat`) and opened (`open_input`) here and nowhere else; everything else sees only
+relative paths and readable binary files. An object is read by ranged requests, each retried
+as `objects.retrying` retries (throttling, 5xx, dropped connections), by whichever node runs
+the task that reads it.
 
 A record is named `<container path>:<key>`: the tar member key, the Parquet row, the IDX
 record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
@@ -34,8 +38,12 @@ record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -49,6 +57,11 @@ import pyarrow as pa
 
 from mnist37 import Mnist37Error
 from mnist37.decode import DecodeError, decode_png, decode_settings
+from mnist37.objects import ObjectStoreError, retrying
+from mnist37.paths import is_uri, open_location, under
+
+# A data root: a local folder, or the URI of a prefix in an object store (s3://bucket/prefix).
+Root = Path | str
 
 CLASSES_FILE = "classes.txt"  # WebDataset class names, one a line, in index order
 
@@ -64,15 +77,79 @@ class FormatError(Mnist37Error, ValueError):
     """A container file that is not what its format says (one line: the file and what is wrong)."""
 
 
-def open_input(root: Path, path: str):
+def open_input(root: Root, path: str):
     """A readable binary file for `path` ('/'-separated, relative to `root`): the one place a
-    container is opened (a pyarrow.fs filesystem would take it over for object stores)."""
-    return open(os.path.join(root, path), "rb")
+    container is opened. A local file is opened as it is; an object as an `ObjectInput`
+    (ranged, retried reads). FileNotFoundError when there is no such file or object;
+    ObjectStoreError when the store refuses for good."""
+    if not is_uri(root):
+        return open(os.path.join(root, path), "rb")
+    fs, base = open_location(root)
+    uri = under(root, path)
+    return ObjectInput(uri, retrying(uri, lambda: fs.open_input_file(under(base, path))))
 
 
-def _stat(root: Path, path: str) -> tuple[int, int]:
-    stat = os.stat(os.path.join(root, path))
-    return stat.st_size, stat.st_mtime_ns
+class ObjectInput(io.RawIOBase):
+    """An object opened for reading (a pyarrow RandomAccessFile) as a Python binary file: each
+    read is one ranged request at the file's position (what pyarrow's S3 input does for a
+    stream too), retried as `objects.retrying` retries. A ranged request names its range, so a
+    read that failed is simply asked again: a tar read front to back survives a 503 or a
+    dropped connection between or within its reads."""
+
+    def __init__(self, uri: str, file):
+        super().__init__()
+        self.uri, self._file, self._pos, self._size = uri, file, 0, file.size()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        size = self._size - self._pos if size is None or size < 0 else min(size, self._size - self._pos)
+        if size <= 0:
+            return b""
+        data = retrying(self.uri, lambda: self._file.read_at(size, self._pos))
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+def _stat(root: Root, path: str) -> tuple[int, int]:
+    """(size, modification time in ns) of a file, or of an object as pyarrow's FileInfo gives
+    them (one HEAD request). FileNotFoundError when there is none."""
+    if not is_uri(root):
+        stat = os.stat(os.path.join(root, path))
+        return stat.st_size, stat.st_mtime_ns
+    import pyarrow.fs as pafs
+
+    fs, base = open_location(root)
+    uri = under(root, path)
+    info = retrying(uri, lambda: fs.get_file_info(under(base, path)))
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(errno.ENOENT, "no such object", uri)
+    return info.size, info.mtime_ns or 0
 
 
 def record_path(source: str, key: str | int) -> str:
@@ -84,58 +161,71 @@ def record_path(source: str, key: str | int) -> str:
 # Detection and listing of containers
 
 
-def _files(folder: Path) -> list[str]:
+def _entries(folder: Root) -> tuple[list[str], list[str]]:
+    """(file names, subfolder names) right in `folder`, each sorted; both empty when it does
+    not exist. In an object store one listing request (a page per 1,000 keys), with the
+    "folders" its common prefixes."""
+    if not is_uri(folder):
+        try:
+            with os.scandir(folder) as entries:
+                entries = list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        return (sorted(e.name for e in entries if e.is_file()), sorted(e.name for e in entries if e.is_dir()))
+    import pyarrow.fs as pafs
+
+    fs, path = open_location(folder)
     try:
-        return sorted(e.name for e in os.scandir(folder) if e.is_file())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+        infos = retrying(folder, lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    except FileNotFoundError:
+        return [], []
+    return (sorted(i.base_name for i in infos if i.type == pafs.FileType.File),
+            sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory))
 
 
-def _subfolders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
-
-
-def containers(root: Path, fmt: str) -> dict[str, list[str]]:
+def containers(root: Root, fmt: str, entries=None) -> dict[str, list[str]]:
     """split -> its container files of format `fmt` (sorted, relative to root); for IDX the
-    images file of each split."""
+    images file of each split. `entries` lists a folder (`_entries`, or a memo of it)."""
+    entries = entries or _entries
     found: dict[str, list[str]] = {}
     if fmt == "idx":
-        for name in _files(root):
+        for name in entries(root)[0]:
             if m := _IDX_IMAGES.match(name):
                 found.setdefault(m["split"], []).append(name)
         return found
     ext, pattern = (".parquet", _PARQUET_SPLIT) if fmt == "parquet" else (".tar", _TAR_SPLIT)
-    for prefix in ("", "data/") if fmt == "parquet" else ("",):
-        for name in _files(root / prefix):
+    for prefix in ("", "data") if fmt == "parquet" else ("",):
+        for name in entries(under(root, prefix))[0]:
             if name.endswith(ext) and (m := pattern.match(name)):
-                found.setdefault(m["split"], []).append(prefix + name)
+                found.setdefault(m["split"], []).append(f"{prefix}/{name}" if prefix else name)
         if found:
             return found
-    for split in _subfolders(root):  # a folder per split
-        names = [f"{split}/{n}" for n in _files(root / split) if n.endswith(ext)]
+    for split in entries(root)[1]:  # a folder per split
+        names = [f"{split}/{n}" for n in entries(under(root, split))[0] if n.endswith(ext)]
         if names:
             found[split] = names
     return found
 
 
-def detect(root: Path, fmt: str = "auto") -> str:
+def detect(root: Root, fmt: str = "auto") -> str:
     """The format of the data root: `fmt` unless it is "auto"; else the first container format
-    whose files it holds (IDX, then Parquet, then WebDataset), else "folder"."""
+    whose files it holds (IDX, then Parquet, then WebDataset), else "folder". Each folder is
+    listed once (in an object store: a request or a page per folder, not per format tried)."""
     if fmt != "auto":
         return fmt
+    listed = functools.cache(_entries)
     for candidate in ("idx", "parquet", "webdataset"):
-        if containers(root, candidate):
+        if containers(root, candidate, listed):
             return candidate
     return "folder"
 
 
-def container_root(path: Path) -> Path:
+def container_root(path: Root) -> Root:
     """A data root wrapped in one top folder (mnist/...) resolves to that folder (a folder per
     split needs two, and Hugging Face's `data/` folder belongs to the root above it)."""
-    if path.is_dir() and not _files(path):
-        inner = _subfolders(path)
-        if len(inner) == 1 and inner[0] != "data" and detect(path / inner[0]) != "folder":
-            return path / inner[0]
+    files, inner = _entries(path)
+    if not files and len(inner) == 1 and inner[0] != "data" and detect(under(path, inner[0])) != "folder":
+        return under(path, inner[0])
     return path
 
 
@@ -165,7 +255,7 @@ class ContainerShard:
     def __len__(self) -> int:
         return self.num_records
 
-    def key(self, root: Path, shape: tuple[int, int], convert: bool) -> str:
+    def key(self, root: Root, shape: tuple[int, int], convert: bool) -> str:
         """What the chunk was made from: the container files' (path, size, mtime), the range,
         the columns, the class selection and the decode settings. Raises OSError when a
         container cannot be stat'ed."""
@@ -209,7 +299,7 @@ def _class_map(declared_names: list[str] | None, classes: list[str], where: str,
     return mapping
 
 
-def check_splits(root: Path, fmt: str, splits: tuple[str, ...]) -> dict[str, list[str]]:
+def check_splits(root: Root, fmt: str, splits: tuple[str, ...]) -> dict[str, list[str]]:
     """The container files of each split; FormatError naming the splits found when one is missing."""
     found = containers(root, fmt)
     for split in splits:
@@ -219,7 +309,7 @@ def check_splits(root: Path, fmt: str, splits: tuple[str, ...]) -> dict[str, lis
     return {split: found[split] for split in splits}
 
 
-def plan_containers(root: Path, fmt: str, train_split: str, eval_split: str, classes: list[str],
+def plan_containers(root: Root, fmt: str, train_split: str, eval_split: str, classes: list[str],
                     shard_size: int, shape: tuple[int, int] | None, convert: bool,
                     image_column: str = "image", label_column: str = "label") -> ContainerPlan:
     """Splits, classes, image shape and shards of a container data set (see the module doc)."""
@@ -261,7 +351,7 @@ def plan_containers(root: Path, fmt: str, train_split: str, eval_split: str, cla
     return ContainerPlan(fmt, list(classes), tuple(shape), shards, splits)
 
 
-def _first_shape(root: Path, shards: list[ContainerShard], convert: bool, probes: int = 100) -> tuple[int, int]:
+def _first_shape(root: Root, shards: list[ContainerShard], convert: bool, probes: int = 100) -> tuple[int, int]:
     """(H, W) of the first training record that decodes, reading records until one does."""
     first_error, seen = None, 0
     for shard in shards:
@@ -287,15 +377,23 @@ def _first_shape(root: Path, shards: list[ContainerShard], convert: bool, probes
 # Parquet
 
 
-def _parquet_names(root: Path, source: str, label_column: str) -> tuple[list[str] | None, int]:
-    """ClassLabel names of `label_column` from the file's `huggingface` schema metadata."""
+def _parquet_footer(root: Root, source: str):
+    """The file's footer (pyarrow.parquet.FileMetaData): its row groups, schema and key-value
+    metadata, read from the end of the file (an object: a ranged request or two)."""
     import pyarrow.parquet as pq  # only Parquet data sets pay for its import
 
     try:
-        schema = pq.read_schema(os.path.join(root, source))
+        with open_input(root, source) as f:
+            return pq.ParquetFile(f).metadata
+    except ObjectStoreError:
+        raise
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"{source}: not a Parquet file ({e})") from None
-    meta = (schema.metadata or {}).get(b"huggingface")
+
+
+def _parquet_names(root: Root, source: str, label_column: str) -> tuple[list[str] | None, int]:
+    """ClassLabel names of `label_column` from the file's `huggingface` schema metadata."""
+    meta = (_parquet_footer(root, source).metadata or {}).get(b"huggingface")
     if meta is None:
         return None, 0
     try:
@@ -306,14 +404,9 @@ def _parquet_names(root: Path, source: str, label_column: str) -> tuple[list[str
     return (list(map(str, names)), len(names)) if names else (None, 0)
 
 
-def _row_groups(root: Path, source: str, image_column: str, label_column: str) -> list[int]:
+def _row_groups(root: Root, source: str, image_column: str, label_column: str) -> list[int]:
     """Rows per row group, from the footer; the columns must be there."""
-    import pyarrow.parquet as pq  # only Parquet data sets pay for its import
-
-    try:
-        meta = pq.read_metadata(os.path.join(root, source))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FormatError(f"{source}: not a Parquet file ({e})") from None
+    meta = _parquet_footer(root, source)
     names = set(meta.schema.to_arrow_schema().names)
     for column, key in ((image_column, "image_column"), (label_column, "label_column")):
         if column not in names:
@@ -358,11 +451,13 @@ def _parquet_records(shard: ContainerShard, root: Path):
 # WebDataset tar shards
 
 
-def _webdataset_names(root: Path) -> tuple[list[str] | None, int]:
+def _webdataset_names(root: Root) -> tuple[list[str] | None, int]:
     try:
-        names = [line.strip() for line in (root / CLASSES_FILE).read_text().splitlines() if line.strip()]
+        with open_input(root, CLASSES_FILE) as f:
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         return None, 0
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     return names, len(names)
 
 
@@ -497,16 +592,31 @@ def _webdataset_records(shard: ContainerShard, root: Path):
 # IDX
 
 
-def _idx_open(root: Path, path: str):
-    f = open_input(root, path)
-    return gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
+# Bytes per request when an object is read front to back (an IDX .gz up to a task's records).
+OBJECT_READ = 1 << 22
 
 
-def _idx_header(root: Path, path: str, magic: int, ndim: int) -> tuple[int, ...]:
+@contextlib.contextmanager
+def _idx_open(root: Root, path: str, front_to_back: bool = False):
+    """An IDX file, decompressed when it is a .gz, closed on leaving the block. An object's .gz
+    is read through a buffer, so gzip's small reads become few requests: 64 KiB for a header,
+    OBJECT_READ bytes at a time when `front_to_back` (up to a task's records)."""
+    with open_input(root, path) as f:
+        if not path.endswith(".gz"):
+            yield f
+            return
+        buffered = io.BufferedReader(f, OBJECT_READ if front_to_back else 1 << 16) if is_uri(root) else f
+        with gzip.GzipFile(fileobj=buffered, mode="rb") as gz:
+            yield gz
+
+
+def _idx_header(root: Root, path: str, magic: int, ndim: int) -> tuple[int, ...]:
     """The sizes an IDX header declares; checks the magic and, for a plain file, the length."""
     with _idx_open(root, path) as f:
         try:
             head = f.read(4 + 4 * ndim)
+        except ObjectStoreError:
+            raise
         except (OSError, EOFError) as e:
             raise FormatError(f"{path}: not a readable IDX file ({e})") from None
     if len(head) < 4 + 4 * ndim:
@@ -523,25 +633,27 @@ def _idx_header(root: Path, path: str, magic: int, ndim: int) -> tuple[int, ...]
     return tuple(sizes)
 
 
-def _idx_labels_file(root: Path, images: str) -> str:
+def _idx_labels_file(root: Root, images: str) -> str:
     match = _IDX_IMAGES.match(images.rpartition("/")[2])
     base = _IDX_LABELS.format(split=match["split"])
     # The labels file is named as its images file is: train-labels-idx1-ubyte or train-labels.idx1-ubyte.
     separator = images[len(match["split"]) + len("-images")]
+    files = set(_entries(root)[0])
     for name in (base.replace("-idx1", separator + "idx1"), base.replace("-idx1", separator + "idx1") + ".gz"):
-        if (root / name).is_file():
+        if name in files:
             return name
     raise FormatError(f"{root}: {images} has no labels file ({base} or {base}.gz)")
 
 
-def _idx_read(root: Path, path: str, offset: int, size: int) -> bytes:
-    """Up to `size` bytes at `offset` of an IDX file (a .gz is decompressed up to there)."""
-    with _idx_open(root, path) as f:
+def _idx_read(root: Root, path: str, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset` of an IDX file: one read of that range (an object: one
+    ranged request); a .gz is decompressed from its start up to there."""
+    with _idx_open(root, path, front_to_back=True) as f:
         f.seek(offset)
         return f.read(size)
 
 
-def _plan_idx(root: Path, splits: dict[str, list[str]], train_split: str, classes: list[str],
+def _plan_idx(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str],
               shard_size: int, shape: tuple[int, int] | None) -> ContainerPlan:
     pairs = {}
     for split, files in splits.items():

@@ -24,6 +24,14 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def under(root: str | os.PathLike, *parts: str) -> str | Path:
+    """A location under a root, of the root's kind: a Path under a Path, else '/'-joined text
+    (a URI, or a pyarrow filesystem path); empty parts and their slashes are dropped."""
+    if not isinstance(root, str):
+        return Path(root).joinpath(*parts)
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p.strip("/"))])
+
+
 def cache_home(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache folder: `cache_dir` if given, else $MNIST37_CACHE, else
     $XDG_CACHE_HOME/mnist37, else ~/.cache/mnist37."""

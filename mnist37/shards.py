@@ -29,6 +29,7 @@ from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_
 from mnist37.decode import Group, decode_groups, decode_objects, files_key, listed_files_key
 from mnist37.folder import ClassFiles, Listing, relative_paths
 from mnist37.formats import ContainerShard, FormatError, read_shard
+from mnist37.objects import ObjectStoreError
 from mnist37.paths import class_folder, is_uri
 from mnist37.prototypes import pixel_sums
 
@@ -280,6 +281,8 @@ def _decode_container(shard: ContainerShard, root: Path, shape: tuple[int, int],
     the decode settings are unchanged and the chunk verifies, else decoded and written."""
     try:
         key = shard.key(root, shape, convert)
+    except ObjectStoreError:
+        raise  # a refusal or a store that keeps failing: one line naming the object, as it is
     except OSError as e:
         raise FormatError(f"{shard.source}: cannot read ({e.strerror or e})") from None
     discarded = ""

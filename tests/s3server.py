@@ -59,9 +59,11 @@ _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Cod
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of `upstream` that answers every `slow_every`-th
     request with 503 SlowDown and drops the connection, unanswered, on every `drop_every`-th
-    (0: never), and holds every request `delay_s` before forwarding it: a store's latency."""
+    (0: never); the requests numbered in `slow_burst` (from 1) are answered with 503 SlowDown
+    too; every request is held `delay_s` before it is forwarded: a store's latency."""
 
-    def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7, delay_s: float = 0.0):
+    def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7, slow_burst: range = range(0),
+                 delay_s: float = 0.0):
         host, port = upstream.removeprefix("http://").split(":")
         self.counts = {"requests": 0, "slow_down": 0, "dropped": 0}
         lock, counts = threading.Lock(), self.counts
@@ -81,7 +83,7 @@ class FaultProxy:
                     counts["dropped"] += 1
                     self.close_connection = True
                     return
-                if slow_every and n % slow_every == 0:
+                if (slow_every and n % slow_every == 0) or n in slow_burst:
                     counts["slow_down"] += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
