@@ -5,6 +5,7 @@ requests in flight: what chose mnist37.objects.REQUESTS_IN_FLIGHT.
     python jobs/object_benchmark.py --objects 4000 --requests 1 4 16 64
     python jobs/object_benchmark.py --latency-ms 30       # each request held 30 ms, as a store's latency
     python jobs/object_benchmark.py --job --requests 1 16   # the whole job, from moto
+    python jobs/object_benchmark.py --job --job-data ~/.cache/mnist37/extracted/mnist_sample-*/mnist_sample
     AWS_ENDPOINT_URL=http://host:9000 python jobs/object_benchmark.py --uri s3://bucket/prefix
 
 Without --uri it starts moto's server (a test dependency) on 127.0.0.1 and uploads
@@ -18,7 +19,9 @@ Each setting reads every object once, through the same
 With --job: uploads a 3,000-image 28x28 ImageFolder (tests.conftest.make_image_folder) to
 moto and runs jobs/evaluate.py on it (`--shard-size 1000`, a local Ray, a cold chunk cache)
 once per --requests setting (MNIST37_OBJECT_REQUESTS), printing the job's and the mean
-task's objects/s.
+task's objects/s. With --job --job-data FOLDER: uploads that ImageFolder instead and runs the
+job once from the store and once from FOLDER on disk, side by side: wall, the driver's peak RSS,
+listing and decode times, and whether the figures agree.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def start_server(objects: int, size: int) -> tuple[object, str]:
     return server, "s3://bench/objects"
 
 
-def job_figures(requests: list[int]) -> None:
+def job_figures(requests: list[int], data: Path | None = None) -> None:
     import json
     import subprocess
     import tempfile
@@ -60,9 +63,11 @@ def job_figures(requests: list[int]) -> None:
     from tests.s3server import S3Server, aws_env
 
     tmp = Path(tempfile.mkdtemp(prefix="mnist37-object-bench-"))
-    root = make_image_folder(tmp / "data", {"train": {"3": 1000, "7": 1000}, "valid": {"3": 500, "7": 500}},
-                             shape=(28, 28))
+    root = data or make_image_folder(tmp / "data", {"train": {"3": 1000, "7": 1000}, "valid": {"3": 500, "7": 500}},
+                                     shape=(28, 28))
     server = S3Server()
+    if data is not None:
+        return store_against_disk(server, root, tmp)
     try:
         server.client().create_bucket(Bucket="bench")
         server.upload(root, "bench", "data")
@@ -85,6 +90,44 @@ def job_figures(requests: list[int]) -> None:
         server.stop()
 
 
+def store_against_disk(server, root: Path, tmp: Path) -> None:
+    """The job on the ImageFolder `root` uploaded to moto, then on `root` itself, each with a
+    cold chunk folder and a local Ray: wall time, the driver's peak RSS (the whole process, from
+    wait4), listing and decode, and whether the figures agree."""
+    import json
+    import subprocess
+
+    from tests.s3server import aws_env
+
+    try:
+        server.client().create_bucket(Bucket="bench")
+        clock = time.perf_counter()
+        uploaded = server.upload(root, "bench", "data")
+        print(f"uploaded {uploaded} objects in {time.perf_counter() - clock:.0f} s", flush=True)
+        figures = {}
+        print(f"{'data':<6} {'wall s':>7} {'driver RSS MiB':>15} {'list+plan s':>12} {'decode s':>9} {'objects/s':>10}")
+        for label, data in (("store", "s3://bench/data"), ("disk", str(root))):
+            out = tmp / f"out-{label}"
+            clock = time.perf_counter()
+            child = subprocess.Popen(
+                [sys.executable, "jobs/evaluate.py", "--data", data, "--out", str(out), "--chunk-dir",
+                 str(tmp / f"chunks-{label}"), "--ray-address", "local"],
+                cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True, env={**os.environ, **aws_env(server.endpoint)})
+            stderr = child.stderr.read()
+            _, status, usage = os.wait4(child.pid, 0)
+            wall = time.perf_counter() - clock
+            if os.waitstatus_to_exitcode(status):
+                sys.exit(stderr)
+            r = json.loads((out / "results.json").read_text())
+            figures[label] = (r["metrics"], r["data"]["fingerprint"], r["prototypes_sha256"])
+            print(f"{label:<6} {wall:>7.1f} {usage.ru_maxrss / 1024:>15.1f} {r['elapsed_s']['scan']:>12.2f} "
+                  f"{r['elapsed_s']['decode']:>9.1f} {r['throughput']['decode_files_per_s']:>10.0f}", flush=True)
+        print(f"figures identical (metrics, fingerprint, prototypes): {figures['store'] == figures['disk']}")
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uri", help="read the objects under this prefix instead of starting a loopback server")
@@ -94,10 +137,12 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="hold each request this long in a loopback proxy in front of moto")
     parser.add_argument("--job", action="store_true", help="time the whole job from moto instead")
+    parser.add_argument("--job-data", type=Path,
+                        help="with --job: upload this ImageFolder and run the job from moto and from disk")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     if args.job:
-        return job_figures(args.requests)
+        return job_figures(args.requests, args.job_data)
     server, uri = (None, args.uri) if args.uri else start_server(args.objects, args.size)
     proxy = None
     if args.latency_ms and server is not None:

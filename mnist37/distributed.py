@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,16 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
                            "or pass --ray-address local for a Ray of the job's own") from None
 
 
+def _raise_cause(error: ray.exceptions.RayTaskError, pending: Sequence) -> NoReturn:
+    """Cancel the tasks still `pending`, then raise a task's mnist37 error as itself (one clear
+    line, not a remote traceback), anything else as Ray raised it."""
+    for ref in pending:
+        ray.cancel(ref)
+    if isinstance(error.cause, Mnist37Error):
+        raise error.cause from None
+    raise error
+
+
 def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_in_flight: int,
                 received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
@@ -153,11 +164,7 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
         while pending:
             yield next_result()
     except ray.exceptions.RayTaskError as e:
-        for ref in pending:
-            ray.cancel(ref)
-        if isinstance(e.cause, Mnist37Error):
-            raise e.cause from None
-        raise
+        _raise_cause(e, pending)
 
 
 # Names (and stamps) per listing block in Ray's object store: a decode task of an 8,192-image
@@ -194,11 +201,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
             listed.append(summary)
             progress.update()
     except ray.exceptions.RayTaskError as e:
-        for generator in generators:
-            ray.cancel(generator)
-        if isinstance(e.cause, Mnist37Error):
-            raise e.cause from None
-        raise
+        _raise_cause(e, generators)
     return listed
 
 

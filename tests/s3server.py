@@ -7,10 +7,13 @@ nothing else: the endpoint, dummy credentials, a region, no instance metadata, n
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,6 +57,22 @@ class S3Server:
 
 _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
               b'<Message>Please reduce your request rate.</Message></Error>')
+
+
+@contextlib.contextmanager
+def serving(bucket: str) -> Iterator[S3Server]:
+    """A server with `bucket`, and this process's AWS variables pointed at it (and nowhere
+    else) until it stops."""
+    server = S3Server()
+    saved = dict(os.environ)
+    os.environ.update(aws_env(server.endpoint))
+    try:
+        server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
 
 
 class FaultProxy:

@@ -5,7 +5,6 @@ are, bad records included; a warm run reuses every chunk; the store's refusals a
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -15,27 +14,20 @@ from mnist37.config import load
 from mnist37.plan import plan
 
 from tests.conftest import make_image_folder
-from tests.s3server import FaultProxy, S3Server, aws_env
+from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_bad_records import parquet_corpus, webdataset_corpus
 from tests.test_evaluate_job import run_job
 from tests.test_formats import write_idx
+from tests.test_object_store import FIGURES, one_error_line
 
 BUCKET = "mnist37-formats"
-# What must agree between a run from the store and one from disk.
-FIGURES = ("counts", "files", "rejected", "metrics", "prototypes_sha256", "classes", "image_shape")
 
 
 @pytest.fixture(scope="module")
 def s3():
     """The server, with this process's AWS variables pointed at it (and nowhere else)."""
-    server = S3Server()
-    saved = dict(os.environ)
-    os.environ.update(aws_env(server.endpoint))
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    os.environ.clear()
-    os.environ.update(saved)
-    server.stop()
+    with serving(BUCKET) as server:
+        yield server
 
 
 def idx_corpus(clean, root):
@@ -129,20 +121,11 @@ def test_job_from_the_store_matches_the_files_on_disk(fmt, stored, s3, tmp_path)
     assert figures(warm) == figures(on_disk)
 
 
-def _one_error_line(run, *words: str) -> None:
-    assert run.returncode == 1, run.stderr
-    assert "Traceback" not in run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, run.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
-
-
 @pytest.mark.ray
 def test_a_missing_bucket_is_one_line(s3, tmp_path):
     run = run_job("--ray-address", "local", "--data", "s3://no-such-bucket-here/wds", "--format", "webdataset",
                   "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
-    _one_error_line(run, "s3://no-such-bucket-here", "bucket not found")
+    one_error_line(run, "s3://no-such-bucket-here", "bucket not found")
 
 
 @pytest.mark.ray
@@ -159,4 +142,4 @@ def test_a_denied_tar_stops_the_job_even_when_skipping(stored, s3, tmp_path):
                       str(tmp_path / "c"), "--on-bad-file", "skip", "--classes", "3", "7", env_extra=aws_env(s3.endpoint))
     finally:
         client.delete_bucket_policy(Bucket=BUCKET)
-    _one_error_line(run, f"s3://{BUCKET}/{denied}", "access denied")
+    one_error_line(run, f"s3://{BUCKET}/{denied}", "access denied")

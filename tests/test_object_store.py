@@ -3,7 +3,6 @@ job reading an ImageFolder from it and writing its outputs to it, a fault proxy 
 it, and the store's refusals (no bucket, no such prefix, access denied) as one line each."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from mnist37.folder import list_class_folder
 from mnist37.objects import read_objects, write_object
 
 from tests.conftest import make_image_folder
-from tests.s3server import FaultProxy, S3Server, aws_env
+from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_evaluate_job import run_job
 
 BUCKET = "mnist37-test"
@@ -24,14 +23,8 @@ FIGURES = ("counts", "files", "rejected", "metrics", "prototypes_sha256", "class
 @pytest.fixture(scope="module")
 def s3():
     """The server, with this process's AWS variables pointed at it (and nowhere else)."""
-    server = S3Server()
-    saved = dict(os.environ)
-    os.environ.update(aws_env(server.endpoint))
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    os.environ.clear()
-    os.environ.update(saved)
-    server.stop()
+    with serving(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +124,7 @@ def test_throttling_and_dropped_connections_are_retried(s3, stored_folder, tmp_p
             == figures(json.loads((tmp_path / "local" / "results.json").read_text())))
 
 
-def _one_error_line(run, *words: str) -> None:
+def one_error_line(run, *words: str) -> None:
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
@@ -144,14 +137,14 @@ def _one_error_line(run, *words: str) -> None:
 def test_a_missing_bucket_is_one_line(s3, tmp_path):
     run = run_job("--ray-address", "local", "--data", "s3://no-such-bucket-here/sample", "--out", str(tmp_path / "out"),
                   "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
-    _one_error_line(run, "s3://no-such-bucket-here", "bucket not found")
+    one_error_line(run, "s3://no-such-bucket-here", "bucket not found")
 
 
 @pytest.mark.ray
 def test_a_wrong_prefix_is_one_line(s3, stored_folder, tmp_path):
     run = run_job("--ray-address", "local", "--data", f"s3://{BUCKET}/no-such-prefix", "--out", str(tmp_path / "out"),
                   "--cache-dir", str(tmp_path / "c"), env_extra=aws_env(s3.endpoint))
-    _one_error_line(run, f"s3://{BUCKET}/no-such-prefix", "does not exist")
+    one_error_line(run, f"s3://{BUCKET}/no-such-prefix", "does not exist")
 
 
 @pytest.mark.ray
@@ -168,7 +161,7 @@ def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_f
                       "--on-bad-file", "skip", env_extra=aws_env(s3.endpoint))
     finally:
         client.delete_bucket_policy(Bucket=BUCKET)
-    _one_error_line(run, f"s3://{BUCKET}/{denied}", "access denied")
+    one_error_line(run, f"s3://{BUCKET}/{denied}", "access denied")
 
 
 @pytest.mark.ray
