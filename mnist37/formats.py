@@ -46,9 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from mnist37 import Mnist37Error
-from mnist37.decode import DecodeError, decode_png, decode_settings
+from mnist37.decode import DecodeError, decode_png, decode_pngs, decode_settings
 
 CLASSES_FILE = "classes.txt"  # WebDataset class names, one a line, in index order
 
@@ -338,20 +339,31 @@ def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> list[bytes 
     return column.to_pylist()
 
 
-def _parquet_records(shard: ContainerShard, root: Path):
+def _parquet_records(shard: ContainerShard, root: Path) -> Records:
     import pyarrow.parquet as pq  # only Parquet data sets pay for its import
 
     with open_input(root, shard.source) as f:
         parquet = pq.ParquetFile(f)
-        row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
-        for group in range(shard.start, shard.stop):
-            table = parquet.read_row_group(group, columns=[shard.image_column, shard.label_column])
-            images = _image_bytes(table.column(shard.image_column), shard.source)
-            labels = table.column(shard.label_column).to_pylist()
-            for data, label in zip(images, labels):
-                yield Record(record_path(shard.source, row), label if isinstance(label, int) else None,
-                             data, None if data else "row without image bytes")
-                row += 1
+        first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
+        table = parquet.read_row_groups(range(shard.start, shard.stop), columns=[shard.image_column, shard.label_column])
+    data = _image_bytes(table.column(shard.image_column), shard.source)
+    labels, has_label = _label_values(table.column(shard.label_column))
+    problems = {i: "row without image bytes" for i, d in enumerate(data) if not d}
+    for i in problems:
+        data[i] = None
+    return Records(shard.source, np.arange(first_row, first_row + len(data), dtype=np.int64), labels, has_label, data,
+                   problems)
+
+
+def _label_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 [N] label values, bool [N] present): an integer (or boolean) column's non-null
+    values; a column of any other type holds no labels."""
+    if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+        return np.zeros(len(column), dtype=np.int64), np.zeros(len(column), dtype=bool)
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    present = column.is_valid().to_numpy(zero_copy_only=False)
+    values = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return values, present
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,105 +404,214 @@ def _member_key(name: bytes) -> tuple[bytes, bytes] | None:
 
 _READ_BLOCK = 1 << 22
 _ZERO_BLOCK = bytes(_TAR_BLOCK)
+_USTAR = np.frombuffer(b"ustar", dtype=np.uint8)
+_OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # weights of a size field's 11 octal digits
+_REGULAR = (48, 0, 55)  # typeflags "0", NUL, "7": regular files
 
 
-def _tar_members(f, source: str):
-    """(member name as bytes, bytes) of each regular file of a tar stream, in order; raises TarCutShort
-    when the stream ends inside a member or a header, FormatError when a header does not parse.
+@dataclass
+class TarMembers:
+    """The regular files of a tar stream, in order, and what ended it early (if anything)."""
 
-    A small reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is
-    several times a 250-byte PNG's decode; this one reads 4 MiB at a time and parses headers
-    in place (~1 µs a member). It follows ustar, GNU long names and pax path records, and
-    skips everything that is not a regular file. Header checksums are not verified: a damaged
-    header shows up as a size that does not parse or a stream cut short."""
-    buf, pos, long_name = b"", 0, None
-    while True:
-        if len(buf) - pos < _TAR_BLOCK:
-            buf, pos = buf[pos:] + f.read(_READ_BLOCK), 0
-            if len(buf) < _TAR_BLOCK:
-                if buf.strip(b"\0"):
-                    raise TarCutShort(source, "truncated tar (header cut short)", None)
-                return  # end of the stream (with or without the end-of-archive blocks)
-        if buf[pos] == 0 and buf[pos:pos + _TAR_BLOCK] == _ZERO_BLOCK:
-            return  # end-of-archive marker
-        name = long_name
-        if name is None:
-            end = buf.find(b"\0", pos, pos + 100)
-            name = buf[pos:end if end >= 0 else pos + 100]
-            if buf[pos + 345] != 0 and buf[pos + 257:pos + 262] == b"ustar":
-                name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
-        try:
-            size = int(buf[pos + 124:pos + 135], 8) if buf[pos + 135] == 0 else _octal(buf[pos + 124:pos + 136])
-        except ValueError:
-            raise FormatError(f"{source}: corrupt tar header (member {_text(name)!r}: size "
-                              f"{buf[pos + 124:pos + 136]!r} is not a number)") from None
-        kind = buf[pos + 156]
-        start = pos + _TAR_BLOCK
-        end = start + (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
-        if end > len(buf):
-            buf = buf[pos:] + f.read(max(_READ_BLOCK, end - len(buf)))
-            start, end, pos = start - pos, end - pos, 0
-            if start + size > len(buf):
-                raise TarCutShort(source, f"truncated tar ({_text(name)} cut short: {max(len(buf) - start, 0)} of "
-                                          f"{size} bytes)", name)
-        data, pos, long_name = buf[start:start + size], end, None
-        if kind == 48 or kind == 0 or kind == 55:  # "0", NUL, "7": regular files
-            yield name, data
-        elif kind == 76:  # "L": GNU long name of the next member
-            long_name = data.split(b"\0", 1)[0]
-        elif kind == 120:  # "x": pax extended header
-            for match in re.finditer(rb"\d+ path=([^\n]*)\n", data):
-                long_name = match[1]
+    names: np.ndarray  # bytes 'S' [M]: member names
+    data: list[bytes]  # [M]: member contents
+    error: FormatError | None  # TarCutShort when the stream ends inside a member or header; a damaged header
 
 
-def _webdataset_records(shard: ContainerShard, root: Path):
-    """One record per key: its `.png` bytes and its `.cls` label (members of other kinds are
-    not read). A tar cut short rejects the record it cuts (and ends the shard); a damaged
-    header rejects the record being read and is named."""
-    key, fields, prefix = None, {}, record_path(shard.source, "")
+def _plain_members(buf: bytes, pos: int, window: int) -> tuple[int, np.ndarray, list[bytes]]:
+    """The run of plain members at `pos` of `buf` (within `window` blocks), parsed with numpy
+    rather than one at a time: (position after the last one taken, the names 'S' [K] and
+    contents of its regular files). Plain: a ustar header whose name fits the name field (no
+    prefix, no GNU long name, no pax path record), size as 11 octal digits, contents wholly
+    inside `buf`. Pax headers without a path (webdataset's writer puts one before every
+    member, for its mtime) and other kinds of member are passed over, as `_tar_members` does.
+    The run stops before the first member that is not plain, which is then read on its own."""
+    count = min((len(buf) - pos) // _TAR_BLOCK, window)
+    blocks = np.frombuffer(buf, dtype=np.uint8, count=count * _TAR_BLOCK, offset=pos).reshape(count, _TAR_BLOCK)
+    headers = np.flatnonzero(blocks[:, 257] == 117)  # "u" of "ustar": the rest is checked on these alone
+    head = blocks[headers]
+    digits = head[:, 124:135]
+    plain = ((head[:, 258:262] == _USTAR[1:]).all(axis=1) & (head[:, 345] == 0) & (head[:, 156] != 76)
+             & ((digits >= 48) & (digits <= 55)).all(axis=1) & ((head[:, 135] == 0) | (head[:, 135] == 32)))
+    headers, head, digits = headers[plain], head[plain], digits[plain]
+    if not len(headers) or headers[0] != 0:
+        return pos, np.empty(0, dtype="S1"), []
+    sizes = (digits.astype(np.int64) - 48) @ _OCTAL
+    after = headers + 1 + (sizes + _TAR_BLOCK - 1) // _TAR_BLOCK  # block after each member
+    # Follow the chain of headers from the first: a header that is not plain, or a block
+    # inside a member's contents that looks like one, ends the run there.
+    breaks = np.flatnonzero(after[:-1] != headers[1:])
+    taken = int(breaks[0]) + 1 if len(breaks) else len(headers)
+    taken = int(np.searchsorted(after[:taken], count, side="right"))  # whole within buf
+    kinds = head[:taken, 156]
+    starts = pos + (headers[:taken] + 1) * _TAR_BLOCK
+    for i in np.flatnonzero(kinds == 120).tolist():  # "x": a pax header that names the next member ends the run
+        if b" path=" in buf[starts[i]:starts[i] + sizes[i]]:
+            taken = i
+            break
+    regular = np.flatnonzero(np.isin(kinds[:taken], _REGULAR))
+    fields = head[regular, :100]
+    names = np.ascontiguousarray(fields).view("S100").ravel()
+    lengths = np.char.str_len(names)
+    # A name with bytes after its first NUL is not plain (tar stops at the NUL; 'S' only strips trailing NULs).
+    odd = np.flatnonzero(np.count_nonzero(fields, axis=1) != lengths)
+    if len(odd):
+        taken = int(regular[odd[0]])
+        regular = regular[:odd[0]]
+    names = names[:len(regular)].astype(f"S{max(int(lengths[:len(regular)].max(initial=1)), 1)}")
+    data = [buf[s:s + n] for s, n in zip(starts[regular].tolist(), sizes[regular].tolist())]
+    end = pos + int(after[taken - 1]) * _TAR_BLOCK if taken else pos
+    return end, names, data
 
-    def record(problem: str | None = None) -> Record:
-        path, text = prefix + _text(key), fields.get(b"cls")
-        try:
-            label = int(text) if text is not None else None
-        except ValueError:
-            return Record(path, None, None, problem or
-                          f"class {text[:20].decode('utf-8', 'replace')!r} is not an integer")
-        if problem is not None:
-            return Record(path, label, None, problem)
-        if b"png" not in fields:
-            return Record(path, label, None, "no .png member" if label is not None else "no .png or .cls member")
-        if text is None:
-            return Record(path, None, None, "no .cls member")
-        return Record(path, label, fields[b"png"], None)
 
+def _tar_members(f, source: str) -> TarMembers:
+    """Every regular file of a tar stream, in order; a stream that ends inside a member or a
+    header (TarCutShort) or a header that does not parse (FormatError) ends the members there
+    and is returned with those before it.
+
+    A reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is several
+    times a 250-byte PNG's decode. This one reads 4 MiB at a time and parses runs of plain
+    ustar headers with numpy (`_plain_members`), every other header one at a time. It follows
+    ustar, GNU long names and pax path records, and skips everything that is not a regular
+    file. Header checksums are not verified: a damaged header shows up as a size that does not
+    parse or a stream cut short."""
+    names, data = [], []
+    buf, pos, long_name, window = b"", 0, None, _READ_BLOCK // _TAR_BLOCK
+    try:
+        while True:
+            if long_name is None and len(buf) - pos >= 2 * _TAR_BLOCK:
+                start = pos
+                pos, run_names, run_data = _plain_members(buf, pos, window)
+                names.append(run_names)
+                data += run_data
+                # Scan about as far as runs reach: a tar of members that are not plain costs
+                # a few blocks' scan each, not the whole buffer's.
+                window = max(64, 4 * (pos - start) // _TAR_BLOCK)
+            if len(buf) - pos < _TAR_BLOCK:
+                buf, pos = buf[pos:] + f.read(_READ_BLOCK), 0
+                if len(buf) < _TAR_BLOCK:
+                    if buf.strip(b"\0"):
+                        raise TarCutShort(source, "truncated tar (header cut short)", None)
+                    break  # end of the stream (with or without the end-of-archive blocks)
+                continue
+            if buf[pos] == 0 and buf[pos:pos + _TAR_BLOCK] == _ZERO_BLOCK:
+                break  # end-of-archive marker
+            name = long_name
+            if name is None:
+                end = buf.find(b"\0", pos, pos + 100)
+                name = buf[pos:end if end >= 0 else pos + 100]
+                if buf[pos + 345] != 0 and buf[pos + 257:pos + 262] == b"ustar":
+                    name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
+            try:
+                size = int(buf[pos + 124:pos + 135], 8) if buf[pos + 135] == 0 else _octal(buf[pos + 124:pos + 136])
+            except ValueError:
+                raise FormatError(f"{source}: corrupt tar header (member {_text(name)!r}: size "
+                                  f"{buf[pos + 124:pos + 136]!r} is not a number)") from None
+            kind = buf[pos + 156]
+            start = pos + _TAR_BLOCK
+            end = start + (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+            if end > len(buf):
+                buf = buf[pos:] + f.read(max(_READ_BLOCK, end - len(buf)))
+                start, end, pos = start - pos, end - pos, 0
+                if start + size > len(buf):
+                    raise TarCutShort(source, f"truncated tar ({_text(name)} cut short: {max(len(buf) - start, 0)} of "
+                                              f"{size} bytes)", name)
+            member, pos, long_name = buf[start:start + size], end, None
+            if kind in _REGULAR:
+                names.append(np.array([name], dtype="S"))
+                data.append(member)
+            elif kind == 76:  # "L": GNU long name of the next member
+                long_name = member.split(b"\0", 1)[0]
+            elif kind == 120:  # "x": pax extended header
+                for match in re.finditer(rb"\d+ path=([^\n]*)\n", member):
+                    long_name = match[1]
+        error = None
+    except FormatError as e:
+        error = e
+    return TarMembers(np.concatenate(names) if names else np.empty(0, dtype="S1"), data, error)
+
+
+def _member_keys(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """WebDataset's split of member names ('S' [M]) at the first dot of the base name, for all
+    at once: (keys 'S' [M], has a dot bool [M], extension is png, is cls: bool [M], ASCII case ignored)."""
+    width = names.dtype.itemsize
+    chars = np.ascontiguousarray(names).view(np.uint8).reshape(len(names), width)
+    column = np.arange(width)
+    slashes = chars == 47
+    base = np.where(slashes.any(axis=1), width - np.argmax(slashes[:, ::-1], axis=1), 0)  # after the last '/'
+    dots = (chars == 46) & (column >= base[:, None])
+    has_dot = dots.any(axis=1)
+    dot = np.where(has_dot, np.argmax(dots, axis=1), width)
+    keys = np.where(column < dot[:, None], chars, 0).astype(np.uint8).view(f"S{width}").ravel()
+    length = np.char.str_len(names)
+    padded = np.concatenate([chars, np.zeros((len(names), 4), dtype=np.uint8)], axis=1)
+    ext = padded[np.arange(len(names))[:, None], dot[:, None] + 1 + np.arange(3)] | 0x20  # ASCII lower case
+    three = has_dot & (length == dot + 4)
+    return (keys, has_dot, three & (ext == np.frombuffer(b"png", np.uint8)).all(axis=1),
+            three & (ext == np.frombuffer(b"cls", np.uint8)).all(axis=1))
+
+
+def _webdataset_records(shard: ContainerShard, root: Path) -> Records:
+    """One record per run of members sharing a key: its `.png` bytes and its `.cls` label
+    (members of other kinds are not read; of two members of one kind, the last counts). A tar
+    cut short rejects the record it cuts (and ends the shard); a damaged header rejects the
+    record being read and is named."""
     with open_input(root, shard.source) as f:
+        members = _tar_members(f, shard.source)
+    keys, has_dot, is_png, is_cls = _member_keys(members.names)
+    taken = np.flatnonzero(has_dot)  # members without an extension belong to no record
+    keys, is_png, is_cls = keys[taken], is_png[taken], is_cls[taken]
+    first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=bool)
+    starts, record_of = np.flatnonzero(first), np.cumsum(first) - 1  # record of each member
+    png, cls = np.full(len(starts), -1), np.full(len(starts), -1)
+    png[record_of[is_png]] = taken[is_png]  # in order, so the last member of a kind wins
+    cls[record_of[is_cls]] = taken[is_cls]
+    record_keys = keys[starts].tolist()
+    texts = [members.data[i] if i >= 0 else None for i in cls.tolist()]
+    data = [members.data[i] if i >= 0 else None for i in png.tolist()]
+    problems: dict[int, str] = {}
+    error = members.error
+    if error is not None:
+        reason = error.reason if isinstance(error, TarCutShort) else str(error).removeprefix(f"{shard.source}: ")
+        # The record being read when the stream ended: the last one, unless the member cut
+        # short starts another key (or no member was cut and the last record is whole).
+        cut = _member_key(error.member) if isinstance(error, TarCutShort) and error.member else None
+        last = len(record_keys) - 1
+        whole = last >= 0 and data[last] is not None and texts[last] is not None
+        if last < 0 or (cut[0] != record_keys[last] if cut else isinstance(error, TarCutShort) and whole):
+            record_keys.append(cut[0] if cut else b"<after the last whole record>" if isinstance(error, TarCutShort)
+                               else b"<start>")
+            texts.append(None)
+            data.append(None)
+        problems[len(record_keys) - 1] = reason
+    labels, has_label = _labels(texts, problems)
+    for i in np.flatnonzero([d is None for d in data]).tolist():
+        if i not in problems:
+            problems[i] = "no .png member" if has_label[i] else "no .png or .cls member"
+    for i in np.flatnonzero(~has_label).tolist():
+        problems.setdefault(i, "no .cls member")
+    for i in problems:
+        data[i] = None
+    return Records(shard.source, [_text(k) for k in record_keys], labels, has_label, data, problems)
+
+
+def _labels(texts: list[bytes | None], problems: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The `.cls` texts as class indices (int64 [N], valid where the bool [N] says); a text
+    that is not an integer is a problem of its record (unless it already has one)."""
+    try:
+        return (np.array([int(t) if t is not None else 0 for t in texts], dtype=np.int64),
+                np.array([t is not None for t in texts], dtype=bool))
+    except (ValueError, OverflowError):
+        pass
+    labels, has_label = np.zeros(len(texts), dtype=np.int64), np.zeros(len(texts), dtype=bool)
+    for i, text in enumerate(texts):
+        if text is None:
+            continue
         try:
-            for name, data in _tar_members(f, shard.source):
-                dot = name.find(b".", name.rfind(b"/") + 1)
-                if dot < 0:
-                    continue
-                if name[:dot] != key:
-                    if key is not None:
-                        yield record()
-                    key, fields = name[:dot], {}
-                fields[name[dot + 1:].lower()] = data
-        except TarCutShort as e:
-            cut = _member_key(e.member) if e.member else None
-            whole = b"png" in fields and b"cls" in fields
-            if key is not None and (cut[0] != key if cut else whole):
-                yield record()  # the record before the cut is whole
-                key, fields = None, {}
-            if key is None:
-                key = cut[0] if cut else b"<after the last whole record>"
-            yield record(e.reason)
-            return
-        except FormatError as e:
-            key = key if key is not None else b"<start>"
-            yield record(str(e).removeprefix(f"{shard.source}: "))
-            return
-        if key is not None:
-            yield record()
+            labels[i], has_label[i] = int(text), True
+        except (ValueError, OverflowError):
+            problems.setdefault(i, f"class {text[:20].decode('utf-8', 'replace')!r} is not an integer")
+    return labels, has_label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,15 +702,44 @@ def read_idx(shard: ContainerShard, root: Path, shape: tuple[int, int]) -> tuple
         if len(data) != expected:  # a .gz whose header promises more than it holds
             raise FormatError(f"{path}: header declares more records than the file holds "
                               f"(records {shard.start}..{shard.stop - 1} cut short)")
-    digest = hashlib.sha256(f"{shard.source}:{shard.start}:{shard.stop}".encode())
-    digest.update(labels)
-    digest.update(pixels)
     return (np.frombuffer(pixels, dtype=np.uint8).reshape(n, *shape), np.frombuffer(labels, dtype=np.uint8),
-            digest.hexdigest()[:32])
+            _digest(shard, labels, pixels))
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading a shard
+
+
+@dataclass
+class Records:
+    """A Parquet or tar shard's records, in order, undecoded: one entry each, as columns, so
+    that a shard is read, checked and counted in bulk rather than a record at a time."""
+
+    source: str  # the container file, relative to the root
+    keys: np.ndarray | list[str]  # int64 [N] Parquet rows, or [N] tar keys: record_path(source, key)
+    labels: np.ndarray  # int64 [N]: the label value as stored; meaningless where not has_label
+    has_label: np.ndarray  # bool [N]: False where the label is missing or cannot be read
+    data: list[bytes | None]  # [N] encoded images; None where the record has none (or a problem)
+    problems: dict[int, str]  # record index -> why it cannot be used before decoding
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def path(self, i: int) -> str:
+        return record_path(self.source, self.keys[i])
+
+    def paths(self, index: np.ndarray) -> pa.StringArray:
+        """record_path of the records at `index` (int [K]), built by Arrow, not one string at a time."""
+        import pyarrow.compute as pc  # here: ~0.1 s of every decode worker's start, for containers alone
+
+        keys = pa.array(self.keys[index]) if isinstance(self.keys, np.ndarray) else pa.array(self.keys, pa.string()).take(index)
+        return pc.binary_join_element_wise(record_path(self.source, ""), pc.cast(keys, pa.string()), "")
+
+    def key_bytes(self, index: np.ndarray) -> bytes:
+        """The keys at `index` as bytes, for the shard's digest."""
+        if isinstance(self.keys, np.ndarray):
+            return np.ascontiguousarray(self.keys[index], dtype="<i8").tobytes()
+        return "\0".join(self.keys[i] for i in index.tolist()).encode("utf-8", "surrogateescape")
 
 
 class Record(NamedTuple):
@@ -599,9 +749,16 @@ class Record(NamedTuple):
     problem: str | None  # why the record cannot be used before decoding, if it cannot
 
 
-def read_records(shard: ContainerShard, root: Path):
-    """The records of a Parquet or tar shard, in order, undecoded."""
+def _read_records(shard: ContainerShard, root: Path) -> Records:
     return (_parquet_records if shard.format == "parquet" else _webdataset_records)(shard, root)
+
+
+def read_records(shard: ContainerShard, root: Path):
+    """The records of a Parquet or tar shard, in order, undecoded, one Record each."""
+    records = _read_records(shard, root)
+    labels = records.labels.tolist()
+    for i, (data, has_label) in enumerate(zip(records.data, records.has_label.tolist())):
+        yield Record(records.path(i), labels[i] if has_label else None, data, records.problems.get(i))
 
 
 @dataclass
@@ -613,9 +770,29 @@ class ContainerDecoded:
     found: np.ndarray  # int64 [C + 1]: records per selected class read; the last: class unknown
     rejected_per_class: np.ndarray  # int64 [C + 1], same layout
     ignored: int  # records of classes not selected
-    # SHA-256 (128 bits of it) of the shard's range and its records' (path, bytes) in order
-    # (IDX: labels, pixels); OpenSSL's SHA-256 hashes bulk bytes ~2x faster than BLAKE2b here.
+    # xxh3-128 of the shard's range, then of the keys, sizes and bytes of its records read
+    # (those of a selected class or of none, with image bytes), in order; IDX: labels, pixels.
+    # One hash over bulk bytes: per record, the hashing calls cost more than a tenth of a decode.
     digest: str
+
+
+def _digest(shard: ContainerShard, *parts: bytes) -> str:
+    digest = xxhash.xxh3_128(f"{shard.source}:{shard.start}:{shard.stop}".encode())
+    for part in parts:
+        digest.update(struct.pack("<Q", len(part)))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def record_classes(labels: np.ndarray, has_label: np.ndarray, shard: ContainerShard) -> np.ndarray:
+    """int64 [N]: each record's selected class index; -1 for a class not selected, C for a
+    label that is missing or outside the declared range (see `label_problem`)."""
+    classes, declared, mapping = len(shard.classes), shard.declared, shard.class_map
+    known = has_label & ((labels >= 0) & (labels < declared) if declared else True)
+    mapped = known & (labels >= 0) & (labels < len(mapping))
+    selected = np.where(known, -1, classes)
+    selected[mapped] = mapping[labels[mapped]]
+    return selected
 
 
 def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], convert: bool) -> ContainerDecoded:
@@ -634,41 +811,27 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
         return ContainerDecoded(pixels[keep] if len(idx) < len(labels) else pixels, selected[keep].astype(np.int32),
                                 paths, [],
                                 found, np.zeros(classes + 1, dtype=np.int64), int(len(labels) - len(idx)), digest)
-    images = np.empty((max(shard.num_records, 1024), *shape), dtype=np.uint8)
-    class_indices, paths, rejected = [], [], []
-    found, refused = [0] * (classes + 1), [0] * (classes + 1)
-    ignored, mapping = 0, shard.class_map.tolist()
-    # One running hash of every (path, bytes) in order: per record, a hasher of its own (as
-    # decode.file_digest) costs more than a third of a 250-byte PNG's decode.
-    digest = hashlib.sha256(f"{shard.source}:{shard.start}:{shard.stop}".encode())
-    for path, label, data, problem in read_records(shard, root):
-        c = label_class(label, shard.declared, mapping, classes)
-        if c < 0:
-            ignored += 1
-            continue
-        found[c] += 1
-        if data is not None:
-            digest.update(path.encode())
-            digest.update(data)
-        if c == classes:
-            problem = problem or label_problem(label, shard.declared)
-        if problem is None:
-            try:
-                pixels = decode_png(data, path, shape, convert)
-            except DecodeError as e:
-                problem = e.reason
-        if problem is not None:
-            rejected.append((path, problem))
-            refused[c] += 1
-            continue
-        if len(paths) == len(images):
-            images = np.concatenate([images, np.empty_like(images)])
-        images[len(paths)] = pixels
-        class_indices.append(c)
-        paths.append(path)
-    return ContainerDecoded(images[:len(paths)], np.array(class_indices, dtype=np.int32), paths, rejected,
-                            np.array(found, dtype=np.int64), np.array(refused, dtype=np.int64), ignored,
-                            digest.hexdigest()[:32])
+    records = _read_records(shard, root)
+    selected = record_classes(records.labels, records.has_label, shard)
+    counted = np.flatnonzero(selected >= 0)  # the others: classes not selected, ignored
+    problems = {i: p for i, p in records.problems.items() if selected[i] >= 0}
+    for i in np.flatnonzero(selected == classes).tolist():
+        problems.setdefault(i, label_problem(int(records.labels[i]) if records.has_label[i] else None, shard.declared))
+    todo = counted[~np.isin(counted, list(problems))] if problems else counted
+    data = [records.data[i] for i in todo.tolist()]
+    images, kept, reasons = decode_pngs(data, lambda j: records.path(todo[j]), shape, convert)
+    problems.update((int(todo[j]), reason) for j, reason in reasons.items())
+    used, refused = todo[kept], np.array(sorted(problems), dtype=np.int64)
+    hashed = [i for i in counted.tolist() if records.data[i] is not None]
+    return ContainerDecoded(
+        images, selected[used].astype(np.int32), records.paths(used),
+        [(records.path(i), problems[i]) for i in refused.tolist()],
+        np.bincount(selected[counted], minlength=classes + 1).astype(np.int64),
+        np.bincount(selected[refused], minlength=classes + 1).astype(np.int64), len(records) - len(counted),
+        _digest(shard, records.key_bytes(np.array(hashed, dtype=np.int64)),
+                np.array([len(records.data[i]) for i in hashed], dtype="<i8").tobytes(),
+                b"".join(records.data[i] for i in hashed)))
+
 
 
 def label_class(label: int | None, declared: int, mapping: list[int], classes: int) -> int:
