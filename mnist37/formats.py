@@ -823,19 +823,23 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
     for i in np.flatnonzero(selected == classes).tolist():
         problems.setdefault(i, label_problem(int(records.labels[i]) if records.has_label[i] else None, shard.declared))
     todo = counted[~np.isin(counted, list(problems))] if problems else counted
-    data = [records.data[i] for i in todo.tolist()]
-    images, kept, reasons = decode_pngs(data, lambda j: records.path(todo[j]), shape, convert)
+    images, kept, reasons = decode_pngs(_pick(records.data, todo), lambda j: records.path(todo[j]), shape, convert)
     problems.update((int(todo[j]), reason) for j, reason in reasons.items())
     used, refused = todo[kept], np.array(sorted(problems), dtype=np.int64)
-    hashed = [i for i in counted.tolist() if records.data[i] is not None]
+    hashed = counted[np.array([d is not None for d in records.data], dtype=bool)[counted]]  # counted, with bytes
+    data = _pick(records.data, hashed)
     return ContainerDecoded(
         images, selected[used].astype(np.int32), records.paths(used),
         [(records.path(i), problems[i]) for i in refused.tolist()],
         np.bincount(selected[counted], minlength=classes + 1).astype(np.int64),
         np.bincount(selected[refused], minlength=classes + 1).astype(np.int64), len(records) - len(counted),
-        _digest(shard, records.key_bytes(np.array(hashed, dtype=np.int64)),
-                np.array([len(records.data[i]) for i in hashed], dtype="<i8").tobytes(),
-                b"".join(records.data[i] for i in hashed)))
+        _digest(shard, records.key_bytes(hashed), np.fromiter(map(len, data), dtype="<i8", count=len(data)).tobytes(),
+                b"".join(data)))
+
+
+def _pick(items: list, index: np.ndarray) -> list:
+    """items[index] of a list (the list itself when index takes them all, in order)."""
+    return items if len(index) == len(items) else [items[i] for i in index.tolist()]
 
 
 
