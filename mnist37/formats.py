@@ -571,7 +571,7 @@ def _webdataset_records(shard: ContainerShard, root: Path) -> Records:
     png, cls = np.full(len(starts), -1), np.full(len(starts), -1)
     png[record_of[is_png]] = taken[is_png]  # in order, so the last member of a kind wins
     cls[record_of[is_cls]] = taken[is_cls]
-    record_keys = keys[starts].tolist()
+    record_keys = keys[starts]
     texts = [members.data[i] if i >= 0 else None for i in cls.tolist()]
     data = [members.data[i] if i >= 0 else None for i in png.tolist()]
     problems: dict[int, str] = {}
@@ -584,8 +584,8 @@ def _webdataset_records(shard: ContainerShard, root: Path) -> Records:
         last = len(record_keys) - 1
         whole = last >= 0 and data[last] is not None and texts[last] is not None
         if last < 0 or (cut[0] != record_keys[last] if cut else isinstance(error, TarCutShort) and whole):
-            record_keys.append(cut[0] if cut else b"<after the last whole record>" if isinstance(error, TarCutShort)
-                               else b"<start>")
+            extra = cut[0] if cut else b"<after the last whole record>" if isinstance(error, TarCutShort) else b"<start>"
+            record_keys = np.concatenate([record_keys, np.array([extra], dtype="S")])
             texts.append(None)
             data.append(None)
         problems[len(record_keys) - 1] = reason
@@ -597,7 +597,7 @@ def _webdataset_records(shard: ContainerShard, root: Path) -> Records:
         problems.setdefault(i, "no .cls member")
     for i in problems:
         data[i] = None
-    return Records(shard.source, [_text(k) for k in record_keys], labels, has_label, data, problems)
+    return Records(shard.source, record_keys, labels, has_label, data, problems)
 
 
 def _labels(texts: list[bytes | None], problems: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -721,7 +721,7 @@ class Records:
     that a shard is read, checked and counted in bulk rather than a record at a time."""
 
     source: str  # the container file, relative to the root
-    keys: np.ndarray | list[str]  # int64 [N] Parquet rows, or [N] tar keys: record_path(source, key)
+    keys: np.ndarray  # int64 [N] Parquet rows, or 'S' [N] tar keys: record_path(source, key)
     labels: np.ndarray  # int64 [N]: the label value as stored; meaningless where not has_label
     has_label: np.ndarray  # bool [N]: False where the label is missing or cannot be read
     data: list[bytes | None]  # [N] encoded images; None where the record has none (or a problem)
@@ -731,20 +731,22 @@ class Records:
         return len(self.data)
 
     def path(self, i: int) -> str:
-        return record_path(self.source, self.keys[i])
+        key = self.keys[i]
+        return record_path(self.source, _text(key) if isinstance(key, bytes) else int(key))
 
     def paths(self, index: np.ndarray) -> pa.StringArray:
         """record_path of the records at `index` (int [K]), built by Arrow, not one string at a time."""
         import pyarrow.compute as pc  # here: ~0.1 s of every decode worker's start, for containers alone
 
-        keys = pa.array(self.keys[index]) if isinstance(self.keys, np.ndarray) else pa.array(self.keys, pa.string()).take(index)
-        return pc.binary_join_element_wise(record_path(self.source, ""), pc.cast(keys, pa.string()), "")
+        try:
+            keys = pc.cast(pa.array(self.keys[index]), pa.string())
+        except pa.ArrowInvalid:  # a tar key that is not UTF-8: named with replacement characters
+            keys = pa.array([k.decode("utf-8", "replace") for k in self.keys[index].tolist()], pa.string())
+        return pc.binary_join_element_wise(record_path(self.source, ""), keys, "")
 
     def key_bytes(self, index: np.ndarray) -> bytes:
-        """The keys at `index` as bytes, for the shard's digest."""
-        if isinstance(self.keys, np.ndarray):
-            return np.ascontiguousarray(self.keys[index], dtype="<i8").tobytes()
-        return "\0".join(self.keys[i] for i in index.tolist()).encode("utf-8", "surrogateescape")
+        """The keys at `index` as bytes (fixed width), for the shard's digest."""
+        return np.ascontiguousarray(self.keys[index]).tobytes()
 
 
 class Record(NamedTuple):
