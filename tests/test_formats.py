@@ -214,7 +214,7 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
     """The tar reader (runs of plain headers in bulk, every other header one at a time) finds
     exactly the regular files tarfile finds, in order: ustar, GNU long names, pax path records
     and webdataset's pax headers, prefixes, directories and links passed over, a member whose
-    contents look like a header, members across the 4 MiB reads, a tar cut short."""
+    contents look like a header, members across reads, a tar cut short."""
     import tarfile
 
     from mnist37.formats import TarCutShort, _tar_members
