@@ -266,7 +266,7 @@ def _first_shape(root: Path, shards: list[ContainerShard], convert: bool, probes
     """(H, W) of the first training record that decodes, reading records until one does."""
     first_error, seen = None, 0
     for shard in shards:
-        for record in read_records(shard, root):
+        for record in read_records(shard, root, limit=probes):
             if record.data is None:
                 continue
             try:
@@ -339,13 +339,16 @@ def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> list[bytes 
     return column.to_pylist()
 
 
-def _parquet_records(shard: ContainerShard, root: Path) -> Records:
+def _parquet_records(shard: ContainerShard, root: Path, limit: int | None = None) -> Records:
     import pyarrow.parquet as pq  # only Parquet data sets pay for its import
 
     with open_input(root, shard.source) as f:
         parquet = pq.ParquetFile(f)
         first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
-        table = parquet.read_row_groups(range(shard.start, shard.stop), columns=[shard.image_column, shard.label_column])
+        stop, rows = shard.start, 0
+        while stop < shard.stop and (limit is None or rows < limit):  # row groups up to `limit` rows
+            rows, stop = rows + parquet.metadata.row_group(stop).num_rows, stop + 1
+        table = parquet.read_row_groups(range(shard.start, stop), columns=[shard.image_column, shard.label_column])
     data = _image_bytes(table.column(shard.image_column), shard.source)
     labels, has_label = _label_values(table.column(shard.label_column))
     problems = {i: "row without image bytes" for i, d in enumerate(data) if not d}
@@ -468,10 +471,10 @@ def _plain_members(buf: bytes, pos: int, window: int) -> tuple[int, np.ndarray, 
     return end, names, data
 
 
-def _tar_members(f, source: str) -> TarMembers:
+def _tar_members(f, source: str, limit: int | None = None) -> TarMembers:
     """Every regular file of a tar stream, in order; a stream that ends inside a member or a
     header (TarCutShort) or a header that does not parse (FormatError) ends the members there
-    and is returned with those before it.
+    and is returned with those before it. With `limit`, reading stops once that many are found.
 
     A reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is several
     times a 250-byte PNG's decode. This one reads 1 MiB at a time and parses runs of plain
@@ -494,6 +497,8 @@ def _tar_members(f, source: str) -> TarMembers:
                 # few blocks' scan, not the whole buffer's.
                 window = min(max(64, 4 * (pos - start) // _TAR_BLOCK), _WINDOW)
                 wait = 16 if pos == start else 0
+            if limit is not None and len(data) >= limit:
+                break
             if len(buf) - pos < _TAR_BLOCK:
                 buf, pos = buf[pos:] + f.read(_READ_BLOCK), 0
                 if len(buf) < _TAR_BLOCK:
@@ -558,13 +563,14 @@ def _member_keys(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             three & (ext == np.frombuffer(b"cls", np.uint8)).all(axis=1))
 
 
-def _webdataset_records(shard: ContainerShard, root: Path) -> Records:
+def _webdataset_records(shard: ContainerShard, root: Path, limit: int | None = None) -> Records:
     """One record per run of members sharing a key: its `.png` bytes and its `.cls` label
     (members of other kinds are not read; of two members of one kind, the last counts). A tar
     cut short rejects the record it cuts (and ends the shard); a damaged header rejects the
-    record being read and is named."""
+    record being read and is named. With `limit`, about that many records are read (the
+    members of two each)."""
     with open_input(root, shard.source) as f:
-        members = _tar_members(f, shard.source)
+        members = _tar_members(f, shard.source, None if limit is None else 2 * limit)
     keys, has_dot, is_png, is_cls = _member_keys(members.names)
     taken = np.flatnonzero(has_dot)  # members without an extension belong to no record
     keys, is_png, is_cls = keys[taken], is_png[taken], is_cls[taken]
@@ -758,13 +764,15 @@ class Record(NamedTuple):
     problem: str | None  # why the record cannot be used before decoding, if it cannot
 
 
-def _read_records(shard: ContainerShard, root: Path) -> Records:
-    return (_parquet_records if shard.format == "parquet" else _webdataset_records)(shard, root)
+def _read_records(shard: ContainerShard, root: Path, limit: int | None = None) -> Records:
+    """The shard's records (with `limit`, about its first `limit`: for a look at the data)."""
+    return (_parquet_records if shard.format == "parquet" else _webdataset_records)(shard, root, limit)
 
 
-def read_records(shard: ContainerShard, root: Path):
-    """The records of a Parquet or tar shard, in order, undecoded, one Record each."""
-    records = _read_records(shard, root)
+def read_records(shard: ContainerShard, root: Path, limit: int | None = None):
+    """The records of a Parquet or tar shard, in order, undecoded, one Record each (with
+    `limit`, about the first `limit`: the planner's look at the first images)."""
+    records = _read_records(shard, root, limit)
     labels = records.labels.tolist()
     for i, (data, has_label) in enumerate(zip(records.data, records.has_label.tolist())):
         yield Record(records.path(i), labels[i] if has_label else None, data, records.problems.get(i))
