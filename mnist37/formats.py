@@ -544,23 +544,19 @@ def _tar_members(f, source: str, limit: int | None = None) -> TarMembers:
 
 
 def _member_keys(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """WebDataset's split of member names ('S' [M]) at the first dot of the base name, for all
-    at once: (keys 'S' [M], has a dot bool [M], extension is png, is cls: bool [M], ASCII case ignored)."""
+    """WebDataset's split of member names ('S' [M]) at the first dot of the base name (as
+    `_member_key`), for all at once: (keys 'S' [M], has a dot bool [M], extension is png, is
+    cls: bool [M], ASCII case ignored)."""
     width = names.dtype.itemsize
+    dot = np.strings.find(names, b".", np.strings.rfind(names, b"/") + 1)
+    has_dot = dot >= 0
     chars = np.ascontiguousarray(names).view(np.uint8).reshape(len(names), width)
-    column = np.arange(width)
-    slashes = chars == 47
-    base = np.where(slashes.any(axis=1), width - np.argmax(slashes[:, ::-1], axis=1), 0)  # after the last '/'
-    dots = (chars == 46) & (column >= base[:, None])
-    has_dot = dots.any(axis=1)
-    dot = np.where(has_dot, np.argmax(dots, axis=1), width)
-    keys = np.where(column < dot[:, None], chars, 0).astype(np.uint8).view(f"S{width}").ravel()
-    length = np.char.str_len(names)
+    keys = np.where(np.arange(width) < dot[:, None], chars, 0).astype(np.uint8).view(f"S{width}").ravel()
+    three = has_dot & (np.strings.str_len(names) == dot + 4)  # an extension of 3 bytes
     padded = np.concatenate([chars, np.zeros((len(names), 4), dtype=np.uint8)], axis=1)
-    ext = padded[np.arange(len(names))[:, None], dot[:, None] + 1 + np.arange(3)] | 0x20  # ASCII lower case
-    three = has_dot & (length == dot + 4)
-    return (keys, has_dot, three & (ext == np.frombuffer(b"png", np.uint8)).all(axis=1),
-            three & (ext == np.frombuffer(b"cls", np.uint8)).all(axis=1))
+    lower = padded[np.arange(len(names))[:, None], (dot + 1)[:, None] + np.arange(3)] | 0x20  # ASCII lower case
+    return (keys, has_dot, three & (lower == np.frombuffer(b"png", np.uint8)).all(axis=1),
+            three & (lower == np.frombuffer(b"cls", np.uint8)).all(axis=1))
 
 
 def _webdataset_records(shard: ContainerShard, root: Path, limit: int | None = None) -> Records:
@@ -592,8 +588,8 @@ def _webdataset_records(shard: ContainerShard, root: Path, limit: int | None = N
         last = len(record_keys) - 1
         whole = last >= 0 and data[last] is not None and texts[last] is not None
         if last < 0 or (cut[0] != record_keys[last] if cut else isinstance(error, TarCutShort) and whole):
-            extra = cut[0] if cut else b"<after the last whole record>" if isinstance(error, TarCutShort) else b"<start>"
-            record_keys = np.concatenate([record_keys, np.array([extra], dtype="S")])
+            key = cut[0] if cut else b"<after the last whole record>" if isinstance(error, TarCutShort) else b"<start>"
+            record_keys = np.concatenate([record_keys, np.array([key], dtype="S")])
             texts.append(None)
             data.append(None)
         problems[len(record_keys) - 1] = reason
@@ -852,7 +848,6 @@ def read_shard(shard: ContainerShard, root: Path, shape: tuple[int, int], conver
 def _pick(items: list, index: np.ndarray) -> list:
     """items[index] of a list (the list itself when index takes them all, in order)."""
     return items if len(index) == len(items) else [items[i] for i in index.tolist()]
-
 
 
 def label_class(label: int | None, declared: int, mapping: list[int], classes: int) -> int:

@@ -256,3 +256,18 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
             found = _tar_members(f, "mixed.tar")
         assert isinstance(found.error, TarCutShort) and found.error.member == b"002999.cls"
         assert list(zip(found.names.tolist(), found.data)) == expected[:-1]
+
+
+def test_member_names_split_into_keys_as_webdataset_does():
+    """Keys and extensions of many member names at once, as one name at a time: at the first
+    dot of the base name, the extension's case ignored."""
+    from mnist37.formats import _member_key, _member_keys
+
+    names = [b"000042.png", b"000042.cls", b"x/y.png", b"x.y/z.PNG", b"abc.Cls", b"noext", b"a.png.cls",
+             b".png", b"dir/.cls", b"k.pngx", b"k.pn", b"d.d/e", b"", b"long/" * 20 + b"k.png"]
+    keys, has_dot, is_png, is_cls = _member_keys(np.array(names, dtype="S"))
+    for i, name in enumerate(names):
+        split = _member_key(name)
+        assert has_dot[i] == (split is not None)
+        if split is not None:
+            assert (keys[i], is_png[i], is_cls[i]) == (split[0], split[1] == b"png", split[1] == b"cls")
