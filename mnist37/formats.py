@@ -8,8 +8,10 @@ One home for what a data set in one of these formats holds and how its records a
   Parquet footers, IDX headers (and the small IDX labels file) and, for the image shape,
   the first image of the training split; never a whole container.
 - `read_shard(shard, root, shape, convert)`: one task's records, front to back, decoded as
-  the folder path decodes (decode.decode_png), with every record counted: used, rejected
-  (with its class when known and a reason) or ignored (a class not selected).
+  the folder path decodes (decode.decode_pngs, by decode_png's rules), with every record
+  counted: used, rejected (with its class when known and a reason) or ignored (a class not
+  selected). A shard's records are read, counted and checked as arrays (`Records`), not one
+  Python object each: per record, only the PNG decode is left.
 
 Layouts:
 
