@@ -11,7 +11,7 @@ One home for what a data set in one of these formats holds and how its records a
   the folder path decodes (decode.decode_pngs, by decode_png's rules), with every record
   counted: used, rejected (with its class when known and a reason) or ignored (a class not
   selected). A shard's records are read, counted and checked as arrays (`Records`), not one
-  Python object each: per record, only the PNG decode is left.
+  Python object each: per record, little but the PNG decode is left.
 
 Layouts:
 
