@@ -170,9 +170,10 @@ class ContainerShard:
 
     def key(self, root: Path, shape: tuple[int, int], convert: bool) -> str:
         """What the chunk was made from: the container files' (path, size, mtime), the range,
-        the columns, the class selection and the decode settings. Raises OSError when a
-        container cannot be stat'ed."""
-        h = hashlib.blake2b(decode_settings(convert).encode(), digest_size=16)
+        the columns, the class selection, the decode settings and how the digest is made
+        (a chunk recording another kind of digest is decoded again, so that a fingerprint
+        never mixes the two). Raises OSError when a container cannot be stat'ed."""
+        h = hashlib.blake2b(f"{decode_settings(convert)}/digest-{DIGEST}".encode(), digest_size=16)
         for path in filter(None, (self.source, self.labels_source)):
             h.update(json.dumps([path, *_stat(root, path)]).encode())
         h.update(json.dumps([self.format, self.start, self.stop, self.image_column, self.label_column,
@@ -791,7 +792,11 @@ class ContainerDecoded:
     digest: str
 
 
+DIGEST = "xxh3-128/v1"  # how a container shard's digest is made (_digest); part of its chunk's key
+
+
 def _digest(shard: ContainerShard, *parts: bytes) -> str:
+    """xxh3-128 of the shard's range, then of each part preceded by its length."""
     digest = xxhash.xxh3_128(f"{shard.source}:{shard.start}:{shard.stop}".encode())
     for part in parts:
         digest.update(struct.pack("<Q", len(part)))
