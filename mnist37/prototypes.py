@@ -27,8 +27,13 @@ def pixel_sums(images: np.ndarray, class_indices: np.ndarray, num_classes: int) 
     class_indices = np.asarray(class_indices)
     sums = np.zeros((num_classes, *images.shape[1:]), dtype=np.int64)
     counts = np.bincount(class_indices, minlength=num_classes).astype(np.int64)
+    if len(class_indices) > 1 and (class_indices[1:] < class_indices[:-1]).any():
+        # Not in class order (a container's records): one gather puts each class in one run,
+        # rather than a boolean mask and a copy per class (~4x the time for interleaved classes).
+        images = images[np.argsort(class_indices, kind="stable")]
+    ends = np.cumsum(counts)
     for c in np.flatnonzero(counts):
-        members = images if counts[c] == len(images) else images[class_indices == c]
+        members = images[ends[c] - counts[c]:ends[c]]
         for start in range(0, len(members), _UINT16_BLOCK):
             sums[c] += members[start:start + _UINT16_BLOCK].sum(axis=0, dtype=np.uint16)
     return sums, counts

@@ -208,3 +208,66 @@ def test_idx_files_named_with_a_dot(folder, tmp_path):
     assert planned.format == "idx" and planned.classes == ["3", "7", "9"] and planned.shape == (8, 8)
     assert [(s.source, s.labels_source, s.start, s.stop) for s in planned.shards if s.split == "train"] == \
         [("train-images.idx3-ubyte", "train-labels.idx1-ubyte", a, b) for a, b in ((0, 40), (40, 80), (80, 95))]
+
+
+def test_tar_reader_reads_what_tarfile_writes(tmp_path):
+    """The tar reader (runs of plain headers in bulk, every other header one at a time) finds
+    exactly the regular files tarfile finds, in order: ustar, GNU long names, pax path records
+    and webdataset's pax headers, prefixes, directories and links passed over, a member whose
+    contents look like a header, members across reads, a tar cut short."""
+    import tarfile
+
+    from mnist37.formats import TarCutShort, _tar_members
+
+    rng = np.random.default_rng(0)
+    fake = tarfile.TarInfo("fake.png")
+    fake.size = 7
+    members = [(f"{i:06d}.{ext}", rng.bytes(int(rng.integers(1, 1300)))) for i in range(3000) for ext in ("png", "cls")]
+    members[10:10] = [("looks-like-a-header.png", fake.tobuf(tarfile.USTAR_FORMAT) + b"after the fake header")]
+    members[20:20] = [("d" * 150 + "/long-name.png", b"long"), ("p" * 90 + "/" + "q" * 90 + ".png", b"prefix")]
+    members[3000:3000] = [("big.png", rng.bytes(5 << 20))]  # more than one read
+    path = tmp_path / "mixed.tar"
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        with tarfile.open(path, "w", format=fmt) as tar:
+            directory = tarfile.TarInfo("a-folder")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+            for i, (name, data) in enumerate(members):
+                if fmt == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name[-100:]:
+                    continue  # ustar cannot hold it
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 1.5 + i if fmt == tarfile.PAX_FORMAT else i  # a float: a pax header, as webdataset's
+                tar.addfile(info, io.BytesIO(data))
+                if i == 15:
+                    link = tarfile.TarInfo("a-link")
+                    link.type, link.linkname = tarfile.SYMTYPE, name
+                    tar.addfile(link)
+        with tarfile.open(path) as tar:
+            expected = [(m.name.encode(), tar.extractfile(m).read()) for m in tar if m.isreg()]
+        with open(path, "rb") as f:
+            found = _tar_members(f, "mixed.tar")
+        assert found.error is None
+        assert list(zip(found.names.tolist(), found.data)) == expected
+        # Cut inside the last member's contents: every member before it, and the cut named.
+        whole = path.read_bytes()
+        path.write_bytes(whole[:whole.rindex(b"002999.cls") + 512 + 1])
+        with open(path, "rb") as f:
+            found = _tar_members(f, "mixed.tar")
+        assert isinstance(found.error, TarCutShort) and found.error.member == b"002999.cls"
+        assert list(zip(found.names.tolist(), found.data)) == expected[:-1]
+
+
+def test_member_names_split_into_keys_as_webdataset_does():
+    """Keys and extensions of many member names at once, as one name at a time: at the first
+    dot of the base name, the extension's case ignored."""
+    from mnist37.formats import _member_key, _member_keys
+
+    names = [b"000042.png", b"000042.cls", b"x/y.png", b"x.y/z.PNG", b"abc.Cls", b"noext", b"a.png.cls",
+             b".png", b"dir/.cls", b"k.pngx", b"k.pn", b"d.d/e", b"", b"long/" * 20 + b"k.png"]
+    keys, has_dot, is_png, is_cls = _member_keys(np.array(names, dtype="S"))
+    for i, name in enumerate(names):
+        split = _member_key(name)
+        assert has_dot[i] == (split is not None)
+        if split is not None:
+            assert (keys[i], is_png[i], is_cls[i]) == (split[0], split[1] == b"png", split[1] == b"cls")

@@ -10,8 +10,11 @@ def labelled_images(n=200, shape=(6, 7), num_classes=3, seed=0):
     return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, num_classes, n)
 
 
-def test_pixel_sums_match_a_direct_sum():
-    images, labels = labelled_images()
+@pytest.mark.parametrize("in_class_order", [False, True])
+def test_pixel_sums_match_a_direct_sum(in_class_order):
+    images, labels = labelled_images(n=700)  # over 257 images of a class: more than one uint16 block
+    if in_class_order:  # a folder's shard (classes in runs) and a container's (interleaved)
+        labels = np.sort(labels)
     sums, counts = pixel_sums(images, labels, 3)
     assert sums.dtype == np.int64 and sums.shape == (3, 6, 7)
     for c in range(3):
