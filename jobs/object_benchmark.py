@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mnist37.benchmark import fresh_process  # noqa: E402
 from mnist37.objects import REQUESTS_IN_FLIGHT, list_objects, read_objects  # noqa: E402
 
 
@@ -111,8 +112,8 @@ def store_against_disk(server, root: Path, tmp: Path) -> None:
             out = tmp / f"out-{label}"
             clock = time.perf_counter()
             child = subprocess.Popen(
-                [sys.executable, "jobs/evaluate.py", "--data", data, "--out", str(out), "--chunk-dir",
-                 str(tmp / f"chunks-{label}"), "--ray-address", "local"],
+                fresh_process([sys.executable, "jobs/evaluate.py", "--data", data, "--out", str(out), "--chunk-dir",
+                               str(tmp / f"chunks-{label}"), "--ray-address", "local"]),
                 cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 text=True, env={**os.environ, **aws_env(server.endpoint)})
             stderr = child.stderr.read()
@@ -122,8 +123,8 @@ def store_against_disk(server, root: Path, tmp: Path) -> None:
                 sys.exit(stderr)
             r = json.loads((out / "results.json").read_text())
             figures[label] = (r["metrics"], r["data"]["fingerprint"], r["prototypes_sha256"])
-            # The driver's own peak (results.json), and wait4's: the largest of the process and the
-            # Ray processes it started and reaped (a local Ray's GCS and raylet).
+            # The driver's own peak (results.json), and wait4's: the largest of the job's process
+            # tree (the Ray processes the driver started and reaped, a local Ray's GCS and raylet).
             print(f"{label:<6} {wall:>7.1f} {r['memory']['driver_peak_rss_bytes'] / 2**20:>15.1f} "
                   f"{usage.ru_maxrss / 1024:>13.1f} {r['elapsed_s']['scan']:>12.2f} "
                   f"{r['elapsed_s']['decode']:>9.1f} {r['throughput']['decode_files_per_s']:>10.0f}", flush=True)

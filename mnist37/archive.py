@@ -4,16 +4,24 @@ An archive is extracted once into `<cache>/extracted/<name>-<sha256 prefix>/`: f
 temporary folder beside it, then renamed into place, so an interrupted extraction never leaves
 a folder that a later run trusts. Members that are links, devices, absolute paths or paths
 with `..` are refused before anything is written.
+
+An archive in an object store (`s3://bucket/mnist_sample.tgz`, an `ArchiveObject`) is copied
+into `<cache>/downloads/objects/` and extracted there on every node that reads it, the first
+time a task there needs it: nodes share no disk, and the extraction folder, named by the
+archive's content, is the same path on each.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mnist37 import Mnist37Error, partials
@@ -103,3 +111,78 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("extracted %s to %s", archive.name, target)
     return target
+
+
+@dataclass(frozen=True)
+class ArchiveObject:
+    """An archive in an object store, and the cache its local copy and extraction go to."""
+
+    uri: str
+    cache_dir: str | None = None
+
+    def here(self) -> Path:
+        """The archive extracted on this node (fetched and extracted the first time): the
+        folder `extract` gives for its local copy. Once per process and archive."""
+        return _extracted_object(self.uri, self.cache_dir)
+
+
+def object_source(data: str | Path, cache_dir: str | Path | None = None) -> ArchiveObject | None:
+    """`data` as an ArchiveObject when it is an archive in an object store, else None."""
+    from mnist37.paths import is_uri, open_location
+
+    if not is_uri(data) or not is_archive(data) or open_location(data)[0] is None:
+        return None
+    return ArchiveObject(str(data), str(cache_dir) if cache_dir else None)
+
+
+def on_node(source: ArchiveObject, function, *arguments):
+    """`function(*arguments)` where `source` is extracted first: a task that reads the
+    extracted files may run on a node that has not fetched the archive yet."""
+    source.here()
+    return function(*arguments)
+
+
+@functools.lru_cache(maxsize=8)
+def _extracted_object(uri: str, cache_dir: str | None) -> Path:
+    return extract(fetch(uri, cache_dir), cache_dir)
+
+
+def fetch(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A local copy of the archive object at `uri`, in `<cache>/downloads/objects/`, named by
+    its URI, size and modification time, so a changed object is fetched again. Written to a
+    temporary name and renamed; a store that refuses is ObjectStoreError naming the object."""
+    import pyarrow.fs as pafs
+
+    from mnist37.objects import ObjectStoreError, retrying
+    from mnist37.paths import open_location
+
+    fs, path = open_location(uri)
+    info = retrying(uri, lambda: fs.get_file_info(path))
+    if info.type != pafs.FileType.File:
+        raise ArchiveError(f"{uri}: archive not found (no such object)")
+    cache = cache_home(cache_dir)
+    tag = hashlib.blake2b(f"{uri}|{info.size}|{info.mtime_ns}".encode(), digest_size=8).hexdigest()
+    name = PurePosixPath(path).name
+    local = cache / "downloads" / "objects" / f"{_archive_stem(Path(name))}-{tag}{name[len(_archive_stem(Path(name))):]}"
+    if local.is_file() and local.stat().st_size == info.size:
+        return local
+    where = f"fetching {uri} into {local.relative_to(cache)}"
+    with writing("cache", cache, where):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partials.clean(local.parent)  # copies killed part way
+    partial = local.with_name(partials.partial_name(local.name))
+
+    def copy() -> None:
+        with fs.open_input_stream(path) as source, writing("cache", cache, where), open(partial, "wb") as out:
+            while block := source.read(1 << 22):
+                out.write(block)
+    try:
+        with partials.claimed(partial):  # under a lock until renamed: partials.clean leaves it alone
+            retrying(uri, copy)
+            if partial.stat().st_size != info.size:
+                raise ObjectStoreError(f"{uri}: read {partial.stat().st_size} bytes, the store lists {info.size}")
+            os.replace(partial, local)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("fetched %s (%d bytes) to %s", uri, info.size, local)
+    return local

@@ -56,12 +56,20 @@ CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
 FORMATS = {"tar": "webdataset", "parquet": "parquet", "idx": "idx"}
 
 
+def fresh_process(argv: list[str]) -> list[str]:
+    """`argv` started by a shell that forks it: a process forked from this one inherits this
+    process's peak RSS as its own (Linux keeps the peak across fork and exec), so a child's
+    `ru_maxrss` would never read lower than the benchmark's own."""
+    return ["sh", "-c", '"$@"; exit $?', "sh", *argv]
+
+
 def run_seed(data: Path, classes: list[str]) -> dict:
     # Output goes to files, not pipes: wait4 (for the child's own peak RSS) must not wait on a
     # child blocked writing to a full pipe.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         clock = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "mnist37.fastbook", "--data", str(data), "--classes", *classes],
+        proc = subprocess.Popen(fresh_process([sys.executable, "-m", "mnist37.fastbook", "--data", str(data),
+                                               "--classes", *classes]),
                                 env=_module_env(), stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - clock
@@ -78,7 +86,7 @@ def run_mnist37(data: Path, out: Path, chunk_dir: Path, extra: list[str]) -> dic
     argv = [sys.executable, "-m", "mnist37.job", "--data", str(data), "--out", str(out),
             "--chunk-dir", str(chunk_dir), *extra]
     clock = time.perf_counter()
-    run = subprocess.run(argv, env=_module_env(), capture_output=True, text=True)
+    run = subprocess.run(fresh_process(argv), env=_module_env(), capture_output=True, text=True)
     wall = time.perf_counter() - clock
     if run.returncode != 0:
         raise RuntimeError(f"mnist37 failed:\n{run.stderr[-2000:]}")

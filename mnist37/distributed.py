@@ -23,6 +23,7 @@ import pyarrow as pa
 import ray
 
 from mnist37 import Mnist37Error
+from mnist37.archive import ArchiveObject
 from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.folder import ClassListing
@@ -39,7 +40,9 @@ _RETRIES = dict(max_retries=3, retry_exceptions=False)
 
 
 def _decode(shard: Shard | ContainerShard, root: str, shape: tuple[int, int], chunk_dir: str, with_sums: bool,
-            reuse: bool, convert: bool, verify: bool) -> DecodedShard:
+            reuse: bool, convert: bool, verify: bool, archive: ArchiveObject | None = None) -> DecodedShard:
+    if archive is not None:  # the root is its extraction, which this node may not have made yet
+        archive.here()
     if isinstance(shard, Shard):  # its file names are in the listing, in the object store
         shard = shard.resolved(ray.get)
     result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert, verify)
@@ -212,7 +215,7 @@ def default_max_in_flight() -> int:
 
 def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: str,
                   train_split: str, reuse: bool, convert: bool, ship_split: str | None,
-                  max_in_flight: int, verify: bool = True) -> Iterator[DecodedShard]:
+                  max_in_flight: int, verify: bool = True, archive: ArchiveObject | None = None) -> Iterator[DecodedShard]:
     """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only.
 
     Shards of `ship_split` (the evaluation split, when chunks travel through the object
@@ -220,7 +223,7 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
     shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
 
     def submit(shard: Shard) -> ray.ObjectRef:
-        args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert, verify)
+        args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert, verify, archive)
         if shard.split != ship_split:
             return _decode_task.remote(*args)
         record, chunk = _decode_and_ship_task.remote(*args)

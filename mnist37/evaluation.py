@@ -77,7 +77,7 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
     for done in distributed.decode_shards(
             planned.shards, planned.root, planned.shape, planned.chunk_dir, cfg.train_split, cfg.reuse_chunks,
             cfg.non_grayscale == "convert", cfg.eval_split if transport == "object_store" else None, max_in_flight,
-            cfg.verify_chunks):
+            cfg.verify_chunks, planned.archive):
         status.shards_decoded += 1
         progress.update()
         counts[done.split] += done.counts

@@ -175,11 +175,11 @@ def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None =
     if is_uri(data):
         fs, local = open_location(data)
         if fs is not None:
-            if archive.is_archive(Path(local)):
-                raise DatasetError(f"data: {data}: archives are read from local paths only; "
-                                   "upload the extracted ImageFolder, or copy the archive here")
-            return _find_prefix(str(data), train_split)
-        data = local  # file://: a local path
+            if (source := archive.object_source(data, cache_dir)) is None:
+                return _find_prefix(str(data), train_split)
+            data = source.here()
+        else:
+            data = local  # file://: a local path
     path = Path(data).expanduser()
     if not str(data):
         raise DatasetError("data: no data set given; pass --data PATH (an ImageFolder folder or a .tgz "
@@ -307,7 +307,9 @@ def list_class_folder(root: Root, split: str, class_name: str,
 
     A local folder is scanned, or its listing kept in `reuse_dir` by an earlier run is reused
     while the folder is unchanged (`_image_names`); a prefix of an object store is listed, with
-    each object's (size, mtime), every run: listing it is what finds out whether it changed."""
+    each object's (size, mtime), every run: listing it is what finds out whether it changed.
+    DatasetError, naming what is there instead, when the split or class folder is missing."""
+    check_split(root, split, [class_name])
     if isinstance(root, str):
         from mnist37.objects import list_objects
 
@@ -346,8 +348,6 @@ def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse
     which for UTF-8 names is code-point order): every class folder of every split listed by
     one `map_folders` call, so a job lists them all at once. With `reuse_dir`, local class
     folders unchanged since an earlier run kept their listing there are not listed again."""
-    for split in splits:
-        check_split(root, split, classes)
     listed = iter((map_folders or _here)(list_class_folder,
                                          [(root, split, name, reuse_dir) for split in splits for name in classes]))
     listings = {}
@@ -377,6 +377,8 @@ class Located:
     root: Root  # the folder (or object store prefix) holding <split>/<class>/ folders, or a container format's files
     classes: list[str]  # in index order ("all" expanded for folders; containers resolve it in plan)
     format: str = "folder"  # or a container format (mnist37.formats)
+    # The archive object the root was extracted from: tasks on other nodes extract it there too.
+    archive: archive.ArchiveObject | None = None
 
 
 def locate(cfg: Config) -> Located:
@@ -389,6 +391,7 @@ def locate(cfg: Config) -> Located:
     if cfg.train_split == cfg.eval_split:
         raise ConfigError(f"eval_split: must differ from train_split ({cfg.train_split!r})")
     root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
+    source = archive.object_source(cfg.data, cfg.cache_dir or None)
     from mnist37 import formats  # here, not at the top: pyarrow.parquet is not needed to say "no such file"
 
     # Local or in an object store alike: the files (objects) under the root tell the format.
@@ -397,8 +400,8 @@ def locate(cfg: Config) -> Located:
     if fmt != "folder":
         root = inner
         formats.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
-        return Located(cfg, root, list(cfg.classes), fmt)
+        return Located(cfg, root, list(cfg.classes), fmt, source)
     classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
     for split in (cfg.train_split, cfg.eval_split):
         check_split(root, split, classes)
-    return Located(cfg, root, classes)
+    return Located(cfg, root, classes, archive=source)

@@ -8,12 +8,14 @@ listing is made here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnist37.archive import ArchiveObject, on_node
 from mnist37.config import Config
 from mnist37.decode import image_shape
 from mnist37.folder import FolderMap, Listing, Located, Root, list_splits
@@ -42,6 +44,7 @@ class Plan:
     chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
     format: str = "folder"  # or a container format (mnist37.formats)
+    archive: ArchiveObject | None = None  # extracted on each node before a task reads the root there
 
 
 def default_chunk_dir(cfg: Config, root: Root) -> Path:
@@ -72,13 +75,18 @@ def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
         log.info("%s: %s, %s, %d shards", root, located.format, ", ".join(
             f"{split} {len(files)} files" for split, files in planned.splits.items()), len(planned.shards))
         return Plan(cfg, root, planned.classes, {}, planned.shape, planned.shards, chunk_dir,
-                    time.perf_counter() - clock, located.format)
+                    time.perf_counter() - clock, located.format, located.archive)
     # Folder listings are kept beside local chunks, so emptying the chunk folder (or
     # reuse_chunks = false) also means listing every folder afresh.
     reuse_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
+    if located.archive is not None and map_folders is not None:  # listing tasks extract it on their node first
+        tasks = map_folders
+        map_folders = lambda function, arguments: tasks(functools.partial(on_node, located.archive, function),  # noqa: E731
+                                                        arguments)
     listings = list_splits(root, (cfg.train_split, cfg.eval_split), classes, reuse_dir, map_folders)
     shape = tuple(cfg.image_shape) or image_shape(root, listings[cfg.train_split].head_paths(SHAPE_PROBES), convert)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)
-    return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock)
+    return Plan(cfg, root, classes, listings, shape, shards, chunk_dir, time.perf_counter() - clock,
+                archive=located.archive)

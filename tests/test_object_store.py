@@ -3,6 +3,10 @@ job reading an ImageFolder from it and writing its outputs to it, a fault proxy 
 it, and the store's refusals (no bucket, no such prefix, access denied) as one line each."""
 
 import json
+import os
+import subprocess
+import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import pytest
 from mnist37.folder import list_class_folder
 from mnist37.objects import read_objects, write_object
 
-from tests.conftest import make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_evaluate_job import run_job
 
@@ -36,12 +40,77 @@ def stored_folder(s3, tmp_path_factory):
     return root, f"s3://{BUCKET}/sample"
 
 
+@pytest.fixture(scope="module")
+def stored_archive(s3, stored_folder, tmp_path_factory):
+    """stored_folder as a .tgz on disk and the same archive at s3://BUCKET/archives/sample.tgz."""
+    root, _ = stored_folder
+    path = tmp_path_factory.mktemp("archive") / "sample.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root, arcname="sample")
+    s3.client().upload_file(str(path), BUCKET, "archives/sample.tgz")
+    return path, f"s3://{BUCKET}/archives/sample.tgz"
+
+
 def figures(results: dict) -> dict:
     return {key: results[key] for key in FIGURES} | {"fingerprint": results["data"]["fingerprint"]}
 
 
 def read_json(s3, key: str) -> dict:
     return json.loads(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+@pytest.mark.ray
+def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, stored_archive, tmp_path):
+    path, uri = stored_archive
+    env = aws_env(s3.endpoint)
+    local = run_job("--ray-address", "local", "--data", str(path), "--out", str(tmp_path / "local"),
+                    "--cache-dir", str(tmp_path / "c1"), env_extra=env)
+    assert local.returncode == 0, local.stderr
+    remote = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "remote"),
+                     "--cache-dir", str(tmp_path / "c2"), env_extra=env)
+    assert remote.returncode == 0, remote.stderr
+    on_disk = json.loads((tmp_path / "local" / "results.json").read_text())
+    from_store = json.loads((tmp_path / "remote" / "results.json").read_text())
+    assert figures(from_store) == figures(on_disk)
+    fetched = list((tmp_path / "c2" / "downloads" / "objects").glob("sample-*.tgz"))
+    assert len(fetched) == 1 and fetched[0].read_bytes() == path.read_bytes()
+    missing = run_job("--ray-address", "local", "--data", f"s3://{BUCKET}/archives/nothing.tgz", "--out",
+                      str(tmp_path / "missing"), "--cache-dir", str(tmp_path / "c3"), env_extra=env)
+    one_error_line(missing, f"s3://{BUCKET}/archives/nothing.tgz", "archive not found")
+
+
+# A node that has not fetched the archive: the driver's extraction is removed after locate, so
+# only the listing and decode tasks (worker processes) can bring it back before reading it.
+_ON_ANOTHER_NODE = """
+import json, shutil, sys
+import ray
+from mnist37 import distributed
+from mnist37.config import load
+from mnist37.evaluation import evaluate
+from mnist37.folder import locate
+from mnist37.plan import plan
+
+cache = sys.argv[2]
+located = locate(load(data=sys.argv[1], cache_dir=cache, chunk_dir=cache + "/chunks"))
+extraction = located.root.parent
+assert located.archive is not None and extraction.parent.name == "extracted", located.root
+shutil.rmtree(extraction)
+ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+evaluation = evaluate(plan(located, distributed.map_listings))
+print(json.dumps({"counts": {s: c.tolist() for s, c in evaluation.decoding.counts.items()},
+                  "extracted_again": (located.root / "train").is_dir()}))
+"""
+
+
+@pytest.mark.ray
+def test_tasks_extract_an_archive_object_on_their_node(s3, stored_archive, tmp_path):
+    _, uri = stored_archive
+    run = subprocess.run([sys.executable, "-c", _ON_ANOTHER_NODE, uri, str(tmp_path / "cache")], cwd=PROJECT_ROOT,
+                         env={**os.environ, **aws_env(s3.endpoint)}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    done = json.loads(run.stdout.strip().splitlines()[-1])
+    assert done == {"counts": {split: [COUNTS[split]["3"], COUNTS[split]["7"]] for split in ("train", "valid")},
+                    "extracted_again": True}
 
 
 def test_listing_pages_past_1000_objects(s3):
