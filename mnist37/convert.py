@@ -45,7 +45,7 @@ from mnist37.config import Config
 from mnist37.decode import DecodeError, decode_png, read_file
 from mnist37.folder import locate
 from mnist37.plan import plan
-from mnist37.formats import CLASSES_FILE, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, ContainerShard, label_class, label_problem, read_idx, read_records
+from mnist37.formats import CLASSES_FILE, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, ContainerShard, label_problem, read_idx, read_record_columns, record_classes
 from mnist37.shards import Shard
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,14 @@ def records(shard: Shard | ContainerShard, root: Path, shape: tuple[int, int]):
             c = int(shard.class_map[label])
             yield f"{shard.source}:{shard.start + i}", (c if c >= 0 else None), _png(image) if c >= 0 else None, None
         return
-    mapping, classes = shard.class_map.tolist(), len(shard.classes)
-    for path, label, data, problem in read_records(shard, root):
-        c = label_class(label, shard.declared, mapping, classes)
-        if c == classes:
+    columns = read_record_columns(shard, root)
+    for i, c in enumerate(record_classes(columns.labels, columns.has_label, shard).tolist()):
+        path, problem = columns.path(i), columns.problems.get(i)
+        if c == len(shard.classes):
+            label = int(columns.labels[i]) if columns.has_label[i] else None
             yield path, -1, None, problem or label_problem(label, shard.declared)
         else:
-            yield path, (c if c >= 0 else None), data, problem
+            yield path, (c if c >= 0 else None), columns.data[i], problem
 
 
 def _tar_header(name: str, size: int) -> bytes:

@@ -875,7 +875,7 @@ class Record(NamedTuple):
     problem: str | None  # why the record cannot be used before decoding, if it cannot
 
 
-def _read_records(shard: ContainerShard, root: Root, limit: int | None = None) -> Records:
+def read_record_columns(shard: ContainerShard, root: Root, limit: int | None = None) -> Records:
     """The shard's records (with `limit`, about its first `limit`: for a look at the data)."""
     return (_parquet_records if shard.format == "parquet" else _webdataset_records)(shard, root, limit)
 
@@ -883,7 +883,7 @@ def _read_records(shard: ContainerShard, root: Root, limit: int | None = None) -
 def read_records(shard: ContainerShard, root: Root, limit: int | None = None):
     """The records of a Parquet or tar shard, in order, undecoded, one Record each (with
     `limit`, about the first `limit`: the planner's look at the first images)."""
-    records = _read_records(shard, root, limit)
+    records = read_record_columns(shard, root, limit)
     labels = records.labels.tolist()
     for i, (data, has_label) in enumerate(zip(records.data, records.has_label.tolist())):
         yield Record(records.path(i), labels[i] if has_label else None, data, records.problems.get(i))
@@ -943,7 +943,7 @@ def read_shard(shard: ContainerShard, root: Root, shape: tuple[int, int], conver
         return ContainerDecoded(pixels[keep] if len(idx) < len(labels) else pixels, selected[keep].astype(np.int32),
                                 paths, [],
                                 found, np.zeros(classes + 1, dtype=np.int64), int(len(labels) - len(idx)), digest)
-    records = _read_records(shard, root)
+    records = read_record_columns(shard, root)
     selected = record_classes(records.labels, records.has_label, shard)
     counted = np.flatnonzero(selected >= 0)  # the others: classes not selected, ignored
     problems = {i: p for i, p in records.problems.items() if selected[i] >= 0}
@@ -967,14 +967,6 @@ def read_shard(shard: ContainerShard, root: Root, shape: tuple[int, int], conver
 def _pick(items: list, index: np.ndarray) -> list:
     """items[index] of a list (the list itself when index takes them all, in order)."""
     return items if len(index) == len(items) else [items[i] for i in index.tolist()]
-
-
-def label_class(label: int | None, declared: int, mapping: list[int], classes: int) -> int:
-    """A record's selected class index; -1 for a class not selected, `classes` (C) for a label
-    that is missing or outside the declared range (see `label_problem`)."""
-    if label is None or (declared and not 0 <= label < declared):
-        return classes
-    return mapping[label] if 0 <= label < len(mapping) else -1
 
 
 def label_problem(label: int | None, declared: int) -> str:
