@@ -75,6 +75,9 @@ class ClassListing:
     head: np.ndarray  # bytes 'S' [<= HEAD_NAMES]: the first names
     blocks: list = field(default_factory=list)  # ClassFiles, or Ray's ObjectRefs to them
     block_size: int = 0  # files per block (the last block may hold fewer)
+    # Why the listing could not be kept for the next run; logged by the driver, not the task
+    # (a worker's lines reach the driver's stderr from Ray's log thread, at any moment).
+    not_kept: str = ""
 
     def files(self) -> ClassFiles:
         """All the folder's files; in-process only (the blocks are here, not refs)."""
@@ -205,28 +208,29 @@ _BATCH = 65536
 SETTLED_S = 2.0
 
 
-def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarray, int, bool]:
+def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarray, int, bool, str]:
     """Sorted names of the image files in `folder` as a fixed-width bytes array, how many
-    other entries (files of other types, subfolders) were ignored, and whether the listing
-    was reused.
+    other entries (files of other types, subfolders) were ignored, whether the listing was
+    reused, and why it could not be kept for the next run ("" when it was, or need not be).
 
     With `reuse_dir`, a listing kept there by an earlier run is reused while the folder's
     device, inode, mtime and ctime are unchanged: adding, removing or renaming an entry moves
     its folder's mtime and ctime (ctime cannot be set back, as `tar` and `rsync -t` set mtime).
     Changes to a file's contents are not the listing's business; shards stat every file."""
     if reuse_dir is None:
-        return (*_scan_images(folder), False)
+        return (*_scan_images(folder), False, "")
     stamp = os.stat(folder)
     stamp = np.array([stamp.st_dev, stamp.st_ino, stamp.st_mtime_ns, stamp.st_ctime_ns], dtype=np.int64)
     kept = reuse_dir / f"{hashlib.blake2b(folder, digest_size=12).hexdigest()}.npz"
     try:
         with np.load(kept, allow_pickle=False) as saved:
             if np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder:
-                return saved["names"], int(saved["ignored"]), True
+                return saved["names"], int(saved["ignored"]), True, ""
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # absent, torn or from another version: list the folder
     listed_ns = time.time_ns()
     names, ignored = _scan_images(folder)
+    not_kept = ""
     if listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
         temp = kept.with_name(partial_name(kept.name))
         try:
@@ -235,10 +239,10 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
                 np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored))
                 os.replace(temp, kept)
         except OSError as e:  # a listing not kept only costs the next run a scan
-            log.warning("%s: listing not kept for the next run: %s", os.fsdecode(folder), e)
+            not_kept = f"{os.fsdecode(folder)}: listing not kept for the next run: {e}"
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
-    return names, ignored, False
+    return names, ignored, False, not_kept
 
 
 def _scan_images(folder: bytes) -> tuple[np.ndarray, int]:
@@ -317,13 +321,13 @@ def list_class_folder(root: Root, split: str, class_name: str,
         names = np.array(listed, dtype=bytes) if listed else np.array([], dtype="S1")
         keep = _image_mask(names)
         order = np.argsort(names[keep], kind="stable")
-        names, stamps, ignored, reused = names[keep][order], stamps[keep][order], folders + int((~keep).sum()), False
+        names, stamps, ignored, reused, not_kept = names[keep][order], stamps[keep][order], folders + int((~keep).sum()), False, ""
     else:
-        (names, ignored, reused), stamps = _image_names(os.fsencode(root / split / class_name), reuse_dir), None
+        (names, ignored, reused, not_kept), stamps = _image_names(os.fsencode(root / split / class_name), reuse_dir), None
     if not len(names):
         where = under(root, split) if isinstance(root, str) else split
         raise DatasetError(f"Class {class_name!r} has no images under {where}/")
-    return (ClassListing(split, class_name, len(names), ignored, reused, names[:HEAD_NAMES].copy()),
+    return (ClassListing(split, class_name, len(names), ignored, reused, names[:HEAD_NAMES].copy(), not_kept=not_kept),
             ClassFiles(names, stamps))
 
 
@@ -357,6 +361,8 @@ def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse
             folders.append(summary := next(listed))
             if summary.ignored:
                 log.info("%s/%s/: ignored %d entries that are not image files", split, name, summary.ignored)
+            if summary.not_kept:
+                log.warning("%s", summary.not_kept)
         listings[split] = listing = Listing(split, tuple(classes), folders)
         log.info("%s: %d images in %d classes%s%s", split, len(listing), len(classes),
                  f" ({listing.reused} folder listings reused)" if listing.reused else "",

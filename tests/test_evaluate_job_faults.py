@@ -115,6 +115,7 @@ def test_a_full_chunk_store_is_one_line_and_the_next_run_reuses_what_was_written
         argv = ("--data", str(data), "--chunk-dir", str(store / "chunks"), *SHARD)
         run = run_job(*argv, "--out", str(tmp_path / "out"))
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert len(error_lines(run.stderr)) == 1, run.stderr
         (line,) = error_lines(run.stderr)
         assert re.fullmatch(rf"error: chunk store {store}/chunks: no space left on device \(ENOSPC\) "
                             r"while writing (train|valid)/(train|valid)-16-00000\d\.arrow", line), line
