@@ -82,6 +82,8 @@ def main(cfg: Config, status: Status | None = None) -> dict:
     try:
         # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
         # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
+        log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
+                 "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
         ray.init(address=cfg.ray_address or None, include_dashboard=cfg.ray_dashboard,
                  dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
         _take_signals()

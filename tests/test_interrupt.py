@@ -132,8 +132,9 @@ def test_stopped_while_classifying(data, undisturbed, tmp_path):
 def test_stopped_before_decoding(data, undisturbed, tmp_path):
     out = tmp_path / "out"
     job = start(data, out)
-    # The listing is done (its log line) while Ray is still starting: the job has decoded nothing.
-    wait_until(job, lambda: "shards of up to" in log_of(out), "the listing's line")
+    # Ray is starting (the line before ray.init; a local Ray takes seconds), then it lists the
+    # class folders: the job has decoded nothing.
+    wait_until(job, lambda: "connecting to Ray" in log_of(out), "the line before ray.init")
     os.kill(job.pid, signal.SIGSTOP)
     os.kill(job.pid, signal.SIGINT)
     os.kill(job.pid, signal.SIGCONT)
