@@ -55,7 +55,7 @@ def start_server(objects: int, size: int) -> tuple[object, str]:
     return server, "s3://bench/objects"
 
 
-def job_figures(requests: list[int], data: Path | None = None) -> None:
+def job_figures(requests: list[int]) -> None:
     import json
     import subprocess
     import tempfile
@@ -64,11 +64,9 @@ def job_figures(requests: list[int], data: Path | None = None) -> None:
     from tests.s3server import S3Server, aws_env
 
     tmp = Path(tempfile.mkdtemp(prefix="mnist37-object-bench-"))
-    root = data or make_image_folder(tmp / "data", {"train": {"3": 1000, "7": 1000}, "valid": {"3": 500, "7": 500}},
-                                     shape=(28, 28))
+    root = make_image_folder(tmp / "data", {"train": {"3": 1000, "7": 1000}, "valid": {"3": 500, "7": 500}},
+                             shape=(28, 28))
     server = S3Server()
-    if data is not None:
-        return store_against_disk(server, root, tmp)
     try:
         server.client().create_bucket(Bucket="bench")
         server.upload(root, "bench", "data")
@@ -91,15 +89,18 @@ def job_figures(requests: list[int], data: Path | None = None) -> None:
         server.stop()
 
 
-def store_against_disk(server, root: Path, tmp: Path) -> None:
+def store_against_disk(root: Path) -> None:
     """The job on the ImageFolder `root` uploaded to moto, then on `root` itself, each with a
     cold chunk folder and a local Ray: wall time, the driver's peak RSS, listing and decode, and
     whether the figures agree."""
     import json
     import subprocess
+    import tempfile
 
-    from tests.s3server import aws_env
+    from tests.s3server import S3Server, aws_env
 
+    tmp = Path(tempfile.mkdtemp(prefix="mnist37-object-bench-"))
+    server = S3Server()
     try:
         server.client().create_bucket(Bucket="bench")
         clock = time.perf_counter()
@@ -147,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     if args.job:
-        return job_figures(args.requests, args.job_data)
+        return store_against_disk(args.job_data) if args.job_data else job_figures(args.requests)
     server, uri = (None, args.uri) if args.uri else start_server(args.objects, args.size)
     proxy = None
     if args.latency_ms and server is not None:

@@ -163,7 +163,8 @@ def fetch(uri: str, cache_dir: str | Path | None = None) -> Path:
     cache = cache_home(cache_dir)
     tag = hashlib.blake2b(f"{uri}|{info.size}|{info.mtime_ns}".encode(), digest_size=8).hexdigest()
     name = PurePosixPath(path).name
-    local = cache / "downloads" / "objects" / f"{_archive_stem(Path(name))}-{tag}{name[len(_archive_stem(Path(name))):]}"
+    stem = _archive_stem(Path(name))
+    local = cache / "downloads" / "objects" / f"{stem}-{tag}{name[len(stem):]}"
     if local.is_file() and local.stat().st_size == info.size:
         return local
     where = f"fetching {uri} into {local.relative_to(cache)}"

@@ -320,8 +320,9 @@ def list_class_folder(root: Root, split: str, class_name: str,
         listed, stamps, folders = list_objects(under(root, split, class_name))
         names = np.array(listed, dtype=bytes) if listed else np.array([], dtype="S1")
         keep = _image_mask(names)
-        order = np.argsort(names[keep], kind="stable")
-        names, stamps, ignored, reused, not_kept = names[keep][order], stamps[keep][order], folders + int((~keep).sum()), False, ""
+        names, stamps, ignored = names[keep], stamps[keep], folders + int((~keep).sum())
+        order = np.argsort(names, kind="stable")
+        names, stamps, reused, not_kept = names[order], stamps[order], False, ""
     else:
         (names, ignored, reused, not_kept), stamps = _image_names(os.fsencode(root / split / class_name), reuse_dir), None
     if not len(names):
