@@ -189,3 +189,93 @@ def test_fast_decoder_agrees_with_pillow_on_every_mnist_sample_image(mnist_sampl
         data = path.read_bytes()
         assert decode.png_header(data)[2:] == (8, 0)  # every one takes the fast path
         np.testing.assert_array_equal(decode_png(data, path.name), decode_pillow(data, path.name))
+    # Read as shards are, they all take the bulk path, with the same pixels.
+    data = [path.read_bytes() for path in files]
+    plain, images = decode.plain_pngs(data, (28, 28))
+    assert plain.tolist() == list(range(len(files)))
+    np.testing.assert_array_equal(images, np.stack([decode_pillow(d, "x") for d in data]))
+
+
+def _filtered(rows: np.ndarray, filters: list[int]) -> bytes:
+    """The PNG scanlines of 8-bit grayscale `rows`, row r filtered with type filters[r]
+    (0 none, 1 sub, 2 up, 3 average, 4 Paeth), written from the PNG specification."""
+    h, w = rows.shape
+    out, prior = bytearray(), np.zeros(w, dtype=np.int64)
+    for r in range(h):
+        x = rows[r].astype(np.int64)
+        a = np.concatenate([[0], x[:-1]])  # the pixel to the left
+        c = np.concatenate([[0], prior[:-1]])  # the one above it
+        p = a + prior - c
+        pa, pb, pc = abs(p - a), abs(p - prior), abs(p - c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, prior, c))
+        predicted = [np.zeros(w, dtype=np.int64), a, prior, (a + prior) // 2, paeth][filters[r]]
+        out += bytes([filters[r]]) + ((x - predicted) % 256).astype(np.uint8).tobytes()
+        prior = x
+    return bytes(out)
+
+
+def _chunk(kind: bytes, data: bytes, crc_delta: int = 0) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", (zlib.crc32(kind + data) + crc_delta) % 2**32)
+
+
+def built_png(rows: np.ndarray, filters: list[int] | None = None, idats: int = 1, before_idat: bytes = b"",
+              idat_crc_delta: int = 0, stream: bytes | None = None, after: bytes = b"") -> bytes:
+    """An 8-bit grayscale PNG of `rows`, byte by byte: its filters, its IDAT cut in `idats`
+    chunks, a chunk before them, a wrong IDAT CRC, another zlib stream, bytes after IEND."""
+    h, w = rows.shape
+    stream = zlib.compress(_filtered(rows, filters or [0] * h)) if stream is None else stream
+    cuts = np.linspace(0, len(stream), idats + 1).astype(int)
+    body = b"".join(_chunk(b"IDAT", stream[a:b], idat_crc_delta) for a, b in zip(cuts[:-1], cuts[1:]))
+    return (decode.PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + before_idat
+            + body + _chunk(b"IEND", b"") + after)
+
+
+def test_plain_pngs_are_decoded_in_bulk_and_every_other_png_as_before():
+    """Only plain PNGs (IHDR, one IDAT, IEND, right CRCs, every row unfiltered) take the bulk
+    path; decode_pngs gives every PNG, plain or not, the pixels or the reason it had before."""
+    rows = pixels((6, 7), seed=5)
+    other = pixels((6, 7), seed=6)
+    cases = {
+        "plain": built_png(rows),
+        "plain, another image": built_png(other),
+        "sub filter on one row": built_png(rows, [0, 1, 0, 0, 0, 0]),
+        "up, average, Paeth": built_png(rows, [0, 2, 3, 4, 2, 3]),
+        "two IDAT chunks": built_png(rows, idats=2),
+        "a text chunk first": built_png(rows, before_idat=_chunk(b"tEXt", b"Comment\0hi")),
+        "bytes after IEND": built_png(rows, after=b"\0" * 3),
+        "written by Pillow": png_bytes(rows),
+        "wrong IDAT CRC": built_png(rows, idat_crc_delta=1),
+        "not a zlib stream": built_png(rows, stream=b"\x78\x9c" + b"\xff" * 20),
+        "too few pixels": built_png(rows, stream=zlib.compress(_filtered(rows, [0] * 6)[:-1])),
+        "cut short": built_png(rows)[:-20],
+        "another size": built_png(pixels((7, 7))),
+    }
+    names, data = list(cases), list(cases.values())
+    plain, bulk = decode.plain_pngs(data, (6, 7))
+    assert [names[i] for i in plain] == ["plain", "plain, another image"]
+    np.testing.assert_array_equal(bulk, np.stack([rows, other]))
+    # Every PNG gets what decode_png, the one-at-a-time judge (libspng, then Pillow), gives it.
+    images, kept, reasons = decode.decode_pngs(data, names.__getitem__, (6, 7))
+    expected, refused = [], {}
+    for name, png in cases.items():
+        try:
+            expected.append(decode_png(png, name, (6, 7)))
+        except DecodeError as e:
+            refused[name] = e.reason
+    np.testing.assert_array_equal(images, np.stack(expected))
+    assert {names[i]: r for i, r in reasons.items()} == refused
+    assert set(refused) >= {"not a zlib stream", "too few pixels", "another size"}
+    assert kept.tolist() == [n not in refused for n in names]
+
+
+def test_folder_decode_reports_unreadable_and_undecodable_files_in_file_order(tmp_path):
+    write_png(tmp_path / "a.png", pixels(seed=1))
+    (tmp_path / "b.png").write_bytes(b"junk")
+    (tmp_path / "c.png").mkdir()
+    (tmp_path / "d.png").write_bytes(built_png(pixels(), stream=b"\x78\x9c" + b"\xff" * 20))
+    write_png(tmp_path / "e.png", pixels(seed=2))
+    decoded = decode_files(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"], (8, 8))
+    assert [path for path, _ in decoded.rejected] == ["b.png", "c.png", "d.png"]
+    assert decoded.rejected[1] == ("c.png", "cannot read file (Is a directory)")
+    assert decoded.paths == ["a.png", "e.png"] and decoded.kept.tolist() == [True, False, False, False, True]
+    np.testing.assert_array_equal(decoded.images, np.stack([pixels(seed=1), pixels(seed=2)]))
