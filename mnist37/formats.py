@@ -47,6 +47,7 @@ import gzip
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import struct
@@ -59,6 +60,7 @@ import pyarrow as pa
 import xxhash
 
 from mnist37 import Mnist37Error
+from mnist37.chunks import arrow_array, arrow_text, numbers, valid
 from mnist37.decode import DecodeError, decode_png, decode_pngs, decode_settings
 from mnist37.objects import ObjectStoreError, retrying
 from mnist37.paths import is_uri, open_location, under
@@ -459,10 +461,7 @@ def _label_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     values; a column of any other type holds no labels."""
     if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
         return np.zeros(len(column), dtype=np.int64), np.zeros(len(column), dtype=bool)
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    present = column.is_valid().to_numpy(zero_copy_only=False)
-    values = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return values, present
+    return numbers(column).astype(np.int64), valid(column)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,9 +777,17 @@ def _idx_labels_file(root: Root, images: str) -> str:
     raise FormatError(f"{root}: {images} has no labels file ({base} or {base}.gz)")
 
 
-def _idx_read(root: Root, path: str, offset: int, size: int) -> bytes:
-    """Up to `size` bytes at `offset` of an IDX file: one read of that range (an object: one
-    ranged request); a .gz is decompressed from its start up to there."""
+def _idx_read(root: Root, path: str, offset: int, size: int) -> bytes | memoryview:
+    """Up to `size` bytes at `offset` of an IDX file: a local plain file's are mapped, not
+    copied (the chunk is written straight from the page cache); an object's are one ranged
+    request; a .gz is decompressed from its start up to there."""
+    if not is_uri(root) and not path.endswith(".gz"):
+        with open(os.path.join(root, path), "rb") as f:
+            length = os.fstat(f.fileno()).st_size
+            if offset >= length or size <= 0:
+                return b""
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(mapped)[offset:offset + size]
     with _idx_open(root, path, front_to_back=True) as f:
         f.seek(offset)
         return f.read(size)
@@ -858,10 +865,10 @@ class Records:
         import pyarrow.compute as pc  # here: ~0.1 s of every decode worker's start, for containers alone
 
         try:
-            keys = pc.cast(pa.array(self.keys[index]), pa.string())
+            keys = pc.cast(arrow_array(self.keys[index]), pa.string())
         except pa.ArrowInvalid:  # a tar key that is not UTF-8: named with replacement characters
             keys = pa.array([k.decode("utf-8", "replace") for k in self.keys[index].tolist()], pa.string())
-        return pc.binary_join_element_wise(record_path(self.source, ""), keys, "")
+        return pc.binary_join_element_wise(arrow_text(record_path(self.source, "")), keys, arrow_text(""))
 
     def key_bytes(self, index: np.ndarray) -> bytes:
         """The keys at `index` as bytes (fixed width), for the shard's digest."""
@@ -938,8 +945,8 @@ def read_shard(shard: ContainerShard, root: Root, shape: tuple[int, int], conver
         found = np.bincount(selected[keep], minlength=classes + 1).astype(np.int64)
         import pyarrow.compute as pc  # here: ~0.1 s of every decode worker's start, for IDX alone
 
-        paths = pc.binary_join_element_wise(record_path(shard.source, ""),
-                                            pc.cast(pa.array(idx + shard.start), pa.string()), "")
+        paths = pc.binary_join_element_wise(arrow_text(record_path(shard.source, "")),
+                                            pc.cast(arrow_array(idx + shard.start), pa.string()), arrow_text(""))
         return ContainerDecoded(pixels[keep] if len(idx) < len(labels) else pixels, selected[keep].astype(np.int32),
                                 paths, [],
                                 found, np.zeros(classes + 1, dtype=np.int64), int(len(labels) - len(idx)), digest)

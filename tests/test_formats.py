@@ -8,6 +8,8 @@ import gzip
 import io
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from mnist37.evaluation import results_json
 from mnist37.folder import locate
 from mnist37.plan import plan as plan_located
 from mnist37.formats import FormatError, detect
-from tests.conftest import make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder
 
 def plan(cfg):
     """The job's plan for `cfg`: located first, as the job does."""
@@ -271,3 +273,36 @@ def test_member_names_split_into_keys_as_webdataset_does():
         assert has_dot[i] == (split is not None)
         if split is not None:
             assert (keys[i], is_png[i], is_cls[i]) == (split[0], split[1] == b"png", split[1] == b"cls")
+
+
+def test_decoding_and_reading_chunks_never_import_pandas(folder, tmp_path):
+    """pyarrow imports pandas, where it is installed, for pa.array(), pa.scalar() and
+    to_numpy(): ~0.4 s of every Ray worker's first task. What a decode task and a classify
+    task do, for a folder and each container format, runs here in a fresh process that must
+    end without pandas loaded (and must have had it to load: `datasets` needs it)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("pandas") is not None, "pandas is installed with the test extras"
+    sources = {"folder": folder, "parquet": write_hf_parquet(folder, tmp_path / "pq", ["3", "7", "9"]),
+               "webdataset": write_webdataset(folder, tmp_path / "wds", ["3", "7", "9"], per_tar=30),
+               "idx": write_idx(folder, tmp_path / "idx", ["3", "7", "9"], [3, 7, 9])}
+    code = f"""
+import sys
+from mnist37.config import load
+from mnist37.folder import locate
+from mnist37.plan import plan
+from mnist37.shards import decode_shard
+from mnist37.chunks import read_chunk
+for name, data in {({k: str(v) for k, v in sources.items()})!r}.items():
+    planned = plan(locate(load(data=data, classes=["3", "7"], shard_size=16, chunk_dir=data + "-chunks")))
+    images = 0
+    for shard in planned.shards:
+        done = decode_shard(shard, planned.root, planned.shape, planned.chunk_dir, True)
+        assert len(read_chunk(done.chunk_path, done.checksum).images) == done.num_images
+        images += done.num_images
+    assert images == 108, (name, images)
+    assert "pandas" not in sys.modules, name
+print("no pandas")
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "no pandas", run.stderr[-3000:]
