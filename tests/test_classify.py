@@ -64,12 +64,18 @@ def test_classify_predicts_the_nearest_prototype():
 
 
 def test_batches_do_not_change_the_result(monkeypatch):
+    """On the CPU each image's distances are sums over its own row: the same, bit for bit,
+    in one batch of 1000, in the CPU's batches, and in batches of 7."""
     images, labels, protos = problem(n=1000)
-    whole = classify(images, labels, protos, ["l1", "l2"], "cpu")
-    monkeypatch.setattr(classify_module, "BATCH_IMAGES", 7)
-    batched = classify(images, labels, protos, ["l1", "l2"], "cpu")
-    for metric in whole:
-        np.testing.assert_array_equal(batched[metric], whole[metric])
+    results = []
+    for size in (1000, classify_module.CPU_BATCH_IMAGES, 7):
+        monkeypatch.setattr(classify_module, "CPU_BATCH_IMAGES", size)
+        done = classify_images(images, labels, protos, ["l1", "l2"], "cpu")
+        results.append(({m: d.numpy() for m, d in done.distances.items()}, done.confusions))
+    for distances_, confusions in results[1:]:
+        for metric in ("l1", "l2"):
+            np.testing.assert_array_equal(distances_[metric], results[0][0][metric])
+            np.testing.assert_array_equal(confusions[metric], results[0][1][metric])
 
 
 def test_ties_go_to_the_earlier_class():
