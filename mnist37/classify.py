@@ -20,6 +20,7 @@ import torch
 from mnist37 import Mnist37Error
 from mnist37.chunks import Source, read_chunk
 from mnist37.examples import Example, Sides
+from mnist37.memory import reuse_freed_memory
 from mnist37.prototypes import PIXEL_MAX
 
 # Images per step on a GPU: with DIFFERENCES_AT_ONCE, bounds the working set to ~256 MB
@@ -230,6 +231,7 @@ def classify_chunk(chunk: Source, prototypes: np.ndarray, metrics: Sequence[str]
     checksum (and, when given, `expected_checksum`: the chunk decode reported), and return its
     confusion matrices per metric, the device that computed them, and per metric and true class
     up to `examples` misclassified images closest to and farthest from the boundary."""
+    reuse_freed_memory()
     read = read_chunk(chunk, expected_checksum, verify)
     done = classify_images(read.images, read.class_indices, prototypes, metrics, device)
     found = {}

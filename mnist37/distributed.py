@@ -28,7 +28,8 @@ from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.folder import ClassListing
 from mnist37.formats import ContainerShard
-from mnist37.shards import DecodedShard, Shard, decode_shard, peak_rss_bytes
+from mnist37.memory import peak_rss_bytes
+from mnist37.shards import DecodedShard, Shard, decode_shard
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
 from mnist37.prototypes import PixelSums
 from mnist37.report import output_names
-from mnist37.shards import DecodedShard, peak_rss_bytes
+from mnist37.memory import peak_rss_bytes
+from mnist37.shards import DecodedShard
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ since no listing on the driver knows that.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_
                             verify_chunk, write_chunk)
 from mnist37.decode import Group, decode_groups, decode_objects, files_key, listed_files_key
 from mnist37.folder import ClassFiles, Listing, relative_paths
+from mnist37.memory import peak_rss_bytes, reuse_freed_memory
 from mnist37.formats import ContainerShard, FormatError, read_shard
 from mnist37.objects import ObjectStoreError
 from mnist37.paths import class_folder, is_uri
@@ -183,11 +183,6 @@ def clean_partials(chunk_dir: Path) -> int:
     return sum(partials.clean(folder) for folder in folders)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _reusable(path: str, root: Path | str, shard: Shard, shape: tuple[int, int], groups: list[Group],
               convert: bool, verify: bool = True) -> tuple[dict | None, str]:
     """(the chunk's reuse record, "") if the chunk at `path` is intact and was written from
@@ -235,6 +230,7 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, shape: tuple[i
     whether that stops the job is the caller's policy. The chunk records them too, so a run
     that reuses it reports the same rejections."""
     start = time.perf_counter()
+    reuse_freed_memory()
     root, path = str(root) if is_uri(root) else Path(root), chunk_path(chunk_dir, shard)
     if isinstance(shard, ContainerShard):
         meta, discarded = _decode_container(shard, root, shape, path, chunk_dir, reuse, convert, verify)

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mnist37.chunks import ChunkError, chunk_table, read_chunk, read_chunk_metadata, write_chunk
+from mnist37.chunks import (ChunkError, arrow_array, arrow_strings, arrow_text, chunk_table, numbers, read_chunk,
+                            read_chunk_metadata, valid, write_chunk)
 
 
 def sample_table(n=10, shape=(4, 5)):
@@ -187,3 +188,28 @@ def test_a_chunk_of_an_older_schema_says_so(tmp_path):
     with pytest.raises(ChunkVersionError, match=r"old.arrow: chunk schema version 1, expected 2 "
                                                 r"\(written by another mnist37 version\)"):
         read_chunk(tmp_path / "old.arrow")
+
+
+def test_arrow_conversions_without_pandas_give_what_pyarrow_gives():
+    """The chunk's own conversions (no pandas import) against pa.array / pa.scalar /
+    to_numpy / is_valid, on numbers, bytes with NULs, offsets, nulls and several chunks."""
+    for values in [np.arange(5, dtype=np.int64), np.arange(9, dtype=np.int32)[::2], np.array([1.5, -2.0]),
+                   np.arange(300).astype(np.uint8), np.array([], dtype=np.int16),
+                   np.array([b"a", b"bc\x00", b"", b"x\x00y", b"\xff\xfe"], dtype="S4"), np.array([b"abc"], dtype="S3")]:
+        got = arrow_array(values)
+        got.validate(full=True)
+        assert got.equals(pa.array(values)), values
+    assert arrow_strings(["a/1.png", "", "ü/2.png"]).equals(pa.array(["a/1.png", "", "ü/2.png"], pa.string()))
+    assert arrow_text("train/x.tar:").equals(pa.scalar("train/x.tar:"))
+    columns = [pa.array([1, None, 3, 4], pa.int8()), pa.array([5, 6, 7, 8, 9], pa.int64()).slice(2),
+               pa.array([True, None, False, True, True, False, True, False, True]),
+               pa.array([True, False, None, True, True, False, True, False, True, None, True]).slice(3),
+               pa.array([1, None, 3, 4, None, 6, 7, 8, 9, 10], pa.int32()).slice(1, 7), pa.array([0.5, None])]
+    for column in [*columns, pa.chunked_array([pa.array([1, 2], pa.uint16()), pa.array([None, 5], pa.uint16())])]:
+        whole = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        expected = whole.fill_null(False if pa.types.is_boolean(whole.type) else 0).to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(numbers(column), expected)
+        assert numbers(column).dtype == expected.dtype
+        np.testing.assert_array_equal(valid(column), whole.is_valid().to_numpy(zero_copy_only=False))
+    with pytest.raises(TypeError):
+        numbers(pa.array(["a"]))
