@@ -171,10 +171,11 @@ def converted(data: Path, work: Path, fmt: str, classes: list[str], shard_size: 
 
 def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: list[str],
               cluster: bool = False, formats: list[str] = (), shard_size: int = 8192,
-              unverified: bool = False, seed: bool = True) -> dict:
+              unverified: bool = False, seed: bool = True, shard_cpu_shards: int = 0) -> dict:
     """Alternate seed, cold, warm (and, with `cluster`, cluster-cold and cluster-warm; with
     `formats`, <format>-cold for each; with `unverified`, warm-unverified: the warm run with
-    verify_chunks = false, right after warm) `repeats` times over the ImageFolder at `data`."""
+    verify_chunks = false, right after warm) `repeats` times over the ImageFolder at `data`;
+    then, with `shard_cpu_shards`, `shard_cpu` over the folder and each format."""
     num_images = sum(len(os.listdir(data / split / c)) for split in ("train", "valid") for c in classes)
     variants = (VARIANTS[VARIANTS.index("seed") + (0 if seed else 1):] + (("warm-unverified",) if unverified else ()) + (CLUSTER_VARIANTS if cluster else ())
                 + tuple(f"{f}-cold" for f in formats))
@@ -210,8 +211,36 @@ def benchmark(data: Path, work: Path, repeats: int, classes: list[str], extra: l
             with running_cluster(work / "ray-start.log") as address:
                 addresses.append(address)
                 cold_then_warm("cluster-", address, round_)
+    per_image = shard_cpu({"folder": data, **sources}, work, classes, shard_size, shard_cpu_shards) \
+        if shard_cpu_shards else {}
     return {"data": str(data), "num_images": num_images, "ray_addresses": addresses, "runs": runs,
-            "conversion_s": conversion_s, "summary": summarize(runs, num_images)}
+            "conversion_s": conversion_s, "summary": summarize(runs, num_images), "shard_cpu_us_per_image": per_image}
+
+
+def shard_cpu(sources: dict[str, Path], work: Path, classes: list[str], shard_size: int, shards: int) -> dict:
+    """CPU time of `shards.decode_shard` alone, in this process, per image: `shards` shards of
+    each source (the folder and each format), taking turns, after one shard each to warm up
+    (imports, first allocations). No Ray, no other process: what a decode task itself costs,
+    apart from the machine's noise around whole jobs. {source: median µs an image}."""
+    from mnist37.config import load
+    from mnist37.folder import locate
+    from mnist37.plan import plan
+    from mnist37.shards import decode_shard
+
+    plans = {name: plan(locate(load(data=str(data), classes=classes, shard_size=shard_size,
+                                    chunk_dir=str(work / f"shard-cpu-chunks/{name}"))))
+             for name, data in sources.items()}
+    shutil.rmtree(work / "shard-cpu-chunks", ignore_errors=True)
+    seconds = {name: [] for name in plans}
+    for turn in range(shards + 1):
+        for name, planned in plans.items():
+            shard = planned.shards[turn % len(planned.shards)]
+            clock = time.process_time()
+            done = decode_shard(shard, planned.root, planned.shape, planned.chunk_dir, True, reuse=False)
+            if turn:
+                seconds[name].append((time.process_time() - clock) / max(done.num_files, 1))
+    shutil.rmtree(work / "shard-cpu-chunks", ignore_errors=True)
+    return {name: statistics.median(values) * 1e6 for name, values in seconds.items()}
 
 
 def summarize(runs: dict, num_images: int) -> dict:
@@ -221,7 +250,7 @@ def summarize(runs: dict, num_images: int) -> dict:
 
     seed_wall = median("seed", "wall_s")
     summary = {}
-    for variant in runs:
+    for variant in [v for v in runs if runs[v]]:  # none with --repeats 0 (--shard-cpu alone)
         wall = median(variant, "wall_s")
         summary[variant] = {
             "median_wall_s": wall,
@@ -269,10 +298,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="leave out fastbook's single-process run (minutes at N = 100) when comparing mnist37 runs")
     parser.add_argument("--unverified", action="store_true",
                         help="also run warm with verify_chunks = false: what checking chunks costs")
+    parser.add_argument("--shard-cpu", type=int, default=0, metavar="SHARDS",
+                        help="also time decode_shard alone (CPU per image, no Ray) on this many shards of "
+                             "the folder and of each format, taking turns")
     parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or min(args.copies) < 1:
-        parser.error("--repeats and --copies must be positive")
+    if args.repeats < (0 if args.shard_cpu else 1) or min(args.copies) < 1:
+        parser.error("--copies must be positive, and --repeats too unless --shard-cpu is all that is asked for")
     return args
 
 
@@ -287,10 +319,15 @@ def main(args: argparse.Namespace) -> dict:
         log.info("N=%d: %s", copies, made)
         scale = benchmark(data, args.work / f"x{copies}", args.repeats, args.classes, args.evaluate_args,
                           cluster=args.cluster, formats=args.formats, shard_size=args.shard_size,
-                          unverified=args.unverified, seed=args.seed)
+                          unverified=args.unverified, seed=args.seed, shard_cpu_shards=args.shard_cpu)
         scale["copies"] = copies
         report["scales"][str(copies)] = scale
         print(f"\nN = {copies}: " + format_summary(scale["num_images"], scale["summary"]), flush=True)
+        if scale["shard_cpu_us_per_image"]:
+            folder_us = scale["shard_cpu_us_per_image"]["folder"]
+            print("decode_shard alone, CPU per image (one process, no Ray): " + "; ".join(
+                f"{name} {us:.2f} µs ({folder_us / us:.2f}x the folder's images/s)"
+                for name, us in scale["shard_cpu_us_per_image"].items()))
         for fmt, seconds in scale["conversion_s"].items():
             print(f"{fmt}: converted from the folder in " + (f"{seconds:.1f} s" if seconds is not None
                                                             else "an earlier run (reused)"))
@@ -302,6 +339,10 @@ def main(args: argparse.Namespace) -> dict:
                   for n, s in report["scales"].items()}
     agree = {n: len({json.dumps(r["correct"]) for rs in s["runs"].values() for r in rs}) == 1
              for n, s in report["scales"].items()}
+    if not args.repeats:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures in {args.json}")
+        return report
     report["checks"] = {
         "prototypes_identical_across_scales_and_runs": len(set().union(*hashes.values())) == 1,
         "accuracies_identical_across_scales_and_runs": len(set().union(*accuracies.values())) == 1,

@@ -20,7 +20,7 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
         [sys.executable, "jobs/benchmark.py", "--data", str(image_folder), "--copies", "2",
          "--repeats", "1", "--work", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json"),
          "--cluster", "--unverified", "--formats", "tar", "parquet", "idx", "--shard-size", "100",
-         "--", "--shard-size", "16"],
+         "--shard-cpu", "2", "--", "--shard-size", "16"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -38,6 +38,9 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
             assert scale["runs"][prefix + "warm"][0]["files_reused"] == scale["num_images"]
         assert scale["runs"]["warm-unverified"][0]["files_reused"] == scale["num_images"]
         assert set(scale["conversion_s"]) == {"tar", "parquet", "idx"}
+        # decode_shard alone, per image, for the folder and each converted format.
+        assert set(scale["shard_cpu_us_per_image"]) == {"folder", "tar", "parquet", "idx"}
+        assert all(0 < us < 10_000 for us in scale["shard_cpu_us_per_image"].values())
         for fmt in ("tar", "parquet", "idx"):
             assert scale["runs"][f"{fmt}-cold"][0]["files_reused"] == 0
         # Connecting to the running head is not starting Ray: a fraction of a local start.
@@ -49,7 +52,8 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     }
     assert sorted(p.name for p in (tmp_path / "bench" / "x2" / "data-tar").glob("*.tar")) == \
         ["train-000000.tar", "train-000001.tar", "train-000002.tar", "valid-000000.tar"]  # 256 + 48 images
-    for line in ("N = 2: 304 images", "x seed", "warm", "cluster-warm", "idx-cold", "tar: converted from the folder in"):
+    for line in ("N = 2: 304 images", "x seed", "warm", "cluster-warm", "idx-cold", "tar: converted from the folder in",
+                 "decode_shard alone, CPU per image (one process, no Ray): folder "):
         assert line in run.stdout
     # Each scale's head is gone with it: nothing listens on its GCS port any more, and it
     # left no "current cluster" behind for a later ray.init() to join.
