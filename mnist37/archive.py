@@ -57,6 +57,11 @@ def _archive_stem(path: Path) -> str:
     return name
 
 
+# tarfile's "data" filter (Python 3.11.4 and later) on top of check_member; Python 3.11.0-3.11.3
+# (Debian 12's python3 is 3.11.2) has no `filter` argument, and check_member alone decides.
+_DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
 def check_member(archive: Path, member: tarfile.TarInfo) -> None:
     """Refuse a member that is not a plain file or folder, or would land outside the target."""
     parts = PurePosixPath(member.name).parts
@@ -96,7 +101,7 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
                     # A failed write into the cache (full, read-only) has an errno; a damaged
                     # archive raises TarError, EOFError, zlib.error or an OSError without one.
                     with writing("cache", cache, where):
-                        tar.extractall(staging, members=members, filter="data")
+                        tar.extractall(staging, members=members, **_DATA_FILTER)
             except StorageError:
                 raise
             except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
