@@ -333,16 +333,16 @@ def main(args: argparse.Namespace) -> dict:
                                                             else "an earlier run (reused)"))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.repeats:  # --shard-cpu alone: no runs to check
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures in {args.json}")
+        return report
     hashes = {n: {r["prototypes_sha256"] for v, rs in s["runs"].items() if v != "seed" for r in rs}
               for n, s in report["scales"].items()}
     accuracies = {n: {json.dumps(r["metrics"]) for v, rs in s["runs"].items() if v != "seed" for r in rs}
                   for n, s in report["scales"].items()}
     agree = {n: len({json.dumps(r["correct"]) for rs in s["runs"].values() for r in rs}) == 1
              for n, s in report["scales"].items()}
-    if not args.repeats:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"figures in {args.json}")
-        return report
     report["checks"] = {
         "prototypes_identical_across_scales_and_runs": len(set().union(*hashes.values())) == 1,
         "accuracies_identical_across_scales_and_runs": len(set().union(*accuracies.values())) == 1,

@@ -27,24 +27,21 @@ def pixel_sums(images: np.ndarray, class_indices: np.ndarray, num_classes: int) 
     class_indices = np.asarray(class_indices)
     sums = np.zeros((num_classes, *images.shape[1:]), dtype=np.int64)
     counts = np.bincount(class_indices, minlength=num_classes).astype(np.int64)
+    # In class order (a folder's shard), each class is one run of images. Otherwise (a
+    # container's records) the images are visited in class order, a block at a time gathered
+    # into one small buffer that stays in cache, rather than a mask and a copy per class or a
+    # gather of the whole shard into fresh memory.
+    order = None
     if len(class_indices) > 1 and (class_indices[1:] < class_indices[:-1]).any():
-        # Not in class order (a container's records): each class's images are gathered a block
-        # at a time into one small buffer, which stays in cache, rather than a mask and a copy
-        # per class or a gather of the whole shard into fresh memory.
         order = np.argsort(class_indices, kind="stable")
         block = np.empty((min(_UINT16_BLOCK, len(images)), *images.shape[1:]), dtype=images.dtype)
-        ends = np.cumsum(counts)
-        for c in np.flatnonzero(counts):
-            members = order[ends[c] - counts[c]:ends[c]]
-            for start in range(0, len(members), _UINT16_BLOCK):
-                run = members[start:start + _UINT16_BLOCK]
-                sums[c] += np.take(images, run, axis=0, out=block[:len(run)]).sum(axis=0, dtype=np.uint16)
-        return sums, counts
     ends = np.cumsum(counts)
     for c in np.flatnonzero(counts):
-        members = images[ends[c] - counts[c]:ends[c]]
-        for start in range(0, len(members), _UINT16_BLOCK):
-            sums[c] += members[start:start + _UINT16_BLOCK].sum(axis=0, dtype=np.uint16)
+        for start in range(ends[c] - counts[c], ends[c], _UINT16_BLOCK):
+            stop = min(start + _UINT16_BLOCK, ends[c])
+            run = images[start:stop] if order is None else np.take(images, order[start:stop], axis=0,
+                                                                   out=block[:stop - start])
+            sums[c] += run.sum(axis=0, dtype=np.uint16)
     return sums, counts
 
 
