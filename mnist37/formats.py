@@ -61,7 +61,7 @@ import xxhash
 
 from mnist37 import Mnist37Error
 from mnist37.chunks import arrow_array, arrow_text, numbers, valid
-from mnist37.decode import DecodeError, decode_png, decode_pngs, decode_settings
+from mnist37.decode import Blobs, DecodeError, decode_png, decode_pngs, decode_settings
 from mnist37.objects import ObjectStoreError, retrying
 from mnist37.paths import is_uri, open_location, under
 
@@ -420,21 +420,26 @@ def _row_groups(root: Root, source: str, image_column: str, label_column: str) -
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> list[bytes | None]:
-    """Encoded image bytes per row: a struct's `bytes` field, or the binary column itself."""
+def _image_bytes(column: pa.ChunkedArray | pa.Array, source: str) -> Blobs:
+    """Encoded image bytes per row, a struct's `bytes` field or the binary column itself, as
+    the column's own buffers (missing where the row or its bytes are null)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    present = valid(column)
     if pa.types.is_struct(column.type):
-        if column.type.get_field_index("bytes") < 0:
+        index = column.type.get_field_index("bytes")
+        if index < 0:
             raise FormatError(f"{source}: image column is a struct without a 'bytes' field ({column.type})")
-        nulls = column.is_null()
-        import pyarrow.compute as pc
-
-        column = pc.if_else(nulls, pa.scalar(None, column.type.field("bytes").type),
-                                    column.field("bytes")) if column.null_count else column.field("bytes")
+        column = column.field(index)  # the child as the struct's rows see it (its offset applied)
+        present &= valid(column)
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise FormatError(f"{source}: image column holds {column.type}, expected encoded image bytes")
-    return column.to_pylist()
+    width = 8 if pa.types.is_large_binary(column.type) else 4
+    _, offsets, data = column.buffers()
+    bounds = (np.frombuffer(offsets, dtype=f"<i{width}", count=len(column) + 1, offset=width * column.offset)
+              .astype(np.int64) if len(column) else np.zeros(1, dtype=np.int64))
+    lengths = np.where(present, np.diff(bounds), -1)
+    return Blobs(data if data is not None else b"", bounds[:-1], lengths)
 
 
 def _parquet_records(shard: ContainerShard, root: Root, limit: int | None = None) -> Records:
@@ -449,9 +454,10 @@ def _parquet_records(shard: ContainerShard, root: Root, limit: int | None = None
         table = parquet.read_row_groups(range(shard.start, stop), columns=[shard.image_column, shard.label_column])
     data = _image_bytes(table.column(shard.image_column), shard.source)
     labels, has_label = _label_values(table.column(shard.label_column))
-    problems = {i: "row without image bytes" for i, d in enumerate(data) if not d}
-    for i in problems:
-        data[i] = None
+    empty = np.flatnonzero(data.lengths <= 0).tolist()  # null, or no bytes
+    problems = dict.fromkeys(empty, "row without image bytes")
+    if empty:
+        data = data.without(empty)
     return Records(shard.source, np.arange(first_row, first_row + len(data), dtype=np.int64), labels, has_label, data,
                    problems)
 
@@ -698,7 +704,7 @@ def _webdataset_records(shard: ContainerShard, root: Root, limit: int | None = N
         problems.setdefault(i, "no .cls member")
     for i in problems:
         data[i] = None
-    return Records(shard.source, record_keys, labels, has_label, data, problems)
+    return Records(shard.source, record_keys, labels, has_label, Blobs.of(data), problems)
 
 
 def _labels(texts: list[bytes | None], problems: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -850,7 +856,7 @@ class Records:
     keys: np.ndarray  # int64 [N] Parquet rows, or 'S' [N] tar keys: record_path(source, key)
     labels: np.ndarray  # int64 [N]: the label value as stored; meaningless where not has_label
     has_label: np.ndarray  # bool [N]: False where the label is missing or cannot be read
-    data: list[bytes | None]  # [N] encoded images; None where the record has none (or a problem)
+    data: Blobs  # [N] encoded images; missing where the record has none (or a problem)
     problems: dict[int, str]  # record index -> why it cannot be used before decoding
 
     def __len__(self) -> int:
@@ -957,23 +963,17 @@ def read_shard(shard: ContainerShard, root: Root, shape: tuple[int, int], conver
     for i in np.flatnonzero(selected == classes).tolist():
         problems.setdefault(i, label_problem(int(records.labels[i]) if records.has_label[i] else None, shard.declared))
     todo = counted[~np.isin(counted, list(problems))] if problems else counted
-    images, kept, reasons = decode_pngs(_pick(records.data, todo), lambda j: records.path(todo[j]), shape, convert)
+    images, kept, reasons = decode_pngs(records.data.take(todo), lambda j: records.path(todo[j]), shape, convert)
     problems.update((int(todo[j]), reason) for j, reason in reasons.items())
     used, refused = todo[kept], np.array(sorted(problems), dtype=np.int64)
-    hashed = counted[np.array([d is not None for d in records.data], dtype=bool)[counted]]  # counted, with bytes
-    data = _pick(records.data, hashed)
+    hashed = counted[records.data.present[counted]]  # counted, with bytes
+    data = records.data.take(hashed)
     return ContainerDecoded(
         images, selected[used].astype(np.int32), records.paths(used),
         [(records.path(i), problems[i]) for i in refused.tolist()],
         np.bincount(selected[counted], minlength=classes + 1).astype(np.int64),
         np.bincount(selected[refused], minlength=classes + 1).astype(np.int64), len(records) - len(counted),
-        _digest(shard, records.key_bytes(hashed), np.fromiter(map(len, data), dtype="<i8", count=len(data)).tobytes(),
-                b"".join(data)))
-
-
-def _pick(items: list, index: np.ndarray) -> list:
-    """items[index] of a list (the list itself when index takes them all, in order)."""
-    return items if len(index) == len(items) else [items[i] for i in index.tolist()]
+        _digest(shard, records.key_bytes(hashed), data.lengths.astype("<i8").tobytes(), data.joined()))
 
 
 def label_problem(label: int | None, declared: int) -> str:

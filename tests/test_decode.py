@@ -254,6 +254,16 @@ def test_plain_pngs_are_decoded_in_bulk_and_every_other_png_as_before():
     plain, bulk = decode.plain_pngs(data, (6, 7))
     assert [names[i] for i in plain] == ["plain", "plain, another image"]
     np.testing.assert_array_equal(bulk, np.stack([rows, other]))
+    # The same PNGs as views of one buffer, scattered among other bytes (as in a mapped tar):
+    # the same ones decode, to the same pixels.
+    scattered, starts = bytearray(b"\xff" * 100), []
+    for png in data:
+        starts.append(len(scattered))
+        scattered += png + b"\x89PNG" * 30
+    blobs = decode.Blobs(bytes(scattered), np.array(starts), np.array([len(d) for d in data]))
+    plain_views, bulk_views = decode.plain_pngs(blobs, (6, 7))
+    assert plain_views.tolist() == plain.tolist()
+    np.testing.assert_array_equal(bulk_views, bulk)
     # Every PNG gets what decode_png, the one-at-a-time judge (libspng, then Pillow), gives it.
     images, kept, reasons = decode.decode_pngs(data, names.__getitem__, (6, 7))
     expected, refused = [], {}
@@ -266,6 +276,28 @@ def test_plain_pngs_are_decoded_in_bulk_and_every_other_png_as_before():
     assert {names[i]: r for i, r in reasons.items()} == refused
     assert set(refused) >= {"not a zlib stream", "too few pixels", "another size"}
     assert kept.tolist() == [n not in refused for n in names]
+    from_views = decode.decode_pngs(blobs, names.__getitem__, (6, 7))
+    np.testing.assert_array_equal(from_views[0], images)
+    assert from_views[1].tolist() == kept.tolist() and from_views[2] == reasons
+
+
+def test_blobs_are_the_items_they_were_made_from():
+    """Blobs: items and missing items (None) as views of one buffer; taking (a negative index
+    gives a missing item), dropping, and joining give what the same list operations give."""
+    items = [b"ab", None, b"", b"cde", None, b"f"]
+    blobs = decode.Blobs.of(items)
+    assert len(blobs) == 6 and list(blobs) == items and blobs[3] == b"cde" and blobs[1] is None
+    assert blobs.present.tolist() == [i is not None for i in items]
+    assert bytes(blobs.joined()) == b"abcdef"
+    index = np.array([5, -1, 0, 3, 3])
+    assert list(blobs.take(index)) == [b"f", None, b"ab", b"cde", b"cde"]
+    assert blobs.take(np.arange(6)) is blobs
+    assert list(blobs.without([0, 5])) == [None, None, b"", b"cde", None, None]
+    assert list(blobs) == items  # unchanged
+    # Items out of order in their buffer, or with bytes between them, are joined in item order.
+    scattered = decode.Blobs(b"xxCDEyyAB", np.array([7, 2]), np.array([2, 3]))
+    assert bytes(scattered.joined()) == b"ABCDE"
+    assert bytes(decode.Blobs.of([]).joined()) == b"" and list(decode.Blobs.of([None]).take(np.array([-1]))) == [None]
 
 
 def test_folder_decode_reports_unreadable_and_undecodable_files_in_file_order(tmp_path):

@@ -247,17 +247,46 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
                     tar.addfile(link)
         with tarfile.open(path) as tar:
             expected = [(m.name.encode(), tar.extractfile(m).read()) for m in tar if m.isreg()]
-        with open(path, "rb") as f:
-            found = _tar_members(f, "mixed.tar")
-        assert found.error is None
-        assert list(zip(found.names.tolist(), found.data)) == expected
-        # Cut inside the last member's contents: every member before it, and the cut named.
         whole = path.read_bytes()
-        path.write_bytes(whole[:whole.rindex(b"002999.cls") + 512 + 1])
+        # From a file, and from a stream that is not one (an object's, here in memory).
+        for opened in (lambda: open(path, "rb"), lambda: io.BufferedReader(io.BytesIO(path.read_bytes()))):
+            path.write_bytes(whole)
+            with opened() as f:
+                found = _tar_members(f, "mixed.tar")
+            assert found.error is None
+            assert list(zip(found.names.tolist(), found.data)) == expected
+            # Cut inside the last member's contents: every member before it, and the cut named.
+            path.write_bytes(whole[:whole.rindex(b"002999.cls") + 512 + 1])
+            with opened() as f:
+                found = _tar_members(f, "mixed.tar")
+            assert isinstance(found.error, TarCutShort) and found.error.member == b"002999.cls"
+            assert list(zip(found.names.tolist(), found.data)) == expected[:-1]
+        # Without the end-of-archive blocks, the members are all there too.
+        path.write_bytes(whole)
+        with tarfile.open(path) as tar:
+            last = tar.getmembers()[-1]
+        path.write_bytes(whole[:last.offset_data + (last.size + 511) // 512 * 512])
         with open(path, "rb") as f:
             found = _tar_members(f, "mixed.tar")
-        assert isinstance(found.error, TarCutShort) and found.error.member == b"002999.cls"
-        assert list(zip(found.names.tolist(), found.data)) == expected[:-1]
+        assert found.error is None and list(zip(found.names.tolist(), found.data)) == expected
+
+
+def test_parquet_image_bytes_are_the_columns_own_buffers():
+    """The image column's bytes, read from its Arrow buffers (offsets and data), equal
+    to_pylist's, for a struct or binary column, sliced, in chunks, with null rows and null bytes."""
+    import pyarrow as pa
+
+    from mnist37.formats import _image_bytes
+
+    rows = [{"bytes": b"aa", "path": "x"}, None, {"bytes": None, "path": "y"}, {"bytes": b"bbb", "path": "z"},
+            {"bytes": b"", "path": "w"}, {"bytes": b"c" * 300, "path": "v"}]
+    struct_column = pa.array(rows)
+    columns = [struct_column, struct_column.slice(1), struct_column.slice(2, 3),
+               pa.chunked_array([struct_column.slice(0, 2), struct_column.slice(3)]),
+               pa.array([b"x", None, b"yz"], pa.large_binary()).slice(1), pa.array([b"p", b"", None], pa.binary())]
+    for column in columns:
+        expected = [r["bytes"] if isinstance(r, dict) else r for r in column.to_pylist()]
+        assert list(_image_bytes(column, "s.parquet")) == expected
 
 
 def test_member_names_split_into_keys_as_webdataset_does():
