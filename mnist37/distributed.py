@@ -135,11 +135,24 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
                            "or pass --ray-address local for a Ray of the job's own") from None
 
 
+# How long a failed map waits for its other tasks to end before it raises (see _raise_cause).
+SETTLE_S = 60.0
+
+
 def _raise_cause(error: ray.exceptions.RayTaskError, pending: Sequence) -> NoReturn:
-    """Cancel the tasks still `pending`, then raise a task's mnist37 error as itself (one clear
-    line, not a remote traceback), anything else as Ray raised it."""
-    for ref in pending:
-        ray.cancel(ref)
+    """Let the tasks still `pending` (refs, or streaming generators) end, for up to SETTLE_S,
+    then raise a task's mnist37 error as itself (one clear line, not a remote traceback),
+    anything else as Ray raised it.
+
+    They are not cancelled: cancelling a task whose reply is already on its way aborts Ray
+    2.60's core worker, the driver's included (task_manager.cc "Check failed ... Tried to
+    complete task that was not pending"; seen with a full chunk store, where the tasks fail
+    together). A task that runs to its end leaves its chunk whole or not at all, and at most
+    `max_in_flight` tasks are pending, each one shard's work. Any still running after SETTLE_S
+    end with the job's Ray or with the driver."""
+    ends = [p.completed() if hasattr(p, "completed") else p for p in pending]
+    if ends:
+        ray.wait(ends, num_returns=len(ends), timeout=SETTLE_S, fetch_local=False)
     if isinstance(error.cause, Mnist37Error):
         raise error.cause from None
     raise error
@@ -149,10 +162,10 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
                 received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
     `received(ref, result)` as tasks finish. A task that fails with an mnist37 error
-    re-raises that error (one clear line, not a remote traceback) after cancelling the tasks
-    still pending. An interrupt leaves them to `ray.shutdown()` (the job's own Ray) or to
-    the driver's exit (a cluster's tasks die with their owner): cancelling a task whose reply
-    is on its way crashed Ray 2.60's core worker (task_manager.cc "Check failed")."""
+    re-raises that error (one clear line, not a remote traceback) once the tasks still
+    pending have ended (`_raise_cause`). An interrupt leaves them to `ray.shutdown()` (the
+    job's own Ray) or to the driver's exit (a cluster's tasks die with their owner); neither
+    path cancels a task (see `_raise_cause`)."""
     pending: list[ray.ObjectRef] = []
 
     def next_result():

@@ -111,7 +111,9 @@ def test_the_issues_case_inverted_bytes_in_an_mnist_sample_chunk(mnist_sample_tg
 def test_a_full_chunk_store_is_one_line_and_the_next_run_reuses_what_was_written(undisturbed, tmp_path):
     data, _, reference = undisturbed
     with tmpfs(tmp_path / "store", "256k") as store:
-        filler = fill(store, leave_bytes=6 * 4096)  # a few of the 7 chunks (2 pages each) fit
+        # Room for the 4 folder listings (a page each) and 3 of the 7 chunks (2 pages each): with
+        # two tasks writing at once, at least two chunks fit before a write finds no space.
+        filler = fill(store, leave_bytes=10 * 4096)
         argv = ("--data", str(data), "--chunk-dir", str(store / "chunks"), *SHARD)
         run = run_job(*argv, "--out", str(tmp_path / "out"))
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
