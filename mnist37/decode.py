@@ -181,7 +181,8 @@ class Blobs:
     def of(cls, items: Sequence[bytes | None]) -> Blobs:
         """The items (None for a missing one) packed into one buffer, in order."""
         lengths = np.fromiter((-1 if b is None else len(b) for b in items), dtype=np.int64, count=len(items))
-        starts = np.cumsum(np.maximum(lengths, 0)) - np.maximum(lengths, 0)
+        sizes = np.maximum(lengths, 0)
+        starts = np.cumsum(sizes) - sizes
         return cls(b"".join(b for b in items if b is not None), starts, lengths)
 
     def __len__(self) -> int:
@@ -225,7 +226,7 @@ class Blobs:
         if not len(starts):
             return b""
         view = memoryview(self.buffer).cast("B")
-        if starts[0] + lengths.sum() == starts[-1] + lengths[-1] and (starts[1:] == (starts + lengths)[:-1]).all():
+        if (starts[1:] == (starts + lengths)[:-1]).all():  # back to back
             return view[int(starts[0]):int(starts[-1] + lengths[-1])]
         return b"".join(view[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist()))
 

@@ -150,7 +150,7 @@ def _raise_cause(error: ray.exceptions.RayTaskError, pending: Sequence) -> NoRet
     together). A task that runs to its end leaves its chunk whole or not at all, and at most
     `max_in_flight` tasks are pending, each one shard's work. Any still running after SETTLE_S
     end with the job's Ray or with the driver."""
-    ends = [p.completed() if hasattr(p, "completed") else p for p in pending]
+    ends = [p.completed() if isinstance(p, ray.ObjectRefGenerator) else p for p in pending]
     if ends:
         ray.wait(ends, num_returns=len(ends), timeout=SETTLE_S, fetch_local=False)
     if isinstance(error.cause, Mnist37Error):
