@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mnist37 import Mnist37Error
-from mnist37.folder import find_root
+from mnist37 import Mnist37Error, sources
+from mnist37.locate import find_root
 from mnist37.replicate import replicate
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ def _module_env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep}{path}" if path else str(PACKAGE_PARENT)}
 VARIANTS = ("seed", "cold", "warm")
 CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
-# Container formats the benchmark converts the scaled folder to: variant prefix -> converter target.
-FORMATS = {"tar": "webdataset", "parquet": "parquet", "idx": "idx"}
+# Container formats the benchmark converts the scaled folder to: variant prefix -> converter
+# target, from the sources table.
+FORMATS = {f.short: name for name, f in sources.FORMATS.items() if name in sources.TARGETS}
 
 
 def fresh_process(argv: list[str]) -> list[str]:
@@ -223,7 +225,7 @@ def shard_cpu(sources: dict[str, Path], work: Path, classes: list[str], shard_si
     (imports, first allocations). No Ray, no other process: what a decode task itself costs,
     apart from the machine's noise around whole jobs. {source: median µs an image}."""
     from mnist37.config import load
-    from mnist37.folder import locate
+    from mnist37.locate import locate
     from mnist37.plan import plan
     from mnist37.shards import decode_shard
 
@@ -236,7 +238,7 @@ def shard_cpu(sources: dict[str, Path], work: Path, classes: list[str], shard_si
         for name, planned in plans.items():
             shard = planned.shards[turn % len(planned.shards)]
             clock = time.process_time()
-            done = decode_shard(shard, planned.root, planned.shape, planned.chunk_dir, True, reuse=False)
+            done = decode_shard(shard, planned.root, planned.chunk_dir, dataclasses.replace(planned.decoding, reuse=False), True)
             if turn:
                 seconds[name].append((time.process_time() - clock) / max(done.num_files, 1))
     shutil.rmtree(work / "shard-cpu-chunks", ignore_errors=True)

@@ -17,14 +17,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist37 import Mnist37Error
+from mnist37 import Mnist37Error, sources
 
 METRICS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_FILE = ("error", "skip")
 CHUNK_TRANSPORTS = ("auto", "filesystem", "object_store")
 NON_GRAYSCALE = ("reject", "convert")
-FORMATS = ("auto", "folder", "parquet", "webdataset", "idx")
+FORMATS = ("auto", *sources.FORMATS)
 
 
 class ConfigError(Mnist37Error, ValueError):

@@ -23,13 +23,13 @@ import pyarrow as pa
 import ray
 
 from mnist37 import Mnist37Error
-from mnist37.archive import ArchiveObject
 from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
-from mnist37.folder import ClassListing
-from mnist37.formats import ContainerShard
 from mnist37.memory import peak_rss_bytes
-from mnist37.shards import DecodedShard, Shard, decode_shard
+from mnist37.shards import DecodedShard, decode_shard
+from mnist37.sources.archive import ArchiveObject
+from mnist37.sources.base import ContainerShard, Decoding
+from mnist37.sources.folder import ClassListing, Shard
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,13 @@ log = logging.getLogger(__name__)
 _RETRIES = dict(max_retries=3, retry_exceptions=False)
 
 
-def _decode(shard: Shard | ContainerShard, root: str, shape: tuple[int, int], chunk_dir: str, with_sums: bool,
-            reuse: bool, convert: bool, verify: bool, archive: ArchiveObject | None = None) -> DecodedShard:
+def _decode(shard: Shard | ContainerShard, root: str, chunk_dir: str, decoding: Decoding, with_sums: bool,
+            archive: ArchiveObject | None = None) -> DecodedShard:
     if archive is not None:  # the root is its extraction, which this node may not have made yet
         archive.here()
     if isinstance(shard, Shard):  # its file names are in the listing, in the object store
         shard = shard.resolved(ray.get)
-    result = decode_shard(shard, root, shape, chunk_dir, with_sums, reuse, convert, verify)
+    result = decode_shard(shard, root, chunk_dir, decoding, with_sums)
     context = ray.get_runtime_context()
     result.node_id, result.pid = context.get_node_id(), os.getpid()
     result.gpu_ids = list(context.get_accelerator_ids().get("GPU", []))
@@ -200,7 +200,7 @@ def _listed_in_blocks(function: Callable, block_size: int, *arguments):
 def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
     """`function(*a)` for each argument tuple, a function that returns (ClassListing,
     ClassFiles): each call a Ray task, all at once, with a progress line as they finish. How
-    the job lists class folders and prefixes (mnist37.folder.FolderMap), on whichever nodes
+    the job lists class folders and prefixes (mnist37.sources.folder.FolderMap), on whichever nodes
     have a free CPU. Only the summaries come to the driver; the files stay in Ray's object
     store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
     with its node is listed again by Ray (lineage), as a lost task's result is recomputed."""
@@ -227,9 +227,9 @@ def default_max_in_flight() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], chunk_dir: str,
-                  train_split: str, reuse: bool, convert: bool, ship_split: str | None,
-                  max_in_flight: int, verify: bool = True, archive: ArchiveObject | None = None) -> Iterator[DecodedShard]:
+def decode_shards(shards: Iterable[Shard], root: Path, chunk_dir: str, decoding: Decoding, train_split: str,
+                  ship_split: str | None, max_in_flight: int,
+                  archive: ArchiveObject | None = None) -> Iterator[DecodedShard]:
     """Decode every shard as a Ray task; pixel sums come back for `train_split` shards only.
 
     Shards of `ship_split` (the evaluation split, when chunks travel through the object
@@ -237,7 +237,7 @@ def decode_shards(shards: Iterable[Shard], root: Path, shape: tuple[int, int], c
     shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
 
     def submit(shard: Shard) -> ray.ObjectRef:
-        args = (shard, str(root), shape, str(chunk_dir), shard.split == train_split, reuse, convert, verify, archive)
+        args = (shard, str(root), str(chunk_dir), decoding, shard.split == train_split, archive)
         if shard.split != ship_split:
             return _decode_task.remote(*args)
         record, chunk = _decode_and_ship_task.remote(*args)

@@ -1,6 +1,6 @@
 """The evaluation job's stages, in the order they run:
 
-    locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.folder)
+    locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.locate)
     plan     (Ray)     the sorted listing of both splits, the image shape, the shards (mnist37.plan)
     decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
     check_files        found = used + rejected per split and class; the bad-file policy
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mnist37 import Mnist37Error, __version__, distributed
+from mnist37 import DatasetError, Mnist37Error, __version__, distributed
 from mnist37.config import Config
-from mnist37.decode import BadFilesError, combine_digests
+from mnist37.png import BadFilesError
+from mnist37.sources.keys import combine_digests
 from mnist37.distributed import ClassifiedChunk
 from mnist37.examples import BoundaryExamples
-from mnist37.folder import DatasetError
 from mnist37.accuracy import accuracy_report
 from mnist37.paths import is_uri
 from mnist37.plan import Plan
@@ -76,9 +76,8 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
     status.stage, status.shards_total = "decode", len(planned.shards)
     progress = Progress("decode", len(planned.shards), " shards")
     for done in distributed.decode_shards(
-            planned.shards, planned.root, planned.shape, planned.chunk_dir, cfg.train_split, cfg.reuse_chunks,
-            cfg.non_grayscale == "convert", cfg.eval_split if transport == "object_store" else None, max_in_flight,
-            cfg.verify_chunks, planned.archive):
+            planned.shards, planned.root, planned.chunk_dir, planned.decoding, cfg.train_split,
+            cfg.eval_split if transport == "object_store" else None, max_in_flight, planned.archive):
         status.shards_decoded += 1
         progress.update()
         counts[done.split] += done.counts

@@ -32,16 +32,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mnist37 import decode
+from mnist37 import png
 from mnist37.chunks import read_chunk
 from mnist37.classify import PIXEL_VALUES, classify_images, resolve_device
 from mnist37.config import Config
-from mnist37.decode import BadFilesError
-from mnist37.folder import locate
+from mnist37.png import BadFilesError
+from mnist37.locate import locate
 from mnist37.accuracy import accuracy_report
 from mnist37.plan import plan
 from mnist37.prototypes import PixelSums
 from mnist37.shards import decode_shard
+from mnist37.sources.keys import combine_digests
 
 # float32's and float64's unit roundoff.
 UNIT_ROUNDOFF = {np.float32: 2.0 ** -24, np.float64: 2.0 ** -53}
@@ -169,13 +170,11 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
         raise RuntimeError("decode_set forks its workers: call it before CUDA is initialized")
     planned = plan(locate(cfg))
     cfg = planned.cfg  # with the data set's splits and classes filled in
-    convert = cfg.non_grayscale == "convert"
     clock = time.perf_counter()
     workers = max(1, min(workers, len(planned.shards)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(decode_shard, shard, planned.root, planned.shape, planned.chunk_dir,
-                               shard.split == cfg.train_split, cfg.reuse_chunks, convert)
-                   for shard in planned.shards]
+        futures = [pool.submit(decode_shard, shard, planned.root, planned.chunk_dir, planned.decoding,
+                               shard.split == cfg.train_split) for shard in planned.shards]
         decoded = [f.result() for f in futures]
     rejected = sorted(r for d in decoded for r in d.rejected)
     if rejected:
@@ -188,7 +187,7 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
     prototypes = sums.prototypes(planned.classes, cfg.train_split)
     chunks = [d.chunk_path for d in sorted(decoded, key=lambda d: d.index)
               if d.split == cfg.eval_split and d.num_images]
-    fingerprint = f"{decode.combine_digests(*(d.digest for d in decoded)):032x}"
+    fingerprint = f"{combine_digests(*(d.digest for d in decoded)):032x}"
     return DecodedSet(name, cfg, fingerprint, planned.classes, prototypes,
                       {split: int(c.sum()) for split, c in counts.items()}, chunks, len(decoded), workers,
                       planned.scan_s, time.perf_counter() - clock)
@@ -404,7 +403,7 @@ def format_timings(timings: list[Timing], image_bytes: int) -> str:
 
 
 def decoder_name() -> str:
-    return "libspng (pyspng) for 8-bit grayscale, else Pillow" if decode.pyspng else "Pillow (no pyspng)"
+    return "libspng (pyspng) for 8-bit grayscale, else Pillow" if png.pyspng else "Pillow (no pyspng)"
 
 
 def temporary_chunk_dir() -> tempfile.TemporaryDirectory:

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(cfg: Config, status: Status | None = None) -> dict:
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
     the input, the storage or the cluster."""
-    from mnist37.folder import locate
+    from mnist37.locate import locate
 
     status = status or Status()
     clock = time.perf_counter()

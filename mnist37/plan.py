@@ -15,13 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist37.archive import ArchiveObject, on_node
 from mnist37.config import Config
-from mnist37.decode import image_shape
-from mnist37.folder import FolderMap, Listing, Located, Root, list_splits
-from mnist37.formats import ContainerShard, plan_containers
+from mnist37.locate import Located
 from mnist37.paths import cache_home, is_uri
-from mnist37.shards import Shard, clean_partials, make_shards
+from mnist37.shards import clean_partials
+from mnist37.sources import plan_containers
+from mnist37.sources.archive import ArchiveObject, on_node
+from mnist37.sources.base import ContainerShard, Decoding
+from mnist37.sources.files import Root
+from mnist37.sources.folder import FolderMap, Listing, Shard, image_shape, list_splits, make_shards
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,14 @@ class Plan:
     shards: list[Shard] | list[ContainerShard]
     chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
-    format: str = "folder"  # or a container format (mnist37.formats)
+    format: str = "folder"  # a name in mnist37.sources.FORMATS
     archive: ArchiveObject | None = None  # extracted on each node before a task reads the root there
+
+    @property
+    def decoding(self) -> Decoding:
+        """How every shard of this run is decoded."""
+        return Decoding(self.shape, self.cfg.non_grayscale == "convert", self.cfg.reuse_chunks,
+                        self.cfg.verify_chunks)
 
 
 def default_chunk_dir(cfg: Config, root: Root) -> Path:

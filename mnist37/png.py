@@ -1,29 +1,25 @@
-"""PNG decode: files to `uint8 [N, H, W]` arrays, with what is needed to trust them later.
+"""The PNG codec: encoded bytes to `uint8 [N, H, W]` arrays. No I/O: the sources read the
+bytes (mnist37.sources), this module only judges and decodes them.
 
-Pillow is the general decoder. libspng (through `pyspng`, when installed) takes the common
-case, an 8-bit grayscale PNG, where it is ~6x faster (4.6 µs against 29 µs per MNIST image
-here) with identical pixels; anything else, and anything it fails on, goes to Pillow, whose
-judgement is the one reported.
+Pillow is the general decoder. Plain PNGs (8-bit grayscale, one IDAT, unfiltered rows: all of
+MNIST) are checked with NumPy and inflated in bulk (`plain_pngs`); other 8-bit grayscale PNGs
+go to libspng (through `pyspng`, when installed), which gives identical pixels several times
+faster than Pillow; anything else, and anything libspng fails on, goes to Pillow, whose
+judgement is the one reported. docs/figures.md has the per-image costs and the commands that
+measure them.
 
-A bad file is a `DecodeError(path, reason)`; `decode_groups` collects them instead of
-stopping, so a job can report every bad file at once or leave them out (`on_bad_file`).
-
-Files are read with `os.open`/`os.read` relative to an open folder descriptor: the per-file
-cost of a 250-byte MNIST PNG is then ~4 µs to read plus ~5 µs to decode.
+A bad image is a `DecodeError(path, reason)`; `decode_pngs` collects them instead of stopping,
+so a job can report every bad file at once or leave them out (`on_bad_file`).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import itertools
-import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,7 +35,7 @@ except ImportError:  # the fast path is optional; Pillow decodes everything
 _spng = getattr(pyspng, "_pyspng_c", None)
 _spng_decode, _SPNG_AUTO = (_spng.spng_decode_image_bytes, _spng.SPNG_FMT_AUTO) if _spng else (None, None)
 
-try:  # zlib-ng inflates an MNIST PNG's pixels in 1.3 µs against zlib's 2.2 (decode_pngs)
+try:  # zlib-ng inflates faster than the standard library's zlib (docs/figures.md)
     from zlib_ng.zlib_ng import decompress as _inflate, error as _InflateError
 except ImportError:  # the same bytes out, slower
     from zlib import decompress as _inflate, error as _InflateError
@@ -50,7 +46,6 @@ _IDAT_CRC = zlib.crc32(b"IDAT")  # a chunk's CRC covers its type, then its data
 _BIG_ENDIAN = 256 ** np.arange(3, -1, -1, dtype=np.int64)  # a uint32's 4 bytes, as int64
 # Larger declared sizes are refused from the header, before any pixel is decoded.
 MAX_IMAGE_PIXELS = 1 << 24
-_READ_BYTES = 1 << 16
 _MODES = {"RGB": "RGB", "RGBA": "RGBA", "P": "palette", "PA": "palette with alpha", "LA": "grayscale with alpha",
           "1": "1-bit", "I": "32-bit grayscale", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale"}
 
@@ -59,8 +54,9 @@ class DecodeError(Mnist37Error, ValueError):
     """An image file that cannot be read or is not the expected grayscale size."""
 
     def __init__(self, path: str | bytes, reason: str):
-        super().__init__(os.fsdecode(path), reason)
-        self.path, self.reason = os.fsdecode(path), reason
+        path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path  # as os.fsdecode
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -318,203 +314,3 @@ def _broken_png(data: bytes, detail: str) -> str:
     if b"IEND" not in data[-12:] or "truncated" in detail.lower():
         return "truncated PNG"
     return f"corrupt PNG ({detail})"
-
-
-def read_reason(error: OSError) -> str:
-    """Why a listed file could not be read, in words."""
-    if isinstance(error, FileNotFoundError):
-        return "file disappeared after listing"
-    return f"cannot read file ({error.strerror or error})"
-
-
-def _read(name: bytes | str, dir_fd: int) -> tuple[bytes, os.stat_result]:
-    # O_NONBLOCK: a FIFO named *.png must not hang the task; it is refused below.
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
-    try:
-        stat = os.fstat(fd)
-        if not S_ISREG(stat.st_mode):
-            raise OSError(errno.EINVAL, "Is a directory" if S_ISDIR(stat.st_mode) else "not a regular file")
-        data = os.read(fd, _READ_BYTES)
-        if len(data) == _READ_BYTES:  # a large file: read the rest
-            parts = [data]
-            while part := os.read(fd, _READ_BYTES):
-                parts.append(part)
-            data = b"".join(parts)
-        return data, stat
-    finally:
-        os.close(fd)
-
-
-# A run of files in one folder: (folder relative to the root, '/'-separated; file names).
-Group = tuple[str, Sequence[bytes]]
-
-
-def _open_folder(root: str, folder: str) -> int:
-    try:
-        return os.open(os.path.join(root, folder), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        raise DecodeError(folder + "/", f"cannot open folder ({e.strerror})") from None
-
-
-def read_file(root: str | os.PathLike, path: str) -> bytes:
-    """One file's bytes; an unreadable file raises DecodeError with the reason. A root in an
-    object store (a URI) is read from there (a store that refuses raises ObjectStoreError)."""
-    if "://" in os.fspath(root):
-        from mnist37.objects import read_objects
-        data = read_objects(os.fspath(root), [path])[0]
-        if isinstance(data, OSError):
-            raise DecodeError(path, read_reason(data))
-        return data
-    folder, _, name = path.rpartition("/")
-    dir_fd = _open_folder(os.fspath(root), folder)
-    try:
-        return _read(os.fsencode(name), dir_fd)[0]
-    except OSError as e:
-        raise DecodeError(path, read_reason(e)) from None
-    finally:
-        os.close(dir_fd)
-
-
-def image_shape(root: str | os.PathLike, paths: Sequence[str], convert: bool = False) -> tuple[int, int]:
-    """(H, W) of the first of `paths` that decodes: the shape every other image must have.
-
-    A bad file before it is not judged here; the decode step reports it with the rest."""
-    first_error = None
-    for path in paths:
-        try:
-            return decode_png(read_file(root, path), path, convert=convert).shape
-        except DecodeError as e:
-            first_error = first_error or e
-    if first_error is None:
-        raise ValueError("image_shape: no paths given")
-    raise DecodeError(first_error.path, f"{first_error.reason}; and none of the first {len(paths)} "
-                                        "files decodes, so the image shape is unknown (set image_shape)")
-
-
-@dataclass
-class Decoded:
-    images: np.ndarray  # uint8 [K, H, W]: the K files that decoded, in order
-    kept: np.ndarray  # bool [N]: which of the N files given those are
-    paths: list[str]  # [K] '/'-separated, relative to the root
-    rejected: list[tuple[str, str]]  # (path, reason) of every file left out
-    digest: str  # content digest of every (path, bytes) read; see file_digest
-    files_key: str  # digest of names, sizes and modification times; see files_key
-
-
-def decode_groups(root: str | os.PathLike, groups: Sequence[Group], shape: tuple[int, int],
-                  convert: bool = False) -> Decoded:
-    """Decode every file of `groups` into `uint8 [K, H, W]`, in order.
-
-    A file that cannot be read or decoded, or has another shape, is not an exception: it is
-    left out and listed in `rejected` with its reason; the caller applies the policy. Files
-    are read first and decoded together (`decode_pngs`)."""
-    root = os.fspath(root)
-    paths, datas, stats, rejected, digest = [], [], [], [], 0
-    read = np.zeros(sum(len(names) for _, names in groups), dtype=bool)
-    for folder, names in groups:
-        prefix = os.fsencode(folder) + b"/" if folder else b""
-        dir_fd = _open_folder(root, folder)
-        try:
-            for name in names:
-                path = prefix + name
-                try:
-                    data, stat = _read(name, dir_fd)
-                except OSError as e:
-                    rejected.append((os.fsdecode(path), read_reason(e)))
-                    stats.append((-1, -1))
-                    continue
-                read[len(stats)] = True
-                stats.append((stat.st_size, stat.st_mtime_ns))
-                digest += file_digest(path, data)
-                paths.append(path)
-                datas.append(data)
-        finally:
-            os.close(dir_fd)
-    return _decoded(datas, [os.fsdecode(p) for p in paths], read, rejected, shape, convert, digest,
-                    _key(groups, stats, convert))
-
-
-def _decoded(datas: list[bytes], paths: list[str], read: np.ndarray, rejected: list[tuple[str, str]],
-             shape: tuple[int, int], convert: bool, digest: int, key: str) -> Decoded:
-    """`Decoded` of the files that were `read` (bool [N]), whose bytes are `datas` (named
-    `paths`); `rejected` holds (path, reason) of the others, in order, and gains those that do
-    not decode."""
-    images, decoded, reasons = decode_pngs(datas, paths.__getitem__, shape, convert)
-    kept = np.zeros(len(read), dtype=bool)
-    positions = np.flatnonzero(read)
-    kept[positions[decoded]] = True
-    if reasons:  # merged with the unreadable files, in the files' order
-        unreadable = np.flatnonzero(~read).tolist()
-        order = sorted([*zip(unreadable, rejected), *((int(positions[i]), (paths[i], reason))
-                                                       for i, reason in reasons.items())])
-        rejected = [entry for _, entry in order]
-        paths = [p for p, keep in zip(paths, decoded.tolist()) if keep]
-    return Decoded(images, kept, paths, rejected, f"{digest % (1 << 128):032x}", key)
-
-
-def files_key(root: str | os.PathLike, groups: Sequence[Group], convert: bool = False) -> str:
-    """What `decode_groups` would record as `files_key` for these files now, from `stat` alone.
-
-    Raises an OSError when a folder or file cannot be stat'ed."""
-    root, stats = os.fspath(root), []
-    for folder, names in groups:
-        dir_fd = os.open(os.path.join(root, folder), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for name in names:
-                stat = os.stat(name, dir_fd=dir_fd)
-                stats.append((stat.st_size, stat.st_mtime_ns))
-        finally:
-            os.close(dir_fd)
-    return _key(groups, stats, convert)
-
-
-def _key(groups: Sequence[Group], stats: Sequence[tuple[int, int]], convert: bool) -> str:
-    """BLAKE2b of the decode settings, every folder and file name, and every (size, mtime)."""
-    h = hashlib.blake2b(decode_settings(convert).encode(), digest_size=16)
-    for folder, names in groups:
-        h.update(b"\0" + os.fsencode(folder) + b"\0")
-        h.update(b"\0".join(names))
-    h.update(np.array(stats, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: bytes, data: bytes) -> int:
-    """128-bit BLAKE2b of one file's relative path and bytes."""
-    h = hashlib.blake2b(path, digest_size=16)
-    h.update(b"\0")
-    h.update(data)
-    return int.from_bytes(h.digest(), "little")
-
-
-def combine_digests(*digests: int | str) -> int:
-    """Sum of digests modulo 2**128: a set hash, so a data set's fingerprint is the same
-    however its files are cut into shards and in whatever order shards finish."""
-    return sum(int(d, 16) if isinstance(d, str) else d for d in digests) % (1 << 128)
-
-
-def decode_objects(root: str, groups: Sequence[Group], stamps: np.ndarray, shape: tuple[int, int],
-                   convert: bool = False) -> Decoded:
-    """`decode_groups` for objects under a prefix of an object store (`root`, a URI), read
-    many at once (mnist37.objects.read_objects). `stamps` (int64 [N, 2], size and mtime as
-    listed) make the files key, as a stat does for local files. An object gone since the
-    listing is rejected; a store that refuses raises ObjectStoreError, which stops the job."""
-    from mnist37.objects import read_objects
-
-    paths = [f"{folder}/{os.fsdecode(name)}" if folder else os.fsdecode(name)
-             for folder, names in groups for name in names]
-    read = np.zeros(len(paths), dtype=bool)
-    used, datas, rejected, digest = [], [], [], 0
-    for i, (path, data) in enumerate(zip(paths, read_objects(root, paths))):
-        if isinstance(data, OSError):
-            rejected.append((path, read_reason(data)))
-            continue
-        read[i] = True
-        digest += file_digest(os.fsencode(path), data)
-        used.append(path)
-        datas.append(data)
-    return _decoded(datas, used, read, rejected, shape, convert, digest, listed_files_key(groups, stamps, convert))
-
-
-def listed_files_key(groups: Sequence[Group], stamps: np.ndarray, convert: bool = False) -> str:
-    """`files_key` from (size, mtime) as a listing found them, `int64 [N, 2]`: no request per file."""
-    return _key(groups, np.asarray(stamps, dtype=np.int64).reshape(-1, 2).tolist(), convert)

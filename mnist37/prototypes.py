@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnist37.folder import DatasetError
+from mnist37 import DatasetError
 
 # uint8 pixels are 0..PIXEL_MAX; prototypes and distances work on pixels / PIXEL_MAX, in [0, 1].
 PIXEL_MAX = 255.0

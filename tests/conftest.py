@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def groups_of(paths: list[str]) -> list[tuple[str, list[bytes]]]:
-    """Consecutive '/'-separated paths that share a folder, as decode.Group runs."""
+    """Consecutive '/'-separated paths that share a folder, as files.Group runs."""
     groups: list[tuple[str, list[bytes]]] = []
     for path in paths:
         folder, _, name = path.rpartition("/")
@@ -38,10 +38,11 @@ def groups_of(paths: list[str]) -> list[tuple[str, list[bytes]]]:
 
 
 def decode_files(root, paths: list[str], shape: tuple[int, int], convert: bool = False):
-    """decode.decode_groups over paths relative to `root`, as a shard's groups would give them."""
-    from mnist37.decode import decode_groups
+    """sources.folder.decode_files over paths relative to `root`, as a shard's groups would give them."""
+    from mnist37.sources.base import Decoding
+    from mnist37.sources.folder import decode_files
 
-    return decode_groups(root, groups_of(paths), shape, convert)
+    return decode_files(root, groups_of(paths), Decoding(tuple(shape), convert))
 
 
 def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:

@@ -3,7 +3,7 @@ import tarfile
 
 import pytest
 
-from mnist37.archive import ArchiveError, extract
+from mnist37.sources.archive import ArchiveError, extract
 from tests.conftest import make_image_folder
 
 

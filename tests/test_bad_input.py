@@ -18,7 +18,8 @@ from PIL import Image
 
 from mnist37.config import load
 from mnist37.plan import plan
-from mnist37.folder import DatasetError, locate
+from mnist37 import DatasetError
+from mnist37.locate import locate
 from mnist37.job import parse_args
 from tests.conftest import make_image_folder, write_png
 from tests.test_evaluate_job import run_job

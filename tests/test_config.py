@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from mnist37.config import Config, ConfigError, build_parser, from_args, load, load_file
-from mnist37.folder import locate
+from mnist37.locate import locate
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
 
@@ -20,7 +20,7 @@ def test_defaults_live_in_the_package_and_read_no_file():
 
 def test_a_data_sets_split_given_as_the_other_split_is_refused(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "mnist_png", {s: {"3": 1, "7": 1} for s in ("training", "testing")})
-    monkeypatch.setattr("mnist37.datasets.download", lambda dataset, cache_dir=None: root)
+    monkeypatch.setattr("mnist37.sources.named.download", lambda dataset, cache_dir=None: root)
     with pytest.raises(ConfigError, match=r"eval_split: must differ from train_split \('training'\)"):
         locate(parse("--data", "mnist", "--eval-split", "training"))
 
@@ -40,7 +40,7 @@ def test_a_folder_is_read_with_fastbooks_splits_and_classes(tmp_path):
 def test_a_named_data_set_brings_its_splits_and_classes(argv, expected, tmp_path, monkeypatch):
     # What `--data mnist` finds in the cache once downloaded: fastai's layout, made small here.
     root = make_image_folder(tmp_path / "mnist_png", {s: {str(d): 1 for d in range(10)} for s in ("training", "testing")})
-    monkeypatch.setattr("mnist37.datasets.download", lambda dataset, cache_dir=None: root)
+    monkeypatch.setattr("mnist37.sources.named.download", lambda dataset, cache_dir=None: root)
     located = locate(parse("--data", "mnist", *argv))
     assert (located.cfg.train_split, located.cfg.eval_split, located.classes) == expected
 

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from mnist37 import datasets
-from mnist37.datasets import Dataset, DownloadError, download, md5_first_mib
+from mnist37.sources import named as datasets
+from mnist37.sources.named import Dataset, DownloadError, download, md5_first_mib
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import run_job
 

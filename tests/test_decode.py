@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist37 import decode
-from mnist37.decode import DecodeError, combine_digests, decode_pillow, decode_png, files_key, image_shape
+from mnist37 import png as decode
+from mnist37.png import DecodeError, decode_pillow, decode_png
+from mnist37.sources.folder import groups_key, image_shape
+from mnist37.sources.keys import combine_digests
 from tests.conftest import PROJECT_ROOT, decode_files, groups_of, write_png
 
 
@@ -128,7 +130,7 @@ def test_an_unreadable_file_names_the_permission(tmp_path):
         os.chmod(folder, 0o755)
         os.chmod(folder / "secret.png", 0)
     drop = "import os; os.setgid(65534); os.setuid(65534); " if os.geteuid() == 0 else ""
-    code = (f"from tests.conftest import decode_files; {drop}"
+    code = (f"from tests.conftest import decode_files; import mnist37.sources.folder; {drop}"
             f"print(decode_files({str(folder)!r}, ['secret.png'], (8, 8)).rejected)")
     try:
         run = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
@@ -161,14 +163,14 @@ def test_files_key_follows_names_sizes_mtimes_and_settings(tmp_path):
         write_png(tmp_path / f"{i}.png", pixels(seed=i))
     paths = ["0.png", "1.png", "2.png"]
     decoded = decode_files(tmp_path, paths, (8, 8))
-    assert files_key(tmp_path, groups_of(paths)) == decoded.files_key  # stat agrees with fstat
-    assert files_key(tmp_path, groups_of(paths), convert=True) != decoded.files_key
-    assert files_key(tmp_path, groups_of(paths[:2])) != decoded.files_key
+    assert groups_key(tmp_path, groups_of(paths), False) == decoded.files_key  # stat agrees with fstat
+    assert groups_key(tmp_path, groups_of(paths), True) != decoded.files_key
+    assert groups_key(tmp_path, groups_of(paths[:2]), False) != decoded.files_key
     stat = (tmp_path / "1.png").stat()
     os.utime(tmp_path / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
-    assert files_key(tmp_path, groups_of(paths)) != decoded.files_key
+    assert groups_key(tmp_path, groups_of(paths), False) != decoded.files_key
     with pytest.raises(FileNotFoundError):
-        files_key(tmp_path, groups_of(["0.png", "gone.png"]))
+        groups_key(tmp_path, groups_of(["0.png", "gone.png"]), False)
 
 
 def test_the_fast_decoder_is_installed_and_falls_back_to_pillow(monkeypatch):
@@ -180,7 +182,7 @@ def test_the_fast_decoder_is_installed_and_falls_back_to_pillow(monkeypatch):
 
 
 def test_fast_decoder_agrees_with_pillow_on_every_mnist_sample_image(mnist_sample_tgz, cache_dir):
-    from mnist37.folder import find_root
+    from mnist37.locate import find_root
 
     root = find_root(mnist_sample_tgz, "train", cache_dir)
     files = sorted(root.glob("*/*/*.png"))

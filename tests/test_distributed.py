@@ -8,9 +8,9 @@ import pytest
 import ray
 
 from mnist37 import distributed
-from mnist37.decode import DecodeError
-from mnist37.folder import ClassFiles, list_split, list_splits
-from mnist37.shards import make_shards
+from mnist37.png import DecodeError
+from mnist37.sources.base import Decoding
+from mnist37.sources.folder import ClassFiles, list_split, list_splits, make_shards
 
 pytestmark = pytest.mark.ray  # a local Ray
 
@@ -41,7 +41,7 @@ def test_default_window_is_twice_the_cpus(ray_local):
 
 def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
-    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 4))
+    done = list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 4))
     assert sorted(d.index for d in done) == list(range(13))
     assert all(d.node_id == ray.get_runtime_context().get_node_id() for d in done)
     assert all(d.pid > 0 and d.peak_rss_bytes > 0 for d in done)
@@ -73,7 +73,7 @@ def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image
     assert [(r.class_index, r.start, r.stop) for r in shards[6].runs] == [(0, 60 % block, 64 - 60 // block * block),
                                                                         (1, 0, 6)]
     assert all(isinstance(b, ClassFiles) for r in shards[6].resolved(ray.get).runs for b in r.files)
-    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 4))
+    done = list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 4))
     assert sorted(d.index for d in done) == list(range(13))
     assert np.sum([d.counts for d in done], axis=0).tolist() == [64, 64]
 
@@ -82,14 +82,14 @@ def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_p
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     shutil.rmtree(image_folder / "train" / "7")  # gone between listing and decoding
     with pytest.raises(DecodeError) as error:
-        list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 2))
+        list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 2))
     assert str(error.value) == "train/7/: cannot open folder (No such file or directory)"  # one line, no traceback
 
 
 def test_bad_files_come_back_as_rejections(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     (image_folder / shards[4].paths[2]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    done = list(distributed.decode_shards(shards, image_folder, (8, 8), tmp_path, "train", True, False, None, 2))
+    done = list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 2))
     assert [r for d in done for r in d.rejected] == [(shards[4].paths[2], "truncated PNG")]
     assert sum(d.num_images for d in done) == 127
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mnist37.folder import list_split
-from mnist37.shards import decode_shard, make_shards
+from mnist37.shards import decode_shard
+from mnist37.sources.base import Decoding
+from mnist37.sources.folder import list_split, make_shards
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import FASTBOOK_L1, run_job
 from tests.test_shards import edit_footer_counts, flip_pixels
@@ -70,7 +71,7 @@ def test_damaged_and_foreign_chunks_are_decoded_again_with_one_line_each(undistu
     edit_footer_counts(paths["train/train-16-000001.arrow"])  # [16, 0]: unlike [8, 8], not also the image shape
     other = make_image_folder(tmp_path / "other", COUNTS, seed=1)  # another data set, same layout
     foreign = make_shards(list_split(other, "train", ["3", "7"]), 16)[3]
-    os.replace(decode_shard(foreign, other, (8, 8), tmp_path / "other-chunks", with_sums=True).chunk_path,
+    os.replace(decode_shard(foreign, other, tmp_path / "other-chunks", Decoding((8, 8)), with_sums=True).chunk_path,
                paths["train/train-16-000003.arrow"])
     truncated = paths["valid/valid-16-000000.arrow"]
     truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size - 100])

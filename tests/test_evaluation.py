@@ -9,7 +9,7 @@ import pytest
 from mnist37.config import load
 from mnist37.evaluation import evaluate, results_json
 from mnist37.plan import plan
-from mnist37.folder import locate
+from mnist37.locate import locate
 
 pytestmark = pytest.mark.ray  # a local Ray
 

@@ -5,7 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from mnist37.folder import SETTLED_S, DatasetError, find_root, list_split
+from mnist37 import DatasetError
+from mnist37.locate import find_root
+from mnist37.sources.folder import SETTLED_S, list_split
 from tests.conftest import make_image_folder, write_png
 
 

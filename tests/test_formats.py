@@ -19,9 +19,10 @@ from PIL import Image
 from mnist37.config import load
 from mnist37.evaluation import evaluate as evaluate_plan
 from mnist37.evaluation import results_json
-from mnist37.folder import locate
+from mnist37.locate import locate
 from mnist37.plan import plan as plan_located
-from mnist37.formats import FormatError, detect
+from mnist37.sources import detect
+from mnist37.sources.base import FormatError
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
 def plan(cfg):
@@ -219,7 +220,8 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
     contents look like a header, members across reads, a tar cut short."""
     import tarfile
 
-    from mnist37.formats import TarCutShort, _tar_members
+    from mnist37.sources.tar import TarCutShort
+    from mnist37.sources.tar import members as tar_members
 
     rng = np.random.default_rng(0)
     fake = tarfile.TarInfo("fake.png")
@@ -252,13 +254,13 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
         for opened in (lambda: open(path, "rb"), lambda: io.BufferedReader(io.BytesIO(path.read_bytes()))):
             path.write_bytes(whole)
             with opened() as f:
-                found = _tar_members(f, "mixed.tar")
+                found = tar_members(f, "mixed.tar")
             assert found.error is None
             assert list(zip(found.names.tolist(), found.data)) == expected
             # Cut inside the last member's contents: every member before it, and the cut named.
             path.write_bytes(whole[:whole.rindex(b"002999.cls") + 512 + 1])
             with opened() as f:
-                found = _tar_members(f, "mixed.tar")
+                found = tar_members(f, "mixed.tar")
             assert isinstance(found.error, TarCutShort) and found.error.member == b"002999.cls"
             assert list(zip(found.names.tolist(), found.data)) == expected[:-1]
         # Without the end-of-archive blocks, the members are all there too.
@@ -267,7 +269,7 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
             last = tar.getmembers()[-1]
         path.write_bytes(whole[:last.offset_data + (last.size + 511) // 512 * 512])
         with open(path, "rb") as f:
-            found = _tar_members(f, "mixed.tar")
+            found = tar_members(f, "mixed.tar")
         assert found.error is None and list(zip(found.names.tolist(), found.data)) == expected
 
 
@@ -276,7 +278,7 @@ def test_parquet_image_bytes_are_the_columns_own_buffers():
     to_pylist's, for a struct or binary column, sliced, in chunks, with null rows and null bytes."""
     import pyarrow as pa
 
-    from mnist37.formats import _image_bytes
+    from mnist37.sources.parquet import image_bytes
 
     rows = [{"bytes": b"aa", "path": "x"}, None, {"bytes": None, "path": "y"}, {"bytes": b"bbb", "path": "z"},
             {"bytes": b"", "path": "w"}, {"bytes": b"c" * 300, "path": "v"}]
@@ -286,19 +288,19 @@ def test_parquet_image_bytes_are_the_columns_own_buffers():
                pa.array([b"x", None, b"yz"], pa.large_binary()).slice(1), pa.array([b"p", b"", None], pa.binary())]
     for column in columns:
         expected = [r["bytes"] if isinstance(r, dict) else r for r in column.to_pylist()]
-        assert list(_image_bytes(column, "s.parquet")) == expected
+        assert list(image_bytes(column, "s.parquet")) == expected
 
 
 def test_member_names_split_into_keys_as_webdataset_does():
     """Keys and extensions of many member names at once, as one name at a time: at the first
     dot of the base name, the extension's case ignored."""
-    from mnist37.formats import _member_key, _member_keys
+    from mnist37.sources.webdataset import member_key, member_keys
 
     names = [b"000042.png", b"000042.cls", b"x/y.png", b"x.y/z.PNG", b"abc.Cls", b"noext", b"a.png.cls",
              b".png", b"dir/.cls", b"k.pngx", b"k.pn", b"d.d/e", b"", b"long/" * 20 + b"k.png"]
-    keys, has_dot, is_png, is_cls = _member_keys(np.array(names, dtype="S"))
+    keys, has_dot, is_png, is_cls = member_keys(np.array(names, dtype="S"))
     for i, name in enumerate(names):
-        split = _member_key(name)
+        split = member_key(name)
         assert has_dot[i] == (split is not None)
         if split is not None:
             assert (keys[i], is_png[i], is_cls[i]) == (split[0], split[1] == b"png", split[1] == b"cls")
@@ -318,15 +320,15 @@ def test_decoding_and_reading_chunks_never_import_pandas(folder, tmp_path):
     code = f"""
 import sys
 from mnist37.config import load
-from mnist37.folder import locate
+from mnist37.locate import locate
 from mnist37.plan import plan
-from mnist37.shards import decode_shard
+from mnist37.shards import decode_shard  # noqa: E402
 from mnist37.chunks import read_chunk
 for name, data in {({k: str(v) for k, v in sources.items()})!r}.items():
     planned = plan(locate(load(data=data, classes=["3", "7"], shard_size=16, chunk_dir=data + "-chunks")))
     images = 0
     for shard in planned.shards:
-        done = decode_shard(shard, planned.root, planned.shape, planned.chunk_dir, True)
+        done = decode_shard(shard, planned.root, planned.chunk_dir, planned.decoding, True)
         assert len(read_chunk(done.chunk_path, done.checksum).images) == done.num_images
         images += done.num_images
     assert images == 108, (name, images)

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from mnist37.formats import FormatError, container_root, detect, read_records
-from mnist37.folder import locate
+from mnist37.sources import container_root, detect
+from mnist37.sources.base import FormatError, iter_records
+from mnist37.locate import locate
 from mnist37.config import load
 from mnist37.plan import plan
 
@@ -88,10 +89,10 @@ def test_tars_read_through_throttling_and_dropped_connections(stored, s3, monkey
     proxy = FaultProxy(s3.endpoint, slow_every=5, drop_every=7, slow_burst=range(3, 43))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     try:
-        got = [list(read_records(shard, uri)) for shard in shards]
+        got = [list(iter_records(shard, uri)) for shard in shards]
     finally:
         proxy.stop()
-    assert got == [list(read_records(shard, data)) for shard in shards]
+    assert got == [list(iter_records(shard, data)) for shard in shards]
     assert proxy.counts["slow_down"] + proxy.counts["dropped"] >= 40, proxy.counts
 
 

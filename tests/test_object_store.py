@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from mnist37.folder import list_class_folder
+from mnist37.sources.folder import list_class_folder
 from mnist37.objects import read_objects, write_object
 
 from tests.conftest import PROJECT_ROOT, make_image_folder
@@ -87,7 +87,7 @@ import ray
 from mnist37 import distributed
 from mnist37.config import load
 from mnist37.evaluation import evaluate
-from mnist37.folder import locate
+from mnist37.locate import locate
 from mnist37.plan import plan
 
 cache = sys.argv[2]

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 
 from mnist37 import partials
-from mnist37.archive import extract
+from mnist37.sources.archive import extract
 from mnist37.config import load
 from mnist37.plan import plan
-from mnist37.folder import locate
+from mnist37.locate import locate
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
 WRITER = textwrap.dedent("""

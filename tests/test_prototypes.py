@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mnist37.folder import DatasetError
+from mnist37 import DatasetError
 from mnist37.prototypes import PixelSums, pixel_sums, prototypes
 
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from mnist37.folder import list_split
+from mnist37.sources.folder import list_split
 from mnist37.replicate import replicate
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from mnist37.chunks import read_chunk, read_chunk_metadata
-from mnist37.folder import list_split
+from mnist37.sources.base import Decoding
+from mnist37.sources.folder import list_split, make_shards
 from mnist37.prototypes import pixel_sums
-from mnist37.shards import chunk_path, decode_shard, make_shards
+from mnist37.shards import chunk_path, decode_shard
 from tests.conftest import PROJECT_ROOT, decode_files, make_image_folder, write_png
 
 
@@ -39,7 +40,7 @@ def test_groups_split_a_shard_at_class_folders(image_folder):
 
 def test_decode_shard_writes_its_chunk_and_sums(image_folder, tmp_path):
     shard = shards_of(image_folder)[1]
-    done = decode_shard(shard, image_folder, (8, 8), tmp_path / "chunks", with_sums=True)
+    done = decode_shard(shard, image_folder, tmp_path / "chunks", Decoding((8, 8)), with_sums=True)
     assert done.chunk_path == str(chunk_path(tmp_path / "chunks", shard)) == str(tmp_path / "chunks/train/train-50-000001.arrow")
     chunk = read_chunk(done.chunk_path)
     expected = decode_files(image_folder, shard.paths, (8, 8))
@@ -54,51 +55,51 @@ def test_decode_shard_writes_its_chunk_and_sums(image_folder, tmp_path):
 
 def test_evaluation_shards_return_counts_without_sums(image_folder, tmp_path):
     shard = shards_of(image_folder, "valid", 100)[0]
-    done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
+    done = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=False)
     assert done.pixel_sums is None and done.counts.tolist() == [12, 12]
 
 
 def test_unchanged_shards_are_reused_with_their_sums(image_folder, tmp_path):
     shards = shards_of(image_folder, size=30)
-    first = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True) for s in shards]
+    first = [decode_shard(s, image_folder, tmp_path, Decoding((8, 8)), with_sums=True) for s in shards]
     mtimes = [os.stat(d.chunk_path).st_mtime_ns for d in first]
-    again = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True) for s in shards]
+    again = [decode_shard(s, image_folder, tmp_path, Decoding((8, 8)), with_sums=True) for s in shards]
     assert all(d.reused for d in again) and not any(d.reused for d in first)
     assert [os.stat(d.chunk_path).st_mtime_ns for d in again] == mtimes  # not rewritten
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a.pixel_sums, b.pixel_sums)
         assert (a.digest, a.counts.tolist(), a.num_bytes) == (b.digest, b.counts.tolist(), b.num_bytes)
-    fresh = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True, reuse=False) for s in shards]
+    fresh = [decode_shard(s, image_folder, tmp_path, Decoding((8, 8), reuse=False), with_sums=True) for s in shards]
     assert not any(d.reused for d in fresh)
 
 
 def test_a_touched_file_re_decodes_only_its_own_shard(image_folder, tmp_path):
     shards = shards_of(image_folder, size=30)
     for s in shards:
-        decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True)
+        decode_shard(s, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     touched = image_folder / shards[2].paths[7]
     write_png(touched, np.full((8, 8), 255, dtype=np.uint8))  # new pixels, new size and mtime
-    again = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True) for s in shards]
+    again = [decode_shard(s, image_folder, tmp_path, Decoding((8, 8)), with_sums=True) for s in shards]
     assert [d.reused for d in again] == [True, True, False, True, True]
     assert read_chunk(again[2].chunk_path).images[7].min() == 255
 
 
 def test_same_size_rewrite_is_noticed_by_mtime(image_folder, tmp_path):
     shard = shards_of(image_folder, size=30)[0]
-    decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     path = image_folder / shard.paths[0]
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert not decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True).reused
+    assert not decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True).reused
 
 
 def test_an_added_file_re_decodes_only_the_shards_it_moves(image_folder, tmp_path):
     before = shards_of(image_folder, size=30)
     for s in before:
-        decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True)
+        decode_shard(s, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     write_png(image_folder / "train" / "7" / "zzz.png", np.zeros((8, 8), dtype=np.uint8))  # sorts last
     after = shards_of(image_folder, size=30)
-    reused = [decode_shard(s, image_folder, (8, 8), tmp_path, with_sums=True).reused for s in after]
+    reused = [decode_shard(s, image_folder, tmp_path, Decoding((8, 8)), with_sums=True).reused for s in after]
     assert reused == [True, True, True, True, False]
 
 
@@ -107,7 +108,7 @@ def test_a_foreign_or_partial_file_under_a_chunk_name_is_not_trusted(image_folde
     path = Path(chunk_path(tmp_path, shard))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"ARROW1\0\0 half a chunk")
-    done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    done = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     assert not done.reused and read_chunk_metadata(path)["num_images"] == 50
 
 
@@ -140,7 +141,7 @@ write_chunk({str(target)!r}, table)
     else:
         pytest.fail("never caught the writer mid-write")
     assert not target.exists() and partial[0].exists()
-    done = decode_shard(shards_of(image_folder)[0], image_folder, (8, 8), tmp_path / "chunks", with_sums=True)
+    done = decode_shard(shards_of(image_folder)[0], image_folder, tmp_path / "chunks", Decoding((8, 8)), with_sums=True)
     assert not done.reused and len(read_chunk(done.chunk_path)) == 50
 
 
@@ -148,7 +149,7 @@ def test_bad_files_are_left_out_of_the_chunk_and_remembered(image_folder, tmp_pa
     shard = shards_of(image_folder, "valid", 100)[0]
     (image_folder / shard.paths[5]).write_bytes(b"garbage")
     (image_folder / shard.paths[20]).unlink()  # disappeared after listing
-    done = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    done = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     assert done.rejected == [(shard.paths[5], "not an image"), (shard.paths[20], "file disappeared after listing")]
     assert (done.num_files, done.num_images, done.counts.tolist()) == (24, 22, [11, 11])
     chunk = read_chunk(done.chunk_path)
@@ -157,15 +158,15 @@ def test_bad_files_are_left_out_of_the_chunk_and_remembered(image_folder, tmp_pa
     kept = decode_files(image_folder, chunk.paths, (8, 8))
     np.testing.assert_array_equal(done.pixel_sums, pixel_sums(kept.images, chunk.class_indices, 2)[0])
     # A file that is gone cannot be stat'ed: the next run decodes again and says the same.
-    again = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True)
+    again = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     assert not again.reused and again.rejected == done.rejected
 
 
 def test_a_reused_chunk_reports_its_rejections(image_folder, tmp_path):
     shard = shards_of(image_folder, "valid", 100)[0]
     (image_folder / shard.paths[3]).write_bytes(b"")
-    first = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
-    again = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
+    first = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=False)
+    again = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=False)
     assert again.reused and again.rejected == first.rejected == [(shard.paths[3], "empty file (0 bytes)")]
     assert again.num_images == first.num_images == 23
 
@@ -173,9 +174,9 @@ def test_a_reused_chunk_reports_its_rejections(image_folder, tmp_path):
 def test_converting_non_grayscale_is_part_of_the_reuse_key(image_folder, tmp_path):
     shard = shards_of(image_folder, "valid", 100)[0]
     write_png(image_folder / shard.paths[0], np.full((8, 8), 9, dtype=np.uint8), mode="RGB")
-    rejecting = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False)
+    rejecting = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=False)
     assert rejecting.rejected == [(shard.paths[0], "expected 8-bit grayscale, found RGB")]
-    converting = decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=False, convert=True)
+    converting = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8), convert=True), with_sums=False)
     assert not converting.reused and converting.rejected == [] and converting.num_images == 24
     assert read_chunk(converting.chunk_path).images[0].tolist() == [[9] * 8] * 8
 
@@ -209,7 +210,7 @@ def edit_footer_counts(path: Path) -> None:
 ])
 def test_a_damaged_or_foreign_chunk_is_decoded_again_and_says_why(image_folder, tmp_path, damage, reason):
     shards = shards_of(image_folder, size=30)
-    first = [decode_shard(s, image_folder, (8, 8), tmp_path / "chunks", with_sums=True) for s in shards]
+    first = [decode_shard(s, image_folder, tmp_path / "chunks", Decoding((8, 8)), with_sums=True) for s in shards]
     path = Path(first[2].chunk_path)
     if damage == "pixels":
         flip_pixels(path, read_chunk(path).images.copy(), 200)
@@ -222,26 +223,26 @@ def test_a_damaged_or_foreign_chunk_is_decoded_again_and_says_why(image_folder, 
         classes = {"another data set": ("3", "7"), "another class list": ("3", "5")}[damage]
         make_image_folder(other, {"train": {classes[0]: 64, classes[1]: 64}}, seed=1)
         foreign = make_shards(list_split(other, "train", list(classes)), 30)[2]
-        os.replace(decode_shard(foreign, other, (8, 8), tmp_path / "other-chunks", with_sums=True).chunk_path, path)
-    again = [decode_shard(s, image_folder, (8, 8), tmp_path / "chunks", with_sums=True) for s in shards]
+        os.replace(decode_shard(foreign, other, tmp_path / "other-chunks", Decoding((8, 8)), with_sums=True).chunk_path, path)
+    again = [decode_shard(s, image_folder, tmp_path / "chunks", Decoding((8, 8)), with_sums=True) for s in shards]
     assert [d.reused for d in again] == [True, True, False, True, True]
     assert [d.discarded for d in again[:2] + again[3:]] == [""] * 4
     assert re.fullmatch(rf"{re.escape(str(path))}: .*{reason}.*", again[2].discarded), again[2].discarded
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a.pixel_sums, b.pixel_sums)
         assert (a.digest, a.checksum, a.counts.tolist()) == (b.digest, b.checksum, b.counts.tolist())
-    assert decode_shard(shards[2], image_folder, (8, 8), tmp_path / "chunks", with_sums=True).reused  # mended
+    assert decode_shard(shards[2], image_folder, tmp_path / "chunks", Decoding((8, 8)), with_sums=True).reused  # mended
 
 
 def test_verify_chunks_false_skips_the_hashing_and_trusts_what_it_finds(image_folder, tmp_path):
     """The knob exists to measure what verification costs; what it gives up is shown here."""
     shard = shards_of(image_folder, size=30)[0]
-    path = Path(decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True).chunk_path)
+    path = Path(decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True).chunk_path)
     flip_pixels(path, read_chunk(path).images.copy(), 50)
-    assert decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True, verify=False).reused
-    assert not decode_shard(shard, image_folder, (8, 8), tmp_path, with_sums=True).reused
+    assert decode_shard(shard, image_folder, tmp_path, Decoding((8, 8), verify=False), with_sums=True).reused
+    assert not decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True).reused
 
 
 def test_a_missing_chunk_is_no_news(image_folder, tmp_path):
-    done = decode_shard(shards_of(image_folder)[0], image_folder, (8, 8), tmp_path, with_sums=True)
+    done = decode_shard(shards_of(image_folder)[0], image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     assert not done.reused and done.discarded == ""

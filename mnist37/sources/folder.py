@@ -1,14 +1,16 @@
-"""The folder scan: find a data set's root and list its samples in a deterministic order.
+"""ImageFolder data sets: `<root>/<split>/<class>/<name>.png`, listed and read file by file.
 
-Layout, as fastai's `untar_data` gives it: `<root>/<split>/<class>/<name>.png`. The label
-of a sample is its class folder; class indices follow the order of `classes` in the config.
+The label of a sample is its class folder; class indices follow the order of `classes` in the
+config. Each class folder is listed once (sorted, bytewise), by a task of its own in the job;
+a local folder's listing is kept for the next run while the folder is unchanged. A split's
+listing is cut into `Shard`s of `shard_size` files; a shard's files are read in one loop
+(files.read_files, local or objects alike) and decoded together (png.decode_pngs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -19,19 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37 import Mnist37Error, archive, datasets
-from mnist37.config import Config, ConfigError
+from mnist37 import DatasetError
 from mnist37.partials import claimed, partial_name
-from mnist37.paths import is_uri, open_location, sample_path, under
+from mnist37.paths import class_folder, sample_path, under
+from mnist37.png import DecodeError, decode_png, decode_pngs
+from mnist37.sources.base import Decoding, ShardRead
+from mnist37.sources.files import Group, Root, file_stats, read_file, read_files
+from mnist37.sources.keys import file_digest, files_key, listing_name
 
 log = logging.getLogger(__name__)
 
+NAME = "folder"
 IMAGE_EXTENSIONS = (b".png",)
-
-
-class DatasetError(Mnist37Error, ValueError):
-    """A data set folder that does not have the expected layout."""
-
 
 @dataclass(eq=False)
 class ClassFiles:
@@ -135,72 +136,24 @@ def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray
     return [sample_path(split, classes[c], os.fsdecode(n)) for c, n in zip(class_indices.tolist(), names.tolist())]
 
 
-# A data root: a local folder, or a URI of a prefix in an object store (s3://bucket/prefix).
-Root = Path | str
-
-
-def _subfolders(folder: Root) -> list[str]:
+def subfolders(folder: Root) -> list[str]:
+    """The subfolders of a folder (or the "folders" of a prefix in a store), sorted."""
     if isinstance(folder, str):
         from mnist37.objects import subfolders
         return subfolders(folder)
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
-def _is_folder(folder: Root) -> bool:
+def is_folder(folder: Root) -> bool:
+    """Whether a folder (or a prefix in a store, holding any object) exists."""
     if isinstance(folder, str):
         from mnist37.objects import check_folder
         return check_folder(folder)
     return folder.is_dir()
 
 
-def _find_prefix(data: str, train_split: str) -> str:
-    """`find_root` for a URI: the prefix holding `<split>/` prefixes, or the single prefix
-    under it that does. A missing bucket or a refused listing is ObjectStoreError."""
-    root = data.rstrip("/")
-    if not _is_folder(root):
-        raise DatasetError(f"data: {data} does not exist (no objects under this prefix)")
-    if not _is_folder(under(root, train_split)):
-        inner = _subfolders(root)
-        if len(inner) == 1 and _is_folder(under(root, inner[0], train_split)):
-            root = under(root, inner[0])
-    return root
-
-
-def find_root(data: str | Path, train_split: str, cache_dir: str | Path | None = None) -> Path:
-    """The folder holding `<split>/` folders, from a folder, a .tgz archive, or the name of a
-    data set in `datasets.DATASETS` (downloaded and verified once).
-
-    An archive that wraps everything in one top folder (mnist_sample/...) resolves to that
-    folder, as does a given folder with a single subfolder that holds the splits.
-    """
-    if (dataset := datasets.named(data)) is not None:
-        data = datasets.download(dataset, cache_dir)
-    if is_uri(data):
-        fs, local = open_location(data)
-        if fs is not None:
-            if (source := archive.object_source(data, cache_dir)) is None:
-                return _find_prefix(str(data), train_split)
-            data = source.here()
-        else:
-            data = local  # file://: a local path
-    path = Path(data).expanduser()
-    if not str(data):
-        raise DatasetError("data: no data set given; pass --data PATH (an ImageFolder folder or a .tgz "
-                           f"archive) or one of {', '.join(datasets.DATASETS)}")
-    if not path.exists():
-        raise DatasetError(f"data: {path} does not exist")
-    if path.is_file():
-        if not archive.is_archive(path):
-            raise DatasetError(f"data: {path} is neither a folder nor a .tgz/.tar.gz/.tar archive")
-        path = archive.extract(path, cache_dir)
-    if not (path / train_split).is_dir():
-        inner = _subfolders(path)
-        if len(inner) == 1 and (path / inner[0] / train_split).is_dir():
-            path = path / inner[0]
-    return path.resolve()
-
-
 _BATCH = 65536
+
 
 # A folder's listing is kept for the next run only when the folder last changed at least this
 # long before it was listed: a change within one timestamp tick of the listing (1-2 s on some
@@ -221,7 +174,7 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
         return (*_scan_images(folder), False, "")
     stamp = os.stat(folder)
     stamp = np.array([stamp.st_dev, stamp.st_ino, stamp.st_mtime_ns, stamp.st_ctime_ns], dtype=np.int64)
-    kept = reuse_dir / f"{hashlib.blake2b(folder, digest_size=12).hexdigest()}.npz"
+    kept = reuse_dir / listing_name(folder)
     try:
         with np.load(kept, allow_pickle=False) as saved:
             if np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder:
@@ -281,10 +234,10 @@ def _image_mask(names: np.ndarray) -> np.ndarray:
 
 def class_folders(root: Root, split: str) -> list[str]:
     """Every class folder of `split`, sorted: what `classes = ["all"]` means."""
-    if not _is_folder(under(root, split)):
-        found = ", ".join(_subfolders(root)) or "no folders"
+    if not is_folder(under(root, split)):
+        found = ", ".join(subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
-    names = _subfolders(under(root, split))
+    names = subfolders(under(root, split))
     if len(names) < 2:
         raise DatasetError(f"classes = all: expected at least two class folders under {split}/, found {names}")
     return names
@@ -295,12 +248,12 @@ def check_split(root: Root, split: str, classes: Sequence[str]) -> None:
     for every class: two stats (or store requests) per class, so a wrong layout is reported
     before any listing."""
     split_dir = under(root, split)
-    if not _is_folder(split_dir):
-        found = ", ".join(_subfolders(root)) or "no folders"
+    if not is_folder(split_dir):
+        found = ", ".join(subfolders(root)) or "no folders"
         raise DatasetError(f"Split folder {split!r} not found under {root}; found: {found}")
     for name in classes:
-        if not _is_folder(under(split_dir, name)):
-            found = ", ".join(_subfolders(split_dir)) or "no folders"
+        if not is_folder(under(split_dir, name)):
+            found = ", ".join(subfolders(split_dir)) or "no folders"
             raise DatasetError(f"Class {name!r} has no folder under {split}/; found: {found}")
 
 
@@ -377,38 +330,186 @@ def list_split(root: Root, split: str, classes: Sequence[str], reuse_dir: Path |
 
 
 @dataclass(eq=False)
-class Located:
-    """The data set found, with its splits and classes resolved into the config."""
+class Run:
+    """Files [start, stop) of the listing blocks `files` of one class folder, laid end to end:
+    a shard is one run or a few."""
 
-    cfg: Config  # train_split, eval_split and classes filled in
-    root: Root  # the folder (or object store prefix) holding <split>/<class>/ folders, or a container format's files
-    classes: list[str]  # in index order ("all" expanded for folders; containers resolve it in plan)
-    format: str = "folder"  # or a container format (mnist37.formats)
-    # The archive object the root was extracted from: tasks on other nodes extract it there too.
-    archive: archive.ArchiveObject | None = None
+    class_index: int
+    files: list  # the blocks: ClassFiles, or Ray's ObjectRefs until the decoding task resolves them
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def listed(self) -> ClassFiles:
+        """The run's files [start, stop) once its blocks are here."""
+        joined = ClassFiles.concatenate(self.files)
+        return ClassFiles(joined.names[self.start:self.stop],
+                          None if joined.stamps is None else joined.stamps[self.start:self.stop])
 
 
-def locate(cfg: Config) -> Located:
-    """Find the data and resolve what the config left to the data set; fast (no listing), so
-    a data problem is reported before Ray starts. A named data set is downloaded and an
-    archive extracted here, once; later runs find them in the cache."""
-    train, valid, classes = datasets.splits_and_classes(cfg.data)
-    cfg = dataclasses.replace(cfg, train_split=cfg.train_split or train, eval_split=cfg.eval_split or valid,
-                              classes=cfg.classes or classes)
-    if cfg.train_split == cfg.eval_split:
-        raise ConfigError(f"eval_split: must differ from train_split ({cfg.train_split!r})")
-    root = find_root(cfg.data, cfg.train_split, cfg.cache_dir or None)
-    source = archive.object_source(cfg.data, cfg.cache_dir or None)
-    from mnist37 import formats  # here, not at the top: pyarrow.parquet is not needed to say "no such file"
+@dataclass(eq=False)
+class Shard:
+    """`shard_size` consecutive images of a split's listing (the last shard may be shorter).
 
-    # Local or in an object store alike: the files (objects) under the root tell the format.
-    inner = formats.container_root(root)
-    fmt = formats.detect(inner, cfg.format)
-    if fmt != "folder":
-        root = inner
-        formats.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
-        return Located(cfg, root, list(cfg.classes), fmt, source)
-    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
-    for split in (cfg.train_split, cfg.eval_split):
-        check_split(root, split, classes)
-    return Located(cfg, root, classes, archive=source)
+    The driver's record of a shard is a few numbers per class folder it touches (`runs`), not
+    its file names: those stay in the listing (in a job, in Ray's object store) until the task
+    that decodes the shard resolves them (`resolved`); `names`, `paths` and the rest need that."""
+
+    split: str
+    index: int
+    shard_size: int  # of every shard of this split (the last may be shorter)
+    classes: tuple[str, ...]
+    runs: list[Run]  # in class order
+
+    @property
+    def name(self) -> str:
+        """Unique per split, shard size and position: runs with other shard sizes keep their own chunks."""
+        return f"{self.split}-{self.shard_size}-{self.index:06d}"
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def found(self) -> np.ndarray:
+        """int64 [C + 1]: files per class (the last slot, records of no class, is 0 for folders)."""
+        found = np.zeros(len(self.classes) + 1, dtype=np.int64)
+        for r in self.runs:
+            found[r.class_index] += len(r)
+        return found
+
+    def resolved(self, get) -> Shard:
+        """This shard with each run's files fetched and cut to the run: `get` turns the
+        blocks that are refs into ClassFiles (ray.get), in one call."""
+        refs = [b for r in self.runs for b in r.files if not isinstance(b, ClassFiles)]
+        got = iter(get(refs) if refs else ())
+        runs = []
+        for r in self.runs:
+            blocks = [b if isinstance(b, ClassFiles) else next(got) for b in r.files]
+            runs.append(Run(r.class_index, [Run(r.class_index, blocks, r.start, r.stop).listed()], 0, len(r)))
+        return dataclasses.replace(self, runs=runs)
+
+    # The shard's files: only where its blocks are (in-process, or once `resolved`).
+    @property
+    def names(self) -> np.ndarray:
+        """bytes 'S' [N]: file names within their class folders."""
+        return np.concatenate([r.listed().names for r in self.runs])
+
+    @property
+    def class_indices(self) -> np.ndarray:
+        """int32 [N]."""
+        return np.repeat(np.array([r.class_index for r in self.runs], dtype=np.int32), [len(r) for r in self.runs])
+
+    @property
+    def stamps(self) -> np.ndarray | None:
+        """int64 [N, 2]: (size, mtime ns) as listed, for objects in a store; None for local files."""
+        listed = [r.listed() for r in self.runs]
+        return None if listed[0].stamps is None else np.concatenate([f.stamps for f in listed])
+
+    @property
+    def paths(self) -> list[str]:
+        return relative_paths(self.split, self.classes, self.class_indices, self.names)
+
+    # A chunk of a folder shard is reused only when the files are the same, as they are now.
+    changed = "written from other files (names, sizes or modification times differ)"
+
+    def expected_files(self) -> int | None:
+        """Files the shard holds: a chunk must account for each of them."""
+        return len(self)
+
+    def key(self, root: Root, decoding: Decoding) -> str:
+        """What the chunk is made from now (`groups_key`). Raises OSError when a local file
+        cannot be stat'ed."""
+        return groups_key(root, self.groups(), decoding.convert, self.stamps)
+
+    def read(self, root: Root, decoding: Decoding) -> ShardRead:
+        """The shard's files read and decoded (`decode_files`), with their classes."""
+        done = decode_files(root, self.groups(), decoding, self.stamps)
+        return ShardRead(done.images, self.class_indices[done.kept], done.paths, done.rejected, done.digest,
+                         done.files_key)
+
+    def records(self, root: Root, shape: tuple[int, int]):
+        """(path, class index, bytes or None, reason) of each file, for the converter."""
+        for path, c in zip(self.paths, self.class_indices.tolist()):
+            try:
+                yield path, c, read_file(root, path), None
+            except DecodeError as e:
+                yield path, c, None, e.reason
+
+    def groups(self) -> list[Group]:
+        """The shard's files as runs sharing a class folder: [("train/3", [b"10.png", ...]), ...]."""
+        return [(class_folder(self.split, self.classes[r.class_index]), r.listed().names.tolist())
+                for r in self.runs]
+
+
+def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
+    """Consecutive runs of `shard_size` images (the last may be shorter), in listing order,
+    each a few (class folder, blocks, start, stop) runs: cut from the class folders' counts
+    alone, each run naming only the listing blocks it reads."""
+    bounds = np.cumsum([0, *(f.count for f in listing.folders)]).tolist()
+    shards = []
+    for index, start in enumerate(range(0, bounds[-1], shard_size)):
+        stop, runs = min(start + shard_size, bounds[-1]), []
+        for c, (folder, low, high) in enumerate(zip(listing.folders, bounds, bounds[1:])):
+            if low < stop and start < high:
+                a, b, size = max(start, low) - low, min(stop, high) - low, folder.block_size
+                first, last = a // size, (b - 1) // size
+                runs.append(Run(c, folder.blocks[first:last + 1], a - first * size, b - first * size))
+        shards.append(Shard(listing.split, index, shard_size, listing.classes, runs))
+    return shards
+
+
+def image_shape(root: str | os.PathLike, paths: Sequence[str], convert: bool = False) -> tuple[int, int]:
+    """(H, W) of the first of `paths` that decodes: the shape every other image must have.
+
+    A bad file before it is not judged here; the decode step reports it with the rest."""
+    first_error = None
+    for path in paths:
+        try:
+            return decode_png(read_file(root, path), path, convert=convert).shape
+        except DecodeError as e:
+            first_error = first_error or e
+    if first_error is None:
+        raise ValueError("image_shape: no paths given")
+    raise DecodeError(first_error.path, f"{first_error.reason}; and none of the first {len(paths)} "
+                                        "files decodes, so the image shape is unknown (set image_shape)")
+
+
+def groups_key(root: Root, groups: Sequence[Group], convert: bool, stamps: np.ndarray | None = None) -> str:
+    """keys.files_key of these files as they are now: the names, and each file's (size, mtime)
+    from `stat`, or for objects in a store as the listing found them (`stamps`, int64 [N, 2]:
+    no request per file). Raises OSError when a local file cannot be stat'ed."""
+    stats = file_stats(root, groups) if stamps is None else np.asarray(stamps, dtype=np.int64).reshape(-1, 2).tolist()
+    return files_key(groups, stats, convert)
+
+
+@dataclass
+class Decoded:
+    """What `decode_files` made of N listed files."""
+
+    images: np.ndarray  # uint8 [K, H, W]: the K files that decoded, in order
+    kept: np.ndarray  # bool [N]: which of the N files those are
+    paths: list[str]  # [K] '/'-separated, relative to the root
+    rejected: list[tuple[str, str]]  # (path, reason) of every file left out, in order
+    digest: str  # the sum of each read file's keys.file_digest, as 32 hex digits
+    files_key: str  # keys.files_key of the files as they were read
+
+
+def decode_files(root: Root, groups: Sequence[Group], decoding: Decoding, stamps: np.ndarray | None = None) -> Decoded:
+    """Every file of `groups` read (files.read_files: local files or objects alike) and decoded
+    together (png.decode_pngs), in order. A file that cannot be read or decoded, or has another
+    shape, is not an exception: it is left out and listed in `rejected` with its reason."""
+    files = read_files(root, groups, stamps)
+    images, decoded, reasons = decode_pngs(files.data, files.paths.__getitem__, decoding.shape, decoding.convert)
+    kept = np.zeros(len(files.read), dtype=bool)
+    positions = np.flatnonzero(files.read)
+    kept[positions[decoded]] = True
+    rejected, paths = files.rejected, files.paths
+    if reasons:  # merged with the unreadable files, in the files' order
+        unreadable = np.flatnonzero(~files.read).tolist()
+        order = sorted([*zip(unreadable, rejected), *((int(positions[i]), (paths[i], reason))
+                                                       for i, reason in reasons.items())])
+        rejected = [entry for _, entry in order]
+        paths = [p for p, keep in zip(paths, decoded.tolist()) if keep]
+    digest = sum(file_digest(os.fsencode(p), d) for p, d in zip(files.paths, files.data)) % (1 << 128)
+    return Decoded(images, kept, paths, rejected, f"{digest:032x}", files_key(groups, files.stats, decoding.convert))
