@@ -48,33 +48,35 @@ CHANGED = "a pinned key changed: every user's chunk cache decodes again (see the
 
 
 def decode_settings(convert: bool) -> str:
-    from mnist37.decode import decode_settings as settings
+    from mnist37.png import decode_settings as settings
 
     return settings(convert)
 
 
 def planned(data: Path, chunk_dir: Path):
     """The in-process plan (no Ray): located, then listed and cut into shards here."""
-    from mnist37.folder import locate
+    from mnist37.locate import locate
     from mnist37.plan import plan
 
     return plan(locate(load(data=str(data), classes="3 7", shard_size=SHARD_SIZE, chunk_dir=str(chunk_dir))))
 
 
 def folder_files_key(root: Path, shard, convert: bool) -> str:
-    from mnist37.decode import files_key
+    from mnist37.sources.folder import groups_key
 
-    return files_key(root, shard.groups(), convert)
+    return groups_key(root, shard.groups(), convert)
 
 
 def folder_listed_files_key(shard, stamps: np.ndarray, convert: bool) -> str:
-    from mnist37.decode import listed_files_key
+    from mnist37.sources.folder import groups_key
 
-    return listed_files_key(shard.groups(), stamps, convert)
+    return groups_key("unused: the stamps stand in for a stat", shard.groups(), convert, stamps)
 
 
 def container_key(shard, root: Path, convert: bool) -> str:
-    return shard.key(root, SHAPE, convert)
+    from mnist37.sources.base import Decoding
+
+    return shard.key(root, Decoding(SHAPE, convert))
 
 
 def chunk_name(chunk_dir: Path, shard) -> str:
@@ -88,7 +90,7 @@ def decoded(plan, shard):
     from mnist37.chunks import read_chunk_metadata
     from mnist37.shards import decode_shard
 
-    done = decode_shard(shard, plan.root, plan.shape, plan.chunk_dir, with_sums=True)
+    done = decode_shard(shard, plan.root, plan.chunk_dir, plan.decoding, with_sums=True)
     return done, read_chunk_metadata(done.chunk_path)
 
 
@@ -96,7 +98,7 @@ def kept_listing_names(root: Path, split: str, class_name: str, reuse_dir: Path,
     """The files a listing of `root/split/class_name` keeps in `reuse_dir`. A listing is kept
     only once its folder has settled (folder.SETTLED_S); this one was just written, so the
     wait is patched away rather than slept through."""
-    from mnist37 import folder
+    from mnist37.sources import folder
 
     monkeypatch.setattr(folder, "SETTLED_S", float("-inf"))
     folder.list_class_folder(root, split, class_name, reuse_dir)

@@ -12,9 +12,10 @@ A container format's module has:
 - `plan(root, splits, train_split, classes, shard_size, shape, convert, image_column,
   label_column)`: a `base.ContainerPlan` of `base.ContainerShard`s, reading only footers and
   headers (and, for the image shape, the first training records);
-- `read_records(shard, root, limit=None)`: a shard's records in bulk (`base.Records`), decoded
-  by `base.decode_records`; or `read_shard(shard, root, decoding)` where it decodes nothing
-  (IDX);
+- `read_shard(shard, root, decoding)`: the shard decoded, every record counted
+  (`base.ShardRead`); Parquet and WebDataset read their records in bulk (`read_records`:
+  `base.Records`) and decode them with `base.decode_records`; IDX decodes nothing;
+- `converter_records(shard, root, shape)`: the records as the converter copies them;
 - `output_name(split, index, total)`, `ShardWriter(temp, out, classes, shape, index)` with
   `add(path, class_index, data)` and `close()`, and optionally `finish(dest, written,
   classes, splits, shape)`: what the converter writes.

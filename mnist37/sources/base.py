@@ -122,11 +122,7 @@ class ContainerShard:
             if isinstance(e, Mnist37Error):  # a store's refusal: one line naming the object, as it is
                 raise
             raise FormatError(f"{self.source}: cannot read ({e.strerror or e})") from None
-        module = format_module(self.format)
-        read = getattr(module, "read_shard", None)
-        if read is None:
-            read = lambda shard, root, decoding: decode_records(module.read_records(shard, root), shard, decoding)  # noqa: E731
-        done = read(self, root, decoding)
+        done = format_module(self.format).read_shard(self, root, decoding)
         done.files_key = key
         return done
 
@@ -134,18 +130,7 @@ class ContainerShard:
         """(record path, class index or None, encoded bytes or None, reason) of each record, for
         the converter; None as class index means a class not selected (ignored), -1 a record
         without a usable class."""
-        module = format_module(self.format)
-        if hasattr(module, "converter_records"):
-            yield from module.converter_records(self, root, shape)
-            return
-        columns = module.read_records(self, root)
-        for i, c in enumerate(record_classes(columns.labels, columns.has_label, self).tolist()):
-            path, problem = columns.path(i), columns.problems.get(i)
-            if c == len(self.classes):
-                label = int(columns.labels[i]) if columns.has_label[i] else None
-                yield path, -1, None, problem or label_problem(label, self.declared)
-            else:
-                yield path, (c if c >= 0 else None), columns.data[i], problem
+        return format_module(self.format).converter_records(self, root, shape)
 
 
 @dataclass(eq=False)
@@ -243,6 +228,17 @@ def iter_records(shard: ContainerShard, root: Root, limit: int | None = None):
     labels = records.labels.tolist()
     for i, (data, has_label) in enumerate(zip(records.data, records.has_label.tolist())):
         yield Record(records.path(i), labels[i] if has_label else None, data, records.problems.get(i))
+
+
+def converter_records(records: Records, shard: ContainerShard):
+    """ContainerShard.records of a shard read as `Records` (Parquet, WebDataset)."""
+    for i, c in enumerate(record_classes(records.labels, records.has_label, shard).tolist()):
+        path, problem = records.path(i), records.problems.get(i)
+        if c == len(shard.classes):
+            label = int(records.labels[i]) if records.has_label[i] else None
+            yield path, -1, None, problem or label_problem(label, shard.declared)
+        else:
+            yield path, (c if c >= 0 else None), records.data[i], problem
 
 
 def decode_records(records: Records, shard: ContainerShard, decoding: Decoding) -> ShardRead:

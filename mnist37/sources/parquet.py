@@ -18,7 +18,8 @@ import pyarrow as pa
 from mnist37.chunks import numbers, valid
 from mnist37.objects import ObjectStoreError
 from mnist37.png import Blobs
-from mnist37.sources.base import (ContainerPlan, ContainerShard, FormatError, Records, class_map, files_by_split,
+from mnist37.sources import base
+from mnist37.sources.base import (ContainerPlan, ContainerShard, Decoding, ShardRead, FormatError, Records, class_map, files_by_split,
                                   first_shape, selected_classes)
 from mnist37.sources.files import Root, open_input
 
@@ -148,6 +149,16 @@ def _label_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
         return np.zeros(len(column), dtype=np.int64), np.zeros(len(column), dtype=bool)
     return numbers(column).astype(np.int64), valid(column)
+
+
+def read_shard(shard: ContainerShard, root: Root, decoding: Decoding) -> ShardRead:
+    """The shard's records, decoded and counted (base.decode_records)."""
+    return base.decode_records(read_records(shard, root), shard, decoding)
+
+
+def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int]):
+    """The converter's records (ContainerShard.records): the encoded bytes as they are."""
+    return base.converter_records(read_records(shard, root), shard)
 
 
 def output_name(split: str, index: int, total: int) -> str:

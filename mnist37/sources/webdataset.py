@@ -14,7 +14,8 @@ import numpy as np
 
 from mnist37.png import Blobs
 from mnist37.sources import tar
-from mnist37.sources.base import (ContainerPlan, ContainerShard, Records, class_map, files_by_split, first_shape,
+from mnist37.sources import base
+from mnist37.sources.base import (ContainerPlan, ContainerShard, Decoding, ShardRead, Records, class_map, files_by_split, first_shape,
                                   selected_classes)
 from mnist37.sources.files import Root, open_input
 from mnist37.sources.tar import TarCutShort
@@ -138,6 +139,16 @@ def _labels(texts: list[bytes | None], problems: dict[int, str]) -> tuple[np.nda
         except (ValueError, OverflowError):
             problems.setdefault(i, f"class {text[:20].decode('utf-8', 'replace')!r} is not an integer")
     return labels, has_label
+
+
+def read_shard(shard: ContainerShard, root: Root, decoding: Decoding) -> ShardRead:
+    """The shard's records, decoded and counted (base.decode_records)."""
+    return base.decode_records(read_records(shard, root), shard, decoding)
+
+
+def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int]):
+    """The converter's records (ContainerShard.records): the encoded bytes as they are."""
+    return base.converter_records(read_records(shard, root), shard)
 
 
 def output_name(split: str, index: int, total: int) -> str:

@@ -1,0 +1,102 @@
+"""The layers stay layers: who may import Ray, what the sources may import, and a codec without I/O.
+
+Read from the source files (every import, also those inside functions), so a change that
+crosses a layer fails here, before it becomes a habit:
+
+- only the orchestration modules (`distributed`, the one module that turns the core into Ray
+  tasks, and `job`, which starts and stops Ray) import `ray`;
+- the sources layer (`mnist37.sources.*`) imports nothing that orchestrates it: not the
+  planner, the shards, the Ray module, the stages, the job, the converter or the benchmark;
+- the PNG codec (`mnist37.png`) does no I/O: it imports no filesystem, store or source
+  module and opens no file; the sources read bytes, the codec only decodes them;
+- every format in the sources table has a module with the protocol the table promises.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mnist37"
+ORCHESTRATION = {"mnist37.distributed", "mnist37.job"}
+ABOVE_SOURCES = {"mnist37.plan", "mnist37.shards", "mnist37.distributed", "mnist37.evaluation", "mnist37.job",
+                 "mnist37.convert", "mnist37.benchmark", "mnist37.gpu_check", "mnist37.report", "mnist37.classify"}
+CODEC_MAY_NOT = {"os", "pathlib", "shutil", "tempfile", "mmap", "glob", "pyarrow", "mnist37.objects",
+                 "mnist37.paths", "mnist37.storage", "mnist37.sources"}
+
+
+def modules() -> dict[str, Path]:
+    return {".".join(("mnist37", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+            for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function; `from a import b` counts
+    as a and a.b (b may be a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def under(name: str, packages: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_the_walk_sees_every_module_and_its_lazy_imports():
+    found = modules()
+    assert {"mnist37.png", "mnist37.sources", "mnist37.sources.folder", "mnist37.distributed"} <= set(found)
+    assert "ray" in imports(found["mnist37.job"])  # job imports ray inside main(), not at the top
+
+
+def test_only_the_orchestration_modules_import_ray():
+    users = {name for name, path in modules().items() if under_any(imports(path), {"ray"})}
+    assert users <= ORCHESTRATION, f"imports ray outside orchestration: {sorted(users - ORCHESTRATION)}"
+
+
+def test_the_sources_import_nothing_that_orchestrates_them():
+    for name, path in modules().items():
+        if under(name, {"mnist37.sources"}):
+            crossing = {m for m in imports(path) if under(m, ABOVE_SOURCES)}
+            assert not crossing, f"{name} imports {sorted(crossing)}"
+
+
+def test_the_png_codec_does_no_io():
+    path = modules()["mnist37.png"]
+    crossing = {m for m in imports(path) if under(m, CODEC_MAY_NOT)}
+    assert not crossing, f"mnist37.png imports {sorted(crossing)}"
+    calls = [node for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open"]
+    assert not calls, f"mnist37.png calls open() at line {calls[0].lineno}"
+
+
+def under_any(names: set[str], packages: set[str]) -> bool:
+    return any(under(n, packages) for n in names)
+
+
+@pytest.mark.parametrize("name", ["folder", "parquet", "webdataset", "idx"])
+def test_every_format_in_the_table_has_its_module(name):
+    from mnist37 import sources
+
+    module = sources.format_module(name)
+    assert module.NAME == name
+    if name == "folder":
+        return  # listed, not planned from headers (mnist37.plan)
+    for function in ("containers", "plan", "read_shard", "converter_records", "output_name"):
+        assert callable(getattr(module, function)), f"{module.__name__} has no {function}()"
+    assert hasattr(module, "ShardWriter")
+    assert set(sources.FORMATS) >= set(sources.DETECTED) and set(sources.TARGETS) <= set(sources.FORMATS)
+
+
+def test_the_config_format_choices_are_the_table():
+    from mnist37 import config, sources
+
+    assert config.FORMATS == ("auto", *sources.FORMATS)
+    importlib.import_module("mnist37.sources")  # cheap: the format modules load when used
