@@ -167,7 +167,8 @@ class Blobs:
 
     A shard's encoded images travel this way from a container to the decoder, which checks
     and inflates them straight from the buffer: no bytes object per image (`to_pylist` of a
-    Parquet column and the join before the bulk checks cost ~0.4 µs an image)."""
+    Parquet column and the join before the bulk checks cost a large part of a plain PNG's
+    decode: docs/figures.md)."""
 
     buffer: object  # bytes-like (bytes, memoryview, a pyarrow Buffer)
     starts: np.ndarray  # int64 [N]
@@ -234,7 +235,7 @@ def plain_pngs(data: Sequence[bytes] | Blobs, shape: tuple[int, int]) -> tuple[n
     and IEND, every CRC right, and whose rows all have filter type 0 (none), so its pixels
     are the inflated IDAT without each row's filter byte. MNIST's PNGs are all plain. The
     bytes are checked for all PNGs at once with NumPy; per PNG there remain a CRC and an
-    inflate (~1.8 µs with zlib-ng, against ~4.8 µs for libspng's whole decode). Anything else
+    inflate, a fraction of libspng's whole decode (docs/figures.md). Anything else
     (and a missing item of `Blobs`) is left to the general path, which also names what is
     wrong with a broken file."""
     h, w = shape

@@ -202,7 +202,7 @@ def _scan_images(folder: bytes) -> tuple[np.ndarray, int]:
     """`_image_names` from the folder itself.
 
     Names are gathered in batches of 64k, so a 600,000-file folder never exists as 600,000
-    Python objects at once (~35 MB less peak memory); bytes sort in code-point order. Whether
+    Python objects at once; bytes sort in code-point order. Whether
     an entry is a folder comes from the directory listing itself (no stat per file)."""
     parts, batch, folders = [], [], 0
     with os.scandir(folder) as entries:

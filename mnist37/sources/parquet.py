@@ -129,8 +129,8 @@ def read_records(shard: ContainerShard, root: Root, limit: int | None = None) ->
         stop, rows = shard.start, 0
         while stop < shard.stop and (limit is None or rows < limit):  # row groups up to `limit` rows
             rows, stop = rows + parquet.metadata.row_group(stop).num_rows, stop + 1
-        # One thread: a decode task holds one CPU, and Arrow's pool on the others measured
-        # 0.54 ms of CPU a 1024-row group against 0.42 ms read alone.
+        # One thread: a decode task holds one CPU, and Arrow's pool costs more CPU than it
+        # saves here (docs/figures.md).
         table = parquet.read_row_groups(range(shard.start, stop), columns=[shard.image_column, shard.label_column],
                                         use_threads=False)
     data = image_bytes(table.column(shard.image_column), shard.source)

@@ -33,7 +33,7 @@ class TarCutShort(FormatError):
 
 
 # Reads of 1 MiB: the headers are scanned and the members sliced while the read is in the
-# core's L2 cache (tar_members of an 8192-record MNIST shard: 1.33 µs a record; 4 MiB reads 1.45-2.0, 16 MiB 2.4).
+# core's L2 cache (larger reads measured slower a record: docs/figures.md).
 _READ_BLOCK = 1 << 20
 
 
@@ -113,10 +113,9 @@ def members(f, source: str, limit: int | None = None) -> TarMembers:
     header (TarCutShort) or a header that does not parse (FormatError) ends the members there
     and is returned with those before it. With `limit`, reading stops once that many are found.
 
-    A reader of its own rather than tarfile: tarfile's per-member work (~15 µs) is several
-    times a 250-byte PNG's decode. This one reads 1 MiB at a time and parses runs of plain
-    ustar headers with numpy (`_plain_members`, ~0.3 µs a member), every other header one at
-    a time (~1 µs). It follows
+    A reader of its own rather than tarfile: tarfile's per-member work is several times a
+    small PNG's decode (docs/figures.md). This one reads 1 MiB at a time and parses runs of
+    plain ustar headers with numpy (`_plain_members`), every other header one at a time. It follows
     ustar, GNU long names and pax path records, and skips everything that is not a regular
     file. Header checksums are not verified: a damaged header shows up as a size that does not
     parse or a stream cut short."""
