@@ -282,26 +282,39 @@ def format_summary(num_images: int, summary: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="fastbook's single-process baseline against mnist37, side by side")
-    parser.add_argument("--data", required=True, help="ImageFolder folder or .tgz (as for jobs/evaluate.py)")
-    parser.add_argument("--copies", type=int, nargs="+", default=[10], help="replication factors N")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant per N (at least 3)")
-    parser.add_argument("--classes", nargs="+", default=["3", "7"])
-    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scaled data, chunks, outputs")
-    parser.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"))
-    parser.add_argument("--cluster", action="store_true",
-                        help="also run cold and warm against a `ray start --head` on loopback")
-    parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
-                        help="also run cold from these formats (the scaled folder converted once): tar parquet idx")
-    parser.add_argument("--shard-size", type=int, default=8192, help="images per converted file (tar, parquet)")
-    parser.add_argument("--no-seed", dest="seed", action="store_false",
-                        help="leave out fastbook's single-process run (minutes at N = 100) when comparing mnist37 runs")
-    parser.add_argument("--unverified", action="store_true",
-                        help="also run warm with verify_chunks = false: what checking chunks costs")
-    parser.add_argument("--shard-cpu", type=int, default=0, metavar="SHARDS",
-                        help="also time decode_shard alone (CPU per image, no Ray) on this many shards of "
-                             "the folder and of each format, taking turns")
-    parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
+    """The benchmark's flags, grouped as --help lists them, each with its default."""
+    from mnist37.config import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        description="fastbook's single-process baseline against mnist37 cold and warm, side by side",
+        formatter_class=HelpFormatter, epilog="Flags after -- go to every mnist37 run: -- --shard-size 4096.")
+    data = parser.add_argument_group("data", "the images, and how many times they are replicated")
+    data.add_argument("--data", required=True, help="ImageFolder folder or .tgz, as for the job (required)")
+    data.add_argument("--classes", nargs="+", default=["3", "7"], metavar="CLASS", help="class folders")
+    data.add_argument("--copies", type=int, nargs="+", default=[10], metavar="N",
+                      help="replication factors: one scale of the data set each")
+    runs = parser.add_argument_group("runs", "what runs, and how often, taking turns")
+    runs.add_argument("--repeats", type=int, default=3, metavar="N",
+                      help="runs of each variant per scale (at least 1; 0 only with --shard-cpu)")
+    runs.add_argument("--no-seed", dest="seed", action="store_false",
+                      help="leave out fastbook's single-process run (minutes at N = 100) when comparing mnist37 runs")
+    runs.add_argument("--unverified", action="store_true",
+                      help="also run warm with verify_chunks = false: what checking chunks costs")
+    runs.add_argument("--cluster", action="store_true",
+                      help="also run cold and warm against a `ray start --head` on loopback")
+    runs.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
+                      help="also run cold from these formats, the scaled folder converted once (default: none)")
+    runs.add_argument("--shard-size", type=int, default=8192, metavar="IMAGES",
+                      help="images per converted file (with --formats)")
+    runs.add_argument("--shard-cpu", type=int, default=0, metavar="SHARDS",
+                      help="also time decode_shard alone (CPU per image, no Ray) on this many shards of "
+                           "the folder and of each format, taking turns (default: 0, not timed)")
+    output = parser.add_argument_group("output", "where the scaled data, the runs and the figures go")
+    output.add_argument("--work", type=Path, default=Path("runs/bench"), metavar="DIR",
+                        help="scaled data sets, chunks, each run's output")
+    output.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"), metavar="FILE",
+                        help="every figure, written after each scale")
+    parser.add_argument("evaluate_args", nargs="*", metavar="-- FLAG", help="after --: extra job flags")
     args = parser.parse_args(argv)
     if args.repeats < (0 if args.shard_cpu else 1) or min(args.copies) < 1:
         parser.error("--copies must be positive, and --repeats too unless --shard-cpu is all that is asked for")
