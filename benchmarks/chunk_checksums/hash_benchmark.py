@@ -1,6 +1,6 @@
 """Benchmark: candidate chunk checksums side by side, on a real chunk's own Arrow buffers.
 
-    python jobs/hash_benchmark.py --data ../shared/data/mnist_sample.tgz
+    python benchmarks/chunk_checksums/hash_benchmark.py --data ../shared/data/mnist_sample.tgz
 
 Decodes the first training shard (--shard-size images) into a chunk in a temporary folder,
 memory-maps it, and hashes exactly the bytes mnist37's checksum covers
@@ -8,7 +8,7 @@ memory-maps it, and hashes exactly the bytes mnist37's checksum covers
 core each: xxh3-128 (what mnist37 uses), blake3 (`pip install blake3` to include it, one
 thread) and hashlib's blake2b. Prints the median GB/s of --repeats rounds, what hashing a
 warm N = 100 run's chunks would cost at that rate, and the whole `verify_chunk` (open the
-mapped file, read the footer, hash) per chunk.
+mapped file, read the footer, hash) per chunk. Findings: README.md beside this file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root: mnist37, installed or not
 
 import pyarrow as pa  # noqa: E402
 import xxhash  # noqa: E402
