@@ -50,6 +50,8 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 def _module_env() -> dict:
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep}{path}" if path else str(PACKAGE_PARENT)}
+
+
 VARIANTS = ("seed", "cold", "warm")
 CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
 # Container formats the benchmark converts the scaled folder to: variant prefix -> converter target.
@@ -114,17 +116,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_cluster(log: Path, timeout_s: float = 120) -> Iterator[str]:
+def running_cluster(log_file: Path, timeout_s: float = 120) -> Iterator[str]:
     """A one-node Ray cluster (`ray start --head --block`, no dashboard) for as long as the
-    context lasts; yields its address for `--ray-address`. Ending the `ray start` process stops
-    what it started and nothing else on the machine (unlike `ray stop`). Its own --temp-dir keeps
+    context lasts; yields its address for `--ray-address`, and `ray start`'s output goes to
+    `log_file`. Ending the `ray start` process stops what it started and nothing else on the
+    machine (unlike `ray stop`, which stops every Ray of the user's). Its own --temp-dir keeps
     the "current cluster" file out of /tmp/ray: stopped this way the file would stay behind,
-    and every later `ray.init()` on the machine would try to join the dead head."""
+    and every later `ray.init()` on the machine would try to join the dead head.
+
+    Public: the benchmark's cluster-cold and cluster-warm runs join it, and so does the test
+    suite's shared Ray (tests/conftest.py), which thereby tests it on every run."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
     temp_dir = tempfile.mkdtemp(prefix="mnist37-ray-")  # short: Ray's socket paths must fit 107 bytes
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as out:
         process = subprocess.Popen(
             [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--port", str(port),
              "--temp-dir", temp_dir, "--include-dashboard", "false", "--disable-usage-stats",
@@ -132,9 +138,9 @@ def running_cluster(log: Path, timeout_s: float = 120) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
-        while "Ray runtime started" not in log.read_text(errors="replace"):
+        while "Ray runtime started" not in log_file.read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise Mnist37Error(f"ray start --head did not come up; its output is in {log}")
+                raise Mnist37Error(f"ray start --head did not come up; its output is in {log_file}")
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
