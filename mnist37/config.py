@@ -4,8 +4,9 @@ The defaults are the package's own (no file is read unless --config names one), 
 mnist37 runs without this repository; configs/*.toml are short commented examples.
 
 Every field of `Config` is a config-file key (`shard_size`) and a command-line flag
-(`--shard-size`). Unknown keys and bad values raise `ConfigError` naming the key and
-what is allowed.
+(`--shard-size`); its metadata holds its command line (group, one line of help, the values it
+allows), from which `build_parser` makes each entry point's flags and --help. Unknown keys and
+bad values raise `ConfigError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def _shown(value: object) -> str:
     return str(value)
 
 
-def flag_help(name: str, default: object = None, help: str | None = None) -> str:
+def _flag_help(name: str, default: object = None, help: str | None = None) -> str:
     """Field `name`'s line of --help: what it is (the field's words unless `help` is given)
     and its default (the field's own unless `default` is given)."""
     meta = _fields()[name].metadata
@@ -334,7 +335,7 @@ def build_parser(description: str | None = None, groups: Iterable[str] = tuple(G
     for name, f in _fields().items():
         shown = f.metadata["group"] in sections and name not in hidden
         where = sections[f.metadata["group"]] if shown else parser
-        help = flag_help(name, defaults.get(name), helps.get(name)).replace("%", "%%") if shown else argparse.SUPPRESS
+        help = _flag_help(name, defaults.get(name), helps.get(name)).replace("%", "%%") if shown else argparse.SUPPRESS
         nargs = "+" if typing.get_origin(_field_type(name)) is list else None
         where.add_argument("--" + name.replace("_", "-"), dest=name, nargs=nargs, default=None,
                            metavar=_metavar(name), help=help)

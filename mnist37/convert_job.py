@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser = build_parser(description="Convert a data set the job reads into Parquet (Hugging Face layout), "
                                       "WebDataset tar shards or IDX.",
                           groups=(DATA, DECODING), hidden=UNUSED, defaults=DEFAULTS, helps=HELPS)
+    parser.epilog = ("The data and decoding flags are also keys of a --config file (--shard-size: shard_size); "
+                     "--to, --dest and --workers are flags only. Lists take spaces or commas.")
     own = parser.add_argument_group("conversion", "what is written, and by how many processes")
     own.add_argument("--to", required=True, choices=TARGETS, help="output format (required)")
     own.add_argument("--dest", required=True, type=Path, metavar="DIR",
