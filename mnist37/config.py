@@ -332,7 +332,8 @@ def build_parser(description: str | None = None, groups: Iterable[str] = tuple(G
                              "its default unless set)")
     groups, hidden, defaults, helps = list(groups), set(hidden), defaults or {}, helps or {}
     sections = {group: parser.add_argument_group(group, GROUPS[group]) for group in GROUPS if group in groups}
-    for name, f in _fields().items():
+    # Group by group, so that the usage line lists the flags in --help's order.
+    for name, f in sorted(_fields().items(), key=lambda item: list(GROUPS).index(item[1].metadata["group"])):
         shown = f.metadata["group"] in sections and name not in hidden
         where = sections[f.metadata["group"]] if shown else parser
         help = _flag_help(name, defaults.get(name), helps.get(name)).replace("%", "%%") if shown else argparse.SUPPRESS
