@@ -12,8 +12,10 @@ cold and warm start their own Ray (`ray.init()`), as on a laptop; --cluster adds
 and cluster-warm, the same job connecting to a Ray head already running on loopback, as under
 `ray job submit`. --unverified adds warm-unverified (verify_chunks = false) after each warm
 run: what checking chunks costs. Everything is also written to --json. Flags after `--` go to
-jobs/evaluate.py (--shard-size 4096). The benchmark is mnist37.benchmark
-(`python -m mnist37.benchmark` from an installed mnist37).
+jobs/evaluate.py (--shard-size 4096); `--help` lists every flag with its default. The
+benchmark is mnist37.benchmark (`mnist37-benchmark`, or `python -m mnist37.benchmark`, from an
+installed mnist37). One-off studies (checksums, chunk writes, object stores) are not this
+benchmark: they live in benchmarks/, outside the package.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ On a Ray cluster (README: "On a Ray cluster"):
     ray job submit --address http://127.0.0.1:8265 --runtime-env configs/runtime_env.yaml -- \
         python jobs/evaluate.py --data /data/mnist_sample.tgz --out /data/runs/sample
 
-Every config key is also a flag (--shard-size 97, --device cpu, --on-bad-file skip); see
-mnist37/config.py and configs/. With no --data it downloads mnist_sample. The job itself is
-mnist37.job (`python -m mnist37.job` from an installed mnist37).
+Every config key is also a flag (--shard-size 97, --device cpu, --on-bad-file skip); `--help`
+lists them by group (data, decoding, classify, Ray, output) with their choices and defaults;
+configs/ holds example config files. With no --data it downloads mnist_sample. The job itself
+is mnist37.job (`mnist37-evaluate`, or `python -m mnist37.job`, from an installed mnist37).
 """
 
 from __future__ import annotations

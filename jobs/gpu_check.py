@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from mnist37 import Mnist37Error  # noqa: E402
 from mnist37 import gpu_check as check  # noqa: E402
-from mnist37.config import load  # noqa: E402
+from mnist37.config import HelpFormatter, load  # noqa: E402
 from mnist37.accuracy import accuracy_report  # noqa: E402
 from mnist37.report import format_table  # noqa: E402
 
@@ -42,9 +42,9 @@ GOAL = 10_000_000  # images/s on one H100, copy included (issue 14)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="full MNIST: mnist_png.tgz (or its folder)")
-    parser.add_argument("--sample", required=True, help="fastai's mnist_sample.tgz (or its folder)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--data", required=True, help="full MNIST: mnist_png.tgz (or its folder) (required)")
+    parser.add_argument("--sample", required=True, help="fastai's mnist_sample.tgz (or its folder) (required)")
     parser.add_argument("--cache-dir", default="", help="where archives are extracted (default: mnist37's cache)")
     parser.add_argument("--batches", type=int, nargs="+", default=GPU_BATCHES, help="GPU throughput batch sizes")
     parser.add_argument("--cpu-batches", type=int, nargs="+", default=CPU_BATCHES, help="CPU throughput batch sizes")

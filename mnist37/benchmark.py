@@ -51,6 +51,8 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 def _module_env() -> dict:
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep}{path}" if path else str(PACKAGE_PARENT)}
+
+
 VARIANTS = ("seed", "cold", "warm")
 CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
 # Container formats the benchmark converts the scaled folder to: variant prefix -> converter
@@ -116,17 +118,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_cluster(log: Path, timeout_s: float = 120) -> Iterator[str]:
+def running_cluster(log_file: Path, timeout_s: float = 120) -> Iterator[str]:
     """A one-node Ray cluster (`ray start --head --block`, no dashboard) for as long as the
-    context lasts; yields its address for `--ray-address`. Ending the `ray start` process stops
-    what it started and nothing else on the machine (unlike `ray stop`). Its own --temp-dir keeps
+    context lasts; yields its address for `--ray-address`, and `ray start`'s output goes to
+    `log_file`. Ending the `ray start` process stops what it started and nothing else on the
+    machine (unlike `ray stop`, which stops every Ray of the user's). Its own --temp-dir keeps
     the "current cluster" file out of /tmp/ray: stopped this way the file would stay behind,
-    and every later `ray.init()` on the machine would try to join the dead head."""
+    and every later `ray.init()` on the machine would try to join the dead head.
+
+    Public: the benchmark's cluster-cold and cluster-warm runs join it, and so does the test
+    suite's shared Ray (tests/conftest.py), which thereby tests it on every run."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
     temp_dir = tempfile.mkdtemp(prefix="mnist37-ray-")  # short: Ray's socket paths must fit 107 bytes
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as out:
         process = subprocess.Popen(
             [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--port", str(port),
              "--temp-dir", temp_dir, "--include-dashboard", "false", "--disable-usage-stats",
@@ -134,9 +140,9 @@ def running_cluster(log: Path, timeout_s: float = 120) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
-        while "Ray runtime started" not in log.read_text(errors="replace"):
+        while "Ray runtime started" not in log_file.read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise Mnist37Error(f"ray start --head did not come up; its output is in {log}")
+                raise Mnist37Error(f"ray start --head did not come up; its output is in {log_file}")
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
@@ -284,26 +290,39 @@ def format_summary(num_images: int, summary: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="fastbook's single-process baseline against mnist37, side by side")
-    parser.add_argument("--data", required=True, help="ImageFolder folder or .tgz (as for jobs/evaluate.py)")
-    parser.add_argument("--copies", type=int, nargs="+", default=[10], help="replication factors N")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant per N (at least 3)")
-    parser.add_argument("--classes", nargs="+", default=["3", "7"])
-    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scaled data, chunks, outputs")
-    parser.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"))
-    parser.add_argument("--cluster", action="store_true",
-                        help="also run cold and warm against a `ray start --head` on loopback")
-    parser.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
-                        help="also run cold from these formats (the scaled folder converted once): tar parquet idx")
-    parser.add_argument("--shard-size", type=int, default=8192, help="images per converted file (tar, parquet)")
-    parser.add_argument("--no-seed", dest="seed", action="store_false",
-                        help="leave out fastbook's single-process run (minutes at N = 100) when comparing mnist37 runs")
-    parser.add_argument("--unverified", action="store_true",
-                        help="also run warm with verify_chunks = false: what checking chunks costs")
-    parser.add_argument("--shard-cpu", type=int, default=0, metavar="SHARDS",
-                        help="also time decode_shard alone (CPU per image, no Ray) on this many shards of "
-                             "the folder and of each format, taking turns")
-    parser.add_argument("evaluate_args", nargs="*", help="after --: extra jobs/evaluate.py flags")
+    """The benchmark's flags, grouped as --help lists them, each with its default."""
+    from mnist37.config import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        description="fastbook's single-process baseline against mnist37 cold and warm, side by side",
+        formatter_class=HelpFormatter, epilog="Flags after -- go to every mnist37 run: -- --shard-size 4096.")
+    data = parser.add_argument_group("data", "the images, and how many times they are replicated")
+    data.add_argument("--data", required=True, help="ImageFolder folder or .tgz, as for the job (required)")
+    data.add_argument("--classes", nargs="+", default=["3", "7"], metavar="CLASS", help="class folders")
+    data.add_argument("--copies", type=int, nargs="+", default=[10], metavar="N",
+                      help="replication factors: one scale of the data set each")
+    runs = parser.add_argument_group("runs", "what runs, and how often, taking turns")
+    runs.add_argument("--repeats", type=int, default=3, metavar="N",
+                      help="runs of each variant per scale (at least 1; 0 only with --shard-cpu)")
+    runs.add_argument("--no-seed", dest="seed", action="store_false",
+                      help="leave out fastbook's single-process run (minutes at N = 100) when comparing mnist37 runs")
+    runs.add_argument("--unverified", action="store_true",
+                      help="also run warm with verify_chunks = false: what checking chunks costs")
+    runs.add_argument("--cluster", action="store_true",
+                      help="also run cold and warm against a `ray start --head` on loopback")
+    runs.add_argument("--formats", nargs="*", default=[], choices=sorted(FORMATS),
+                      help="also run cold from these formats, the scaled folder converted once (default: none)")
+    runs.add_argument("--shard-size", type=int, default=8192, metavar="IMAGES",
+                      help="images per converted file (with --formats)")
+    runs.add_argument("--shard-cpu", type=int, default=0, metavar="SHARDS",
+                      help="also time decode_shard alone (CPU per image, no Ray) on this many shards of "
+                           "the folder and of each format, taking turns (default: 0, not timed)")
+    output = parser.add_argument_group("output", "where the scaled data, the runs and the figures go")
+    output.add_argument("--work", type=Path, default=Path("runs/bench"), metavar="DIR",
+                        help="scaled data sets, chunks, each run's output")
+    output.add_argument("--json", type=Path, default=Path("runs/bench/benchmark.json"), metavar="FILE",
+                        help="every figure, written after each scale")
+    parser.add_argument("evaluate_args", nargs="*", metavar="-- FLAG", help="after --: extra job flags")
     args = parser.parse_args(argv)
     if args.repeats < (0 if args.shard_cpu else 1) or min(args.copies) < 1:
         parser.error("--copies must be positive, and --repeats too unless --shard-cpu is all that is asked for")

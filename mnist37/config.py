@@ -4,8 +4,9 @@ The defaults are the package's own (no file is read unless --config names one), 
 mnist37 runs without this repository; configs/*.toml are short commented examples.
 
 Every field of `Config` is a config-file key (`shard_size`) and a command-line flag
-(`--shard-size`). Unknown keys and bad values raise `ConfigError` naming the key and
-what is allowed.
+(`--shard-size`); its metadata holds its command line (group, one line of help, the values it
+allows), from which `build_parser` makes each entry point's flags and --help. Unknown keys and
+bad values raise `ConfigError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import tomllib
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +29,27 @@ NON_GRAYSCALE = ("reject", "convert")
 FORMATS = ("auto", *sources.FORMATS)
 
 
+# The groups --help lists the flags in, in this order; each field names its group.
+DATA, DECODING, CLASSIFY, RAY, OUTPUT = "data", "decoding", "classify", "Ray", "output"
+GROUPS = {
+    DATA: "what is read, and which part of it",
+    DECODING: "how images become Arrow chunks",
+    CLASSIFY: "the distance classifier",
+    RAY: "the cluster and its tasks",
+    OUTPUT: "what is written",
+}
+
+
 class ConfigError(Mnist37Error, ValueError):
     """A config key is unknown or has a value outside what it allows."""
+
+
+def _flag(group: str, help: str, *, choices: tuple[str, ...] = (), metavar: str | None = None,
+          empty: str | None = None) -> dict:
+    """A field's command line, kept in its metadata: its --help group, one line of help, the
+    values it allows (checked by `validate`, shown by --help), the name of its value, and
+    what an empty default means."""
+    return {"group": group, "help": help, "choices": choices, "metavar": metavar, "empty": empty}
 
 
 @dataclass
@@ -36,54 +57,78 @@ class Config:
     # A data set in ImageFolder layout, <root>/<split>/<class>/*.png: a folder, a .tgz/.tar.gz,
     # or a name (mnist_sample, mnist, mnist_tiny) downloaded from fastai's archives; or a
     # folder of Parquet files, WebDataset tar shards or IDX files (see `format`).
-    data: str = "mnist_sample"
+    data: str = field(default="mnist_sample", metadata=_flag(
+        DATA, "a folder, .tgz, URI, or data set name: mnist_sample, mnist, mnist_tiny"))
     # Output folder: results.json, prototype PNGs, the accuracy table.
-    out: str = "runs/latest"
+    out: str = field(default="runs/latest", metadata=_flag(
+        OUTPUT, "folder (or URI) for results.json, prototype PNGs, the accuracy table", metavar="DIR"))
     # What `data` holds: "folder" (ImageFolder PNGs), "parquet" (Hugging Face datasets layout),
     # "webdataset" (tar shards of <key>.png + <key>.cls), "idx" (MNIST's own files); "auto"
     # tells them apart by the files there (README: Formats).
-    format: str = "auto"
+    format: str = field(default="auto", metadata=_flag(
+        DATA, "what --data holds; auto tells the formats apart by its files", choices=FORMATS))
     # Parquet columns: encoded image bytes (a struct with a `bytes` field, or binary) and the
     # integer label.
-    image_column: str = "image"
-    label_column: str = "label"
+    image_column: str = field(default="image", metadata=_flag(
+        DATA, "Parquet column of encoded image bytes", metavar="COLUMN"))
+    label_column: str = field(default="label", metadata=_flag(
+        DATA, "Parquet column of integer labels", metavar="COLUMN"))
     # Where Arrow tensor chunks are kept: a path or a pyarrow filesystem URI (file://, s3://,
     # gs://, hdfs://); empty means <cache_dir>/chunks/<data root name>-<hash>, shared by every
     # run over the same data root.
-    chunk_dir: str = ""
+    chunk_dir: str = field(default="", metadata=_flag(
+        DECODING, "where Arrow chunks are kept: a path or URI (file://, s3://, gs://, hdfs://)",
+        metavar="DIR", empty="<cache_dir>/chunks/<data root name>-<hash>"))
     # How chunks reach classify tasks: "filesystem" (chunk_dir, which every node must reach:
     # one machine, a shared mount, or a URI), "object_store" (Ray carries each evaluation
     # chunk's bytes; for nodes that share no disk), "auto" (object_store on a multi-node
     # cluster unless chunk_dir is a URI, else filesystem).
-    chunk_transport: str = "auto"
+    chunk_transport: str = field(default="auto", metadata=_flag(
+        RAY, "how chunks reach classify tasks; auto: object_store on a multi-node cluster "
+        "unless --chunk-dir is a URI", choices=CHUNK_TRANSPORTS))
     # Reuse a shard's chunk when its files (paths, sizes, modification times) are unchanged,
     # and a class folder's listing while the folder is (both kept in a local chunk_dir).
-    reuse_chunks: bool = True
+    reuse_chunks: bool = field(default=True, metadata=_flag(
+        DECODING, "reuse a shard's chunk and a folder's listing while their files are unchanged"))
     # Check every chunk against its checksum when it is used (a damaged one is decoded again).
     # false skips the hashing, for measuring what it costs (~1-2% of a warm run): a damaged
     # chunk is then trusted silently.
-    verify_chunks: bool = True
+    verify_chunks: bool = field(default=True, metadata=_flag(
+        DECODING, "check every chunk against its checksum when it is used"))
     # Where archives are extracted; empty means $MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37,
     # else ~/.cache/mnist37.
-    cache_dir: str = ""
+    cache_dir: str = field(default="", metadata=_flag(
+        DATA, "where archives are extracted", metavar="DIR",
+        empty="$MNIST37_CACHE, else $XDG_CACHE_HOME/mnist37, else ~/.cache/mnist37"))
     # Split whose images are averaged into prototypes, and split that is classified. Empty: a
     # named data set's own (mnist: training / testing), else train / valid.
-    train_split: str = ""
-    eval_split: str = ""
+    train_split: str = field(default="", metadata=_flag(
+        DATA, "split averaged into prototypes", metavar="SPLIT",
+        empty="training for mnist, else train"))
+    eval_split: str = field(default="", metadata=_flag(
+        DATA, "split that is classified", metavar="SPLIT",
+        empty="testing for mnist, else valid"))
     # Class folder names, in the order used for indices and confusion rows; ["all"] takes every
     # class folder of the training split, sorted. Empty: a named data set's own (mnist: all),
     # else ["3", "7"], fastbook's pair.
-    classes: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list, metadata=_flag(
+        DATA, "class folder names, in confusion-row order; all: every class of the training split",
+        metavar="CLASS", empty="all for mnist, else 3 7"))
     # What a file that cannot be used does to the job: "error" stops it before any accuracy
     # is computed and lists every such file; "skip" leaves them out and lists them in
     # results.json. Either way files found = images used + files rejected.
-    on_bad_file: str = "error"
+    on_bad_file: str = field(default="error", metadata=_flag(
+        DECODING, "a file that cannot be used: stop the job listing every one, or leave them out",
+        choices=ON_BAD_FILE))
     # PNGs that are not 8-bit grayscale (RGB, RGBA, palette, 16-bit, 1-bit): "reject" them as
     # bad files, or "convert" them as Pillow's "L" mode does (luma for color, alpha dropped,
     # 16-bit values clipped at 255).
-    non_grayscale: str = "reject"
+    non_grayscale: str = field(default="reject", metadata=_flag(
+        DECODING, "PNGs that are not 8-bit grayscale: reject as bad files, or convert as Pillow's L mode",
+        choices=NON_GRAYSCALE))
     # [H, W] every image must have; empty takes the first training image that decodes.
-    image_shape: list[int] = field(default_factory=list)
+    image_shape: list[int] = field(default_factory=list, metadata=_flag(
+        DECODING, "H W every image must have", metavar="N", empty="the first training image's"))
     # Images per shard, i.e. per Ray task and per Arrow chunk. 8192 MNIST images are ~100 ms
     # of decode, so Ray's few ms per task stay ~2-4% and the last task ends soon after the
     # rest. Measured when it was chosen (commit a4e781f, before chunk reuse by listing and
@@ -91,24 +136,33 @@ class Config:
     # 4096: 21.1 / 9.7, 8192: 20.0 / 10.4, 16384: 18.2 / 8.9; larger shards leave a big
     # cluster's cores idle on mid-size data sets. Fixed, not derived from the data size, so
     # adding files does not move every shard boundary (and re-decode everything).
-    shard_size: int = 8192
+    shard_size: int = field(default=8192, metadata=_flag(
+        DECODING, "images per shard: per decode task and per Arrow chunk", metavar="IMAGES"))
     # Distance metrics to report: l1 = mean absolute difference (fastbook's), l2 = RMS difference.
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    metrics: list[str] = field(default_factory=lambda: list(METRICS), metadata=_flag(
+        CLASSIFY, "distances to report: l1 mean absolute difference, l2 RMS difference", choices=METRICS))
     # Misclassified images per class and metric shown in report.html, closest to the decision
     # boundary and farthest from it.
-    report_examples: int = 4
+    report_examples: int = field(default=4, metadata=_flag(
+        OUTPUT, "misclassified images per class and metric shown in report.html", metavar="N"))
     # Where distances are computed: auto = CUDA when the task sees a CUDA device.
-    device: str = "auto"
+    device: str = field(default="auto", metadata=_flag(
+        CLASSIFY, "where distances are computed; auto: CUDA where the task sees one", choices=DEVICES))
     # GPU fraction each classification task asks Ray for, when the cluster has GPUs.
-    gpus_per_task: float = 0.25
+    gpus_per_task: float = field(default=0.25, metadata=_flag(
+        CLASSIFY, "GPU fraction each classify task asks Ray for, on a cluster with GPUs", metavar="FRACTION"))
     # Most Ray tasks submitted and not yet finished; 0 = twice the cluster's CPUs.
-    max_in_flight: int = 0
+    max_in_flight: int = field(default=0, metadata=_flag(
+        RAY, "most Ray tasks submitted and not yet finished; 0: twice the cluster's CPUs", metavar="TASKS"))
     # Start Ray's dashboard (on 127.0.0.1) when the job starts its own local Ray; off, a
     # local start is ~0.8 s faster. A cluster's dashboard is the cluster's business.
-    ray_dashboard: bool = False
+    ray_dashboard: bool = field(default=False, metadata=_flag(
+        RAY, "start Ray's dashboard (on 127.0.0.1) when the job starts its own local Ray"))
     # Ray cluster to join; empty lets ray.init() decide (RAY_ADDRESS, a running local
     # cluster, else a new local Ray); "local" always starts a new local Ray.
-    ray_address: str = ""
+    ray_address: str = field(default="", metadata=_flag(
+        RAY, "Ray cluster to join; local: always a new local Ray", metavar="ADDRESS",
+        empty="RAY_ADDRESS, else a cluster `ray start` left on this machine, else a new local Ray"))
 
     def __post_init__(self) -> None:
         validate(self)
@@ -222,25 +276,78 @@ def load_file(path: str | Path) -> dict:
     return values
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """A parser with --config plus one --key-name flag per Config field (default: not given)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None,
-                        help="TOML config file (default: none; every key keeps its default unless set)")
-    for name in _fields():
-        kind = _field_type(name)
-        flag = "--" + name.replace("_", "-")
-        if typing.get_origin(kind) is list:
-            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar=name.upper(),
-                                help=f"{name} (space- or comma-separated)")
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=name)
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with each flag's default at the end of its line, where it has one and its help
+    does not say it already: `(default: 8192)`, a list as `3 7`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if ("%(default)" in help or "(default:" in help or action.required or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS) or action.default == []):
+            return help
+        return f"{help} (default: {_shown(action.default).replace('%', '%%')})"
+
+
+def _shown(value: object) -> str:
+    """A value as it is typed on the command line or read in a config file."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value)
+    return str(value)
+
+
+def _flag_help(name: str, default: object = None, help: str | None = None) -> str:
+    """Field `name`'s line of --help: what it is (the field's words unless `help` is given)
+    and its default (the field's own unless `default` is given)."""
+    meta = _fields()[name].metadata
+    if default is None:
+        default = getattr(Config(), name)
+    shown = _shown(default) if default not in ("", []) else meta["empty"]
+    return f"{help or meta['help']} (default: {shown})"
+
+
+def _metavar(name: str) -> str:
+    meta, kind = _fields()[name].metadata, _field_type(name)
+    if meta["choices"]:
+        return "{" + ",".join(meta["choices"]) + "}"
+    if kind is bool:
+        return "{true,false}"
+    return meta["metavar"] or name.upper()
+
+
+def build_parser(description: str | None = None, groups: Iterable[str] = tuple(GROUPS),
+                 hidden: Iterable[str] = (), defaults: dict | None = None,
+                 helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """A parser with --config plus one --key-name flag per Config field (default: not given),
+    listed by --help under their groups. Fields outside `groups`, and those in `hidden`, are
+    still accepted (every key is a flag wherever a config is read) but not listed: an entry
+    point shows the flags it uses. `defaults` are the entry point's own defaults, as --help
+    shows them (pass the same to `from_args`); `helps`, its own words for a flag."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
+                                     epilog="Every flag is also a key of a --config file (--shard-size: "
+                                            "shard_size). Lists take spaces or commas.")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML file of config keys, read before the flags (default: none: every key keeps "
+                             "its default unless set)")
+    groups, hidden, defaults, helps = list(groups), set(hidden), defaults or {}, helps or {}
+    sections = {group: parser.add_argument_group(group, GROUPS[group]) for group in GROUPS if group in groups}
+    # Group by group, so that the usage line lists the flags in --help's order.
+    for name, f in sorted(_fields().items(), key=lambda item: list(GROUPS).index(item[1].metadata["group"])):
+        shown = f.metadata["group"] in sections and name not in hidden
+        where = sections[f.metadata["group"]] if shown else parser
+        help = _flag_help(name, defaults.get(name), helps.get(name)).replace("%", "%%") if shown else argparse.SUPPRESS
+        nargs = "+" if typing.get_origin(_field_type(name)) is list else None
+        where.add_argument("--" + name.replace("_", "-"), dest=name, nargs=nargs, default=None,
+                           metavar=_metavar(name), help=help)
     return parser
 
 
-def from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then the config file, then command-line flags: the last one given wins."""
-    values = load_file(args.config) if args.config else {}
+def from_args(args: argparse.Namespace, defaults: dict | None = None) -> Config:
+    """Defaults (Config's, then `defaults`, an entry point's own), then the config file, then
+    command-line flags: the last one given wins."""
+    values = {name: _coerce(name, value) for name, value in (defaults or {}).items()}
+    values.update(load_file(args.config) if args.config else {})
     for name in _fields():
         given = getattr(args, name, None)
         if given is not None:

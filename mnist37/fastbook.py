@@ -48,11 +48,14 @@ def evaluate(root: Path, train_split: str = "train", eval_split: str = "valid",
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="fastbook's baseline as the book writes it (one process)")
-    parser.add_argument("--data", required=True, type=Path, help="ImageFolder root (a folder)")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--eval-split", default="valid")
-    parser.add_argument("--classes", nargs="+", default=["3", "7"])
+    from mnist37.config import HelpFormatter
+
+    parser = argparse.ArgumentParser(description="fastbook's baseline as the book writes it (one process)",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="ImageFolder root, a folder (required)")
+    parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split averaged into the class means")
+    parser.add_argument("--eval-split", default="valid", metavar="SPLIT", help="split that is classified")
+    parser.add_argument("--classes", nargs="+", default=["3", "7"], metavar="CLASS", help="class folders")
     return parser.parse_args(argv)
 
 

@@ -51,7 +51,9 @@ def _take_signals() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = build_parser(description=__doc__.splitlines()[0])
+    """The job's flags: every config key, grouped as --help lists them."""
+    parser = build_parser(description="Evaluate fastbook's pixel-similarity baseline (each image's nearest "
+                                      "class mean) on a data set, as a Ray job.")
     args = parser.parse_args(argv)
     try:
         return from_args(args)

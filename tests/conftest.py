@@ -129,7 +129,7 @@ def shared_ray_address() -> str:
     run and the in-process Ray tests join it instead of each starting a Ray (~3-4 s each on 2
     cores). Tests about the job's own Ray (starting it, stopping it) pass --ray-address local."""
     if not _SHARED_ADDRESS:
-        from mnist37.benchmark import running_cluster
+        from mnist37.benchmark import running_cluster  # the package's own `ray start --head`, as --cluster uses it
 
         log = Path(tempfile.mkdtemp(prefix="mnist37-tests-")) / "ray-start.log"
         _SHARED_ADDRESS.append(_SHARED.enter_context(running_cluster(log)))

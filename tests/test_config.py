@@ -1,9 +1,10 @@
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from mnist37.config import Config, ConfigError, build_parser, from_args, load, load_file
+from mnist37.config import GROUPS, Config, ConfigError, build_parser, from_args, load, load_file
 from mnist37.locate import locate
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
@@ -62,6 +63,16 @@ def test_list_flags_take_spaces_or_commas(argv):
 def test_every_field_has_a_flag():
     flags = {a.dest for a in build_parser()._actions}
     assert set(Config().to_dict()) <= flags
+
+
+def test_every_field_has_a_group_a_line_of_help_and_the_choices_validate_allows():
+    for f in dataclasses.fields(Config):
+        assert f.metadata["group"] in GROUPS and f.metadata["help"], f.name
+        for choice in f.metadata["choices"]:  # each choice --help shows is accepted ...
+            load(**{f.name: choice})
+        if f.metadata["choices"]:  # ... and what it does not show is not
+            with pytest.raises(ConfigError, match=f.name):
+                load(**{f.name: "none-of-these"})
 
 
 def test_unknown_key_in_file_is_named(tmp_path):

@@ -30,6 +30,24 @@ def installed(tmp_path_factory):
     return target
 
 
+SCRIPTS = ("mnist37-evaluate", "mnist37-convert", "mnist37-benchmark")
+
+
+def test_the_install_brings_the_console_scripts(installed, tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")},
+           "PYTHONPATH": str(installed)}
+    helps = {}
+    for script in SCRIPTS:
+        assert (installed / "bin" / script).is_file(), sorted(p.name for p in (installed / "bin").iterdir())
+        run = subprocess.run([str(installed / "bin" / script), "--help"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and run.stdout.startswith(f"usage: {script} "), run.stderr[-3000:]
+        helps[script] = run.stdout
+    for group in ("data:", "decoding:", "classify:", "Ray:", "output:"):
+        assert f"\n{group}\n" in helps["mnist37-evaluate"]
+    assert "--to {parquet,webdataset,idx}" in helps["mnist37-convert"] and "--metrics" not in helps["mnist37-convert"]
+
+
 def run_installed(installed, cwd, *argv, timeout=300):
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")},
            "PYTHONPATH": str(installed)}

@@ -1,6 +1,6 @@
 """Benchmark: candidate chunk checksums side by side, on a real chunk's own Arrow buffers.
 
-    python jobs/hash_benchmark.py --data ../shared/data/mnist_sample.tgz
+    python benchmarks/chunk_checksums/hash_benchmark.py --data ../shared/data/mnist_sample.tgz
 
 Decodes the first training shard (--shard-size images) into a chunk in a temporary folder,
 memory-maps it, and hashes exactly the bytes mnist37's checksum covers
@@ -8,7 +8,7 @@ memory-maps it, and hashes exactly the bytes mnist37's checksum covers
 core each: xxh3-128 (what mnist37 uses), blake3 (`pip install blake3` to include it, one
 thread) and hashlib's blake2b. Prints the median GB/s of --repeats rounds, what hashing a
 warm N = 100 run's chunks would cost at that rate, and the whole `verify_chunk` (open the
-mapped file, read the footer, hash) per chunk.
+mapped file, read the footer, hash) per chunk. Findings: README.md beside this file.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root: mnist37, installed or not
 
 import pyarrow as pa  # noqa: E402
 import xxhash  # noqa: E402
 
 from mnist37.chunks import checksummed_bytes, verify_chunk  # noqa: E402
-from mnist37.folder import find_root, list_split  # noqa: E402
-from mnist37.shards import decode_shard, make_shards  # noqa: E402
+from mnist37.locate import find_root  # noqa: E402
+from mnist37.shards import decode_shard  # noqa: E402
+from mnist37.sources.base import Decoding  # noqa: E402
+from mnist37.sources.folder import list_split, make_shards  # noqa: E402
 
 # Pixels a warm run at N = 100 hashes: mnist_sample's 14,434 images of 28x28, 100 times.
 WARM_RUN_BYTES = 14_434 * 100 * 28 * 28
@@ -69,7 +71,7 @@ def main() -> None:
     root = find_root(args.data, "train")
     shard = make_shards(list_split(root, "train", args.classes), args.shard_size)[0]
     with tempfile.TemporaryDirectory() as store:
-        done = decode_shard(shard, root, (28, 28), store, with_sums=False, reuse=False)
+        done = decode_shard(shard, root, store, Decoding((28, 28), reuse=False), with_sums=False)
         table = pa.ipc.open_file(pa.memory_map(done.chunk_path, "r")).read_all()
         pieces = list(checksummed_bytes(table))
         size = sum(len(memoryview(p).cast("B")) for p in pieces)

@@ -4,7 +4,7 @@ requests each job makes.
 
     python jobs/convert.py --data ../shared/data/mnist_png.tgz --train-split training \\
         --eval-split testing --to webdataset --dest /tmp/mnist-webdataset     # likewise parquet, idx
-    python jobs/formats_store_benchmark.py /tmp/mnist-webdataset /tmp/mnist-parquet /tmp/mnist-idx \\
+    python benchmarks/formats_from_store/formats_store_benchmark.py /tmp/mnist-webdataset /tmp/mnist-parquet /tmp/mnist-idx \\
         --train-split training --eval-split testing
 
 Starts moto's server (a test dependency) on 127.0.0.1, uploads each folder, then runs
@@ -12,6 +12,10 @@ jobs/evaluate.py three times per folder, each with a Ray of its own (`--ray-addr
 from disk, from the store with a cold chunk cache, and from the store again (warm: nothing is
 decoded). The store runs go through a proxy on 127.0.0.1 that only counts requests
 (tests/s3server.FaultProxy with no faults). Needs no Ray of its own.
+
+A lab tool, not part of the package: it imports the project's test support (tests.s3server),
+as benchmarks/ may and mnist37/ never does (benchmarks/README.md); run it from a checkout with
+the test extras installed. Findings: README.md beside this file.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 # What must agree between a run from the store and one from disk.

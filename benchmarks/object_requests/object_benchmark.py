@@ -1,12 +1,12 @@
 """Objects per second read from an S3-compatible server on loopback, at several numbers of
 requests in flight: what chose mnist37.objects.REQUESTS_IN_FLIGHT.
 
-    python jobs/object_benchmark.py                       # moto on 127.0.0.1, 2,000 MNIST-sized objects
-    python jobs/object_benchmark.py --objects 4000 --requests 1 4 16 64
-    python jobs/object_benchmark.py --latency-ms 30       # each request held 30 ms, as a store's latency
-    python jobs/object_benchmark.py --job --requests 1 16   # the whole job, from moto
-    python jobs/object_benchmark.py --job --job-data ~/.cache/mnist37/extracted/mnist_sample-*/mnist_sample
-    AWS_ENDPOINT_URL=http://host:9000 python jobs/object_benchmark.py --uri s3://bucket/prefix
+    python benchmarks/object_requests/object_benchmark.py                       # moto on 127.0.0.1, 2,000 MNIST-sized objects
+    python benchmarks/object_requests/object_benchmark.py --objects 4000 --requests 1 4 16 64
+    python benchmarks/object_requests/object_benchmark.py --latency-ms 30       # each request held 30 ms, as a store's latency
+    python benchmarks/object_requests/object_benchmark.py --job --requests 1 16   # the whole job, from moto
+    python benchmarks/object_requests/object_benchmark.py --job --job-data ~/.cache/mnist37/extracted/mnist_sample-*/mnist_sample
+    AWS_ENDPOINT_URL=http://host:9000 python benchmarks/object_requests/object_benchmark.py --uri s3://bucket/prefix
 
 Without --uri it starts moto's server (a test dependency) on 127.0.0.1 and uploads
 `--objects` objects of `--size` bytes; with --uri it reads the objects already under that
@@ -22,6 +22,11 @@ once per --requests setting (MNIST37_OBJECT_REQUESTS), printing the job's and th
 task's objects/s. With --job --job-data FOLDER: uploads that ImageFolder instead and runs the
 job once from the store and once from FOLDER on disk, side by side: wall, the driver's peak RSS,
 listing and decode times, and whether the figures agree.
+
+A lab tool, not part of the package: it imports the project's test support (tests.s3server's
+moto server and fault proxy, tests.conftest.make_image_folder), as benchmarks/ may and mnist37/
+never does (benchmarks/README.md). Run it from a checkout with the test extras installed
+(`pip install -e '.[test]'`). Findings: README.md beside this file.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT_ROOT))  # mnist37 and tests/ of this checkout
 
 from mnist37.benchmark import fresh_process  # noqa: E402
 from mnist37.objects import REQUESTS_IN_FLIGHT, list_objects, read_objects  # noqa: E402
@@ -75,7 +81,7 @@ def job_figures(requests: list[int]) -> None:
             run = subprocess.run(
                 [sys.executable, "jobs/evaluate.py", "--data", "s3://bench/data", "--out", str(out), "--cache-dir",
                  str(tmp / f"cache-{n}"), "--ray-address", "local", "--shard-size", "1000"],
-                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                cwd=PROJECT_ROOT, capture_output=True, text=True,
                 env={**os.environ, **aws_env(server.endpoint), "MNIST37_OBJECT_REQUESTS": str(n)})
             if run.returncode:
                 sys.exit(run.stderr)
@@ -115,7 +121,7 @@ def store_against_disk(root: Path) -> None:
             child = subprocess.Popen(
                 fresh_process([sys.executable, "jobs/evaluate.py", "--data", data, "--out", str(out), "--chunk-dir",
                                str(tmp / f"chunks-{label}"), "--ray-address", "local"]),
-                cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 text=True, env={**os.environ, **aws_env(server.endpoint)})
             stderr = child.stderr.read()
             _, status, usage = os.wait4(child.pid, 0)
