@@ -39,10 +39,10 @@ from mnist37.storage import writing
 # 2: chunks carry mnist37.checksum; a chunk of version 1 is decoded again.
 SCHEMA_VERSION = "2"
 CHECKSUM_KEY = b"mnist37.checksum"
-# xxh3-128 hashes a real chunk at ~58 GB/s of one core here, blake3 at 3-6 and blake2b at
-# 0.9 (jobs/hash_benchmark.py); verifying a chunk, mapping and footer included, runs at
-# ~5.8 GB/s, ~0.2 s of one core for a warm N = 100 run's 1.1 GB. It detects damage, not an
-# adversary, which is all a chunk needs.
+# xxh3-128: the fastest of the checksums measured on real chunks, several times blake3 and
+# blake2b (`python benchmarks/chunk_checksums/hash_benchmark.py --data
+# ../shared/data/mnist_sample.tgz`; benchmarks/chunk_checksums/README.md). It detects damage,
+# not an adversary, which is all a chunk needs.
 CHECKSUM_ALGORITHM = "xxh3_128"
 COLUMNS = ["image", "class_index", "path"]
 

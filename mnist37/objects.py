@@ -2,7 +2,7 @@
 listing a prefix, reading many small objects at once, writing an object whole.
 
 Small objects are latency-bound: a decode task keeps `REQUESTS_IN_FLIGHT` reads open at once
-(jobs/object_benchmark.py measured the choice; README: Object storage). A request that fails
+(benchmarks/object_requests/ measured the choice; docs/object-storage.md). A request that fails
 for a reason that may pass (503 SlowDown, a timeout, a dropped connection, any 5xx) is tried
 again after an exponentially growing pause; one that cannot pass (no such bucket, access
 denied) or that outlasts `ATTEMPTS` stops the job with one line naming the object:
@@ -31,8 +31,8 @@ from mnist37 import Mnist37Error
 from mnist37.paths import open_location
 
 # Reads in flight per decode task: the fewest within 10% of the best objects/s with each request
-# held 30 ms and 100 ms (`jobs/object_benchmark.py --latency-ms 30`, `--latency-ms 100`: 64 and
-# 32); README: Object storage. MNIST37_OBJECT_REQUESTS overrides it (set where the job starts,
+# held 30 ms and 100 ms (`python benchmarks/object_requests/object_benchmark.py --latency-ms 30`,
+# then `--latency-ms 100`: 64 and 32; benchmarks/object_requests/README.md). MNIST37_OBJECT_REQUESTS overrides it (set where the job starts,
 # it reaches a local Ray's workers).
 REQUESTS_IN_FLIGHT = int(os.environ.get("MNIST37_OBJECT_REQUESTS") or 64)
 # Tries per request, pausing BACKOFF_S, 2x, 4x ... (at most MAX_BACKOFF_S, with jitter) between them.
