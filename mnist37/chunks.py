@@ -1,16 +1,19 @@
 """Arrow tensor chunks: one IPC file per shard with its decoded images.
 
-Columns: `image` (pyarrow's canonical `arrow.fixed_shape_tensor`, uint8, shape [H, W]),
-`class_index` (int32, index into the class list), `path` (relative to the data root).
-Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_shape`
-(JSON [H, W]), `mnist37.split`, `mnist37.num_images`, and what lets a later run reuse the
-chunk without decoding again: `mnist37.files_key` (paths, sizes, modification times, decode
-settings), `mnist37.digest` (content), `mnist37.counts` (JSON, per class) and
-`mnist37.pixel_sums` (int64 [C, H, W], little-endian bytes), `mnist37.rejected` (JSON
-[path, reason] of the shard's files left out) and, for container shards, `mnist37.records`
-(JSON: `found` and `rejected_per_class` per class plus one for records of unreadable class,
-`ignored`). The metadata is in the file's
-footer, so it is read without touching the images.
+Columns: `image` (pyarrow's canonical `arrow.fixed_shape_tensor`, uint8, one image's shape:
+[H, W] for gray, [3, H, W] for color, dimensions named C, H, W), `class_index` (int32, index
+into the class list), `path` (relative to the data root).
+Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_shape` (JSON,
+one image's shape, as the tensor's: [H, W] or [3, H, W], so the channel count is in the schema
+and a chunk of another channel count is never misread), `mnist37.split`, `mnist37.num_images`,
+and what lets a later run reuse the chunk without decoding again: `mnist37.files_key` (paths,
+sizes, modification times, decode settings), `mnist37.digest` (content), `mnist37.counts`
+(JSON, per class) and `mnist37.pixel_sums` (int64 [C, *image shape], little-endian bytes),
+`mnist37.rejected` (JSON [path, reason] of the shard's files left out), where any,
+`mnist37.conversions` (JSON {kind: images}) and `mnist37.notes` (JSON [path, note]: a file's
+bytes of another format than its name) and, for container shards, `mnist37.records` (JSON:
+`found` and `rejected_per_class` per class plus one for records of unreadable class,
+`ignored`). The metadata is in the file's footer, so it is read without touching the images.
 
 `mnist37.checksum` covers everything a later run trusts: every other metadata entry (the reuse
 record included), the pixels, the class indices and the paths. Reading a chunk verifies it, so
@@ -61,7 +64,7 @@ class ChunkVersionError(ChunkError):
 
 @dataclass
 class Chunk:
-    images: np.ndarray  # uint8 [N, H, W], read-only view of the memory-mapped file
+    images: np.ndarray  # uint8 [N, H, W] or [N, 3, H, W], read-only view of the memory-mapped file
     class_indices: np.ndarray  # int32 [N]
     paths: list[str]
     classes: list[str]
@@ -152,24 +155,27 @@ def arrow_text(text: str) -> pa.Scalar:
 
 def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequence[str],
                 classes: Sequence[str], split: str, reuse: dict | None = None) -> pa.Table:
-    """Build the Arrow table of one chunk from `uint8 [N, H, W]` images, with its checksum.
+    """Build the Arrow table of one chunk from `uint8 [N, H, W]` (or color `[N, 3, H, W]`)
+    images, with its checksum. The tensor type's shape is one image's, channels included.
 
-    `reuse` holds `files_key`, `digest`, `counts` (int64 [C]), `pixel_sums` (int64 [C, H, W])
-    and `rejected` ([(path, reason)]) to store in the footer as the reuse record.
+    `reuse` holds `files_key`, `digest`, `counts` (int64 [C]), `pixel_sums` (int64 [C, *image])
+    and `rejected` ([(path, reason)]), and may hold `conversions` ({kind: images}) and `notes`
+    ([(path, note)]), to store in the footer as the reuse record.
     `paths` may be a pyarrow string array (built without a Python string per image).
     """
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"images: expected uint8 [N, H, W], got {images.dtype} {list(images.shape)}")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[1] != 3):
+        raise ValueError(f"images: expected uint8 [N, H, W] or [N, 3, H, W], got {images.dtype} {list(images.shape)}")
     if not len(images) == len(class_indices) == len(paths):
         raise ValueError(f"images, class_indices and paths differ in length: "
                          f"{len(images)}, {len(class_indices)}, {len(paths)}")
-    h, w = images.shape[1:]
-    tensor_type = pa.fixed_shape_tensor(pa.uint8(), [h, w])
-    storage = pa.FixedSizeListArray.from_arrays(arrow_array(images.reshape(-1)), h * w)
+    shape = list(images.shape[1:])
+    tensor_type = (pa.fixed_shape_tensor(pa.uint8(), shape) if len(shape) == 2
+                   else pa.fixed_shape_tensor(pa.uint8(), shape, dim_names=["C", "H", "W"]))
+    storage = pa.FixedSizeListArray.from_arrays(arrow_array(images.reshape(-1)), int(np.prod(shape)))
     metadata = {
         "mnist37.schema_version": SCHEMA_VERSION,
         "mnist37.classes": json.dumps(list(classes)),
-        "mnist37.image_shape": json.dumps([h, w]),
+        "mnist37.image_shape": json.dumps(shape),
         "mnist37.split": split,
         "mnist37.num_images": str(len(images)),
     }
@@ -183,6 +189,10 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
         })
         if reuse.get("records") is not None:  # container shards: what the task found per class
             metadata["mnist37.records"] = json.dumps(reuse["records"])
+        if reuse.get("conversions"):  # images converted to the run's channels, per kind
+            metadata["mnist37.conversions"] = json.dumps(reuse["conversions"])
+        if reuse.get("notes"):  # files whose bytes are another format than their names say
+            metadata["mnist37.notes"] = json.dumps([list(n) for n in reuse["notes"]])
     schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
                        metadata=metadata)
     table = pa.Table.from_arrays(
@@ -343,7 +353,7 @@ def read_chunk_metadata(path: str | Path) -> dict:
         raise ChunkError(f"{path}: chunk has no reuse record")
     try:
         counts = np.array(json.loads(meta[b"mnist37.counts"]), dtype=np.int64)
-        h, w = json.loads(meta[b"mnist37.image_shape"])
+        shape = tuple(json.loads(meta[b"mnist37.image_shape"]))
         return {
             "num_images": int(meta[b"mnist37.num_images"]),
             "num_bytes": _size(path),
@@ -352,12 +362,14 @@ def read_chunk_metadata(path: str | Path) -> dict:
             "checksum": meta[CHECKSUM_KEY].decode(),
             "classes": json.loads(meta[b"mnist37.classes"]),
             "split": meta[b"mnist37.split"].decode(),
-            "image_shape": (h, w),
+            "image_shape": shape,
             "counts": counts,
             "pixel_sums": np.frombuffer(meta[b"mnist37.pixel_sums"], dtype="<i8").astype(np.int64)
-                            .reshape(len(counts), h, w),
+                            .reshape(len(counts), *shape),
             "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
             "records": json.loads(meta[b"mnist37.records"]) if b"mnist37.records" in meta else None,
+            "conversions": json.loads(meta.get(b"mnist37.conversions", b"{}")),
+            "notes": [tuple(n) for n in json.loads(meta.get(b"mnist37.notes", b"[]"))],
         }
     except (KeyError, ValueError, TypeError) as e:
         raise ChunkError(f"{path}: the reuse record in its footer does not parse ({type(e).__name__}: {e})") from None
@@ -400,15 +412,15 @@ def read_chunk(source: Source, expected_checksum: str | None = None, verify: boo
     reported, not one written or replaced since."""
     table = _verified_table(source, expected_checksum, verify)
     meta = table.schema.metadata
-    h, w = json.loads(meta[b"mnist37.image_shape"])
+    shape = json.loads(meta[b"mnist37.image_shape"])
     column = table.column("image")
     # write_chunk writes one record batch, so the pixels are one view of the mapped file;
     # combine_chunks (a copy) only serves files written some other way.
     if column.num_chunks == 0 or len(column) == 0:  # combine_chunks of none would import pandas
-        pixels = np.empty((0, h, w), dtype=np.uint8)
+        pixels = np.empty((0, *shape), dtype=np.uint8)
     else:
         images = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-        pixels = images.to_numpy_ndarray().reshape(len(images), h, w)
+        pixels = images.to_numpy_ndarray().reshape(len(images), *shape)
     return Chunk(
         images=pixels,
         class_indices=numbers(table.column("class_index")),

@@ -26,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ON_BAD_FILE = ("error", "skip")
 CHUNK_TRANSPORTS = ("auto", "filesystem", "object_store")
 NON_GRAYSCALE = ("reject", "convert")
+CHANNELS = ("auto", "gray", "rgb")
+RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box")
 FORMATS = ("auto", *sources.FORMATS)
 
 
@@ -124,11 +126,32 @@ class Config:
     # bad files, or "convert" them as Pillow's "L" mode does (luma for color, alpha dropped,
     # 16-bit values clipped at 255).
     non_grayscale: str = field(default="reject", metadata=_flag(
-        DECODING, "PNGs that are not 8-bit grayscale: reject as bad files, or convert as Pillow's L mode",
-        choices=NON_GRAYSCALE))
-    # [H, W] every image must have; empty takes the first training image that decodes.
+        DECODING, "in a gray data set (channels auto), images that are not 8-bit grayscale: reject as bad "
+        "files, or convert as Pillow's L mode", choices=NON_GRAYSCALE))
+    # Channels every image is converted to, as Pillow's convert("L") / convert("RGB") (CMYK,
+    # palette, alpha and 16-bit included; alpha dropped); converted images are used and counted
+    # per kind. auto: gray when most of the first training images are gray (the others then
+    # follow `non_grayscale`), else rgb.
+    channels: str = field(default="auto", metadata=_flag(
+        DECODING, "channels every image is converted to; auto: as most of the first training images",
+        choices=CHANNELS))
+    # [H, W] every image must have, others rejected; empty takes the first training image's.
     image_shape: list[int] = field(default_factory=list, metadata=_flag(
-        DECODING, "H W every image must have", metavar="N", empty="the first training image's"))
+        DECODING, "H W every image must have (others rejected; see --image-size to resize)", metavar="N",
+        empty="the first training image's"))
+    # [H, W] every image is resized to, after conversion, with Image.resize((W, H), filter);
+    # exclusive with image_shape (which rejects other sizes instead).
+    image_size: list[int] = field(default_factory=list, metadata=_flag(
+        DECODING, "H W (or HxW) every image is resized to, after conversion (Pillow's Image.resize)",
+        metavar="N", empty="no resizing"))
+    resize_filter: str = field(default="bilinear", metadata=_flag(
+        DECODING, "the filter --image-size resizes with", choices=RESIZE_FILTERS))
+    # Names of the classes of label-only formats (IDX, WebDataset .cls without classes.txt,
+    # numbered class folders), in label order: a list, or "@file" with one name per line.
+    # Tables, report.html and results.json show them.
+    class_names: list[str] = field(default_factory=list, metadata=_flag(
+        CLASSIFY, "names of label values 0, 1, ...: a comma list, or @FILE with one a line",
+        metavar="NAME", empty="the class names the data set has"))
     # Images per shard, i.e. per Ray task and per Arrow chunk. 8192 MNIST images are ~100 ms
     # of decode, so Ray's few ms per task stay ~2-4% and the last task ends soon after the
     # rest. Measured when it was chosen (commit a4e781f, before chunk reuse by listing and
@@ -182,12 +205,27 @@ def _field_type(name: str) -> type:
     return typing.get_type_hints(Config)[name]
 
 
+def _names_file(path: str) -> list[str]:
+    """class_names from a file: one name a line, in label order (blank lines skipped)."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"class_names: cannot read @{path} ({e.strerror or e})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _coerce(name: str, value: object) -> object:
     """Convert `value` (from TOML or the command line) to the type of field `name`."""
     kind = _field_type(name)
     if typing.get_origin(kind) is list:
+        if name == "class_names" and isinstance(value, str) and value.startswith("@"):
+            return _names_file(value[1:])
+        if name == "class_names" and isinstance(value, str) and "," in value:  # names may hold spaces
+            return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+            if name == "image_size" and len(value) == 1 and "x" in value[0].lower():  # HxW
+                value = value[0].lower().split("x")
         if typing.get_args(kind)[0] is int:
             try:
                 if not isinstance(value, list) or any(isinstance(v, (bool, float)) for v in value):
@@ -240,6 +278,16 @@ def validate(cfg: Config) -> None:
                           f"expected one of {', '.join(NON_GRAYSCALE)}")
     if cfg.image_shape and (len(cfg.image_shape) != 2 or min(cfg.image_shape) <= 0):
         raise ConfigError(f"image_shape: expected two positive sizes [H, W] (or none), got {cfg.image_shape}")
+    if cfg.image_size and (len(cfg.image_size) != 2 or min(cfg.image_size) <= 0):
+        raise ConfigError(f"image_size: expected two positive sizes H W or HxW (or none), got {cfg.image_size}")
+    if cfg.image_size and cfg.image_shape:
+        raise ConfigError("image_size: give image_size (resize every image to it) or image_shape (reject other "
+                          "sizes), not both")
+    if cfg.channels not in CHANNELS:
+        raise ConfigError(f"channels: unknown channels {cfg.channels!r}; expected one of {', '.join(CHANNELS)}")
+    if cfg.resize_filter not in RESIZE_FILTERS:
+        raise ConfigError(f"resize_filter: unknown filter {cfg.resize_filter!r}; "
+                          f"expected one of {', '.join(RESIZE_FILTERS)}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device: unknown device {cfg.device!r}; expected one of {', '.join(DEVICES)}")
     if not cfg.metrics:

@@ -28,7 +28,8 @@ from mnist37.examples import Sides
 from mnist37.memory import peak_rss_bytes
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
-from mnist37.sources.base import ContainerShard, Decoding
+from mnist37.images import Decoding
+from mnist37.sources.base import ContainerShard
 from mnist37.sources.folder import ClassListing, Shard
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class Decoding:
+class Decoded:
     """Every shard decoded (or reused): small per-shard records and the training sums."""
 
     shards: list[DecodedShard]  # sorted by (split, index); pixel sums dropped once added
@@ -64,7 +64,7 @@ def choose_transport(cfg: Config, chunk_dir: str) -> str:
     return "object_store" if distributed.num_nodes() > 1 and not is_uri(chunk_dir) else "filesystem"
 
 
-def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
+def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
     """Run a decode task per shard; reduce training sums and per-class counts as they finish."""
     cfg, splits = planned.cfg, (planned.cfg.train_split, planned.cfg.eval_split)
     clock = time.perf_counter()
@@ -88,13 +88,13 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoding:
             done = dataclasses.replace(done, pixel_sums=None)
         done_shards.append(done)
     done_shards.sort(key=lambda r: (splits.index(r.split), r.index))
-    return Decoding(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock)
+    return Decoded(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock)
 
 
 # ---------------------------------------------------------------- check_files
 
 
-def check_files(planned: Plan, decoding: Decoding) -> dict:
+def check_files(planned: Plan, decoding: Decoded) -> dict:
     """Per split and class: image files (records) found, used, rejected, ignored, with found =
     used + rejected everywhere (no image goes missing); then the bad-file policy and the
     classes left with no training images. Returns the accounts for results.json."""
@@ -102,14 +102,14 @@ def check_files(planned: Plan, decoding: Decoding) -> dict:
     if planned.format == "folder":
         accounts = folder_accounts(planned, decoding)
     else:  # no listing on the driver: the tasks counted the records
-        accounts = record_accounts(planned.classes, (cfg.train_split, cfg.eval_split), decoding.shards)
+        accounts = record_accounts(planned.names, (cfg.train_split, cfg.eval_split), decoding.shards)
     refused = sum(a["rejected"] for per_class in accounts.values() for a in per_class.values())
     if refused != len(decoding.rejected):
         raise Mnist37Error(f"{refused} image files were not used but {len(decoding.rejected)} rejections were reported")
     found = sum(r.num_files for r in decoding.shards)
     if decoding.rejected and cfg.on_bad_file == "error":
         raise BadFilesError(decoding.rejected, found)
-    for name, count in zip(planned.classes, decoding.counts[cfg.train_split]):
+    for name, count in zip(planned.names, decoding.counts[cfg.train_split]):
         if count == 0:
             raise DatasetError(f"Class {name!r} has no usable images under {cfg.train_split}/ "
                                f"(all {accounts[cfg.train_split][name]['found']} rejected)")
@@ -119,7 +119,7 @@ def check_files(planned: Plan, decoding: Decoding) -> dict:
     return accounts
 
 
-def folder_accounts(planned: Plan, decoding: Decoding) -> dict:
+def folder_accounts(planned: Plan, decoding: Decoded) -> dict:
     """The files table of a folder data set: found per class from the driver's listing, which
     must equal what the decode tasks were given."""
     accounts = {}
@@ -127,7 +127,7 @@ def folder_accounts(planned: Plan, decoding: Decoding) -> dict:
         listed = listing.counts()
         used, given = decoding.counts[split], decoding.found[split]
         accounts[split] = {}
-        for index, name in enumerate(planned.classes):
+        for index, name in enumerate(planned.names):
             if given[index] != listed[index]:
                 raise Mnist37Error(f"{split}/{name}/: {listed[index]} image files listed but {given[index]} "
                                    "reached the decode tasks")
@@ -175,7 +175,7 @@ class Classification:
     elapsed_s: float
 
 
-def classify(planned: Plan, decoding: Decoding, prototypes: np.ndarray, max_in_flight: int,
+def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_flight: int,
              status: Status) -> Classification:
     """Run a classify task per evaluation chunk; sum their confusion matrices as they finish."""
     cfg, clock = planned.cfg, time.perf_counter()
@@ -204,7 +204,7 @@ class Evaluation:
     """What one run found: every stage's record, and the Ray cluster it ran on."""
 
     plan: Plan
-    decoding: Decoding
+    decoding: Decoded
     accounts: dict
     prototypes: np.ndarray  # float32 [C, H, W] in [0, 1]
     classification: Classification
@@ -220,7 +220,7 @@ def evaluate(planned: Plan, status: Status | None = None) -> Evaluation:
     decoding = decode(planned, max_in_flight, status)
     accounts = check_files(planned, decoding)
     clock = time.perf_counter()
-    prototypes = decoding.sums.prototypes(planned.classes, cfg.train_split)
+    prototypes = decoding.sums.prototypes(planned.names, cfg.train_split)
     prototypes_s = time.perf_counter() - clock
     classification = classify(planned, decoding, prototypes, max_in_flight, status)
     return Evaluation(planned, decoding, accounts, prototypes, classification, distributed.cluster_info(),
@@ -231,11 +231,20 @@ def evaluate(planned: Plan, status: Status | None = None) -> Evaluation:
 # ---------------------------------------------------------------- results.json
 
 
+def _summed(counts) -> dict[str, int]:
+    """{kind: images} added up over shards, sorted by kind."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for kind, n in c.items():
+            total[kind] = total.get(kind, 0) + n
+    return dict(sorted(total.items()))
+
+
 def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> dict:
     """Everything results.json holds (README: Output folder), from one run's records;
     `elapsed_s` adds the caller's timings (ray_init, total) to the stages'."""
     planned, decoding, classification = ev.plan, ev.decoding, ev.classification
-    cfg, classes = planned.cfg, planned.classes
+    cfg, classes = planned.cfg, planned.names
     splits = (cfg.train_split, cfg.eval_split)
     found = sum(r.num_files for r in decoding.shards)
     reused = sum(r.num_files for r in decoding.shards if r.reused)
@@ -260,6 +269,10 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
                  "fingerprint": f"{combine_digests(*(r.digest for r in decoding.shards)):032x}"},
         "classes": list(classes),
         "image_shape": list(planned.shape),
+        "channels": planned.decoding.channels,
+        "resized_to": list(planned.decoding.shape) if planned.decoding.resize else None,
+        "conversions": {split: _summed(r.conversions for r in decoding.shards if r.split == split) for split in splits},
+        "formats_by_content": [{"path": path, "found": note} for r in decoding.shards for path, note in r.notes],
         "counts": {split: dict(zip(classes, decoding.counts[split].tolist())) for split in splits},
         "files": ev.accounts,
         "rejected": [{"path": path, "reason": reason} for path, reason in decoding.rejected],

@@ -121,15 +121,17 @@ def decode_png(data: bytes, path: str | bytes, shape: tuple[int, int] | None = N
 
 
 def decode_pngs(data: Sequence[bytes] | Blobs, path: Callable[[int], str], shape: tuple[int, int],
-                convert: bool = False) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+                convert: bool = False, general: Callable[[int], np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """`decode_png` of many PNGs expected to be `shape`: (uint8 [K, H, W], the K that decode,
     in order; bool [N], which those are; {index: reason} for the others). `path(i)` names the
     i-th in errors. Every item must be there (no None).
 
     Plain PNGs (`plain_pngs`) are decoded in bulk. Of the others, an 8-bit grayscale PNG of the
     expected size is told apart by its first 26 bytes (signature, IHDR length, type, size,
-    depth, color type) and handed to libspng straight into the output array; `decode_png`
-    judges every other PNG, and any libspng fails on, as it judges one alone."""
+    depth, color type) and handed to libspng straight into the output array; `general(i)`
+    (by default `decode_png`; mnist37.images passes its decoder of any format) judges every
+    other item, and any libspng fails on, as it judges one alone."""
     h, w = shape
     done, pixels = plain_pngs(data, shape)
     if len(done) == len(data):  # all plain (MNIST): nothing more to do
@@ -153,7 +155,7 @@ def decode_pngs(data: Sequence[bytes] | Blobs, path: Callable[[int], str], shape
             except Exception:  # noqa: BLE001 - decode_png tries again and, failing, Pillow names the reason
                 pass
         try:
-            images[i] = decode_png(png, path(i), shape, convert)
+            images[i] = decode_png(png, path(i), shape, convert) if general is None else general(i)
             kept[i] = True
         except DecodeError as e:
             reasons[i] = e.reason

@@ -46,8 +46,14 @@ def format_files(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _as_image(pixels: np.ndarray) -> Image.Image:
+    """An image array as Pillow takes it: [H, W] gray, or color [3, H, W] turned to [H, W, 3]."""
+    pixels = np.asarray(pixels)
+    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)) if pixels.ndim == 3 else pixels)
+
+
 def _png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
-    image = Image.fromarray(pixels)
+    image = _as_image(pixels)
     if scale != 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
@@ -56,11 +62,11 @@ def _png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
 
 
 def prototype_images(prototypes: np.ndarray, classes: Sequence[str]) -> dict[str, bytes]:
-    """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG, plus one enlarged sheet of
-    all: {file name: PNG bytes}."""
+    """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG (a color `[3, H, W]` one as
+    an RGB PNG), plus one enlarged sheet of all: {file name: PNG bytes}."""
     pixels = np.clip(np.rint(prototypes * PIXEL_MAX), 0, 255).astype(np.uint8)
     files = {f"prototype_{name}.png": _png_bytes(image) for name, image in zip(classes, pixels)}
-    files["prototypes.png"] = _png_bytes(np.concatenate(list(pixels), axis=1), SHEET_SCALE)
+    files["prototypes.png"] = _png_bytes(np.concatenate(list(pixels), axis=-1), SHEET_SCALE)
     return files
 
 
@@ -108,7 +114,7 @@ def _png_data_uri(pixels: np.ndarray) -> str:
 
 
 def _img(pixels: np.ndarray, title: str, scale: int = 3) -> str:
-    h, w = np.asarray(pixels).shape
+    h, w = np.asarray(pixels).shape[-2:]
     return (f'<img src="{_png_data_uri(pixels)}" width="{w * scale}" height="{h * scale}" '
             f'alt="{html.escape(title)}" title="{html.escape(title)}">')
 

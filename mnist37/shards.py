@@ -28,7 +28,8 @@ from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_
 from mnist37.memory import peak_rss_bytes, reuse_freed_memory
 from mnist37.paths import is_uri
 from mnist37.prototypes import pixel_sums
-from mnist37.sources.base import ContainerShard, Decoding
+from mnist37.images import Decoding
+from mnist37.sources.base import ContainerShard
 from mnist37.sources.folder import Shard
 
 @dataclass
@@ -48,7 +49,7 @@ class DecodedShard:
     digest: str  # content digest of the files (decode.file_digest, combined)
     checksum: str  # of the chunk (chunks.checksum): what a reader of chunk_path must find
     counts: np.ndarray  # int64 [C], images kept per class
-    pixel_sums: np.ndarray | None  # int64 [C, H, W]; None unless asked for (training shards)
+    pixel_sums: np.ndarray | None  # int64 [C, *image shape]; None unless asked for (training shards)
     reused: bool  # True when the chunk from an earlier run was still valid
     # Why a chunk found at chunk_path was not reused but decoded again, naming it (damaged,
     # another data set, files changed since); "" when there was none, it was reused, or reuse is off.
@@ -62,6 +63,8 @@ class DecodedShard:
     # Container shards only (None / 0 for folder shards, whose listing the driver holds):
     rejected_per_class: np.ndarray | None = None  # int64 [C + 1], as `found`
     ignored: int = 0  # records of classes not selected
+    conversions: dict[str, int] = field(default_factory=dict)  # "CMYK to RGB" -> images converted so
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, "JPEG data named .png")
 
 
 def chunk_path(chunk_dir: str | Path, shard: Shard | ContainerShard) -> str:
@@ -77,7 +80,7 @@ def clean_partials(chunk_dir: Path) -> int:
 
 
 def reusable(path: str, shard: Shard | ContainerShard, key: Callable[[], str], verify: bool = True,
-             shape: tuple[int, int] | None = None) -> tuple[dict | None, str]:
+             shape: tuple[int, ...] | None = None) -> tuple[dict | None, str]:
     """(the chunk's reuse record, "") if the chunk at `path` is intact and was written from
     exactly what `key()` says the shard is made from now; else (None, why not), the reason ""
     when there is no chunk at all or the shard's files cannot be stat'ed (decoding says which).
@@ -95,8 +98,8 @@ def reusable(path: str, shard: Shard | ContainerShard, key: Callable[[], str], v
     expected = (shard.split, tuple(shard.classes), tuple(shape or meta["image_shape"]))
     if found != expected:
         return None, (f"{path}: chunk of another data set (split {found[0]}, classes {list(found[1])}, "
-                      f"{found[2][0]}x{found[2][1]}; expected split {expected[0]}, classes {list(expected[1])}, "
-                      f"{expected[2][0]}x{expected[2][1]})")
+                      f"{'x'.join(map(str, found[2]))}; expected split {expected[0]}, classes "
+                      f"{list(expected[1])}, {'x'.join(map(str, expected[2]))})")
     files = shard.expected_files()
     if files is not None and (meta["num_images"] + len(meta["rejected"]) != files
                               or len(meta["counts"]) != len(shard.classes)):
@@ -131,14 +134,15 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, chunk_dir: str
     root, path = str(root) if is_uri(root) else Path(root), chunk_path(chunk_dir, shard)
     meta, discarded = None, ""
     if decoding.reuse:
-        meta, discarded = reusable(path, shard, lambda: shard.key(root, decoding), decoding.verify, decoding.shape)
+        meta, discarded = reusable(path, shard, lambda: shard.key(root, decoding), decoding.verify,
+                                   decoding.array_shape)
     if meta is not None:
         meta = {**meta, "reused": True}
     else:
         read = shard.read(root, decoding)
         sums, counts = pixel_sums(read.images, read.class_indices, len(shard.classes))
         record = {"files_key": read.files_key, "digest": read.digest, "counts": counts, "pixel_sums": sums,
-                  "rejected": read.rejected}
+                  "rejected": read.rejected, "conversions": read.conversions, "notes": read.notes}
         if read.records is not None:
             record["records"] = read.records
         meta = _write(path, chunk_dir, read.images, read.class_indices, read.paths, shard, record)
@@ -152,6 +156,7 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, chunk_dir: str
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
         rejected_per_class=np.array(records["rejected_per_class"], dtype=np.int64) if records else None,
         ignored=records["ignored"] if records else 0,
+        conversions=dict(meta.get("conversions") or {}), notes=[tuple(n) for n in meta.get("notes") or []],
     )
 
 

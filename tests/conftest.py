@@ -39,7 +39,7 @@ def groups_of(paths: list[str]) -> list[tuple[str, list[bytes]]]:
 
 def decode_files(root, paths: list[str], shape: tuple[int, int], convert: bool = False):
     """sources.folder.decode_files over paths relative to `root`, as a shard's groups would give them."""
-    from mnist37.sources.base import Decoding
+    from mnist37.images import Decoding
     from mnist37.sources.folder import decode_files
 
     return decode_files(root, groups_of(paths), Decoding(tuple(shape), convert))

@@ -84,7 +84,7 @@ def webdataset_corpus(clean, root):
         sink.write({"__key__": "cut", "png": GOOD[:-30], "cls": 0})
         sink.write({"__key__": "fine", "png": GOOD, "cls": 0})
         sink.write({"__key__": "last", "png": GOOD, "cls": 1})
-    bad.update({"train-000001.tar:nocls": ("no .cls member", None), "train-000001.tar:nopng": ("no .png member", "7"),
+    bad.update({"train-000001.tar:nocls": ("no .cls member", None), "train-000001.tar:nopng": ("no image member", "7"),
                 "train-000001.tar:word": ("class 'seven' is not an integer", None),
                 "train-000001.tar:high": ("label 3 out of range 0..2", None),
                 "train-000001.tar:cut": ("truncated PNG", "3")})

@@ -73,7 +73,7 @@ def test_write_is_atomic_and_leaves_no_partial_file(tmp_path):
 
 def test_bad_inputs_and_foreign_files(tmp_path):
     images, labels, paths, _ = sample_table()
-    with pytest.raises(ValueError, match=r"expected uint8 \[N, H, W\], got float32"):
+    with pytest.raises(ValueError, match=r"expected uint8 \[N, H, W\] or \[N, 3, H, W\], got float32"):
         chunk_table(images.astype(np.float32), labels, paths, ["3", "7"], "train")
     with pytest.raises(ValueError, match="differ in length: 10, 9, 10"):
         chunk_table(images, labels[:9], paths, ["3", "7"], "train")

@@ -14,7 +14,8 @@ from PIL import Image
 
 from mnist37 import png as decode
 from mnist37.png import DecodeError, decode_pillow, decode_png
-from mnist37.sources.folder import groups_key, image_shape
+from mnist37.images import Decoding
+from mnist37.sources.folder import first_images, groups_key
 from mnist37.sources.keys import combine_digests
 from tests.conftest import PROJECT_ROOT, decode_files, groups_of, write_png
 
@@ -47,7 +48,7 @@ def test_decodes_what_was_written(tmp_path):
     np.testing.assert_array_equal(decoded.images, np.stack(expected + [expected[0]]))
     assert decoded.paths == ["0.png", "1.png", "d/2.png", "d/0.png"]
     assert decoded.kept.all() and decoded.rejected == []
-    assert image_shape(tmp_path, ["1.png"]) == (8, 8) == image_shape(tmp_path, ["d/1.png"])
+    assert first_images(tmp_path, ["1.png"]).shape == (8, 8) == first_images(tmp_path, ["d/1.png"]).shape
 
 
 def test_digest_follows_content_not_just_names(tmp_path):
@@ -141,14 +142,14 @@ def test_an_unreadable_file_names_the_permission(tmp_path):
     assert run.stdout.strip() == "[('secret.png', 'cannot read file (Permission denied)')]"
 
 
-def test_image_shape_takes_the_first_file_that_decodes(tmp_path):
+def test_the_image_shape_is_the_first_file_that_decodes(tmp_path):
     (tmp_path / "0.png").write_bytes(b"junk")
     write_png(tmp_path / "1.png", pixels((5, 6)))
-    assert image_shape(tmp_path, ["0.png", "1.png"]) == (5, 6)
+    assert first_images(tmp_path, ["0.png", "1.png"]).shape == (5, 6)
     with pytest.raises(DecodeError, match=r"0.png: not an image; and none of the first 1 files decodes"):
-        image_shape(tmp_path, ["0.png"])
+        first_images(tmp_path, ["0.png"])
     with pytest.raises(DecodeError, match=r"nope/: cannot open folder \(No such file or directory\)"):
-        image_shape(tmp_path, ["nope/a.png"])
+        first_images(tmp_path, ["nope/a.png"])
 
 
 def test_decode_error_survives_pickling():
@@ -158,19 +159,22 @@ def test_decode_error_survives_pickling():
     assert (error.path, error.reason, str(error)) == ("a/b.png", "truncated PNG", "a/b.png: truncated PNG")
 
 
+REJECT, CONVERT = Decoding((8, 8)).settings, Decoding((8, 8), convert=True).settings
+
+
 def test_files_key_follows_names_sizes_mtimes_and_settings(tmp_path):
     for i in range(3):
         write_png(tmp_path / f"{i}.png", pixels(seed=i))
     paths = ["0.png", "1.png", "2.png"]
     decoded = decode_files(tmp_path, paths, (8, 8))
-    assert groups_key(tmp_path, groups_of(paths), False) == decoded.files_key  # stat agrees with fstat
-    assert groups_key(tmp_path, groups_of(paths), True) != decoded.files_key
-    assert groups_key(tmp_path, groups_of(paths[:2]), False) != decoded.files_key
+    assert groups_key(tmp_path, groups_of(paths), REJECT) == decoded.files_key  # stat agrees with fstat
+    assert groups_key(tmp_path, groups_of(paths), CONVERT) != decoded.files_key
+    assert groups_key(tmp_path, groups_of(paths[:2]), REJECT) != decoded.files_key
     stat = (tmp_path / "1.png").stat()
     os.utime(tmp_path / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
-    assert groups_key(tmp_path, groups_of(paths), False) != decoded.files_key
+    assert groups_key(tmp_path, groups_of(paths), REJECT) != decoded.files_key
     with pytest.raises(FileNotFoundError):
-        groups_key(tmp_path, groups_of(["0.png", "gone.png"]), False)
+        groups_key(tmp_path, groups_of(["0.png", "gone.png"]), REJECT)
 
 
 def test_the_fast_decoder_is_installed_and_falls_back_to_pillow(monkeypatch):

@@ -9,7 +9,7 @@ import ray
 
 from mnist37 import distributed
 from mnist37.png import DecodeError
-from mnist37.sources.base import Decoding
+from mnist37.images import Decoding
 from mnist37.sources.folder import ClassFiles, list_split, list_splits, make_shards
 
 pytestmark = pytest.mark.ray  # a local Ray

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mnist37.shards import decode_shard
-from mnist37.sources.base import Decoding
+from mnist37.images import Decoding
 from mnist37.sources.folder import list_split, make_shards
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import FASTBOOK_L1, run_job

@@ -62,19 +62,22 @@ def planned(data: Path, chunk_dir: Path):
 
 
 def folder_files_key(root: Path, shard, convert: bool) -> str:
+    from mnist37.images import Decoding
     from mnist37.sources.folder import groups_key
 
-    return groups_key(root, shard.groups(), convert)
+    return groups_key(root, shard.groups(), Decoding(SHAPE, convert).settings)
 
 
 def folder_listed_files_key(shard, stamps: np.ndarray, convert: bool) -> str:
+    from mnist37.images import Decoding
     from mnist37.sources.folder import groups_key
 
-    return groups_key("unused: the stamps stand in for a stat", shard.groups(), convert, stamps)
+    return groups_key("unused: the stamps stand in for a stat", shard.groups(), Decoding(SHAPE, convert).settings,
+                      stamps)
 
 
 def container_key(shard, root: Path, convert: bool) -> str:
-    from mnist37.sources.base import Decoding
+    from mnist37.images import Decoding
 
     return shard.key(root, Decoding(SHAPE, convert))
 

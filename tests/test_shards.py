@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mnist37.chunks import read_chunk, read_chunk_metadata
-from mnist37.sources.base import Decoding
+from mnist37.images import Decoding
 from mnist37.sources.folder import list_split, make_shards
 from mnist37.prototypes import pixel_sums
 from mnist37.shards import chunk_path, decode_shard

@@ -19,7 +19,7 @@ import pytest
 
 from mnist37 import distributed
 from mnist37.sources.archive import extract
-from mnist37.sources.base import Decoding
+from mnist37.images import Decoding
 from mnist37.chunks import chunk_table, write_chunk
 from mnist37.sources.folder import list_split
 from mnist37.report import write_outputs

@@ -29,7 +29,7 @@ import xxhash  # noqa: E402
 from mnist37.chunks import checksummed_bytes, verify_chunk  # noqa: E402
 from mnist37.locate import find_root  # noqa: E402
 from mnist37.shards import decode_shard  # noqa: E402
-from mnist37.sources.base import Decoding  # noqa: E402
+from mnist37.images import Decoding  # noqa: E402
 from mnist37.sources.folder import list_split, make_shards  # noqa: E402
 
 # Pixels a warm run at N = 100 hashes: mnist_sample's 14,434 images of 28x28, 100 times.

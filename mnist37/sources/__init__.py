@@ -9,9 +9,10 @@ apart. Adding a format is a new module in this package plus one entry here
 A container format's module has:
 
 - `NAME`, and `containers(root, listed)`: split -> its container files (what detection looks for);
-- `plan(root, splits, train_split, classes, shard_size, shape, convert, image_column,
-  label_column)`: a `base.ContainerPlan` of `base.ContainerShard`s, reading only footers and
-  headers (and, for the image shape, the first training records);
+- `plan(root, splits, train_split, classes, shard_size, shape, image_column, label_column)`:
+  a `base.ContainerPlan` of `base.ContainerShard`s, reading only footers and headers (the
+  planner then looks at the first training records for their size and color, unless the
+  headers said: IDX);
 - `read_shard(shard, root, decoding)`: the shard decoded, every record counted
   (`base.ShardRead`); Parquet and WebDataset read their records in bulk (`read_records`:
   `base.Records`) and decode them with `base.decode_records`; IDX decodes nothing;
@@ -106,10 +107,16 @@ def check_splits(root, fmt: str, splits: tuple[str, ...]) -> dict[str, list[str]
 
 
 def plan_containers(root, fmt: str, train_split: str, eval_split: str, classes: list[str], shard_size: int,
-                    shape: tuple[int, int] | None, convert: bool, image_column: str = "image",
-                    label_column: str = "label"):
-    """Splits, classes, image shape and shards of a container data set (base.ContainerPlan),
-    by its format's module."""
+                    shape: tuple[int, int] | None, image_column: str = "image", label_column: str = "label",
+                    wanted: int = 1):
+    """Splits, classes and shards of a container data set (base.ContainerPlan), by its format's
+    module; and, unless its headers say (IDX), what the first `wanted` training images that
+    decode say of size and color (none looked at when `wanted` is 0)."""
+    from mnist37.sources.base import first_images
+
     splits = check_splits(root, fmt, (train_split, eval_split))
-    return format_module(fmt).plan(root, splits, train_split, classes, shard_size, shape, convert, image_column,
-                                   label_column)
+    planned = format_module(fmt).plan(root, splits, train_split, classes, shard_size, shape, image_column,
+                                      label_column)
+    if planned.first is None and wanted:
+        planned.first = first_images(root, [s for s in planned.shards if s.split == train_split], wanted)
+    return planned

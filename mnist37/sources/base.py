@@ -4,7 +4,7 @@ A container data set (Parquet, WebDataset tar shards, IDX: one module each in th
 is planned into `ContainerShard`s, each a piece of one container file decoded by one task into
 one chunk. A format module reads a shard's records in bulk as columns (`Records`: keys,
 labels, encoded images in one buffer, problems), and `decode_records` decodes and counts them
-as the folder path does (png.decode_pngs, by decode_png's rules): every record used, rejected
+as the folder path does (images.decode_images): every record used, rejected
 (with its class when known and a reason) or ignored (a class not selected). Per record, little
 but the PNG decode is left.
 
@@ -14,7 +14,7 @@ record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -22,7 +22,9 @@ import pyarrow as pa
 
 from mnist37 import Mnist37Error
 from mnist37.chunks import arrow_array, arrow_text
-from mnist37.png import Blobs, DecodeError, decode_png, decode_pngs
+from mnist37 import images
+from mnist37.images import Decoding, FirstImages, decode_images
+from mnist37.png import Blobs
 from mnist37.sources import format_module
 from mnist37.sources.files import Root, stat
 from mnist37.sources.keys import container_key, shard_digest
@@ -31,17 +33,6 @@ from mnist37.paths import under
 
 class FormatError(Mnist37Error, ValueError):
     """A container file that is not what its format says (one line: the file and what is wrong)."""
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How a shard is decoded, the same for every shard of a run: the settings that travel
-    from the config down to the codec, in one record."""
-
-    shape: tuple[int, int]  # (H, W) every image must have
-    convert: bool = False  # non-grayscale images turned to grayscale (else rejected)
-    reuse: bool = True  # reuse a chunk written from the same files (else decode again)
-    verify: bool = True  # hash a chunk against its checksum before reusing it
 
 
 @dataclass
@@ -59,6 +50,8 @@ class ShardRead:
     # "rejected_per_class" (int [C + 1], the last slot a class that could not be read) and
     # "ignored" (records of classes not selected).
     records: dict | None = None
+    conversions: dict[str, int] = field(default_factory=dict)  # "CMYK to RGB" -> images converted so
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, "JPEG data named .png")
 
 
 def text(name: bytes) -> str:
@@ -112,7 +105,7 @@ class ContainerShard:
         fingerprint never mixes the two). Raises OSError when a container cannot be stat'ed."""
         stamps = [(path, *stat(root, path)) for path in filter(None, (self.source, self.labels_source))]
         return container_key(stamps, [self.format, self.start, self.stop, self.image_column, self.label_column,
-                                      self.declared, list(decoding.shape)], self.class_map, decoding.convert)
+                                      self.declared, list(decoding.shape)], self.class_map, decoding.settings)
 
     def read(self, root: Root, decoding: Decoding) -> ShardRead:
         """Every record of the shard, decoded and counted, by its format's module."""
@@ -137,9 +130,11 @@ class ContainerShard:
 class ContainerPlan:
     format: str
     classes: list[str]  # selected, in index order
-    shape: tuple[int, int]
     shards: list[ContainerShard]
     splits: dict[str, list[str]]  # split -> container files
+    # What the first training images say (size, gray or color), when the format's headers
+    # tell it (IDX); else the planner looks at them (mnist37.sources.plan_containers).
+    first: FirstImages | None = None
 
 
 def class_map(declared_names: list[str] | None, classes: list[str], where: str,
@@ -253,9 +248,9 @@ def decode_records(records: Records, shard: ContainerShard, decoding: Decoding) 
     for i in np.flatnonzero(selected == classes).tolist():
         problems.setdefault(i, label_problem(int(records.labels[i]) if records.has_label[i] else None, shard.declared))
     todo = counted[~np.isin(counted, list(problems))] if problems else counted
-    images, kept, reasons = decode_pngs(records.data.take(todo), lambda j: records.path(todo[j]), decoding.shape,
-                                        decoding.convert)
-    problems.update((int(todo[j]), reason) for j, reason in reasons.items())
+    done = decode_images(records.data.take(todo), lambda j: records.path(todo[j]), decoding)
+    images, kept = done.images, done.kept
+    problems.update((int(todo[j]), reason) for j, reason in done.reasons.items())
     used, refused = todo[kept], np.array(sorted(problems), dtype=np.int64)
     hashed = counted[records.data.present[counted]]  # counted, with bytes
     data = records.data.take(hashed)
@@ -265,7 +260,8 @@ def decode_records(records: Records, shard: ContainerShard, decoding: Decoding) 
         shard_digest(shard.source, shard.start, shard.stop, records.key_bytes(hashed),
                      data.lengths.astype("<i8").tobytes(), data.joined()),
         "", container_counts(np.bincount(selected[counted], minlength=classes + 1),
-                             np.bincount(selected[refused], minlength=classes + 1), len(records) - len(counted)))
+                             np.bincount(selected[refused], minlength=classes + 1), len(records) - len(counted)),
+        dict(done.conversions))
 
 
 def container_counts(found: np.ndarray, rejected_per_class: np.ndarray, ignored: int) -> dict:
@@ -274,26 +270,24 @@ def container_counts(found: np.ndarray, rejected_per_class: np.ndarray, ignored:
             "rejected_per_class": np.asarray(rejected_per_class, dtype=np.int64).tolist(), "ignored": int(ignored)}
 
 
-def first_shape(root: Root, shards: list[ContainerShard], convert: bool, probes: int = 100) -> tuple[int, int]:
-    """(H, W) of the first training record that decodes, reading records until one does."""
-    first_error, seen = None, 0
-    for shard in shards:
-        for record in iter_records(shard, root, limit=probes):
-            if record.data is None:
-                continue
-            try:
-                return decode_png(record.data, record.path, convert=convert).shape
-            except DecodeError as e:
-                first_error = first_error or e
-            seen += 1
-            if seen >= probes:
-                break
-        if seen >= probes:
-            break
-    if first_error is None:
-        raise FormatError(f"{root}: no training images found to take the image shape from")
-    raise DecodeError(first_error.path, f"{first_error.reason}; and none of the first {seen} records "
-                                        "decodes, so the image shape is unknown (set image_shape)")
+def first_images(root: Root, shards: list[ContainerShard], wanted: int, probes: int = 100) -> FirstImages:
+    """images.first_images of the first records of `shards` (the training split's) that have
+    image bytes, looking at most at `probes` of them."""
+    def items():
+        seen = 0
+        for shard in shards:
+            for record in iter_records(shard, root, limit=probes):
+                if record.data is None:
+                    continue
+                yield record.path, record.data
+                seen += 1
+                if seen >= probes:
+                    return
+
+    try:
+        return images.first_images(items(), wanted, unit="records")
+    except ValueError:  # no records with image bytes at all
+        raise FormatError(f"{root}: no training images found to take the image shape from") from None
 
 
 def selected_classes(names: list[str] | None, classes: list[str], where: str, missing: str) -> list[str]:

@@ -4,7 +4,7 @@ The label of a sample is its class folder; class indices follow the order of `cl
 config. Each class folder is listed once (sorted, bytewise), by a task of its own in the job;
 a local folder's listing is kept for the next run while the folder is unchanged. A split's
 listing is cut into `Shard`s of `shard_size` files; a shard's files are read in one loop
-(files.read_files, local or objects alike) and decoded together (png.decode_pngs).
+(files.read_files, local or objects alike) and decoded together (images.decode_images).
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ import numpy as np
 from mnist37 import DatasetError
 from mnist37.partials import claimed, partial_name
 from mnist37.paths import class_folder, sample_path, under
-from mnist37.png import DecodeError, decode_png, decode_pngs
-from mnist37.sources.base import Decoding, ShardRead
+from mnist37 import images
+from mnist37.images import Decoding, FirstImages, decode_images
+from mnist37.png import DecodeError
+from mnist37.sources.base import ShardRead
 from mnist37.sources.files import Group, Root, file_stats, read_file, read_files
 from mnist37.sources.keys import file_digest, files_key, listing_name
 
 log = logging.getLogger(__name__)
 
 NAME = "folder"
-IMAGE_EXTENSIONS = (b".png",)
+IMAGE_EXTENSIONS = tuple(ext.encode() for ext in images.EXTENSIONS)  # any case
 
 @dataclass(eq=False)
 class ClassFiles:
@@ -153,6 +155,8 @@ def is_folder(folder: Root) -> bool:
 
 
 _BATCH = 65536
+# What a kept listing took for images: one that took others (older versions: .png alone) is not reused.
+_EXTENSIONS_KEPT = b" ".join(IMAGE_EXTENSIONS)
 
 
 # A folder's listing is kept for the next run only when the folder last changed at least this
@@ -169,7 +173,8 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     With `reuse_dir`, a listing kept there by an earlier run is reused while the folder's
     device, inode, mtime and ctime are unchanged: adding, removing or renaming an entry moves
     its folder's mtime and ctime (ctime cannot be set back, as `tar` and `rsync -t` set mtime).
-    Changes to a file's contents are not the listing's business; shards stat every file."""
+    Changes to a file's contents are not the listing's business; shards stat every file. A
+    listing kept while other extensions made an image (older runs: .png alone) is listed again."""
     if reuse_dir is None:
         return (*_scan_images(folder), False, "")
     stamp = os.stat(folder)
@@ -177,7 +182,8 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     kept = reuse_dir / listing_name(folder)
     try:
         with np.load(kept, allow_pickle=False) as saved:
-            if np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder:
+            if (np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder
+                    and saved["extensions"].item() == _EXTENSIONS_KEPT):
                 return saved["names"], int(saved["ignored"]), True, ""
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # absent, torn or from another version: list the folder
@@ -189,7 +195,8 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
         try:
             kept.parent.mkdir(parents=True, exist_ok=True)
             with claimed(temp), open(temp, "wb") as f:
-                np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored))
+                np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored),
+                         extensions=np.array(_EXTENSIONS_KEPT))
                 os.replace(temp, kept)
         except OSError as e:  # a listing not kept only costs the next run a scan
             not_kept = f"{os.fsdecode(folder)}: listing not kept for the next run: {e}"
@@ -420,13 +427,13 @@ class Shard:
     def key(self, root: Root, decoding: Decoding) -> str:
         """What the chunk is made from now (`groups_key`). Raises OSError when a local file
         cannot be stat'ed."""
-        return groups_key(root, self.groups(), decoding.convert, self.stamps)
+        return groups_key(root, self.groups(), decoding.settings, self.stamps)
 
     def read(self, root: Root, decoding: Decoding) -> ShardRead:
         """The shard's files read and decoded (`decode_files`), with their classes."""
         done = decode_files(root, self.groups(), decoding, self.stamps)
         return ShardRead(done.images, self.class_indices[done.kept], done.paths, done.rejected, done.digest,
-                         done.files_key)
+                         done.files_key, None, done.conversions, done.notes)
 
     def records(self, root: Root, shape: tuple[int, int]):
         """(path, class index, bytes or None, reason) of each file, for the converter."""
@@ -459,48 +466,50 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
     return shards
 
 
-def image_shape(root: str | os.PathLike, paths: Sequence[str], convert: bool = False) -> tuple[int, int]:
-    """(H, W) of the first of `paths` that decodes: the shape every other image must have.
+def first_images(root: Root, paths: Sequence[str], wanted: int = 1) -> FirstImages:
+    """images.first_images of the files at `paths` (relative to the root), read one at a time
+    until `wanted` decode: a file that cannot be read counts as one that does not decode."""
+    def items():
+        for path in paths:
+            try:
+                yield path, read_file(root, path)
+            except DecodeError as e:
+                yield path, e
 
-    A bad file before it is not judged here; the decode step reports it with the rest."""
-    first_error = None
-    for path in paths:
-        try:
-            return decode_png(read_file(root, path), path, convert=convert).shape
-        except DecodeError as e:
-            first_error = first_error or e
-    if first_error is None:
-        raise ValueError("image_shape: no paths given")
-    raise DecodeError(first_error.path, f"{first_error.reason}; and none of the first {len(paths)} "
-                                        "files decodes, so the image shape is unknown (set image_shape)")
+    return images.first_images(items(), wanted)
 
 
-def groups_key(root: Root, groups: Sequence[Group], convert: bool, stamps: np.ndarray | None = None) -> str:
-    """keys.files_key of these files as they are now: the names, and each file's (size, mtime)
+
+def groups_key(root: Root, groups: Sequence[Group], settings: str, stamps: np.ndarray | None = None) -> str:
+    """keys.files_key of these files as they are now, for decode `settings`
+    (images.Decoding.settings): the names, and each file's (size, mtime)
     from `stat`, or for objects in a store as the listing found them (`stamps`, int64 [N, 2]:
     no request per file). Raises OSError when a local file cannot be stat'ed."""
     stats = file_stats(root, groups) if stamps is None else np.asarray(stamps, dtype=np.int64).reshape(-1, 2).tolist()
-    return files_key(groups, stats, convert)
+    return files_key(groups, stats, settings)
 
 
 @dataclass
-class Decoded:
+class FilesDecoded:
     """What `decode_files` made of N listed files."""
 
-    images: np.ndarray  # uint8 [K, H, W]: the K files that decoded, in order
+    images: np.ndarray  # uint8 [K, *Decoding.array_shape]: the K files that decoded, in order
     kept: np.ndarray  # bool [N]: which of the N files those are
     paths: list[str]  # [K] '/'-separated, relative to the root
     rejected: list[tuple[str, str]]  # (path, reason) of every file left out, in order
     digest: str  # the sum of each read file's keys.file_digest, as 32 hex digits
     files_key: str  # keys.files_key of the files as they were read
+    conversions: dict[str, int] = field(default_factory=dict)  # "CMYK to RGB" -> files converted so
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, "JPEG data named .png")
 
 
-def decode_files(root: Root, groups: Sequence[Group], decoding: Decoding, stamps: np.ndarray | None = None) -> Decoded:
+def decode_files(root: Root, groups: Sequence[Group], decoding: Decoding, stamps: np.ndarray | None = None) -> FilesDecoded:
     """Every file of `groups` read (files.read_files: local files or objects alike) and decoded
-    together (png.decode_pngs), in order. A file that cannot be read or decoded, or has another
+    together (images.decode_images), in order. A file that cannot be read or decoded, or has another
     shape, is not an exception: it is left out and listed in `rejected` with its reason."""
     files = read_files(root, groups, stamps)
-    images, decoded, reasons = decode_pngs(files.data, files.paths.__getitem__, decoding.shape, decoding.convert)
+    done = decode_images(files.data, files.paths.__getitem__, decoding, files.paths)
+    images, decoded, reasons = done.images, done.kept, done.reasons
     kept = np.zeros(len(files.read), dtype=bool)
     positions = np.flatnonzero(files.read)
     kept[positions[decoded]] = True
@@ -512,4 +521,6 @@ def decode_files(root: Root, groups: Sequence[Group], decoding: Decoding, stamps
         rejected = [entry for _, entry in order]
         paths = [p for p, keep in zip(paths, decoded.tolist()) if keep]
     digest = sum(file_digest(os.fsencode(p), d) for p, d in zip(files.paths, files.data)) % (1 << 128)
-    return Decoded(images, kept, paths, rejected, f"{digest:032x}", files_key(groups, files.stats, decoding.convert))
+    notes = [(files.paths[i], note) for i, note in sorted(done.notes.items())]
+    return FilesDecoded(images, kept, paths, rejected, f"{digest:032x}", files_key(groups, files.stats, decoding.settings),
+                   dict(done.conversions), notes)

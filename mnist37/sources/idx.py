@@ -23,8 +23,8 @@ import pyarrow as pa
 from mnist37.chunks import arrow_array, arrow_text
 from mnist37.objects import ObjectStoreError
 from mnist37.paths import is_uri
-from mnist37.png import decode_png
-from mnist37.sources.base import (ContainerPlan, ContainerShard, Decoding, FormatError, ShardRead, class_map,
+from mnist37.images import Decoding, FirstImages, decode_image
+from mnist37.sources.base import (ContainerPlan, ContainerShard, FormatError, ShardRead, class_map,
                                   container_counts, record_path)
 from mnist37.sources.files import Root, entries, open_input, stat
 from mnist37.sources.keys import shard_digest
@@ -114,7 +114,7 @@ def _read(root: Root, path: str, offset: int, size: int) -> bytes | memoryview:
 
 
 def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str], shard_size: int,
-         shape: tuple[int, int] | None, convert: bool, image_column: str, label_column: str) -> ContainerPlan:
+         shape: tuple[int, int] | None, image_column: str, label_column: str) -> ContainerPlan:
     """Both splits' headers checked against each other and the file sizes; shards of
     `shard_size` records; classes = all takes the label values of the training split."""
     pairs = {}
@@ -143,7 +143,7 @@ def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: li
             stop = min(start + shard_size, n)
             shards.append(ContainerShard(split, index, shard_size, tuple(classes), NAME, images, start, stop,
                                          mapping, 256, labels_source=labels, num_records=stop - start))
-    return ContainerPlan(NAME, list(classes), shapes.pop(), shards, splits)
+    return ContainerPlan(NAME, list(classes), shards, splits, FirstImages(shapes.pop(), 1, 0))  # gray, as stored
 
 
 def read_idx(shard: ContainerShard, root: Root, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
@@ -206,7 +206,7 @@ class ShardWriter:
 
     def add(self, path: str, class_index: int, data: bytes) -> None:
         """Raises DecodeError for an image that does not decode to `shape` (left out)."""
-        self.f.write(decode_png(data, path, self.shape).tobytes())
+        self.f.write(decode_image(data, path, Decoding(self.shape))[0].tobytes())
         self.labels.write(bytes([self.values[class_index]]))
 
     def close(self) -> None:
@@ -229,6 +229,13 @@ def finish(dest, written, classes: list[str], splits, shape: tuple[int, int]) ->
                         shutil.copyfileobj(f, out, 1 << 22)
             os.replace(temp, dest / name)
     shutil.rmtree(dest / "parts")
+
+
+def check_decoding(decoding: Decoding) -> str | None:
+    """Why IDX data cannot be decoded so, or None: its pixels are read as they are."""
+    if decoding.channels != 1 or decoding.resize:
+        return "IDX images are read as they are (gray, their own size): channels = rgb and image_size do not apply"
+    return None
 
 
 def check_classes(classes: list[str]) -> str | None:

@@ -3,7 +3,7 @@
 - A shard's *files key* says what its chunk was made from: for a folder shard every folder
   and file name with each file's (size, mtime) (`files_key`); for a container shard the
   container files' (path, size, mtime), the shard's range, columns, class selection and image
-  shape (`container_key`). Both start from the decode settings (`png.decode_settings`), so a
+  shape (`container_key`). Both start from the decode settings (`images.Decoding.settings`), so a
   change of settings decodes again. A chunk is reused only when its recorded key equals the
   shard's key now.
 - A shard's *digest* says what its content was: a folder shard's is the sum, modulo 2**128, of
@@ -27,15 +27,15 @@ from collections.abc import Sequence
 import numpy as np
 import xxhash
 
-from mnist37.png import decode_settings
 
 DIGEST = "xxh3-128/v1"  # how a container shard's digest is made (shard_digest); part of its key
 
 
 def files_key(groups: Sequence[tuple[str, Sequence[bytes]]], stats: Sequence[tuple[int, int]],
-              convert: bool) -> str:
-    """BLAKE2b of the decode settings, every folder and file name, and every (size, mtime)."""
-    h = hashlib.blake2b(decode_settings(convert).encode(), digest_size=16)
+              settings: str) -> str:
+    """BLAKE2b of the decode settings (images.Decoding.settings), every folder and file name,
+    and every (size, mtime)."""
+    h = hashlib.blake2b(settings.encode(), digest_size=16)
     for folder, names in groups:
         h.update(b"\0" + os.fsencode(folder) + b"\0")
         h.update(b"\0".join(names))
@@ -44,11 +44,11 @@ def files_key(groups: Sequence[tuple[str, Sequence[bytes]]], stats: Sequence[tup
 
 
 def container_key(stamps: Sequence[tuple[str, int, int]], fields: Sequence, class_map: np.ndarray,
-                  convert: bool) -> str:
+                  settings: str) -> str:
     """BLAKE2b of the decode settings and digest kind, each container file's (path, size,
     mtime ns), the shard's `fields` (format, range, columns, declared labels, shape) and its
     class map (int32 [L])."""
-    h = hashlib.blake2b(f"{decode_settings(convert)}/digest-{DIGEST}".encode(), digest_size=16)
+    h = hashlib.blake2b(f"{settings}/digest-{DIGEST}".encode(), digest_size=16)
     for stamp in stamps:
         h.update(json.dumps(list(stamp)).encode())
     h.update(json.dumps(list(fields)).encode())

@@ -18,9 +18,10 @@ import pyarrow as pa
 from mnist37.chunks import numbers, valid
 from mnist37.objects import ObjectStoreError
 from mnist37.png import Blobs
+from mnist37.images import Decoding
 from mnist37.sources import base
-from mnist37.sources.base import (ContainerPlan, ContainerShard, Decoding, ShardRead, FormatError, Records, class_map, files_by_split,
-                                  first_shape, selected_classes)
+from mnist37.sources.base import (ContainerPlan, ContainerShard, ShardRead, FormatError, Records, class_map, files_by_split,
+                                  selected_classes)
 from mnist37.sources.files import Root, open_input
 
 NAME = "parquet"
@@ -35,9 +36,9 @@ def containers(root: Root, listed) -> dict[str, list[str]]:
 
 
 def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str], shard_size: int,
-         shape: tuple[int, int] | None, convert: bool, image_column: str, label_column: str) -> ContainerPlan:
+         shape: tuple[int, int] | None, image_column: str, label_column: str) -> ContainerPlan:
     """Classes from the first training file's ClassLabel names, shards of whole row groups
-    near `shard_size` rows, the image shape from the first training record that decodes."""
+    near `shard_size` rows."""
     names, declared = _names(root, splits[train_split][0], label_column)
     where = f"{root}/{splits[train_split][0]}"
     classes = selected_classes(names, classes, where, "no ClassLabel names")
@@ -55,9 +56,7 @@ def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: li
                                                  group + 1, mapping, declared, image_column=image_column,
                                                  label_column=label_column, num_records=taken))
                     index, start, taken = index + 1, group + 1, 0
-    if shape is None:
-        shape = first_shape(root, [s for s in shards if s.split == train_split], convert)
-    return ContainerPlan(NAME, list(classes), tuple(shape), shards, splits)
+    return ContainerPlan(NAME, list(classes), shards, splits)
 
 
 def _footer(root: Root, source: str):

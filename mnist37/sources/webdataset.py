@@ -1,4 +1,7 @@
-"""WebDataset tar shards: `<split>-*.tar` or `<split>/*.tar`, members `<key>.png` and `<key>.cls`.
+"""WebDataset tar shards: `<split>-*.tar` or `<split>/*.tar`, members `<key>.<image>` and `<key>.cls`.
+
+An image member is any of images.EXTENSIONS (`.png`, `.jpg`, `.jpeg`, `.webp`, ...), decoded by
+its bytes.
 
 `.cls` holds the class index as text; class names come from `classes.txt` beside the shards
 (one a line, index order), else the indices as text. A shard is one tar file, read as a stream
@@ -14,8 +17,10 @@ import numpy as np
 
 from mnist37.png import Blobs
 from mnist37.sources import tar
+from mnist37 import images
+from mnist37.images import Decoding
 from mnist37.sources import base
-from mnist37.sources.base import (ContainerPlan, ContainerShard, Decoding, ShardRead, Records, class_map, files_by_split, first_shape,
+from mnist37.sources.base import (ContainerPlan, ContainerShard, ShardRead, Records, class_map, files_by_split,
                                   selected_classes)
 from mnist37.sources.files import Root, open_input
 from mnist37.sources.tar import TarCutShort
@@ -24,6 +29,10 @@ NAME = "webdataset"
 EXTENSION = ".tar"
 SPLIT_FILE = re.compile(r"^(?P<split>.+?)-[^-]*\.tar$")
 CLASSES_FILE = "classes.txt"  # class names, one a line, in index order
+# The member extension the converter names an image by, from its bytes' format.
+_MEMBER_EXTENSION = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
+# Member extensions that hold an image (lower case; decoded by their bytes, mnist37.images).
+IMAGE_MEMBERS = np.array([ext[1:].encode() for ext in images.EXTENSIONS])
 
 
 def containers(root: Root, listed) -> dict[str, list[str]]:
@@ -32,17 +41,14 @@ def containers(root: Root, listed) -> dict[str, list[str]]:
 
 
 def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str], shard_size: int,
-         shape: tuple[int, int] | None, convert: bool, image_column: str, label_column: str) -> ContainerPlan:
-    """Classes from classes.txt, one shard per tar file, the image shape from the first
-    training record that decodes."""
+         shape: tuple[int, int] | None, image_column: str, label_column: str) -> ContainerPlan:
+    """Classes from classes.txt, one shard per tar file."""
     names, declared = _names(root)
     classes = selected_classes(names, classes, str(root), "no " + CLASSES_FILE)
     mapping = class_map(names, classes, str(root))
     shards = [ContainerShard(split, index, shard_size, tuple(classes), NAME, source, 0, -1, mapping, declared)
               for split, files in splits.items() for index, source in enumerate(files)]
-    if shape is None:
-        shape = first_shape(root, [s for s in shards if s.split == train_split], convert)
-    return ContainerPlan(NAME, list(classes), tuple(shape), shards, splits)
+    return ContainerPlan(NAME, list(classes), shards, splits)
 
 
 def _names(root: Root) -> tuple[list[str] | None, int]:
@@ -63,39 +69,36 @@ def member_key(name: bytes) -> tuple[bytes, bytes] | None:
 
 def member_keys(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """WebDataset's split of member names ('S' [M]) at the first dot of the base name (as
-    `member_key`), for all at once: (keys 'S' [M], has a dot bool [M], extension is png, is
-    cls: bool [M], ASCII case ignored)."""
+    `member_key`), for all at once: (keys 'S' [M], has a dot bool [M], is an image (its
+    extension one of IMAGE_MEMBERS), is cls: bool [M], ASCII case ignored)."""
     width = names.dtype.itemsize
     dot = np.strings.find(names, b".", np.strings.rfind(names, b"/") + 1)
     has_dot = dot >= 0
     chars = np.ascontiguousarray(names).view(np.uint8).reshape(len(names), width)
     keys = np.where(np.arange(width) < dot[:, None], chars, 0).astype(np.uint8).view(f"S{width}").ravel()
-    three = has_dot & (np.strings.str_len(names) == dot + 4)  # an extension of 3 bytes
-    padded = np.concatenate([chars, np.zeros((len(names), 4), dtype=np.uint8)], axis=1)
-    lower = padded[np.arange(len(names))[:, None], (dot + 1)[:, None] + np.arange(3)] | 0x20  # ASCII lower case
-    return (keys, has_dot, three & (lower == np.frombuffer(b"png", np.uint8)).all(axis=1),
-            three & (lower == np.frombuffer(b"cls", np.uint8)).all(axis=1))
+    extensions = np.strings.lower(np.strings.slice(names, dot + 1, None))
+    return keys, has_dot, has_dot & np.isin(extensions, IMAGE_MEMBERS), has_dot & (extensions == b"cls")
 
 
 def read_records(shard: ContainerShard, root: Root, limit: int | None = None) -> Records:
-    """One record per run of members sharing a key: its `.png` bytes and its `.cls` label
+    """One record per run of members sharing a key: its image member's bytes and its `.cls` label
     (members of other kinds are not read; of two members of one kind, the last counts). A tar
     cut short rejects the record it cuts (and ends the shard); a damaged header rejects the
     record being read and is named. With `limit`, about that many records are read (the
     members of two each)."""
     with open_input(root, shard.source) as f:
         members = tar.members(f, shard.source, None if limit is None else 2 * limit)
-    keys, has_dot, is_png, is_cls = member_keys(members.names)
+    keys, has_dot, is_image, is_cls = member_keys(members.names)
     taken = np.flatnonzero(has_dot)  # members without an extension belong to no record
-    keys, is_png, is_cls = keys[taken], is_png[taken], is_cls[taken]
+    keys, is_image, is_cls = keys[taken], is_image[taken], is_cls[taken]
     first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=bool)
     starts, record_of = np.flatnonzero(first), np.cumsum(first) - 1  # record of each member
-    png, cls = np.full(len(starts), -1), np.full(len(starts), -1)
-    png[record_of[is_png]] = taken[is_png]  # in order, so the last member of a kind wins
+    image, cls = np.full(len(starts), -1), np.full(len(starts), -1)
+    image[record_of[is_image]] = taken[is_image]  # in order, so the last member of a kind wins
     cls[record_of[is_cls]] = taken[is_cls]
     record_keys = keys[starts]
     texts = [members.data[i] if i >= 0 else None for i in cls.tolist()]
-    data = [members.data[i] if i >= 0 else None for i in png.tolist()]
+    data = [members.data[i] if i >= 0 else None for i in image.tolist()]
     problems: dict[int, str] = {}
     error = members.error
     if error is not None:
@@ -114,7 +117,7 @@ def read_records(shard: ContainerShard, root: Root, limit: int | None = None) ->
     labels, has_label = _labels(texts, problems)
     for i in np.flatnonzero([d is None for d in data]).tolist():
         if i not in problems:
-            problems[i] = "no .png member" if has_label[i] else "no .png or .cls member"
+            problems[i] = "no image member" if has_label[i] else "no image or .cls member"
     for i in np.flatnonzero(~has_label).tolist():
         problems.setdefault(i, "no .cls member")
     for i in problems:
@@ -157,7 +160,8 @@ def output_name(split: str, index: int, total: int) -> str:
 
 
 class ShardWriter:
-    """One tar shard: members `<shard>_<n>.cls` (the class index as text) and `<shard>_<n>.png`."""
+    """One tar shard: members `<shard>_<n>.cls` (the class index as text) and the image as it
+    came, named by its bytes' format (`<shard>_<n>.png`, `.jpg`, `.webp`, ...)."""
 
     def __init__(self, path, out, classes: list[str], shape: tuple[int, int], index: int):
         self.f, self.index, self.rows = open(path, "wb", buffering=1 << 20), index, 0
@@ -165,7 +169,7 @@ class ShardWriter:
     def add(self, path: str, class_index: int, data: bytes) -> None:
         key = f"{self.index:06d}_{self.rows:07d}"
         tar.write_member(self.f, f"{key}.cls", str(class_index).encode())
-        tar.write_member(self.f, f"{key}.png", data)
+        tar.write_member(self.f, f"{key}.{_MEMBER_EXTENSION.get(images.sniff(data), 'png')}", data)
         self.rows += 1
 
     def close(self) -> None:

@@ -1,0 +1,342 @@
+"""Any image classification data set: JPEG and color images, other sizes, resizing, class names.
+
+A color corpus is built here with Pillow (RGB JPEGs baseline and progressive, gray and CMYK
+JPEGs, palette and RGBA PNGs, WebP, BMP, GIF, TIFF, one image of another size, one JPEG named
+.png), and every figure the job reports is checked against a computation in this file with
+NumPy and Pillow alone: each file opened, `convert("RGB")`, (resized,) summed per class,
+divided once; each evaluation image given to the prototype of least mean absolute difference.
+The same corpus as Parquet (written by `datasets` with its Image feature) and as WebDataset
+shards (written by `webdataset`) gives the same figures.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist37.config import ConfigError, load
+from mnist37.images import Decoding, decode_image, decode_images, jpeg_size, sniff
+from mnist37.png import DecodeError
+from tests.test_evaluate_job import run_job
+from tests.test_formats import evaluate
+
+SHAPE = (10, 12)  # (H, W): not square, so a swapped size would show
+CLASSES = ["cat", "dog", "owl"]
+COUNTS = {"train": 9, "valid": 4}  # images of each class in each split, besides the odd ones below
+
+
+def pattern(c: int, seed: int) -> np.ndarray:
+    """uint8 [H, W, 3]: a color per class, a band per class, noise."""
+    rng = np.random.default_rng(seed)
+    base = np.zeros((*SHAPE, 3), dtype=np.float64)
+    base[..., c] = 150
+    base[:, 2 + 3 * c:4 + 3 * c, :] = 230
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def encoded(pixels: np.ndarray, fmt: str, mode: str | None = None, **options) -> bytes:
+    image = Image.fromarray(pixels)
+    if mode == "P":
+        image = image.quantize(16)
+    elif mode:
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+# The odd files of each train class folder: (name, format, mode, options). Names sort after
+# the plain ones ("a-..." < "z-...").
+ODD = [
+    ("z1-progressive.jpg", "JPEG", None, {"progressive": True, "quality": 90}),
+    ("z2-gray.jpeg", "JPEG", "L", {"quality": 90}),
+    ("z3-cmyk.jpg", "JPEG", "CMYK", {"quality": 95}),
+    ("z4-palette.png", "PNG", "P", {}),
+    ("z5-alpha.png", "PNG", "RGBA", {}),
+    ("z6-lossless.webp", "WEBP", None, {"lossless": True}),
+    ("z7-plain.bmp", "BMP", None, {}),
+    ("z8-first-frame.gif", "GIF", "P", {}),
+    ("z9-scan.tiff", "TIFF", None, {}),
+]
+
+
+def build_corpus(root: Path) -> Path:
+    """An ImageFolder of the three classes (see the module doc); every file written once."""
+    seed = 0
+    for split, n in COUNTS.items():
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                seed += 1
+                (folder / f"a{i:02d}.jpg").write_bytes(encoded(pattern(c, seed), "JPEG", quality=90))
+            if split != "train":
+                continue
+            for file, fmt, mode, options in ODD:
+                seed += 1
+                (folder / file).write_bytes(encoded(pattern(c, seed), fmt, mode, **options))
+    big = np.kron(pattern(0, 999), np.ones((2, 2, 1), dtype=np.uint8))[:14, :16]
+    (root / "train" / "cat" / "b-other-size.jpg").write_bytes(encoded(big, "JPEG", quality=90))
+    (root / "train" / "dog" / "b-jpeg-named.png").write_bytes(encoded(pattern(1, 1234), "JPEG", quality=90))
+    (root / "labels.csv").write_text("not an image\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return build_corpus(tmp_path_factory.mktemp("color") / "set")
+
+
+def files(root: Path, split: str) -> list[tuple[str, int]]:
+    """(path relative to root, class index) of every image, in the job's listing order."""
+    return [(f"{split}/{name}/{f}", c) for c, name in enumerate(CLASSES)
+            for f in sorted(os.listdir(root / split / name), key=os.fsencode)]
+
+
+def reference(root: Path, size: tuple[int, int] | None = None, resample=Image.Resampling.BILINEAR,
+              mode: str = "RGB") -> dict:
+    """Everything the job should report, from Pillow and NumPy alone."""
+    def load(path: str) -> np.ndarray | None:
+        with Image.open(root / path) as image:
+            image = image.convert(mode)
+            if size is not None:
+                image = image.resize((size[1], size[0]), resample)
+            elif image.size != (SHAPE[1], SHAPE[0]):
+                return None  # another size: rejected
+            pixels = np.asarray(image)
+        return pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels
+
+    out = {}
+    for split in COUNTS:
+        loaded = [(path, c, load(path)) for path, c in files(root, split)]
+        out[split] = {"images": np.stack([p for _, _, p in loaded if p is not None]),
+                      "labels": np.array([c for _, c, p in loaded if p is not None]),
+                      "rejected": [path for path, _, p in loaded if p is None]}
+    train = out["train"]
+    sums = np.stack([train["images"][train["labels"] == c].astype(np.int64).sum(axis=0) for c in range(3)])
+    counts = np.bincount(train["labels"], minlength=3)
+    prototypes = (sums / counts.reshape(-1, *[1] * (sums.ndim - 1)) / 255.0).astype(np.float32)
+    valid = out["valid"]
+    x = valid["images"].reshape(len(valid["images"]), -1).astype(np.float64) / 255
+    distances = np.abs(x[:, None, :] - prototypes.reshape(3, -1)[None].astype(np.float64)).mean(axis=2)
+    predicted = distances.argmin(axis=1)
+    per_class = {name: float((predicted[valid["labels"] == c] == c).mean()) for c, name in enumerate(CLASSES)}
+    return {"prototypes": prototypes, "per_class": per_class, "counts": counts.tolist(),
+            "rejected": out["train"]["rejected"] + out["valid"]["rejected"], "shape": list(prototypes.shape[1:])}  # one image
+
+
+def run(tmp_path, data, name, **overrides):
+    cfg = load(data=str(data), out=str(tmp_path / f"out-{name}"), chunk_dir=str(tmp_path / f"chunks-{name}"),
+               classes="all", on_bad_file="skip", **overrides)
+    return evaluate(cfg)
+
+
+# ------------------------------------------------------------------------- the codec alone
+
+
+def test_every_file_decodes_to_the_pixels_pillow_gives(corpus):
+    """decode_image of each corpus file, one channel and three, equals Pillow's convert."""
+    for split in COUNTS:
+        for path, _ in files(corpus, split):
+            data = (corpus / path).read_bytes()
+            for channels, mode in ((3, "RGB"), (1, "L")):
+                decoding = Decoding(SHAPE, convert=True, channels=channels, resize=True)
+                with Image.open(io.BytesIO(data)) as image:
+                    expected = np.asarray(image.convert(mode).resize((SHAPE[1], SHAPE[0]),
+                                                                     Image.Resampling.BILINEAR))
+                pixels, _ = decode_image(data, path, decoding)
+                np.testing.assert_array_equal(pixels, expected.transpose(2, 0, 1) if channels == 3 else expected,
+                                              err_msg=path)
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "nearest", "bicubic", "lanczos", "box"])
+def test_resizing_equals_pillows_resize_with_each_filter(corpus, resample):
+    data = (corpus / "train" / "cat" / "b-other-size.jpg").read_bytes()
+    pixels, conversion = decode_image(data, "x.jpg", Decoding((7, 9), channels=3, resize=True, resample=resample))
+    with Image.open(io.BytesIO(data)) as image:
+        expected = np.asarray(image.resize((9, 7), getattr(Image.Resampling, resample.upper())))
+    np.testing.assert_array_equal(pixels, expected.transpose(2, 0, 1))
+    assert conversion is None  # already RGB
+
+
+def test_conversions_are_counted_per_kind_and_misnamed_files_noted(corpus):
+    names = [path for path, _ in files(corpus, "train") if path.startswith("train/dog/")]
+    data = [(corpus / n).read_bytes() for n in names]
+    done = decode_images(data, names.__getitem__, Decoding(SHAPE, convert=True, channels=3), names)
+    assert done.reasons == {}
+    assert dict(done.conversions) == {"8-bit grayscale to RGB": 1, "CMYK to RGB": 1, "palette to RGB": 2,
+                                      "RGBA to RGB": 1}
+    assert done.notes == {names.index("train/dog/b-jpeg-named.png"): "JPEG data named .png"}
+
+
+def jpeg_with_size(height: int, width: int) -> bytes:
+    """A real small JPEG whose frame header (SOF) is made to declare height x width."""
+    data = bytearray(encoded(pattern(0, 5), "JPEG", quality=90))
+    i = 2
+    while not (data[i] == 0xFF and 0xC0 <= data[i + 1] <= 0xC2):
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def corrupt_huffman() -> bytes:
+    """A JPEG whose first Huffman table (DHT) has its code counts scrambled."""
+    data = bytearray(encoded(pattern(1, 6), "JPEG", quality=90))
+    i = data.index(b"\xff\xc4")
+    data[i + 5:i + 21] = bytes([255] * 16)
+    return bytes(data)
+
+
+def cmyk_with_a_broken_icc_profile() -> bytes:
+    return encoded(pattern(2, 7), "JPEG", "CMYK", quality=95, icc_profile=b"\x00\x01not an ICC profile" * 8)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (encoded(pattern(0, 1), "JPEG", quality=90)[:150], "truncated JPEG"),
+    (jpeg_with_size(60000, 60000), "declares 60000x60000 pixels, over the 16,777,216 allowed; not decoded"),
+    (jpeg_with_size(0, 12), r"declares a 0x12 image \(no pixels\); not decoded"),
+    (corrupt_huffman(), r"corrupt JPEG \(.+\)"),
+    (b"", r"empty file \(0 bytes\)"),
+    (b"\xff\xd8\xff\xe0" + bytes(60), "truncated JPEG"),
+])
+def test_bad_images_are_one_reason_each(data, reason):
+    with pytest.raises(DecodeError, match=rf"^bad/x.jpg: {reason}$"):
+        decode_image(data, "bad/x.jpg", Decoding(SHAPE, convert=True, channels=3, resize=True))
+
+
+def test_a_cmyk_jpeg_with_a_broken_icc_profile_is_converted_and_counted():
+    data = cmyk_with_a_broken_icc_profile()
+    pixels, conversion = decode_image(data, "x.jpg", Decoding(SHAPE, convert=True, channels=3))
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == "CMYK" and image.info.get("icc_profile")
+        np.testing.assert_array_equal(pixels, np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+    assert conversion == "CMYK to RGB"
+
+
+def test_a_large_declared_size_is_refused_before_decoding_even_when_resizing():
+    with pytest.raises(DecodeError, match="declares 60000x60000 pixels"):
+        decode_image(jpeg_with_size(60000, 60000), "x.jpg", Decoding((8, 8), convert=True, channels=3, resize=True))
+    assert jpeg_size(jpeg_with_size(321, 123)) == (321, 123)
+    assert sniff(jpeg_with_size(1, 1)) == "JPEG"
+
+
+def test_the_new_keys_are_checked_by_name(tmp_path):
+    assert load(image_size="24x32").image_size == [24, 32] == load(image_size="24 32").image_size
+    with pytest.raises(ConfigError, match=r"^image_size: give image_size .* or image_shape .*not both$"):
+        load(image_size="8x8", image_shape="8 8")
+    with pytest.raises(ConfigError, match=r"^channels: unknown channels 'cmyk'; expected one of auto, gray, rgb$"):
+        load(channels="cmyk")
+    with pytest.raises(ConfigError, match=r"^resize_filter: unknown filter 'sinc'"):
+        load(resize_filter="sinc")
+    (tmp_path / "names.txt").write_text("cat\n\ndog food\nowl\n")
+    assert load(class_names=f"@{tmp_path / 'names.txt'}").class_names == ["cat", "dog food", "owl"]
+    assert load(class_names="cat, dog food,owl").class_names == ["cat", "dog food", "owl"]
+    with pytest.raises(ConfigError, match=r"^class_names: cannot read @/no/such/file"):
+        load(class_names="@/no/such/file")
+
+
+# ------------------------------------------------------------------------- the job
+
+
+def check_against_reference(results, prototypes, expected):
+    assert results["channels"] == 3 and results["image_shape"] == expected["shape"]
+    np.testing.assert_array_equal(prototypes, expected["prototypes"])
+    assert [results["counts"]["train"][name] for name in CLASSES] == expected["counts"]
+    assert results["metrics"]["l1"]["per_class"] == expected["per_class"]
+
+
+def test_a_color_folder_matches_pillow_and_numpy(ray_local, corpus, tmp_path):
+    results, prototypes, _ = run(tmp_path, corpus, "folder")
+    expected = reference(corpus)
+    check_against_reference(results, prototypes, expected)
+    assert results["classes"] == CLASSES and results["resized_to"] is None
+    assert [r["path"] for r in results["rejected"]] == expected["rejected"] == ["train/cat/b-other-size.jpg"]
+    assert results["rejected"][0]["reason"] == "expected 10x12, found 14x16"
+    assert results["conversions"] == {"train": {"8-bit grayscale to RGB": 3, "CMYK to RGB": 3, "palette to RGB": 6,
+                                                "RGBA to RGB": 3}, "valid": {}}
+    assert results["formats_by_content"] == [{"path": "train/dog/b-jpeg-named.png", "found": "JPEG data named .png"}]
+    assert results["files"]["train"]["cat"] == {"found": 19, "used": 18, "rejected": 1, "ignored": 0}
+
+
+def test_resizing_and_gray_in_the_job(ray_local, corpus, tmp_path):
+    results, prototypes, _ = run(tmp_path, corpus, "resized", image_size="6x7", resize_filter="bicubic")
+    expected = reference(corpus, (6, 7), Image.Resampling.BICUBIC)
+    check_against_reference(results, prototypes, expected)
+    assert results["rejected"] == [] and results["resized_to"] == [6, 7]
+    results, prototypes, _ = run(tmp_path, corpus, "gray", channels="gray", image_size="10x12")
+    expected = reference(corpus, SHAPE, mode="L")
+    assert results["channels"] == 1 and results["image_shape"] == [10, 12]
+    np.testing.assert_array_equal(prototypes, expected["prototypes"])
+    assert results["metrics"]["l1"]["per_class"] == expected["per_class"]
+    assert results["conversions"]["train"]["RGB to 8-bit grayscale"] > 0
+
+
+def write_parquet(corpus: Path, target: Path) -> Path:
+    """The corpus as `datasets` writes an image classification set: Image and ClassLabel."""
+    from datasets import ClassLabel, Dataset, Image as HFImage
+
+    for split in COUNTS:
+        records = files(corpus, split)
+        ds = Dataset.from_dict({"image": [{"bytes": (corpus / p).read_bytes(), "path": p} for p, _ in records],
+                                "label": [c for _, c in records]})
+        ds = ds.cast_column("image", HFImage()).cast_column("label", ClassLabel(names=CLASSES))
+        out = target / "data" / f"{split}-00000-of-00001.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(out))
+    return target
+
+
+def write_webdataset(corpus: Path, target: Path, class_names: bool = True) -> Path:
+    """The corpus as `webdataset` shards, each image under the extension of its file."""
+    import webdataset as wds
+
+    target.mkdir(parents=True)
+    for split in COUNTS:
+        with wds.TarWriter(str(target / f"{split}-000000.tar")) as sink:
+            for i, (path, c) in enumerate(files(corpus, split)):
+                sink.write({"__key__": f"{i:06d}", path.rsplit(".", 1)[1].lower(): (corpus / path).read_bytes(),
+                            "cls": c})
+    if class_names:
+        (target / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+    return target
+
+
+def test_parquet_and_webdataset_give_the_folders_figures(ray_local, corpus, tmp_path):
+    folder = run(tmp_path, corpus, "folder")
+    for name, data in (("parquet", write_parquet(corpus, tmp_path / "parquet")),
+                       ("webdataset", write_webdataset(corpus, tmp_path / "wds"))):
+        results, prototypes, _ = run(tmp_path, data, name)
+        assert results["data"]["format"] == name
+        np.testing.assert_array_equal(prototypes, folder[1])
+        assert results["counts"] == folder[0]["counts"] and results["metrics"] == folder[0]["metrics"]
+        assert results["conversions"] == folder[0]["conversions"]
+        assert [r["reason"] for r in results["rejected"]] == ["expected 10x12, found 14x16"]
+
+
+@pytest.mark.ray
+def test_class_names_name_numbered_classes_in_every_output(corpus, tmp_path):
+    """WebDataset shards without classes.txt (classes are label values) named by --class-names:
+    results.json, table.txt, report.html and the prototype files use the names."""
+    data = write_webdataset(corpus, tmp_path / "wds", class_names=False)
+    (tmp_path / "names.txt").write_text("".join(c + "\n" for c in CLASSES))
+    out = tmp_path / "out"
+    run = run_job("--ray-address", "local", "--data", str(data), "--classes", "0", "1", "2", "--class-names",
+                  f"@{tmp_path / 'names.txt'}", "--on-bad-file", "skip", "--out", str(out),
+                  "--cache-dir", str(tmp_path / "c"))
+    assert run.returncode == 0, run.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == CLASSES and list(results["counts"]["valid"]) == CLASSES
+    assert list(results["metrics"]["l1"]["per_class"]) == CLASSES
+    table = (out / "table.txt").read_text()
+    assert all(f"{name}  (n=4)" in table for name in CLASSES)
+    assert "ideal owl" in (out / "report.html").read_text()
+    with Image.open(out / "prototype_dog.png") as image:
+        assert image.mode == "RGB" and image.size == (SHAPE[1], SHAPE[0])
+    assert "cat" in run.stdout
