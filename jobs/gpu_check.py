@@ -1,7 +1,8 @@
 """Check the distance classifier on a GPU against the CPU, image by image, and measure its throughput.
 
 One process, no Ray (a lent GPU machine has none): decodes full MNIST and mnist_sample into
-Arrow chunks with mnist37's own decode step, classifies each evaluation split with
+Arrow chunks with mnist37's own decode step (and a color copy of mnist_sample's images, made at
+run time, in three channels), classifies each evaluation split with
 `classify_images` (what every classify task calls) on the CPU and on CUDA, compares every
 prediction (a difference passes only as a proven float32 tie, mnist37/gpu_check.py), checks
 the accuracies (fastbook's L1 figures on mnist_sample), then times classification from host
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 from mnist37 import Mnist37Error  # noqa: E402
 from mnist37 import gpu_check as check  # noqa: E402
 from mnist37.config import HelpFormatter, load  # noqa: E402
+from mnist37.locate import locate  # noqa: E402
 from mnist37.accuracy import accuracy_report  # noqa: E402
 from mnist37.report import format_table  # noqa: E402
 
@@ -148,9 +150,12 @@ def main(args: argparse.Namespace) -> int:
           f"{os.cpu_count()} CPUs, no Ray; PNG decoder: {check.decoder_name()}", flush=True)
     with check.temporary_chunk_dir() as chunk_dir:
         common = {"cache_dir": args.cache_dir, "reuse_chunks": False}
+        sample = load(None, data=args.sample, chunk_dir=f"{chunk_dir}/mnist_sample", **common)
+        color = check.color_copy(Path(locate(sample).root), Path(chunk_dir) / "color-data")
         configs = {"mnist": load(PROJECT_ROOT / "configs" / "mnist.toml", data=args.data,
                                  chunk_dir=f"{chunk_dir}/mnist", **common),
-                   "mnist_sample": load(None, data=args.sample, chunk_dir=f"{chunk_dir}/mnist_sample", **common)}
+                   "mnist_sample": sample,
+                   "color": load(None, data=str(color), channels="rgb", chunk_dir=f"{chunk_dir}/color", **common)}
         # Decoding forks worker processes: it runs before anything touches CUDA.
         sets = {name: check.decode_set(name, cfg, args.workers) for name, cfg in configs.items()}
         for data in sets.values():

@@ -28,6 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class DecodedSet:
 class EvalSplit:
     """The evaluation split in chunk order, as the classify tasks see it."""
 
-    images: np.ndarray  # uint8 [N, H, W]
+    images: np.ndarray  # uint8 [N, H, W], or [N, 3, H, W] for color
     class_indices: np.ndarray  # int64 [N]
     paths: list[str]
 
@@ -191,6 +192,25 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
     return DecodedSet(name, cfg, fingerprint, planned.classes, prototypes,
                       {split: int(c.sum()) for split, c in counts.items()}, chunks, len(decoded), workers,
                       planned.scan_s, time.perf_counter() - clock)
+
+
+def color_copy(sample_root: Path, dest: Path, per_class: int = 600) -> Path:
+    """A color data set made at run time from mnist_sample's images (never kept): each gray
+    image x becomes the RGB image (x, x moved one pixel right, 255 - x), saved as a PNG; the
+    first `per_class` images of each class of each split. The check classifies it in three
+    channels ([N, 3, 28, 28]) on each device, as it does the gray sets."""
+    from PIL import Image
+
+    for split in ("train", "valid"):
+        for name in ("3", "7"):
+            folder = dest / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in sorted((sample_root / split / name).iterdir())[:per_class]:
+                with Image.open(path) as image:
+                    x = np.asarray(image.convert("L"))
+                rgb = np.stack([x, np.roll(x, 1, axis=1), 255 - x], axis=-1)
+                Image.fromarray(rgb).save(folder / path.name, format="PNG")
+    return dest
 
 
 def eval_split(data: DecodedSet) -> EvalSplit:

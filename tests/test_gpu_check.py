@@ -44,13 +44,15 @@ def test_cpu_half_without_cuda_ray_or_pyspng(mnist_sample_tgz, cache_dir, tmp_pa
     assert "mnist: decoded training 120 + testing 50 images (10 classes, 2 shards)" in out
     assert "mnist_sample: decoded train 12,396 + valid 2,038 images (2 classes, 3 shards)" in out
     assert "(fastai's mnist_sample)" in out and "(data unknown to the check)" in out
-    assert out.count("  no expected accuracies for this data (fingerprint ") == 1
+    assert "color: decoded train 1,200 + valid 1,200 images (2 classes, 2 shards)" in out
+    assert "color: valid split, 1,200 images, cpu " in out  # classified in three channels
+    assert out.count("  no expected accuracies for this data (fingerprint ") == 2
     for figure in ("l1 3: 0.9168, expected 0.9168: ok", "l1 7: 0.9854, expected 0.9854: ok",
                    "l1 mean: 0.9511, expected 0.9511: ok"):
         assert f"  cpu {figure}" in out
     assert "mean of classes  0.9511  0.9661" in out  # mnist_sample's l1 and l2 table row
     exactness = [line for line in out.splitlines() if "distances vs exact" in line]
-    assert len(exactness) == 4 and all(line.endswith("of float32's error bound: ok") for line in exactness)
+    assert len(exactness) == 6 and all(line.endswith("of float32's error bound: ok") for line in exactness)
     header = next(line for line in out.splitlines() if line.split()[:3] == ["batch", "device", "host"])
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("1,000", "4,096")]
     assert "images/s" in header and "input GB/s" in header and "median s" in header
@@ -238,15 +240,16 @@ def test_near_ties_are_images_whose_two_nearest_classes_are_within_their_bounds(
 
 
 @needs_cuda
-@pytest.mark.parametrize("pinned", [False, True])
-def test_cuda_predictions_match_the_cpu_to_a_tie(monkeypatch, pinned):
-    # Small batches: many copies through both device buffers (and staging buffers when unpinned).
+@pytest.mark.parametrize("pinned, shape", [(False, (28, 28)), (True, (28, 28)), (True, (3, 16, 16))])
+def test_cuda_predictions_match_the_cpu_to_a_tie(monkeypatch, pinned, shape):
+    # Small batches: many copies through both device buffers (and staging buffers when unpinned);
+    # and a color batch, [N, 3, H, W] against [C, 3, H, W] prototypes.
     monkeypatch.setattr(classify_module, "BATCH_IMAGES", 512)
     rng = np.random.default_rng(2)
-    pixels = torch.from_numpy(rng.integers(0, 256, (5000, 28, 28), dtype=np.uint8))
+    pixels = torch.from_numpy(rng.integers(0, 256, (5000, *shape), dtype=np.uint8))
     images = (pixels.pin_memory() if pinned else pixels).numpy()
     labels = rng.integers(0, 10, 5000)
-    protos = rng.random((10, 28, 28), dtype=np.float32)
+    protos = rng.random((10, *shape), dtype=np.float32)
     outcomes = {}
     for device in ("cpu", "cuda"):
         done = classify_images(images, labels, protos, ["l1", "l2"], device)
@@ -256,7 +259,8 @@ def test_cuda_predictions_match_the_cpu_to_a_tie(monkeypatch, pinned):
                                          {m: t.cpu().numpy() for m, t in done.distances.items()}, 0.0)
     exact = {m: check.exact_distances(images, protos, m) for m in ("l1", "l2")}
     for o in outcomes.values():
-        assert all(e.ok for e in check.exactness(o, exact, 784)), check.exactness(o, exact, 784)
+        pixels_per_image = int(np.prod(shape))
+        assert all(e.ok for e in check.exactness(o, exact, pixels_per_image)), check.exactness(o, exact, pixels_per_image)
     comparison = check.compare(outcomes["cpu"], outcomes["cuda"], check.EvalSplit(images, labels, list(range(5000))),
                                exact)
     assert comparison.ok, [check.format_difference(d, list("0123456789")) for d in comparison.differences]

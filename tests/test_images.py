@@ -340,3 +340,60 @@ def test_class_names_name_numbered_classes_in_every_output(corpus, tmp_path):
     with Image.open(out / "prototype_dog.png") as image:
         assert image.mode == "RGB" and image.size == (SHAPE[1], SHAPE[0])
     assert "cat" in run.stdout
+
+
+def test_the_converter_copies_encoded_bytes_as_they_are(corpus, tmp_path):
+    """Folder to WebDataset and Parquet: each image's bytes unchanged (a JPEG stays that JPEG,
+    named by its format), the one of another size still there for the job to judge."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from mnist37.convert import convert
+
+    cfg = load(data=str(corpus), classes="all", shard_size=1000, chunk_dir=str(tmp_path / "chunks"))
+    originals = {(corpus / p).read_bytes() for split in COUNTS for p, _ in files(corpus, split)}
+    convert(cfg, tmp_path / "wds", "webdataset", workers=1)
+    with tarfile.open(tmp_path / "wds" / "train-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    images = {name: data for name, data in members.items() if not name.endswith(".cls")}
+    assert set(images.values()) <= originals and len(images) == sum(1 for _ in files(corpus, "train"))
+    assert all(name.rsplit(".", 1)[1] == {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+                                          "TIFF": "tif"}[sniff(data)] for name, data in images.items())
+    convert(cfg, tmp_path / "parquet", "parquet", workers=1)
+    table = pq.read_table(next((tmp_path / "parquet" / "data").glob("valid-*.parquet")))
+    assert {row["bytes"] for row in table.column("image").to_pylist()} <= originals
+
+
+def test_idx_refuses_color_and_resizing_in_one_line(tmp_path):
+    from mnist37.locate import locate
+    from mnist37.plan import plan
+    from mnist37.sources.base import FormatError
+    from tests.test_formats import write_idx
+    from tests.conftest import make_image_folder
+
+    clean = make_image_folder(tmp_path / "png", {"train": {"3": 4, "7": 4}, "valid": {"3": 2, "7": 2}})
+    data = write_idx(clean, tmp_path / "idx", ["3", "7"], [3, 7])
+    for key, value in (("channels", "rgb"), ("image_size", "4x4")):
+        with pytest.raises(FormatError, match=r"IDX images are read as they are \(gray, their own size\)"):
+            plan(locate(load(data=str(data), chunk_dir=str(tmp_path / "c"), **{key: value})))
+
+
+@pytest.mark.ray
+def test_a_color_set_in_object_storage_gives_the_figures_on_disk(corpus, tmp_path):
+    """The folder as objects in the S3 test server: the same figures, conversions and rejections."""
+    from tests.s3server import aws_env, serving
+
+    with serving("mnist37-color") as s3:
+        s3.upload(corpus, "mnist37-color", "set")
+        common = ("--ray-address", "local", "--classes", "all", "--on-bad-file", "skip")
+        runs = {name: run_job(*common, "--data", data, "--out", str(tmp_path / name), "--cache-dir",
+                              str(tmp_path / f"c-{name}"), env_extra=aws_env(s3.endpoint))
+                for name, data in (("disk", str(corpus)), ("store", "s3://mnist37-color/set"))}
+    for name, done in runs.items():
+        assert done.returncode == 0, done.stderr
+    disk, store = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("disk", "store"))
+    for key in ("classes", "channels", "image_shape", "counts", "metrics", "conversions", "formats_by_content",
+                "files", "prototypes_sha256"):
+        assert store[key] == disk[key], key
+    assert [r["reason"] for r in store["rejected"]] == [r["reason"] for r in disk["rejected"]]
