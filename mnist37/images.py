@@ -14,8 +14,12 @@ non-grayscale images (`Decoding.convert` false), as before. Arrays are channel-f
 `uint8 [N, H, W]` for one channel, `uint8 [N, 3, H, W]` for three.
 
 One-channel images of the expected size keep the PNG fast paths (mnist37.png: plain PNGs in
-bulk, libspng); everything else goes through Pillow (libjpeg-turbo for JPEG), whose judgement
-is the one reported. An image declaring more than MAX_IMAGE_PIXELS, or no pixels at all, is
+bulk, libspng). A JPEG whose components are the target's (YCbCr to RGB, gray to gray) is
+decoded by libjpeg-turbo through simplejpeg, with Pillow's own settings (accurate DCT, fancy
+upsampling), so its pixels are Pillow's (tests/test_images.py checks them) at a fraction of
+Pillow's per-image cost (docs/figures.md); simplejpeg refuses anything it would only recover
+from, and Pillow then judges it. Everything else goes through Pillow, whose judgement is the
+one reported. An image declaring more than MAX_IMAGE_PIXELS, or no pixels at all, is
 refused from its header, before any pixel is decoded.
 """
 
@@ -30,6 +34,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+try:  # libjpeg-turbo without Pillow's per-image overhead; without it, Pillow decodes every JPEG
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 from mnist37.png import MAX_IMAGE_PIXELS, Blobs, DecodeError, decode_png, decode_pngs, decode_settings, png_header
 
@@ -160,6 +169,8 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
         header = png_header(data)
         if header is not None and header[2:] == (8, 0):  # 8-bit gray: the PNG path (libspng, else Pillow)
             return decode_png(data, path, decoding.shape, decoding.convert), None
+    if kind == "JPEG" and simplejpeg is not None and (pixels := _jpeg(data, decoding)) is not None:
+        return pixels, None
     target = "L" if decoding.channels == 1 else "RGB"
     try:
         with warnings.catch_warnings():
@@ -190,6 +201,30 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
             raise
         raise DecodeError(path, _broken(data, kind, str(e))) from None
     return (pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)), conversion
+
+
+# libjpeg-turbo's output colorspace by (the JPEG's components, the channels wanted): where the
+# JPEG already is what is wanted, its pixels are the ones Pillow's decode gives.
+_SIMPLE = {("YCbCr", 3): "RGB", ("Gray", 1): "GRAY"}
+
+
+def _jpeg(data: bytes, decoding: Decoding) -> np.ndarray | None:
+    """A JPEG through simplejpeg, in the run's layout; None where Pillow must do it (other
+    components, anything libjpeg-turbo would have to recover from)."""
+    try:
+        height, width, components, _ = simplejpeg.decode_jpeg_header(data)
+        colorspace = _SIMPLE.get((components, decoding.channels))
+        if colorspace is None or (not decoding.resize and (height, width) != tuple(decoding.shape)):
+            return None
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, fastdct=False, fastupsample=False, strict=True)
+    except ValueError:
+        return None
+    if decoding.resize and (height, width) != tuple(decoding.shape):
+        image = Image.fromarray(pixels[..., 0] if decoding.channels == 1 else pixels)
+        pixels = np.asarray(image.resize((decoding.shape[1], decoding.shape[0]), FILTERS[decoding.resample]))
+    elif decoding.channels == 1:
+        return pixels[..., 0]
+    return pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)
 
 
 def _broken(data: bytes, kind: str | None, detail: str) -> str:

@@ -397,3 +397,31 @@ def test_a_color_set_in_object_storage_gives_the_figures_on_disk(corpus, tmp_pat
                 "files", "prototypes_sha256"):
         assert store[key] == disk[key], key
     assert [r["reason"] for r in store["rejected"]] == [r["reason"] for r in disk["rejected"]]
+
+
+@pytest.mark.parametrize("options", [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2},
+                                     {"progressive": True}, {"quality": 40, "optimize": True},
+                                     {"restart_marker_blocks": 1}])
+@pytest.mark.parametrize("size", [(7, 13), (32, 32), (224, 200)])
+def test_the_jpeg_fast_path_gives_pillows_pixels(options, size):
+    """libjpeg-turbo through simplejpeg against Pillow, on the layouts JPEG writers use: each
+    chroma subsampling, progressive, restart markers, odd sizes; color and gray, resized too."""
+    import mnist37.images as images
+
+    assert images.simplejpeg is not None, "simplejpeg is a dependency: the fast path must be there"
+    rng = np.random.default_rng(sum(size))
+    color = np.clip(np.kron(rng.integers(0, 256, (size[0] // 4 + 1, size[1] // 4 + 1, 3)),
+                            np.ones((4, 4, 1)))[:size[0], :size[1]] + rng.normal(0, 12, (*size, 3)), 0, 255)
+    for mode, channels in (("RGB", 3), ("L", 1)):
+        data = encoded(color.astype(np.uint8), "JPEG", mode, **options)
+        for resize in (False, True):
+            shape = (5, 6) if resize else size
+            decoding = Decoding(shape, convert=True, channels=channels, resize=resize)
+            fast = images._jpeg(data, decoding)
+            assert fast is not None
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert(mode)
+                expected = np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR) if resize else image)
+            np.testing.assert_array_equal(fast, expected.transpose(2, 0, 1) if channels == 3 else expected)
+    assert images._jpeg(encoded(color.astype(np.uint8), "JPEG", "CMYK"), Decoding(size, channels=3)) is None
+    assert images._jpeg(encoded(color.astype(np.uint8), "JPEG")[:200], Decoding(size, channels=3)) is None
