@@ -173,7 +173,7 @@ class Config:
     # Seconds an object store may take to accept a connection or to answer a request
     # (silence, not transfer time) before the request is tried again; pyarrow tries each
     # request 3 times, so a store that never answers ends the job in about 3x this.
-    store_timeout_s: float = field(default=15.0, metadata=_flag(
+    store_timeout_s: float = field(default=12.0, metadata=_flag(
         DATA, "seconds an object store may stay silent on a request before it is tried again (3 tries)",
         metavar="SECONDS"))
 

@@ -12,6 +12,7 @@ A Ray the job started is stopped whichever way it ends.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -154,10 +155,23 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(interrupted(status, cfg.out), file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(128 + signal.SIGINT)
     except Interrupted as e:
         print(interrupted(status, cfg.out), file=sys.stderr)
-        return 128 + e.signum
+        return _stopped(128 + e.signum)
+
+
+def _stopped(status: int) -> int:
+    """`status`, or the process ended now with it when a store request is still out: pyarrow's
+    exit handler would wait for its answer (up to 3 x store_timeout_s) before the process ends."""
+    from mnist37.objects import unanswered
+
+    if unanswered():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

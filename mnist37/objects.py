@@ -6,7 +6,7 @@ Small objects are latency-bound: a decode task keeps `REQUESTS_IN_FLIGHT` reads 
 to 3 times by pyarrow itself (the AWS SDK's standard retries: throttling, 5xx, network errors),
 each try waiting at most `store_timeout_s` for the store to connect and to answer
 (`paths.StoreSettings`); a store that never answers stops the job in about 3 x that, with one
-line (`no answer from endpoint ... in 15 s after 3 attempts`). What still fails and may pass
+line (`no answer from endpoint ... in 12 s after 3 attempts`). What still fails and may pass
 (503 SlowDown past the SDK's tries, a connection dropped mid-answer) is tried again here after
 an exponentially growing pause, within a total deadline per request; one that cannot pass (no
 such bucket, access denied) or that outlasts `ATTEMPTS` or the deadline stops the job with one
@@ -94,6 +94,16 @@ def _no_answer(uri: str) -> ObjectStoreError:
                             f"after {STORE_ATTEMPTS} attempts (store_timeout_s)")
 
 
+_unanswered: set = set()  # requests the main thread stopped waiting for (a signal came)
+
+
+def unanswered() -> int:
+    """How many requests to a store are still waiting for an answer after the main thread
+    stopped waiting for them: a process stopped by a signal then exits at once
+    (`mnist37.job.run`), rather than in pyarrow's exit handler, which waits for them."""
+    return len(_unanswered)
+
+
 def _answered(request: Callable[[], T]) -> T:
     """`request()`; on the main thread it runs in a thread of its own while the main thread
     waits in short steps, so SIGINT and SIGTERM stop the job at once even while a store keeps
@@ -108,7 +118,10 @@ def _answered(request: Callable[[], T]) -> T:
         except BaseException as e:  # handed to the waiting thread
             outcome.append((False, e))
         finally:
+            _unanswered.remove(done)
             done.set()
+
+    _unanswered.add(done)
 
     threading.Thread(target=run, daemon=True, name="mnist37-store-request").start()
     while not done.wait(0.2):

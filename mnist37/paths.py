@@ -74,10 +74,10 @@ class StoreSettings:
     endpoint: str | None = None  # AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL; None: AWS itself
     region: str | None = None  # AWS_REGION, else AWS_DEFAULT_REGION; None: the bucket's own
     virtual_addressing: bool | None = None  # bucket.host addressing (AWS_S3_ADDRESSING_STYLE=virtual)
-    timeout_s: float = 15.0  # connect and read silence per try (the store_timeout_s key)
+    timeout_s: float = 12.0  # connect and read silence per try (the store_timeout_s key)
 
     @classmethod
-    def from_environment(cls, timeout_s: float = 15.0, environ: dict | None = None) -> StoreSettings:
+    def from_environment(cls, timeout_s: float = 12.0, environ: dict | None = None) -> StoreSettings:
         env = os.environ if environ is None else environ
         style = (env.get("AWS_S3_ADDRESSING_STYLE") or "").lower()
         return cls(endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,

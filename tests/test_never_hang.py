@@ -96,3 +96,157 @@ def test_a_task_whose_node_names_another_endpoint_stops_the_job(monkeypatch):
         assert open_location("s3://b/data")[1] == "b/data"
     finally:
         use_store(None)
+
+
+# ---------------------------------------------------------------- real parts
+
+
+class Silent:
+    """A loopback TCP server that accepts every connection and never answers (a black-holed
+    proxy, a wrong endpoint behind a firewall); counts the connections it accepted."""
+
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.socket.getsockname()[1]}"
+        self.accepted, self.held, self.stopping = 0, [], False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+            self.accepted += 1
+
+    def stop(self):
+        self.stopping = True
+        self.socket.close()
+        for c in self.held:
+            c.close()
+
+
+@pytest.fixture
+def silent():
+    server = Silent()
+    yield server
+    server.stop()
+
+
+def start_job(*argv: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """jobs/evaluate.py in its own session, its output (stdout and stderr) to `log`."""
+    env = env if env is not None else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(seen, what: str, job: subprocess.Popen | None = None, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not seen():
+        assert job is None or job.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def finish(job: subprocess.Popen, log: Path, timeout_s: float) -> tuple[int, list[str], float]:
+    """(exit status, the job's lines, seconds it took to exit from now)."""
+    clock = time.monotonic()
+    try:
+        job.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        pytest.fail(f"the job did not exit within {timeout_s} s: {log.read_text(errors='replace')[-2000:]}")
+    return job.returncode, log.read_text(errors="replace").splitlines(), time.monotonic() - clock
+
+
+def stop_with(job: subprocess.Popen, log: Path, signum: int = signal.SIGTERM) -> tuple[int, list[str], float]:
+    os.kill(job.pid, signum)
+    return finish(job, log, timeout_s=60)
+
+
+def user_lines(lines: list[str]) -> list[str]:
+    """The lines a user reads as the job's outcome: not its timestamped log lines."""
+    return [line for line in lines if not line[:4].isdigit()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("never-hang") / "data",
+                             {"train": {"3": 20, "7": 20}, "valid": {"3": 8, "7": 8}})
+
+
+# ---------------------------------------------------------------- a store that never answers
+
+
+def store_env(endpoint: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    return {**env, **aws_env(endpoint), **extra}
+
+
+def test_a_store_that_never_answers_is_one_line_within_the_limit(silent, tmp_path):
+    log = tmp_path / "job.log"
+    clock = time.monotonic()
+    job = start_job("--data", "s3://images/sample", "--out", str(tmp_path / "out"), "--store-timeout-s", "1",
+                    log=log, env=store_env(f"http://{silent.address}"))
+    status, lines, _ = finish(job, log, timeout_s=60)
+    assert status == 1 and time.monotonic() - clock < 30, lines
+    assert lines == [f"error: s3://images/sample: no answer from endpoint http://{silent.address} in 1 s after "
+                     "3 attempts (store_timeout_s)"]
+    assert silent.accepted >= 3
+
+
+def test_sigterm_while_reading_a_stalled_store(silent, tmp_path):
+    log = tmp_path / "job.log"
+    job = start_job("--data", "s3://images/sample", "--out", str(tmp_path / "out"), log=log,
+                    env=store_env(f"http://{silent.address}"))
+    wait_for(lambda: silent.accepted >= 1, "a request to the store", job)
+    status, lines, seconds = stop_with(job, log)
+    assert (status, user_lines(lines)) == (143, ["interrupted before decoding began (while finding and listing the "
+                                                 "data); nothing to keep"]), lines
+    assert seconds < 5
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with serving("images") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stored(s3, tiny):
+    s3.upload(tiny, "images", "tiny")
+    return "s3://images/tiny"
+
+
+def test_a_store_that_holds_some_requests_unanswered_still_finishes(s3, stored, tmp_path):
+    """Every 9th request is held and never answered: pyarrow gives up on it after
+    store_timeout_s and asks again, and the job finishes with every image. (3 s: a loopback
+    moto behind a Python proxy can be slower than 1 s to answer on a busy machine.)"""
+    proxy = FaultProxy(s3.endpoint, slow_every=0, drop_every=0, hold_every=9)
+    try:
+        log = tmp_path / "job.log"
+        job = start_job("--data", stored, "--out", str(tmp_path / "out"), "--store-timeout-s", "3",
+                        "--ray-address", "local", log=log,
+                        env=store_env(proxy.endpoint, MNIST37_OBJECT_REQUESTS="8"))
+        status, lines, _ = finish(job, log, timeout_s=300)
+    finally:
+        proxy.stop()
+    assert status == 0, lines[-20:]
+    assert proxy.counts["held"] >= 1
+    assert "56 image files = 56 used + 0 rejected" in "\n".join(lines)
+
+
+def test_a_store_that_holds_every_request_is_one_line(s3, stored, tmp_path):
+    proxy = FaultProxy(s3.endpoint, slow_every=0, drop_every=0, hold_every=1)
+    try:
+        log = tmp_path / "job.log"
+        job = start_job("--data", stored, "--out", str(tmp_path / "out"), "--store-timeout-s", "1", log=log,
+                        env=store_env(proxy.endpoint))
+        status, lines, _ = finish(job, log, timeout_s=60)
+    finally:
+        proxy.stop()
+    assert (status, lines) == (1, [f"error: {stored}: no answer from endpoint {proxy.endpoint} in 1 s after 3 "
+                                   "attempts (store_timeout_s)"])
