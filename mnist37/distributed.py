@@ -326,7 +326,7 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float) -> Session:
     context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        configure_logging=False, log_to_driver=True)
     own = target is None
-    _session = Session(address=getattr(context, "address_info", {}).get("gcs_address") or target or "?",
+    _session = Session(address=target or getattr(context, "address_info", {}).get("gcs_address") or "?",
                        origin="started by this job" if own else _ORIGINS.get(where, where), own=own,
                        stall_s=stall_timeout_s)
     return _session

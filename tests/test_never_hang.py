@@ -172,6 +172,12 @@ def user_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if not line[:4].isdigit()]
 
 
+def outcome(lines: list[str]) -> list[str]:
+    """The job's own last word: its error or interrupted lines (Ray's autoscaler may print too)."""
+    assert not any("Traceback" in line for line in lines), lines
+    return [line for line in lines if line.startswith(("error:", "interrupted"))]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("never-hang") / "data",
@@ -250,3 +256,129 @@ def test_a_store_that_holds_every_request_is_one_line(s3, stored, tmp_path):
         proxy.stop()
     assert (status, lines) == (1, [f"error: {stored}: no answer from endpoint {proxy.endpoint} in 1 s after 3 "
                                    "attempts (store_timeout_s)"])
+
+
+# ---------------------------------------------------------------- Ray heads of the tests' own
+
+
+@contextlib.contextmanager
+def ray_head(log: Path, env: dict, num_cpus: int = 2):
+    """`ray start --head --block` on loopback in its own temp dir (so no
+    /tmp/ray/ray_current_cluster is left behind) with `env`; yields its address; stopped by
+    its process id (and its process group, whatever is left), never by `ray stop`."""
+    import shutil
+    import tempfile
+
+    from mnist37.benchmark import _free_port
+
+    port, temp_dir = _free_port(), tempfile.mkdtemp(prefix="mnist37-nh-")
+    ray = Path(sys.executable).with_name("ray")
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
+             "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--include-dashboard", "false",
+             "--disable-usage-stats", "--dashboard-agent-listen-port", str(_free_port()),
+             "--ray-client-server-port", str(_free_port())],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: process.poll() is not None or "Ray runtime started" in log.read_text(errors="replace"),
+                 "ray start --head")
+        assert process.poll() is None, log.read_text()
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+@pytest.fixture(scope="module")
+def no_cpu_head(tmp_path_factory):
+    """A token-auth head (this session's token) that advertises no CPU: the job's tasks are
+    never scheduled there, as on a cluster whose CPUs other work holds."""
+    log = tmp_path_factory.mktemp("heads") / "no-cpu.log"
+    with ray_head(log, {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, num_cpus=0) as address:
+        yield address
+
+
+def test_a_wrong_token_is_one_line(no_cpu_head, tiny, tmp_path):
+    log, token = tmp_path / "job.log", "0" * 64
+    clock = time.monotonic()
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log,
+                    env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(tmp_path)))
+    status, lines, _ = finish(job, log, timeout_s=60)
+    assert status == 1 and time.monotonic() - clock < 15, lines
+    assert user_lines(lines) == [
+        f"error: ray_address: the Ray cluster at {no_cpu_head} refused this job's authentication: it requires a token "
+        "(RAY_AUTH_MODE=token) and this job's RAY_AUTH_MODE is token, with a token from RAY_AUTH_TOKEN; give the job "
+        "the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"], lines
+    assert token not in log.read_text() and "gcs_client" not in log.read_text()
+
+
+def test_auth_disabled_job_against_a_token_head_is_one_line(no_cpu_head, tiny, tmp_path):
+    log = tmp_path / "job.log"
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log,
+                    env=clean_env(RAY_AUTH_MODE="disabled", HOME=str(tmp_path)))
+    status, lines, seconds = finish(job, log, timeout_s=60)
+    assert status == 1 and user_lines(lines) == [
+        f"error: ray_address: the Ray cluster at {no_cpu_head} refused this job's authentication: it requires a token "
+        "(RAY_AUTH_MODE=token) and this job's RAY_AUTH_MODE is disabled, so it sends no token; give the job the "
+        "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"], lines
+
+
+def test_an_address_that_is_not_a_ray_gcs_is_one_line(silent, tiny, tmp_path):
+    log = tmp_path / "job.log"
+    clock = time.monotonic()
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", silent.address, log=log)
+    status, lines, _ = finish(job, log, timeout_s=60)
+    assert status == 1 and time.monotonic() - clock < 15, lines
+    (line,) = user_lines(lines)
+    assert line.startswith(f"error: ray_address: nothing at {silent.address} answered as a Ray GCS in 10 s "
+                           "(is it a Ray head's GCS port, 6379 by default?)"), lines
+
+
+def test_sigterm_while_connecting(silent, tiny, tmp_path):
+    log = tmp_path / "job.log"
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", silent.address, log=log)
+    wait_for(lambda: silent.accepted >= 2, "the job's connection to the address", job)  # the check, then the probe
+    status, lines, seconds = stop_with(job, log)
+    assert (status, user_lines(lines)[-1:]) == (143, ["interrupted before decoding began (while finding and listing "
+                                                      "the data); nothing to keep"]), lines
+    assert seconds < 5
+
+
+def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny, tmp_path):
+    """Its tasks are never scheduled: lines say what is outstanding, then one error names the
+    cause and --ray-address local."""
+    log = tmp_path / "job.log"
+    clock = time.monotonic()
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head,
+                    "--stall-timeout-s", "6", log=log)
+    status, lines, _ = finish(job, log, timeout_s=120)
+    text = "\n".join(lines)
+    assert status == 1, text
+    assert f"Ray: {no_cpu_head} (--ray-address): 1 node, 0 CPUs, 0 GPUs" in text
+    assert f"list: 0/4 class folders done, 4 tasks pending for 2 s; the cluster at {no_cpu_head} shows 0 of 0 " \
+           "CPUs free" in text
+    assert outcome(lines) == [
+        f"error: list: 0/4 class folders done, 4 tasks pending and none finished in 6 s (stall_timeout_s); the "
+        f"cluster at {no_cpu_head} shows 0 of 0 CPUs free: it has no CPUs for tasks; this job joined a cluster it "
+        "did not start (--ray-address): --ray-address local runs it on a Ray of its own"], text
+
+
+def test_sigterm_while_waiting_on_tasks(no_cpu_head, tiny, tmp_path):
+    log = tmp_path / "job.log"
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log)
+    wait_for(lambda: "mnist37.job: Ray: " in log.read_text(errors="replace"), "the line naming the Ray joined", job)
+    status, lines, seconds = stop_with(job, log)
+    assert (status, outcome(lines)) == (143, ["interrupted before decoding began (while finding and listing "
+                                                      "the data); nothing to keep"]), lines
+    assert seconds < 5
