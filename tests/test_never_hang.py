@@ -382,3 +382,35 @@ def test_sigterm_while_waiting_on_tasks(no_cpu_head, tiny, tmp_path):
     assert (status, outcome(lines)) == (143, ["interrupted before decoding began (while finding and listing "
                                                       "the data); nothing to keep"]), lines
     assert seconds < 5
+
+
+@pytest.fixture(scope="module")
+def open_head(tmp_path_factory):
+    """A head someone left running with authentication off (RAY_AUTH_MODE=disabled), started
+    with no object-store endpoint in its environment: only credentials, as on a node that
+    takes them from its own environment."""
+    home = tmp_path_factory.mktemp("open-head-home")
+    env = clean_env(RAY_AUTH_MODE="disabled", HOME=str(home),
+                    **{k: v for k, v in aws_env("http://127.0.0.1:9").items() if k != "AWS_ENDPOINT_URL"})
+    with ray_head(home / "head.log", env) as address:
+        yield address
+
+
+def test_a_job_in_a_clean_environment_on_an_auth_disabled_head_does_not_hang(open_head, tiny, tmp_path):
+    log = tmp_path / "job.log"
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", open_head, log=log,
+                    env=clean_env(HOME=str(tmp_path)))
+    status, lines, _ = finish(job, log, timeout_s=240)
+    assert status == 0, lines[-10:]  # it runs there
+    assert f"Ray: {open_head} (--ray-address): 1 node, 2 CPUs, 0 GPUs" in "\n".join(lines)
+
+
+def test_the_store_settings_travel_with_the_job(open_head, s3, stored, tiny, tmp_path):
+    """The endpoint only where the job starts: its tasks, on a head whose environment names
+    none, read the same store (without the record they would look for the bucket on AWS)."""
+    log = tmp_path / "job.log"
+    job = start_job("--data", stored, "--out", str(tmp_path / "out"), "--ray-address", open_head, log=log,
+                    env=store_env(s3.endpoint, RAY_AUTH_MODE="disabled", HOME=str(tmp_path)))
+    status, lines, _ = finish(job, log, timeout_s=240)
+    assert status == 0, lines[-10:]
+    assert "56 image files = 56 used + 0 rejected" in "\n".join(lines)
