@@ -414,3 +414,53 @@ def test_the_store_settings_travel_with_the_job(open_head, s3, stored, tiny, tmp
     status, lines, _ = finish(job, log, timeout_s=240)
     assert status == 0, lines[-10:]
     assert "56 image files = 56 used + 0 rejected" in "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Ray's node dying under the job
+
+
+def session_processes(sid: int, name: str = "") -> list[int]:
+    """Process ids in the job's session (its own local Ray's among them) whose command line holds `name`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if int(fields[3]) == sid and int(pid) != sid and name in command:
+                found.append(int(pid))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_the_raylet_killed_under_a_running_job_is_one_line(tmp_path):
+    """The job's own Ray loses its raylet mid-decode: one error line, exit 1; the chunks
+    already written are reused by the next run, whose figures are exact."""
+    from tests.test_evaluate_job import run_job
+
+    data = make_image_folder(tmp_path / "data", {"train": {"3": 60, "7": 60}, "valid": {"3": 20, "7": 20}})
+    chunks, log = tmp_path / "chunks", tmp_path / "job.log"
+    job = start_job("--data", str(data), "--out", str(tmp_path / "out"), "--shard-size", "4", "--chunk-dir",
+                    str(chunks), "--ray-address", "local", log=log)
+    try:
+        wait_for(lambda: "decode: 1/" in log.read_text(errors="replace"), "decoding", job)
+        os.kill(job.pid, signal.SIGSTOP)  # decoding is under way: kill the raylet here
+        (raylet,) = session_processes(job.pid, "raylet")
+        os.kill(raylet, signal.SIGKILL)
+        os.kill(job.pid, signal.SIGCONT)
+        status, lines, _ = finish(job, log, timeout_s=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # whatever of the job's own Ray is left
+    assert status == 1, lines[-10:]
+    (line,) = outcome(lines)
+    assert line.startswith("error: Ray failed under the job during decode (") and "LocalRayletDiedError" in line
+    assert line.endswith("the chunks already written are kept and reused by the next run")
+    kept = len(list(chunks.glob("*/*.arrow")))
+    assert kept >= 1  # decoding had begun
+    again = run_job("--data", str(data), "--out", str(tmp_path / "again"), "--shard-size", "4",
+                    "--chunk-dir", str(chunks))
+    assert again.returncode == 0, again.stderr[-2000:]
+    import json
+    results = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert results["shards"]["files_reused"] == 4 * kept and sum(results["counts"]["train"].values()) == 120
