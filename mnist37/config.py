@@ -187,6 +187,19 @@ class Config:
         RAY, "Ray cluster to join; local: always a new local Ray", metavar="ADDRESS",
         empty="RAY_ADDRESS, else a cluster `ray start` left on this machine, else a new local Ray"))
 
+    # Seconds the job waits on Ray with nothing finishing (no task done, Ray not answering)
+    # before it stops with one line naming what never finished and the likely cause; while
+    # it waits it says what is outstanding every 30 s. A slow job that still finishes tasks
+    # is never stopped by it.
+    stall_timeout_s: float = field(default=300.0, metadata=_flag(
+        RAY, "seconds with no task finishing before the job stops, naming what it waited for", metavar="SECONDS"))
+    # Seconds an object store may take to accept a connection or to answer a request
+    # (silence, not transfer time) before the request is tried again; pyarrow tries each
+    # request 3 times, so a store that never answers ends the job in about 3x this.
+    store_timeout_s: float = field(default=12.0, metadata=_flag(
+        DATA, "seconds an object store may stay silent on a request before it is tried again (3 tries)",
+        metavar="SECONDS"))
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -264,6 +277,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"report_examples: expected 0 or more images, got {cfg.report_examples}")
     if cfg.max_in_flight < 0:
         raise ConfigError(f"max_in_flight: expected 0 (auto) or a positive count, got {cfg.max_in_flight}")
+    if cfg.stall_timeout_s <= 0:
+        raise ConfigError(f"stall_timeout_s: expected a positive number of seconds, got {cfg.stall_timeout_s}")
+    if cfg.store_timeout_s <= 0:
+        raise ConfigError(f"store_timeout_s: expected a positive number of seconds, got {cfg.store_timeout_s}")
     if not 0 < cfg.gpus_per_task <= 1:
         raise ConfigError(f"gpus_per_task: expected a fraction in (0, 1], got {cfg.gpus_per_task}")
     if cfg.chunk_transport not in CHUNK_TRANSPORTS:

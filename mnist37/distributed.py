@@ -10,8 +10,12 @@ which task finishes first.
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import socket
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ from mnist37 import Mnist37Error
 from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.memory import peak_rss_bytes
+from mnist37.paths import StoreSettings, store, use_store
+from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
 from mnist37.images import Decoding
@@ -42,7 +48,9 @@ _RETRIES = dict(max_retries=3, retry_exceptions=False)
 
 
 def _decode(shard: Shard | ContainerShard, root: str, chunk_dir: str, decoding: Decoding, with_sums: bool,
-            archive: ArchiveObject | None = None) -> DecodedShard:
+            archive: ArchiveObject | None = None, settings: StoreSettings | None = None) -> DecodedShard:
+    if settings is not None:  # the driver's way to its object store, whatever this node's environment says
+        use_store(settings)
     if archive is not None:  # the root is its extraction, which this node may not have made yet
         archive.here()
     if isinstance(shard, Shard):  # its file names are in the listing, in the object store
@@ -69,9 +77,11 @@ def _decode_and_ship_task(*args) -> tuple[DecodedShard, pa.Buffer]:
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
 def _classify_task(key: str, chunk: str | pa.Buffer, checksum: str, prototypes: np.ndarray, metrics: Sequence[str],
-                   device: str, examples: int, verify: bool) -> ClassifiedChunk:
+                   device: str, examples: int, verify: bool, settings: StoreSettings) -> ClassifiedChunk:
     # Imported here: the driver needs no torch.
     from mnist37.classify import classify_chunk
+
+    use_store(settings)  # a chunk store may be a URI
 
     start = time.perf_counter()
     confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples, checksum, verify)
@@ -112,28 +122,215 @@ def _current_cluster() -> str | None:
         return None
 
 
+_STARTED_HERE = "the address the last `ray start` on this machine left behind"
+
+
+def _target(address: str) -> tuple[str | None, str]:
+    """(the GCS address `ray.init(address)` would join, where it came from): `address` (the
+    ray_address config key), else RAY_ADDRESS, else the one a `ray start` left on this machine;
+    (None, ...) when the job starts a Ray of its own."""
+    if address == "local":
+        return None, "local"
+    if address and address != "auto":
+        return address, "ray_address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return _current_cluster(), _STARTED_HERE
+
+
 def check_address(address: str, timeout_s: float = 3.0) -> None:
     """Raise ClusterError, naming the address and where it came from, when nothing listens at
     the GCS address `ray.init(address)` would join: Ray itself retries such an address for
     minutes. The address is `address` (the ray_address config key), else RAY_ADDRESS, else the
     one a `ray start` left on this machine (stale when that cluster died without `ray stop`).
     `local`, `ray://` client addresses and names Ray resolves itself are left to Ray."""
-    if address and address != "auto":
-        where = "ray_address"
-    elif os.environ.get("RAY_ADDRESS"):
-        address, where = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
-    else:
-        address, where = _current_cluster(), "the address the last `ray start` on this machine left behind"
+    address, where = _target(address)
     host, _, port = (address or "").rpartition(":")
-    if address == "local" or "://" in (address or "") or not host or not port.isdigit():
+    if not address or "://" in address or not host or not port.isdigit():
         return
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        remedy = ("`ray stop` clears it" if where.startswith("the address")
-                  else "start one with `ray start --head`")
+        remedy = "`ray stop` clears it" if where == _STARTED_HERE else "start one with `ray start --head`"
         raise ClusterError(f"{where}: no Ray cluster answers at {address} ({e.strerror or e}); {remedy}, "
                            "or pass --ray-address local for a Ray of the job's own") from None
+
+
+# How long the job waits for a Ray GCS to answer before it says the address is not one.
+PROBE_TIMEOUT_S = 10.0
+
+
+def _auth_side() -> str:
+    """This job's Ray authentication, in words: its mode and where its token comes from
+    (never the token)."""
+    mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+    if mode in ("disabled", "unset"):
+        return f"this job's RAY_AUTH_MODE is {mode}, so it sends no token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        token = "a token from RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = f"a token from RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    elif os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        token = "a token from ~/.ray/auth_token"
+    else:
+        token = "no token (neither RAY_AUTH_TOKEN nor ~/.ray/auth_token)"
+    return f"this job's RAY_AUTH_MODE is {mode}, with {token}"
+
+
+class _QuietStderr:
+    """The process's stderr (fd 2, where Ray's C++ core writes its warnings) sent to a log
+    file while the job probes a cluster: Ray's repeated lines about a refused or silent
+    connection go there, not to the user. `restore()` puts fd 2 back; `keep()`, for a probe
+    that failed and left Ray's threads retrying until the process exits, leaves fd 2 on the
+    log and gives Python's own stderr (the job's last line) the terminal."""
+
+    def __init__(self, path: str):
+        self.path = path
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+
+    def restore(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+    def keep(self) -> None:
+        sys.stderr.flush()
+        sys.stderr = os.fdopen(self.saved, "w", buffering=1)
+
+
+def probe(address: str, where: str, timeout_s: float = PROBE_TIMEOUT_S) -> dict:
+    """Ask the Ray GCS at `address` for its cluster's metadata, as `ray.init` would first do,
+    within `timeout_s`, and raise ClusterError with one line when it refuses the job (a wrong
+    or missing token, an auth mode mismatch), runs another Ray or Python version, or is not a
+    Ray GCS at all (nothing answers in time). The request runs in a thread of its own while
+    the main thread waits in short steps (a signal still stops the job), Ray's C++ warnings
+    to a log file named in the error."""
+    from ray._raylet import GcsClient
+
+    log_path = os.path.join(tempfile.gettempdir(), f"mnist37-ray-connect-{os.getpid()}.log")
+    outcome: list = []
+
+    def ask() -> None:
+        try:
+            client = GcsClient(address=address)
+            outcome.append(client.internal_kv_get(b"CLUSTER_METADATA", namespace=b"cluster", timeout=timeout_s))
+        except Exception as e:  # noqa: BLE001: reported below, as one line
+            outcome.append(e)
+
+    quiet = _QuietStderr(log_path)
+    try:
+        asking = threading.Thread(target=ask, daemon=True, name="mnist37-ray-probe")
+        asking.start()
+        deadline = time.monotonic() + timeout_s
+        while asking.is_alive() and time.monotonic() < deadline:
+            asking.join(WAIT_STEP_S)
+    finally:
+        if outcome and not isinstance(outcome[0], Exception):
+            quiet.restore()
+            with contextlib.suppress(OSError):
+                os.unlink(log_path)
+        else:  # Ray's threads may go on retrying, and writing, until the job exits
+            quiet.keep()
+    if not outcome:
+        raise ClusterError(f"{where}: nothing at {address} answered as a Ray GCS in {timeout_s:g} s (is it a "
+                           "Ray head's GCS port, 6379 by default?); Ray's lines are in " + log_path)
+    answer = outcome[0]
+    if isinstance(answer, ray.exceptions.AuthenticationError):
+        raise ClusterError(f"{where}: the Ray cluster at {address} refused this job's authentication: it requires a "
+                           f"token (RAY_AUTH_MODE=token) and {_auth_side()}; give the job the cluster's token in "
+                           "RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
+    if isinstance(answer, Exception):
+        text = str(answer).strip().splitlines()[0] if str(answer).strip() else ""
+        raise ClusterError(f"{where}: the Ray GCS at {address} did not answer ({type(answer).__name__}: "
+                           f"{text[:200]}); Ray's lines are in {log_path}") from None
+    import json
+    import platform
+
+    metadata = json.loads(answer) if answer else {}
+    theirs = (metadata.get("ray_version"), ".".join((metadata.get("python_version") or "").split(".")[:2]))
+    ours = (ray.__version__, ".".join(platform.python_version().split(".")[:2]))
+    if metadata and theirs != ours:
+        raise ClusterError(f"{where}: the Ray cluster at {address} runs Ray {theirs[0]} on Python {theirs[1]}, "
+                           f"this job Ray {ours[0]} on Python {ours[1]}: they must match")
+    return metadata
+
+
+@dataclass
+class Session:
+    """The Ray this job runs on, named in the first line after connecting, and its waits."""
+
+    address: str = "?"
+    origin: str = "?"  # started by this job | `ray start` on this machine | RAY_ADDRESS | --ray-address
+    own: bool = True
+    stall_s: float = 300.0
+
+    def joined(self) -> str:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        resources = ray.cluster_resources()
+        return (f"Ray: {self.address} ({self.origin}): {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
+                f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+
+    def describe(self) -> tuple[str, str]:
+        """The cluster's state, and the likely cause of tasks that do not finish."""
+        try:
+            total, free = ray.cluster_resources(), ray.available_resources()
+        except Exception as e:  # noqa: BLE001: the head not answering is the state to report
+            return f"the cluster at {self.address} does not answer ({type(e).__name__})", "Ray's head may be unreachable"
+        cpus, free_cpus = total.get("CPU", 0), free.get("CPU", 0)
+        state = f"the cluster at {self.address} shows {free_cpus:g} of {cpus:g} CPUs free"
+        if cpus == 0:
+            cause = "it has no CPUs for tasks"
+        elif free_cpus < 1:
+            cause = "none of its CPUs is free (this job's running tasks or other work hold them)"
+        else:
+            cause = ("CPUs are free, yet no task finished: their worker processes may fail to start, or the "
+                     "tasks wait on something outside Ray (Ray's logs: " + _logs_dir() + ")")
+        if not self.own:
+            cause += (f"; this job joined a cluster it did not start ({self.origin}): "
+                      "--ray-address local runs it on a Ray of its own")
+        return state, cause
+
+
+def _logs_dir() -> str:
+    try:
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001: Ray-internal; a hint only
+        return "the session folder under Ray's temp dir"
+
+
+_session = Session()
+
+
+def watching(what: str, total: int, unit: str) -> Watch:
+    """A Watch for a stage's waits on this job's Ray (its stall limit and cluster state)."""
+    return Watch(what, total, unit, _session.stall_s, _session.describe,
+                 report_s=min(REPORT_EVERY_S, _session.stall_s / 3))
+
+
+_ORIGINS = {"ray_address": "--ray-address", "RAY_ADDRESS": "RAY_ADDRESS", _STARTED_HERE: "`ray start` on this machine"}
+
+
+def connect(address: str, dashboard: bool, stall_timeout_s: float) -> Session:
+    """Join the Ray the job runs on, or start one of its own, with every wait bounded: an
+    address where nothing listens or that refuses the job is one ClusterError line (see
+    `check_address`, `probe`). Returns the Session, whose `joined()` line names it."""
+    global _session
+    target, where = _target(address)
+    if target and "://" not in target:
+        check_address(address)
+        probe(target, where)
+    # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
+    # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
+    context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       configure_logging=False, log_to_driver=True)
+    own = target is None
+    _session = Session(address=target or getattr(context, "address_info", {}).get("gcs_address") or "?",
+                       origin="started by this job" if own else _ORIGINS.get(where, where), own=own,
+                       stall_s=stall_timeout_s)
+    return _session
 
 
 # How long a failed map waits for its other tasks to end before it raises (see _raise_cause).
@@ -152,37 +349,85 @@ def _raise_cause(error: ray.exceptions.RayTaskError, pending: Sequence) -> NoRet
     `max_in_flight` tasks are pending, each one shard's work. Any still running after SETTLE_S
     end with the job's Ray or with the driver."""
     ends = [p.completed() if isinstance(p, ray.ObjectRefGenerator) else p for p in pending]
-    if ends:
-        ray.wait(ends, num_returns=len(ends), timeout=SETTLE_S, fetch_local=False)
+    deadline = time.monotonic() + SETTLE_S
+    while ends and time.monotonic() < deadline:  # in short steps, so a signal still stops the job
+        _, ends = ray.wait(ends, num_returns=len(ends), timeout=WAIT_STEP_S, fetch_local=False)
     if isinstance(error.cause, Mnist37Error):
         raise error.cause from None
     raise error
 
 
 def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_in_flight: int,
-                received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value) -> Iterator:
+                received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value,
+                what: tuple[str, str] = ("tasks", "")) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
-    `received(ref, result)` as tasks finish. A task that fails with an mnist37 error
+    `received(ref, result)` as tasks finish. Every wait is bounded and watched (`_wait`:
+    `what` names the stage and its unit in its lines). A task that fails with an mnist37 error
     re-raises that error (one clear line, not a remote traceback) once the tasks still
     pending have ended (`_raise_cause`). An interrupt leaves them to `ray.shutdown()` (the
     job's own Ray) or to the driver's exit (a cluster's tasks die with their owner); neither
     path cancels a task (see `_raise_cause`)."""
+    items = list(items) if not isinstance(items, Sequence) else items
+    watch = watching(what[0], len(items), what[1])
     pending: list[ray.ObjectRef] = []
 
     def next_result():
         nonlocal pending
-        done, pending = ray.wait(pending, num_returns=1)
-        return received(done[0], ray.get(done[0]))
+        done, pending = _wait(pending, watch)
+        value = received(done[0], _get(done[0], watch))
+        watch.finished()
+        return value
 
     try:
-        for item in items:
-            if len(pending) >= max_in_flight:
+        with _cluster_failures(watch):
+            for item in items:
+                if len(pending) >= max_in_flight:
+                    yield next_result()
+                pending.append(submit(item))
+            while pending:
                 yield next_result()
-            pending.append(submit(item))
-        while pending:
-            yield next_result()
     except ray.exceptions.RayTaskError as e:
         _raise_cause(e, pending)
+
+
+# The longest a wait on Ray blocks the main thread: a signal's handler runs between waits.
+WAIT_STEP_S = 0.5
+
+
+def _wait(pending: list, watch: Watch) -> tuple[list, list]:
+    """`ray.wait` for one of `pending`, in steps of WAIT_STEP_S, telling `watch` of each step
+    that ends with nothing finished: it logs what is outstanding every 30 s and raises
+    Stalled once nothing has finished for stall_timeout_s."""
+    while True:
+        done, rest = ray.wait(pending, num_returns=1, timeout=WAIT_STEP_S)
+        if done:
+            return done, rest
+        watch.waiting(len(pending))
+
+
+def _get(ref: ray.ObjectRef, watch: Watch):
+    """The value of a finished task (`_wait` returned it, so it is local): bounded all the same."""
+    try:
+        return ray.get(ref, timeout=_session.stall_s)
+    except ray.exceptions.GetTimeoutError:
+        raise Stalled(f"{watch.outstanding(1)}: a finished task's result could not be fetched in "
+                      f"{_session.stall_s:g} s (stall_timeout_s)") from None
+
+
+@contextlib.contextmanager
+def _cluster_failures(watch: Watch) -> Iterator[None]:
+    """Ray itself failing under the job (its node's raylet gone, the head unreachable, a
+    result lost with its node past Ray's retries) as one ClusterError line; a task's own
+    error (RayTaskError) goes on to the caller."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError:
+        raise
+    except ray.exceptions.RayError as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ClusterError(f"Ray failed under the job during {watch.what} ({watch.done} of {watch.total}"
+                           f"{watch.unit} done): {type(e).__name__}{': ' + text[:200] if text else ''}; "
+                           "the chunks already written are kept and reused by the next run") from None
 
 
 # Names (and stamps) per listing block in Ray's object store: a decode task of an 8,192-image
@@ -190,8 +435,9 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
 LISTING_BLOCK = 65536
 
 
-def _listed_in_blocks(function: Callable, block_size: int, *arguments):
+def _listed_in_blocks(function: Callable, block_size: int, settings: StoreSettings, *arguments):
     """A listing task: the folder's summary first, then its files in blocks, each its own object."""
+    use_store(settings)
     summary, files = function(*arguments)
     yield summary
     for block in files.blocks(block_size):
@@ -208,19 +454,27 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
     from mnist37.progress import Progress
 
     task = ray.remote(num_cpus=1, num_returns="streaming", scheduling_strategy="SPREAD", **_RETRIES)(_listed_in_blocks)
-    generators = [task.remote(function, LISTING_BLOCK, *a) for a in arguments]
-    progress = Progress("list", len(arguments), " class folders")
-    listed = []
-    try:
-        for generator in generators:
-            refs = list(generator)  # returns once the task has yielded everything
-            summary = ray.get(refs[0])
-            summary.blocks, summary.block_size = refs[1:], LISTING_BLOCK
-            listed.append(summary)
-            progress.update()
-    except ray.exceptions.RayTaskError as e:
-        _raise_cause(e, generators)
-    return listed
+    settings = store()
+    watch = watching("list", len(arguments), " class folders")
+    with _cluster_failures(watch):
+        generators = [task.remote(function, LISTING_BLOCK, settings, *a) for a in arguments]
+        ends = {g.completed(): i for i, g in enumerate(generators)}
+        progress = Progress("list", len(arguments), " class folders")
+        listed: dict[int, ClassListing] = {}
+        pending = list(ends)
+        try:
+            while pending:
+                done, pending = _wait(pending, watch)
+                i = ends[done[0]]
+                refs = list(generators[i])  # the task has ended: every ref is there
+                summary = _get(refs[0], watch)
+                summary.blocks, summary.block_size = refs[1:], LISTING_BLOCK
+                listed[i] = summary
+                watch.finished()
+                progress.update()
+        except ray.exceptions.RayTaskError as e:
+            _raise_cause(e, generators)
+    return [listed[i] for i in range(len(arguments))]
 
 
 def default_max_in_flight() -> int:
@@ -236,9 +490,10 @@ def decode_shards(shards: Iterable[Shard], root: Path, chunk_dir: str, decoding:
     Shards of `ship_split` (the evaluation split, when chunks travel through the object
     store) come back with `chunk_ref`, the ref to the chunk's bytes."""
     shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
+    settings = store()
 
     def submit(shard: Shard) -> ray.ObjectRef:
-        args = (shard, str(root), str(chunk_dir), decoding, shard.split == train_split, archive)
+        args = (shard, str(root), str(chunk_dir), decoding, shard.split == train_split, archive, settings)
         if shard.split != ship_split:
             return _decode_task.remote(*args)
         record, chunk = _decode_and_ship_task.remote(*args)
@@ -253,7 +508,7 @@ def decode_shards(shards: Iterable[Shard], root: Path, chunk_dir: str, decoding:
             log.warning("%s; decoded again", done.discarded)
         return done
 
-    return bounded_map(submit, shards, max_in_flight, received)
+    return bounded_map(submit, shards, max_in_flight, received, what=("decode", " shards"))
 
 
 def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metrics: Sequence[str], device: str,
@@ -263,10 +518,11 @@ def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metr
     through the object store, from its bytes, and checked to be the chunk decode reported.
     The prototypes go to the object store once; on a cluster with GPUs each task asks for
     `gpus_per_task` of one (decode tasks never do)."""
-    prototypes_ref = ray.put(prototypes)
+    prototypes_ref, settings = ray.put(prototypes), store()
     task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
     return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref,
-                                             list(metrics), device, examples, verify), chunks, max_in_flight)
+                                             list(metrics), device, examples, verify, settings), chunks, max_in_flight,
+                       what=("classify", " chunks"))
 
 
 def has_gpus() -> bool:

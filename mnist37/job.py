@@ -12,6 +12,7 @@ A Ray the job started is stopped whichever way it ends.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args
-from mnist37.paths import is_uri, local_or_uri
+from mnist37.paths import StoreSettings, is_uri, local_or_uri, use_store
 from mnist37.progress import Status
 
 if TYPE_CHECKING:
@@ -64,37 +65,43 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(cfg: Config, status: Status | None = None) -> dict:
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
     the input, the storage or the cluster."""
+    # The driver's way to its object store, made once and handed to every task; put back when
+    # the job ends, for a caller that runs jobs in-process.
+    use_store(StoreSettings.from_environment(cfg.store_timeout_s), driver=True)
+    try:
+        return _run(cfg, status or Status())
+    finally:
+        use_store(None)
+
+
+def _run(cfg: Config, status: Status) -> dict:
     from mnist37.locate import locate
 
-    status = status or Status()
     clock = time.perf_counter()
     # Before Ray is imported or started: a missing or malformed data set is one line at once.
     status.stage = "locate"
     located = locate(cfg)
 
-    import ray
-
-    from mnist37.distributed import check_address, map_listings
+    from mnist37.distributed import connect, map_listings
     from mnist37.evaluation import evaluate, results_json
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
-    check_address(cfg.ray_address)
     status.stage, planned = "plan", None
     try:
-        # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
-        # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
-        ray.init(address=cfg.ray_address or None, include_dashboard=cfg.ray_dashboard,
-                 dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
+        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s)
         _take_signals()
+        log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
         # Class folders are listed by Ray tasks, their file names left in Ray's object store:
         # the driver's memory does not grow with the number of files.
         planned = plan(located, map_listings)
         evaluation = evaluate(planned, status)
     finally:
+        import ray
+
         ray.shutdown()
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
         _clear_temporaries(planned)
@@ -148,10 +155,23 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(interrupted(status, cfg.out), file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(128 + signal.SIGINT)
     except Interrupted as e:
         print(interrupted(status, cfg.out), file=sys.stderr)
-        return 128 + e.signum
+        return _stopped(128 + e.signum)
+
+
+def _stopped(status: int) -> int:
+    """`status`, or the process ended now with it when a store request is still out: pyarrow's
+    exit handler would wait for its answer (up to 3 x store_timeout_s) before the process ends."""
+    from mnist37.objects import unanswered
+
+    if unanswered():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -2,10 +2,15 @@
 listing a prefix, reading many small objects at once, writing an object whole.
 
 Small objects are latency-bound: a decode task keeps `REQUESTS_IN_FLIGHT` reads open at once
-(benchmarks/object_requests/ measured the choice; docs/object-storage.md). A request that fails
-for a reason that may pass (503 SlowDown, a timeout, a dropped connection, any 5xx) is tried
-again after an exponentially growing pause; one that cannot pass (no such bucket, access
-denied) or that outlasts `ATTEMPTS` stops the job with one line naming the object:
+(benchmarks/object_requests/ measured the choice; docs/object-storage.md). Each request is tried up
+to 3 times by pyarrow itself (the AWS SDK's standard retries: throttling, 5xx, network errors),
+each try waiting at most `store_timeout_s` for the store to connect and to answer
+(`paths.StoreSettings`); a store that never answers stops the job in about 3 x that, with one
+line (`no answer from endpoint ... in 12 s after 3 attempts`). What still fails and may pass
+(503 SlowDown past the SDK's tries, a connection dropped mid-answer) is tried again here after
+an exponentially growing pause, within a total deadline per request; one that cannot pass (no
+such bucket, access denied) or that outlasts `ATTEMPTS` or the deadline stops the job with one
+line naming the object:
 
     s3://images/train/3/10.png: access denied (AWS Error ACCESS_DENIED during GetObject operation)
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +34,7 @@ from typing import TypeVar
 import numpy as np
 
 from mnist37 import Mnist37Error
-from mnist37.paths import open_location
+from mnist37.paths import STORE_ATTEMPTS, open_location, store
 
 # Reads in flight per decode task: the fewest within 10% of the best objects/s with each request
 # held 30 ms and 100 ms (`python benchmarks/object_requests/object_benchmark.py --latency-ms 30`,
@@ -77,13 +83,68 @@ def _first_line(error: BaseException) -> str:
     return text.split(" (Request ID")[0]
 
 
-def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS) -> T:
+# Words in pyarrow's error messages that mean the store never answered within StoreSettings'
+# timeout_s, after the SDK's own STORE_ATTEMPTS tries: trying again only waits longer.
+_SILENT = ("curlCode: 28", "Timeout was reached", "Connection timed out", "Operation timed out")
+
+
+def _no_answer(uri: str) -> ObjectStoreError:
+    settings = store()
+    return ObjectStoreError(f"{uri}: no answer from {settings.where()} in {settings.timeout_s:g} s "
+                            f"after {STORE_ATTEMPTS} attempts (store_timeout_s)")
+
+
+_unanswered: set = set()  # requests the main thread stopped waiting for (a signal came)
+
+
+def unanswered() -> int:
+    """How many requests to a store are still waiting for an answer after the main thread
+    stopped waiting for them: a process stopped by a signal then exits at once
+    (`mnist37.job.run`), rather than in pyarrow's exit handler, which waits for them."""
+    return len(_unanswered)
+
+
+def _answered(request: Callable[[], T]) -> T:
+    """`request()`; on the main thread it runs in a thread of its own while the main thread
+    waits in short steps, so SIGINT and SIGTERM stop the job at once even while a store keeps
+    a request waiting (a signal's handler runs only between the main thread's bytecodes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return request()
+    done, outcome = threading.Event(), []
+
+    def run() -> None:
+        try:
+            outcome.append((True, request()))
+        except BaseException as e:  # handed to the waiting thread
+            outcome.append((False, e))
+        finally:
+            _unanswered.remove(done)
+            done.set()
+
+    _unanswered.add(done)
+
+    threading.Thread(target=run, daemon=True, name="mnist37-store-request").start()
+    while not done.wait(0.2):
+        pass
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS, deadline_s: float | None = None) -> T:
     """`request()`, tried again with exponential backoff while it fails with an OSError that may
-    pass. FileNotFoundError goes to the caller as it is; anything final, or the last failure,
-    becomes ObjectStoreError naming `uri`."""
+    pass and pyarrow did not already try again (503 SlowDown past the SDK's tries, a dropped
+    connection mid-answer), until `deadline_s` (default: what the SDK's own tries may take,
+    2 x STORE_ATTEMPTS x store_timeout_s) has passed. FileNotFoundError goes to the caller as
+    it is; a store that never answered (the SDK's tries each timed out), anything final, or the
+    last failure becomes ObjectStoreError naming `uri`."""
+    if deadline_s is None:
+        deadline_s = 2 * STORE_ATTEMPTS * store().timeout_s
+    give_up = time.monotonic() + deadline_s
     for attempt in range(attempts):
         try:
-            return request()
+            return _answered(request)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -91,10 +152,13 @@ def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS) -> T:
                 raise
             if (words := permanent(e)) is not None:
                 raise ObjectStoreError(f"{uri}: {words} ({_first_line(e)})") from None
-            if attempt == attempts - 1:
-                raise ObjectStoreError(f"{uri}: still failing after {attempts} tries ({_first_line(e)})") from None
-            pause = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)
-            time.sleep(pause * random.uniform(0.5, 1.0))
+            if any(marker in str(e) for marker in _SILENT):
+                raise _no_answer(uri) from None
+            pause = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if attempt == attempts - 1 or time.monotonic() + pause > give_up:
+                raise ObjectStoreError(f"{uri}: still failing after {attempt + 1} tries "
+                                       f"({_first_line(e)})") from None
+            time.sleep(pause)
     raise AssertionError("unreachable")
 
 

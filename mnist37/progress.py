@@ -1,12 +1,16 @@
 """Progress of a long stage: a bar on a terminal, plain periodic log lines otherwise (so
-`ray job logs` and CI logs stay readable)."""
+`ray job logs` and CI logs stay readable); and the watch on a wait (`Watch`): a line while
+nothing finishes, one error once nothing has finished for stall_timeout_s."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from mnist37 import Mnist37Error
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +48,47 @@ class Status:
     shards_decoded: int = 0
     chunks_total: int = 0
     chunks_classified: int = 0
+
+
+class Stalled(Mnist37Error, TimeoutError):
+    """Nothing a stage waited for finished within stall_timeout_s."""
+
+
+# While nothing finishes, a line this often saying what is outstanding.
+REPORT_EVERY_S = 30.0
+
+
+class Watch:
+    """What a stage waits for, and for how long nothing has finished: `waiting()` is called
+    by a waiting loop each time a short wait ends with nothing done; it logs a line every
+    `report_s` saying what is outstanding, and raises Stalled, naming what never finished and
+    the likely cause, once nothing has finished for `stall_s`. Every finished thing starts the
+    count again (`finished()`), so a slow job that moves is never stopped. `describe()` gives
+    the state of what is being waited on (the cluster's free CPUs) and its likely cause."""
+
+    def __init__(self, what: str, total: int, unit: str, stall_s: float,
+                 describe: Callable[[], tuple[str, str]] = lambda: ("", ""), report_s: float = REPORT_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.unit, self.stall_s, self.report_s = what, total, unit, stall_s, report_s
+        self.describe, self.clock, self.done = describe, clock, 0
+        self.since = self.reported = clock()
+
+    def finished(self, n: int = 1) -> None:
+        self.done += n
+        self.since = self.reported = self.clock()
+
+    def outstanding(self, pending: int) -> str:
+        return (f"{self.what}: {self.done:,}/{self.total:,}{self.unit} done, "
+                f"{pending} task{'s' if pending != 1 else ''} pending")
+
+    def waiting(self, pending: int) -> None:
+        now = self.clock()
+        idle = now - self.since
+        if idle >= self.stall_s:
+            state, cause = self.describe()
+            raise Stalled(f"{self.outstanding(pending)} and none finished in {idle:.0f} s (stall_timeout_s)"
+                          + (f"; {state}" if state else "") + (f": {cause}" if cause else ""))
+        if now - self.reported >= self.report_s:
+            self.reported = now
+            state, _ = self.describe()
+            log.warning("%s for %.0f s%s", self.outstanding(pending), idle, f"; {state}" if state else "")

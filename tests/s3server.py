@@ -79,13 +79,15 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of `upstream` that answers every `slow_every`-th
     request with 503 SlowDown and drops the connection, unanswered, on every `drop_every`-th
     (0: never); the requests numbered in `slow_burst` (from 1) are answered with 503 SlowDown
-    too; every request is held `delay_s` before it is forwarded: a store's latency."""
+    too; every `hold_every`-th is held, never answered, until the client gives up or the proxy
+    stops (a stalled store); every request is held `delay_s` before it is forwarded: a store's latency."""
 
     def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7, slow_burst: range = range(0),
-                 delay_s: float = 0.0):
+                 delay_s: float = 0.0, hold_every: int = 0):
         host, port = upstream.removeprefix("http://").split(":")
-        self.counts = {"requests": 0, "slow_down": 0, "dropped": 0}
-        lock, counts = threading.Lock(), self.counts
+        self.counts = {"requests": 0, "slow_down": 0, "dropped": 0, "held": 0}
+        self.stopping = threading.Event()
+        lock, counts, stopping = threading.Lock(), self.counts, self.stopping
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -98,6 +100,11 @@ class FaultProxy:
                 with lock:
                     counts["requests"] += 1
                     n = counts["requests"]
+                if hold_every and n % hold_every == 0:
+                    counts["held"] += 1
+                    stopping.wait()  # the client times out and asks again on another connection
+                    self.close_connection = True
+                    return
                 if drop_every and n % drop_every == 0:
                     counts["dropped"] += 1
                     self.close_connection = True
@@ -139,5 +146,6 @@ class FaultProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()

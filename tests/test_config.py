@@ -110,6 +110,8 @@ def test_missing_and_invalid_config_files(tmp_path):
     ({"gpus_per_task": 2}, r"gpus_per_task: expected a fraction in \(0, 1\], got 2"),
     ({"gpus_per_task": "half"}, r"gpus_per_task: expected a number, got 'half'"),
     ({"max_in_flight": -1}, r"max_in_flight: expected 0 \(auto\) or a positive count"),
+    ({"stall_timeout_s": 0}, r"stall_timeout_s: expected a positive number of seconds, got 0"),
+    ({"store_timeout_s": -1}, r"store_timeout_s: expected a positive number of seconds, got -1"),
     ({"train_split": "train", "eval_split": "train"}, r"eval_split: must differ from train_split"),
     ({"data": 3}, r"data: expected a string, got 3"),
 ])
