@@ -402,8 +402,10 @@ def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny,
 
 def test_sigterm_while_waiting_on_tasks(no_cpu_head, tiny, tmp_path):
     log = tmp_path / "job.log"
-    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log)
-    wait_for(lambda: "mnist37.job: Ray: " in log.read_text(errors="replace"), "the line naming the Ray joined", job)
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head,
+                    "--stall-timeout-s", "30", log=log)
+    # Its first line about what is outstanding (after 10 s): the job is waiting inside ray.wait.
+    wait_for(lambda: "tasks pending for" in log.read_text(errors="replace"), "a line saying what is pending", job)
     status, lines, seconds = stop_with(job, log)
     assert (status, outcome(lines)) == (143, ["interrupted before decoding began (while finding and listing "
                                                       "the data); nothing to keep"]), lines
