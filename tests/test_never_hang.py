@@ -159,6 +159,9 @@ def finish(job: subprocess.Popen, log: Path, timeout_s: float) -> tuple[int, lis
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
         pytest.fail(f"the job did not exit within {timeout_s} s: {log.read_text(errors='replace')[-2000:]}")
+    finally:  # the log of Ray's lines a refused connection leaves, which its error line names
+        import tempfile
+        Path(tempfile.gettempdir(), f"mnist37-ray-connect-{job.pid}.log").unlink(missing_ok=True)
     return job.returncode, log.read_text(errors="replace").splitlines(), time.monotonic() - clock
 
 
