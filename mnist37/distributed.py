@@ -294,6 +294,11 @@ class Session:
         return state, cause
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
 def _logs_dir() -> str:
     try:
         return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
@@ -324,8 +329,13 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float) -> Session:
         probe(target, where)
     # address=None: RAY_ADDRESS (set by `ray job submit`), else a cluster started on this
     # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
-    context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                       configure_logging=False, log_to_driver=True)
+    who = where if target else "a local Ray of the job's own"
+    try:
+        context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                           configure_logging=False, log_to_driver=True)
+    except Exception as e:  # noqa: BLE001: ray.init raises plain Exceptions too (a node that timed out starting)
+        raise ClusterError(f"{who}: Ray did not {'connect' if target else 'start'} ({_first_line(e)}); "
+                           f"Ray's logs: {_logs_dir()}") from None
     own = target is None
     _session = Session(address=target or getattr(context, "address_info", {}).get("gcs_address") or "?",
                        origin="started by this job" if own else _ORIGINS.get(where, where), own=own,

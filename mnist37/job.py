@@ -30,15 +30,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("mnist37.job")
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread as Python raises KeyboardInterrupt for SIGINT."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread. A KeyboardInterrupt, because Ray's calls
+    that check for signals while they wait (ray.wait, ray.get) turn only that into their own
+    clean KeyboardInterrupt (any other exception raised there surfaces as a SystemError); which
+    signal came is kept in `_received` for the exit status."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
 
 
+_received: list[int] = []  # the signals that stopped the job, in order
+
+
 def _interrupt(signum, frame) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -47,7 +54,7 @@ def _take_signals() -> None:
     runs (Ray is stopped, temporaries released). Installed again after `ray.init()`, whose
     core worker installs a SIGTERM handler that dumps stack lines, and after `ray.shutdown()`,
     which restores the default."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
 
 
@@ -153,12 +160,9 @@ def run(argv: list[str] | None = None) -> int:
     except Mnist37Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Interrupted, or Ray's own KeyboardInterrupt for it
         print(interrupted(status, cfg.out), file=sys.stderr)
-        return _stopped(128 + signal.SIGINT)
-    except Interrupted as e:
-        print(interrupted(status, cfg.out), file=sys.stderr)
-        return _stopped(128 + e.signum)
+        return _stopped(128 + (_received[0] if _received else signal.SIGINT))
 
 
 def _stopped(status: int) -> int:

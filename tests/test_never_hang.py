@@ -159,6 +159,9 @@ def finish(job: subprocess.Popen, log: Path, timeout_s: float) -> tuple[int, lis
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
         pytest.fail(f"the job did not exit within {timeout_s} s: {log.read_text(errors='replace')[-2000:]}")
+    finally:  # the log of Ray's lines a refused connection leaves, which its error line names
+        import tempfile
+        Path(tempfile.gettempdir(), f"mnist37-ray-connect-{job.pid}.log").unlink(missing_ok=True)
     return job.returncode, log.read_text(errors="replace").splitlines(), time.monotonic() - clock
 
 
@@ -334,6 +337,32 @@ def test_auth_disabled_job_against_a_token_head_is_one_line(no_cpu_head, tiny, t
         "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"], lines
 
 
+def test_another_ray_version_is_one_line(no_cpu_head, tiny, tmp_path):
+    """The head's cluster metadata (what ray.init compares) says another Ray and Python: the
+    job stops with one line naming both, before ray.init. The metadata is put back after."""
+    import json
+
+    from ray._raylet import GcsClient
+
+    client = GcsClient(address=no_cpu_head)
+    saved = client.internal_kv_get(b"CLUSTER_METADATA", namespace=b"cluster")
+    other = {**json.loads(saved), "ray_version": "2.59.0", "python_version": "3.10.14"}
+    client.internal_kv_put(b"CLUSTER_METADATA", json.dumps(other).encode(), True, namespace=b"cluster")
+    try:
+        log = tmp_path / "job.log"
+        job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log)
+        status, lines, _ = finish(job, log, timeout_s=60)
+    finally:
+        client.internal_kv_put(b"CLUSTER_METADATA", saved, True, namespace=b"cluster")
+    import platform
+
+    import ray
+    ours = ".".join(platform.python_version().split(".")[:2])
+    assert (status, user_lines(lines)) == (1, [
+        f"error: ray_address: the Ray cluster at {no_cpu_head} runs Ray 2.59.0 on Python 3.10, this job Ray "
+        f"{ray.__version__} on Python {ours}: they must match"]), lines
+
+
 def test_an_address_that_is_not_a_ray_gcs_is_one_line(silent, tiny, tmp_path):
     log = tmp_path / "job.log"
     clock = time.monotonic()
@@ -376,8 +405,10 @@ def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny,
 
 def test_sigterm_while_waiting_on_tasks(no_cpu_head, tiny, tmp_path):
     log = tmp_path / "job.log"
-    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log)
-    wait_for(lambda: "mnist37.job: Ray: " in log.read_text(errors="replace"), "the line naming the Ray joined", job)
+    job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head,
+                    "--stall-timeout-s", "30", log=log)
+    # Its first line about what is outstanding (after 10 s): the job is waiting inside ray.wait.
+    wait_for(lambda: "tasks pending for" in log.read_text(errors="replace"), "a line saying what is pending", job)
     status, lines, seconds = stop_with(job, log)
     assert (status, outcome(lines)) == (143, ["interrupted before decoding began (while finding and listing "
                                                       "the data); nothing to keep"]), lines
