@@ -1,7 +1,7 @@
 """Test hosts on this machine: each its own network namespace (its own address on a bridge of a
-private test subnet) and its own disk (a mount namespace in which `~/.cache` and `/tmp/ray` are
-bind mounts of the host's own folders), a Ray head and workers started in them with
-`ray start`, and the S3 test server (tests/s3server.py's moto) on the bridge's address, so
+private test subnet), its own disk (a mount namespace in which `~/.cache` and `/tmp/ray` are
+bind mounts of the host's own folders) and its own processes (a PID namespace), a Ray head and
+workers started in them with `ray start`, and the S3 test server (tests/s3server.py's moto) on the bridge's address, so
 that data lives only in the store.
 
     10.237.37.1   the bridge, in the root namespace: the test process, moto, `ray job submit`
@@ -25,7 +25,7 @@ take 3-6 s. `gcs_rpc_server_reconnect_timeout_s` (default 60) is how long a rayl
 cut off from the head keeps trying before it gives up. Any `RAY_<name>` variable set where a
 Ray process starts overrides the setting of that name (src/ray/common/ray_config_def.h).
 
-Needs root, `ip` and `unshare` (`unavailable()` says which is missing, for a skip).
+Needs root, `ip`, `unshare` and `nsenter` (`unavailable()` says which is missing, for a skip).
 """
 
 from __future__ import annotations
@@ -57,14 +57,16 @@ DETECTION = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
     "RAY_gcs_rpc_server_reconnect_timeout_s": "10",
+    "RAY_grpc_client_keepalive_time_ms": "2000",
+    "RAY_grpc_client_keepalive_timeout_ms": "2000",
 }
 
 
 def unavailable() -> str | None:
     """Why test hosts cannot be made here (a reason for pytest.skip), or None."""
     if os.geteuid() != 0:
-        return "test hosts need root (network and mount namespaces)"
-    for tool in ("ip", "unshare"):
+        return "test hosts need root (network, mount and PID namespaces)"
+    for tool in ("ip", "unshare", "nsenter"):
         if shutil.which(tool) is None:
             return f"test hosts need `{tool}`, not found on PATH"
     probe = f"{PREFIX}{os.getpid()}probe"
@@ -150,8 +152,12 @@ class Process:
 
 @dataclass
 class Host:
-    """A network namespace with an address, and a mount namespace per process in which
-    `~/.cache` and `/tmp/ray` are this host's own folders under `disk`."""
+    """A machine of its own as far as Ray can tell: a network namespace with an address, and
+    one PID and mount namespace (booted by `boot()`, whose first process holds them) that every
+    process started in the host joins, in which `~/.cache` and `/tmp/ray` are this host's own
+    folders under `disk`. Its own PID namespace matters: a driver finds its node's raylet by
+    looking for raylet processes (ray._private.services.find_node_ids), and would otherwise
+    find every host's, and prefer the head's."""
 
     name: str
     namespace: str
@@ -159,21 +165,44 @@ class Host:
     link: str  # the bridge side of its veth pair: cut() sets it down
     disk: Path
     processes: list[Process] = field(default_factory=list)
+    init: subprocess.Popen | None = None
+    init_pid: int = 0  # the host's PID 1, as the root namespace numbers it
 
     @property
     def cache(self) -> Path:
         """This host's ~/.cache, as the root namespace sees it."""
         return self.disk / "cache"
 
-    def argv(self, command: list[str]) -> list[str]:
-        mounts = f'mount --bind "$1" "{HOME_CACHE}" && mount --bind "$2" "{RAY_TMP}" && shift 2 && exec "$@"'
-        return ["ip", "netns", "exec", self.namespace, "unshare", "--mount", "--propagation", "private",
-                "sh", "-c", mounts, "sh", str(self.disk / "cache"), str(self.disk / "ray"), *command]
+    def boot(self, timeout_s: float = 30) -> None:
+        """The host's PID 1 (`sleep infinity`) in new PID and mount namespaces, with the binds."""
+        for folder in ("cache", "ray"):
+            (self.disk / folder).mkdir(parents=True, exist_ok=True)
+        mounts = f'mount --bind "$1" "{HOME_CACHE}" && mount --bind "$2" "{RAY_TMP}" && exec sleep infinity'
+        self.init = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace, "unshare", "--mount", "--propagation", "private", "--pid",
+             "--fork", "--mount-proc", "sh", "-c", mounts, "sh", str(self.disk / "cache"), str(self.disk / "ray")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(OSError, ValueError, IndexError):  # not forked yet
+                child = int(Path(f"/proc/{self.init.pid}/task/{self.init.pid}/children").read_text().split()[0])
+                if Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep"):
+                    self.init_pid = child
+                    return
+            if self.init.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"host {self.name} did not boot: {self.init.stderr.read().decode()[-2000:]}")
+            time.sleep(0.02)
+
+    def argv(self, command: list[str], cwd: Path | None = None) -> list[str]:
+        if not self.init_pid:
+            self.boot()
+        chdir = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(cwd)] if cwd else []
+        return ["nsenter", "--target", str(self.init_pid), "--net", "--mount", "--pid", "--", *chdir, *command]
 
     def start(self, command: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Process:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as out:
-            popen = subprocess.Popen(self.argv(command), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen(self.argv(command, cwd), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         process = Process(popen, log)
         self.processes.append(process)
@@ -181,11 +210,15 @@ class Host:
 
     def run(self, command: list[str], env: dict[str, str], cwd: Path | None = None,
             timeout_s: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(command), env=env, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout_s)
+        return subprocess.run(self.argv(command, cwd), env=env, capture_output=True, text=True, timeout=timeout_s)
 
     def pids(self) -> list[int]:
         return namespace_pids(self.namespace)
+
+    def clear_ray_files(self) -> None:
+        """Empty this host's /tmp/ray, as a reboot would."""
+        shutil.rmtree(self.disk / "ray", ignore_errors=True)
+        (self.disk / "ray").mkdir(parents=True)
 
     def cut(self) -> None:
         """A network partition: the host's link goes down, its processes keep running."""
@@ -195,20 +228,27 @@ class Host:
         ip("link", "set", self.link, "up")
 
     def stop_all(self) -> None:
-        """Every process started in this host, by id: each started one's group, then whatever
-        is left in its network namespace (Ray's daemons and workers)."""
-        for process in self.processes:  # no graceful stop: a test host's state is thrown away
+        """Every process of this host, by id: its PID 1 (the kernel then kills everything in
+        its PID namespace), each started process's group, then anything left in its network
+        namespace. No graceful stop: a test host's state is thrown away."""
+        if self.init_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signal.SIGKILL)
+        for process in self.processes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.popen.pid, signal.SIGKILL)
             process.popen.wait()
         self.processes.clear()
         for _ in range(50):
             if not (pids := self.pids()):
-                return
+                break
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
+        if self.init is not None:
+            self.init.wait()
+        self.init, self.init_pid = None, 0
 
 
 class Network:
@@ -231,8 +271,6 @@ class Network:
             ip("link", "set", self.bridge, "up")
             for index, name in enumerate(names):
                 host = Host(name, f"{tag}-{name}", f"{self.subnet}.{index + 2}", f"{tag}v{index}", root / name)
-                for folder in ("cache", "ray"):
-                    (host.disk / folder).mkdir(parents=True, exist_ok=True)
                 ip("netns", "add", host.namespace)
                 self.hosts[name] = host
                 ip("link", "add", host.link, "type", "veth", "peer", "name", f"{tag}p{index}")
@@ -312,6 +350,7 @@ class RayCluster:
         """A worker host that was cut off joins again as a new node: its old processes are
         stopped by id, its link is mended, `ray start` runs there again."""
         host.stop_all()
+        host.clear_ray_files()
         host.mend()
         self._wait_started(self._start(host, self.env), timeout_s)
         self.wait_for_nodes(1 + len(self.workers), timeout_s)
@@ -319,6 +358,7 @@ class RayCluster:
     def stop(self) -> None:
         for host in self.network.hosts.values():
             host.stop_all()
+            host.clear_ray_files()
         self.nodes.clear()
 
     @staticmethod
