@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def job_argv(cluster, name: str, join: bool = True) -> list[str]:
     """jobs/evaluate.py joining the cluster (`join`: by its address), data and --out in the
     store, chunks under each host's own ~/.cache (a folder per test, so no test reuses another's
     chunks)."""
-    return ["python", "jobs/evaluate.py", "--data", ARCHIVE, "--out", f"s3://{BUCKET}/runs/{name}",
+    return [sys.executable, "jobs/evaluate.py", "--data", ARCHIVE, "--out", f"s3://{BUCKET}/runs/{name}",
             "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(hosts.HOME_CACHE / "mnist37-hosts" / name),
             *(["--ray-address", cluster.address] if join else [])]
 
