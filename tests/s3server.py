@@ -26,13 +26,13 @@ def aws_env(endpoint: str) -> dict[str, str]:
 
 
 class S3Server:
-    """moto's ThreadedMotoServer on 127.0.0.1, on a free port."""
+    """moto's ThreadedMotoServer on 127.0.0.1 (or `ip_address`), on a free port."""
 
-    def __init__(self):
+    def __init__(self, ip_address: str = "127.0.0.1"):
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server = ThreadedMotoServer(ip_address=ip_address, port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"

@@ -1,0 +1,294 @@
+"""The job on a real cluster of test hosts (tests/hosts.py): three hosts with their own
+addresses and disks, a Ray head and two workers started with `ray start`, the data only in the
+S3 test server on the bridge, and hosts lost mid-job as a network partition loses them.
+
+One cluster serves the whole module (starting one costs ~10-15 s on 2 cores); the tests run in
+file order and each leaves it with three nodes alive, except the last two, which restart it.
+The data is mnist_sample.tgz as one object: every host fetches and extracts it into its own
+cache, so the whole sample (14,434 images, 29 shards of 512) costs each run a few seconds;
+mnist_sample as 14,434 objects took 142 s through moto on this machine (issue 25), past the
+harness's budget of about a minute.
+
+    MNIST37_DATA_DIR=../shared/data python -m pytest tests/test_hosts.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import hosts
+from tests.conftest import PROJECT_ROOT
+from tests.s3server import aws_env
+from tests.test_evaluate_job import run_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.hosts]
+
+BUCKET = "mnist37-hosts"
+ARCHIVE = f"s3://{BUCKET}/mnist_sample.tgz"
+SHARD_SIZE = 512  # 25 training + 4 evaluation shards: work left for a lost host's tasks
+FIGURES = ("counts", "files", "rejected", "metrics", "prototypes_sha256", "classes", "image_shape")
+# The whole sample decodes and classifies in ~10 s here; a minute allows for a loaded machine
+# and a lost host's detection, retry and a fresh worker's imports.
+JOB_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    network = hosts.Network(["head", "worker-1", "worker-2"], tmp_path_factory.mktemp("hosts"))
+    yield network
+    network.close()
+
+
+@pytest.fixture(scope="module")
+def store(network, mnist_sample_tgz):
+    """The S3 test server on the bridge, holding mnist_sample.tgz and nothing else."""
+    with hosts.s3_on_bridge(network.address, BUCKET) as server:
+        server.client().upload_file(str(mnist_sample_tgz), BUCKET, "mnist_sample.tgz")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(network, store, tmp_path_factory):
+    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), aws_env(store.endpoint)),
+                               tmp_path_factory.mktemp("ray-logs"))
+    try:
+        clock = time.perf_counter()
+        cluster.start()
+        print(f"\ncluster up in {time.perf_counter() - clock:.1f} s")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline(mnist_sample_tgz, cache_dir, tmp_path_factory):
+    """The same job on one node (the test session's local Ray), from the archive on disk."""
+    out = tmp_path_factory.mktemp("one-node")
+    run = run_job("--data", str(mnist_sample_tgz), "--out", str(out), "--cache-dir", str(cache_dir),
+                  "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(out / "chunks"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return figures(json.loads((out / "results.json").read_text()))
+
+
+def figures(results: dict) -> dict:
+    return {key: results[key] for key in FIGURES} | {"fingerprint": results["data"]["fingerprint"]}
+
+
+def results_of(store, name: str) -> dict:
+    return json.loads(store.client().get_object(Bucket=BUCKET, Key=f"runs/{name}/results.json")["Body"].read())
+
+
+def job_argv(cluster, name: str, join: bool = True) -> list[str]:
+    """jobs/evaluate.py joining the cluster (`join`: by its address), data and --out in the
+    store, chunks under each host's own ~/.cache (a folder per test, so no test reuses another's
+    chunks)."""
+    return [sys.executable, "jobs/evaluate.py", "--data", ARCHIVE, "--out", f"s3://{BUCKET}/runs/{name}",
+            "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(hosts.HOME_CACHE / "mnist37-hosts" / name),
+            *(["--ray-address", cluster.address] if join else [])]
+
+
+def start_job(cluster, host, name: str, tmp_path: Path, env: dict | None = None) -> hosts.Process:
+    return host.start(job_argv(cluster, name), env or cluster.env, tmp_path / f"{name}.log", cwd=PROJECT_ROOT)
+
+
+def finish(job: hosts.Process, timeout_s: float = JOB_TIMEOUT_S) -> int:
+    try:
+        return job.popen.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        job.stop(timeout_s=5)
+        pytest.fail(f"the job did not end within {timeout_s:.0f} s:\n{job.output()[-3000:]}")
+
+
+def chunks_on(host, name: str) -> list[Path]:
+    return sorted((host.cache / "mnist37-hosts" / name).glob("*/*.arrow"))
+
+
+def wait_until(condition, what: str, job: hosts.Process, timeout_s: float = JOB_TIMEOUT_S):
+    """Poll `condition` (every 20 ms) until it returns something true; fail if the job ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := condition()):
+        if job.popen.poll() is not None:
+            pytest.fail(f"the job ended before {what}:\n{job.output()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.02)
+    return found
+
+
+def running_task(host, title: bytes) -> bool:
+    """Whether a Ray worker in `host` runs a task of that name now (its process title)."""
+    for pid in host.pids():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def per_node(results: dict, key: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for shard in results["shards"]["per_shard"]:
+        if shard.get(key):
+            counts[shard[key]] = counts.get(shard[key], 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- the job on the cluster
+
+
+def test_data_only_in_the_store_the_job_on_the_head_equals_one_node(cluster, store, baseline, tmp_path):
+    clock = time.perf_counter()
+    job = start_job(cluster, cluster.head, "on-head", tmp_path)
+    assert finish(job) == 0, job.output()[-3000:]
+    print(f"job on the head: {time.perf_counter() - clock:.1f} s")
+    results = results_of(store, "on-head")
+    assert figures(results) == baseline
+    alive = cluster.alive_nodes()
+    assert {n["node_id"] for n in results["ray"]["nodes"]} == set(alive)
+    workers = {cluster.node_of(w) for w in cluster.workers}
+    assert set(per_node(results, "decode_node_id")) == workers  # every worker host decoded shards
+    assert results["shards"]["transport"] == "object_store"
+    for host in cluster.network.hosts.values():  # each host fetched the archive into its own cache
+        assert len(list((host.cache / "mnist37" / "downloads" / "objects").glob("mnist_sample-*.tgz"))) == 1
+
+
+def test_ray_job_submit_from_outside_the_cluster(cluster, store, baseline):
+    """From the root namespace (the bridge's address, no Ray node there), as a user submits to
+    a remote cluster: the project folder travels as the job's working dir."""
+    clock = time.perf_counter()
+    run = subprocess.run(
+        [hosts.RAY, "job", "submit", "--address", cluster.dashboard, "--runtime-env", "configs/runtime_env.yaml",
+         "--", *job_argv(cluster, "submitted", join=False)],  # it joins the cluster it runs in
+        cwd=PROJECT_ROOT, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    print(f"ray job submit: {time.perf_counter() - clock:.1f} s")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "succeeded" in run.stdout
+    assert figures(results_of(store, "submitted")) == baseline
+
+
+def test_a_second_run_reuses_the_chunks_on_each_host(cluster, store, baseline, tmp_path):
+    """Chunks live on the disk of the host that decoded them: a second run reuses a shard's
+    chunk exactly when its task lands on that host again, and decodes it again elsewhere."""
+    first = results_of(store, "on-head")
+    where = {(s["split"], s["index"]): s["decode_node_id"] for s in first["shards"]["per_shard"]}
+    for host in cluster.workers:
+        node = cluster.node_of(host)
+        mine = sum(1 for n in where.values() if n == node)
+        assert len(chunks_on(host, "on-head")) == mine > 0
+    job = start_job(cluster, cluster.head, "on-head", tmp_path)
+    assert finish(job) == 0, job.output()[-3000:]
+    second = results_of(store, "on-head")
+    assert figures(second) == baseline
+    shards = second["shards"]["per_shard"]
+    for shard in shards:
+        assert shard["reused"] == (where[shard["split"], shard["index"]] == shard["decode_node_id"]), shard
+    reused = {}
+    for shard in shards:
+        reused[shard["decode_node_id"]] = reused.get(shard["decode_node_id"], 0) + shard["reused"]
+    print("shards reused per host on the second run:", {n[:8]: c for n, c in reused.items()})
+    assert any(reused.values())
+
+
+# ---------------------------------------------------------------- a host lost mid-job
+
+
+def cut_and_finish(cluster, store, baseline, tmp_path, name: str, moment) -> tuple[dict, str, float]:
+    """Start the job on the head, wait for `moment(name)` to name a worker host to cut, cut
+    it, let the job finish; return its results, the lost node and the seconds from cut to end."""
+    job = start_job(cluster, cluster.head, name, tmp_path)
+    try:
+        host = moment(job)
+        lost = cluster.node_of(host)
+        host.cut()
+        cut_at = time.perf_counter()
+        status = finish(job)
+        recovery_s = time.perf_counter() - cut_at
+        assert status == 0, job.output()[-3000:]
+        results = results_of(store, name)
+        assert figures(results) == baseline
+        assert lost not in {n["node_id"] for n in results["ray"]["nodes"]}
+        print(f"{name}: job ended {recovery_s:.1f} s after {host.name}'s link was cut")
+        return results, lost, recovery_s
+    finally:
+        job.stop(timeout_s=5)
+        cluster.restart_worker(host)  # for the tests after this one
+
+
+def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, tmp_path):
+    """Cut once the host has written its first chunk: the job is decoding there, and most
+    shards are still to do (counted across every host's disk at that moment)."""
+    worker = cluster.workers[0]
+    done_at_cut = []
+
+    def decoding(job):
+        wait_until(lambda: chunks_on(worker, "cut-decode"), "chunk on worker-1", job)
+        done_at_cut.append(sum(len(chunks_on(h, "cut-decode")) for h in cluster.network.hosts.values()))
+        return worker
+
+    results, lost, _ = cut_and_finish(cluster, store, baseline, tmp_path, "cut-decode", decoding)
+    assert done_at_cut[0] < len(results["shards"]["per_shard"]), "the cut came after decoding"
+    assert lost not in per_node(results, "classify_node_id")
+
+
+def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, tmp_path):
+    """Cut whichever worker host is seen running a classify task (its process title), while
+    that task runs: its result, and any chunk bytes held in its object store, are lost."""
+    def classifying(job):
+        return wait_until(lambda: next((w for w in cluster.workers if running_task(w, b"ray::_classify_task")), None),
+                          "classify task on a worker host", job)
+
+    results, lost, _ = cut_and_finish(cluster, store, baseline, tmp_path, "cut-classify", classifying)
+    assert lost not in per_node(results, "classify_node_id")
+
+
+# ---------------------------------------------------------------- the head lost; store settings
+
+
+@pytest.mark.xfail(strict=False, reason="issue 23: a driver cut off from its head must end with one line, "
+                                        "exit 1, in bounded time (branch hang)")
+def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
+    """The job's driver on worker-1, the head cut off mid-decode: the GCS is unreachable."""
+    worker = cluster.workers[0]
+    job = start_job(cluster, worker, "cut-head", tmp_path)
+    try:
+        wait_until(lambda: any(chunks_on(h, "cut-head") for h in cluster.network.hosts.values()), "first chunk", job)
+        cluster.head.cut()
+        clock = time.perf_counter()
+        try:
+            status = job.popen.wait(timeout=60)  # the hard deadline
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job still ran 60 s after its head was cut off:\n{job.output()[-2000:]}")
+        seconds = time.perf_counter() - clock
+        print(f"head cut off: exit {status} after {seconds:.1f} s")
+        errors = [line for line in job.output().splitlines() if line.startswith("error:")]
+        assert status == 1 and len(errors) == 1 and "Traceback" not in job.output(), job.output()[-3000:]
+    finally:
+        job.stop(timeout_s=5)
+        cluster.stop()  # every node: the head is gone for them; the next test starts afresh
+        cluster.head.mend()
+
+
+@pytest.mark.xfail(strict=False, reason="issue 25 item 1: store settings travel with the job, in branch hang")
+def test_the_endpoint_given_only_to_the_job(cluster, store, baseline, tmp_path):
+    """Nodes started with the store's credentials but not its endpoint (as when a user points
+    a job at a MinIO or a non-default region); the endpoint set only where the job starts.
+    Every task must read the store the driver read, on every host."""
+    credentials = {k: v for k, v in aws_env(store.endpoint).items() if k != "AWS_ENDPOINT_URL"}
+    cluster.stop()
+    cluster.start(hosts.node_env(dict(os.environ), credentials))
+    job = start_job(cluster, cluster.head, "endpoint-job-only", tmp_path,
+                    env={**cluster.env, "AWS_ENDPOINT_URL": store.endpoint})
+    assert finish(job) == 0, job.output()[-3000:]
+    results = results_of(store, "endpoint-job-only")
+    assert figures(results) == baseline
+    assert set(per_node(results, "decode_node_id")) == {cluster.node_of(w) for w in cluster.workers}
