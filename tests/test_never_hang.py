@@ -195,6 +195,7 @@ def store_env(endpoint: str, **extra) -> dict:
     return {**env, **aws_env(endpoint), **extra}
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_a_store_that_never_answers_is_one_line_within_the_limit(silent, tmp_path):
     log = tmp_path / "job.log"
     clock = time.monotonic()
@@ -207,6 +208,7 @@ def test_a_store_that_never_answers_is_one_line_within_the_limit(silent, tmp_pat
     assert silent.accepted >= 3
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_sigterm_while_reading_a_stalled_store(silent, tmp_path):
     log = tmp_path / "job.log"
     job = start_job("--data", "s3://images/sample", "--out", str(tmp_path / "out"), log=log,
@@ -230,6 +232,7 @@ def stored(s3, tiny):
     return "s3://images/tiny"
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_a_store_that_holds_some_requests_unanswered_still_finishes(s3, stored, tmp_path):
     """Every 9th request is held and never answered: pyarrow gives up on it after
     store_timeout_s and asks again, and the job finishes with every image. (3 s: a loopback
@@ -248,6 +251,7 @@ def test_a_store_that_holds_some_requests_unanswered_still_finishes(s3, stored, 
     assert "56 image files = 56 used + 0 rejected" in "\n".join(lines)
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_a_store_that_holds_every_request_is_one_line(s3, stored, tmp_path):
     proxy = FaultProxy(s3.endpoint, slow_every=0, drop_every=0, hold_every=1)
     try:
@@ -312,6 +316,7 @@ def no_cpu_head(tmp_path_factory):
         yield address
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_a_wrong_token_is_one_line(no_cpu_head, tiny, tmp_path):
     log, token = tmp_path / "job.log", "0" * 64
     clock = time.monotonic()
@@ -326,6 +331,7 @@ def test_a_wrong_token_is_one_line(no_cpu_head, tiny, tmp_path):
     assert token not in log.read_text() and "gcs_client" not in log.read_text()
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_auth_disabled_job_against_a_token_head_is_one_line(no_cpu_head, tiny, tmp_path):
     log = tmp_path / "job.log"
     job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head, log=log,
@@ -337,6 +343,7 @@ def test_auth_disabled_job_against_a_token_head_is_one_line(no_cpu_head, tiny, t
         "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"], lines
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_another_ray_version_is_one_line(no_cpu_head, tiny, tmp_path):
     """The head's cluster metadata (what ray.init compares) says another Ray and Python: the
     job stops with one line naming both, before ray.init. The metadata is put back after."""
@@ -363,6 +370,7 @@ def test_another_ray_version_is_one_line(no_cpu_head, tiny, tmp_path):
         f"{ray.__version__} on Python {ours}: they must match"]), lines
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_an_address_that_is_not_a_ray_gcs_is_one_line(silent, tiny, tmp_path):
     log = tmp_path / "job.log"
     clock = time.monotonic()
@@ -374,6 +382,7 @@ def test_an_address_that_is_not_a_ray_gcs_is_one_line(silent, tiny, tmp_path):
                            "(is it a Ray head's GCS port, 6379 by default?)"), lines
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_sigterm_while_connecting(silent, tiny, tmp_path):
     log = tmp_path / "job.log"
     job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", silent.address, log=log)
@@ -384,6 +393,7 @@ def test_sigterm_while_connecting(silent, tiny, tmp_path):
     assert seconds < 5
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny, tmp_path):
     """Its tasks are never scheduled: lines say what is outstanding, then one error names the
     cause and --ray-address local."""
@@ -403,6 +413,7 @@ def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny,
         "did not start (--ray-address): --ray-address local runs it on a Ray of its own"], text
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_sigterm_while_waiting_on_tasks(no_cpu_head, tiny, tmp_path):
     log = tmp_path / "job.log"
     job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head,
@@ -427,6 +438,7 @@ def open_head(tmp_path_factory):
         yield address
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_a_job_in_a_clean_environment_on_an_auth_disabled_head_does_not_hang(open_head, tiny, tmp_path):
     log = tmp_path / "job.log"
     job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", open_head, log=log,
@@ -436,6 +448,7 @@ def test_a_job_in_a_clean_environment_on_an_auth_disabled_head_does_not_hang(ope
     assert f"Ray: {open_head} (--ray-address): 1 node, 2 CPUs, 0 GPUs" in "\n".join(lines)
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_the_store_settings_travel_with_the_job(open_head, s3, stored, tiny, tmp_path):
     """The endpoint only where the job starts: its tasks, on a head whose environment names
     none, read the same store (without the record they would look for the bucket on AWS)."""
@@ -464,6 +477,7 @@ def session_processes(sid: int, name: str = "") -> list[int]:
     return found
 
 
+@pytest.mark.ray  # the job as a process, Ray or a store server started
 def test_the_raylet_killed_under_a_running_job_is_one_line(tmp_path):
     """The job's own Ray loses its raylet mid-decode: one error line, exit 1; the chunks
     already written are reused by the next run, whose figures are exact."""
