@@ -9,7 +9,7 @@ each try waiting at most `store_timeout_s` for the store to connect and to answe
 line (`no answer from endpoint ... in 12 s after 3 attempts`). What still fails and may pass
 (503 SlowDown past the SDK's tries, a connection dropped mid-answer) is tried again here after
 an exponentially growing pause, within a total deadline per request; one that cannot pass (no
-such bucket, access denied) or that outlasts `ATTEMPTS` or the deadline stops the job with one
+such bucket, access denied) or that outlasts the deadline stops the job with one
 line naming the object:
 
     s3://images/train/3/10.png: access denied (AWS Error ACCESS_DENIED during GetObject operation)
@@ -23,6 +23,7 @@ two requests per object.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -41,10 +42,11 @@ from mnist37.paths import STORE_ATTEMPTS, open_location, store
 # then `--latency-ms 100`: 64 and 32; benchmarks/object_requests/README.md). MNIST37_OBJECT_REQUESTS overrides it (set where the job starts,
 # it reaches a local Ray's workers).
 REQUESTS_IN_FLIGHT = int(os.environ.get("MNIST37_OBJECT_REQUESTS") or 64)
-# Tries per request, pausing BACKOFF_S, 2x, 4x ... (at most MAX_BACKOFF_S, with jitter) between them.
-ATTEMPTS = 8
+# Pauses between a request's tries: BACKOFF_S, 2x, 4x ... (at most MAX_BACKOFF_S, with jitter),
+# for as long as the request's deadline allows: a burst of 503 SlowDown longer than the SDK's
+# own tries is waited out, however many tries that takes.
 BACKOFF_S = 0.05
-MAX_BACKOFF_S = 5.0
+MAX_BACKOFF_S = 2.0
 
 # Words in pyarrow's error messages that mean retrying cannot help.
 _PERMANENT = {
@@ -132,7 +134,7 @@ def _answered(request: Callable[[], T]) -> T:
     return value
 
 
-def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS, deadline_s: float | None = None) -> T:
+def retrying(uri: str, request: Callable[[], T], deadline_s: float | None = None) -> T:
     """`request()`, tried again with exponential backoff while it fails with an OSError that may
     pass and pyarrow did not already try again (503 SlowDown past the SDK's tries, a dropped
     connection mid-answer), until `deadline_s` (default: what the SDK's own tries may take,
@@ -142,7 +144,7 @@ def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS, deadl
     if deadline_s is None:
         deadline_s = 2 * STORE_ATTEMPTS * store().timeout_s
     give_up = time.monotonic() + deadline_s
-    for attempt in range(attempts):
+    for attempt in itertools.count():
         try:
             return _answered(request)
         except FileNotFoundError:
@@ -155,11 +157,10 @@ def retrying(uri: str, request: Callable[[], T], attempts: int = ATTEMPTS, deadl
             if any(marker in str(e) for marker in _SILENT):
                 raise _no_answer(uri) from None
             pause = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
-            if attempt == attempts - 1 or time.monotonic() + pause > give_up:
-                raise ObjectStoreError(f"{uri}: still failing after {attempt + 1} tries "
+            if time.monotonic() + pause > give_up:
+                raise ObjectStoreError(f"{uri}: still failing after {attempt + 1} tries in {deadline_s:.0f} s "
                                        f"({_first_line(e)})") from None
             time.sleep(pause)
-    raise AssertionError("unreachable")
 
 
 def _uri(location: str, path: str) -> str:
