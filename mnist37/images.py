@@ -163,14 +163,14 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
     if not data:
         raise DecodeError(path, "empty file (0 bytes)")
     kind = sniff(data)
+    if kind == "JPEG" and simplejpeg is not None and (pixels := _jpeg(data, path, decoding)) is not None:
+        return pixels, None
     if (size := declared_size(data, kind)) is not None:
         _check_size(path, size, decoding)
     if kind == "PNG" and decoding.channels == 1 and not decoding.resize:
         header = png_header(data)
         if header is not None and header[2:] == (8, 0):  # 8-bit gray: the PNG path (libspng, else Pillow)
             return decode_png(data, path, decoding.shape, decoding.convert), None
-    if kind == "JPEG" and simplejpeg is not None and (pixels := _jpeg(data, decoding)) is not None:
-        return pixels, None
     target = "L" if decoding.channels == 1 else "RGB"
     try:
         with warnings.catch_warnings():
@@ -208,14 +208,19 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
 _SIMPLE = {("YCbCr", 3): "RGB", ("Gray", 1): "GRAY"}
 
 
-def _jpeg(data: bytes, decoding: Decoding) -> np.ndarray | None:
-    """A JPEG through simplejpeg, in the run's layout; None where Pillow must do it (other
-    components, anything libjpeg-turbo would have to recover from)."""
+def _jpeg(data: bytes, path: str, decoding: Decoding) -> np.ndarray | None:
+    """A JPEG through simplejpeg, in the run's layout, its declared size checked first (from the
+    header libjpeg-turbo reads: no parse of our own); None where Pillow must do it (other
+    components, a header or data libjpeg-turbo refuses or would have to recover from)."""
     try:
         height, width, components, _ = simplejpeg.decode_jpeg_header(data)
-        colorspace = _SIMPLE.get((components, decoding.channels))
-        if colorspace is None or (not decoding.resize and (height, width) != tuple(decoding.shape)):
-            return None
+    except ValueError:
+        return None
+    _check_size(path, (height, width), decoding)
+    colorspace = _SIMPLE.get((components, decoding.channels))
+    if colorspace is None:
+        return None
+    try:
         pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, fastdct=False, fastupsample=False, strict=True)
     except ValueError:
         return None

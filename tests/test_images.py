@@ -417,11 +417,11 @@ def test_the_jpeg_fast_path_gives_pillows_pixels(options, size):
         for resize in (False, True):
             shape = (5, 6) if resize else size
             decoding = Decoding(shape, convert=True, channels=channels, resize=resize)
-            fast = images._jpeg(data, decoding)
+            fast = images._jpeg(data, "x.jpg", decoding)
             assert fast is not None
             with Image.open(io.BytesIO(data)) as image:
                 image = image.convert(mode)
                 expected = np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR) if resize else image)
             np.testing.assert_array_equal(fast, expected.transpose(2, 0, 1) if channels == 3 else expected)
-    assert images._jpeg(encoded(color.astype(np.uint8), "JPEG", "CMYK"), Decoding(size, channels=3)) is None
-    assert images._jpeg(encoded(color.astype(np.uint8), "JPEG")[:200], Decoding(size, channels=3)) is None
+    assert images._jpeg(encoded(color.astype(np.uint8), "JPEG", "CMYK"), "x.jpg", Decoding(size, channels=3)) is None
+    assert images._jpeg(encoded(color.astype(np.uint8), "JPEG")[:200], "x.jpg", Decoding(size, channels=3)) is None
