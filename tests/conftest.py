@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import tempfile
@@ -116,6 +117,19 @@ def mnist_png_tgz() -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """One extraction cache for the whole session, so each archive is extracted once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def sample_run(mnist_sample_tgz, cache_dir, tmp_path_factory):
+    """jobs/evaluate.py on mnist_sample with its defaults, once a session: (the finished
+    process, its --out folder, results.json). Its chunks (in the session's cache) are for
+    reading or copying only."""
+    from tests.test_evaluate_job import run_job
+
+    out = tmp_path_factory.mktemp("sample")
+    run = run_job("--data", str(mnist_sample_tgz), "--out", str(out), "--cache-dir", str(cache_dir))
+    assert run.returncode == 0, run.stderr
+    return run, out, json.loads((out / "results.json").read_text())
 
 
 _SHARED = contextlib.ExitStack()
