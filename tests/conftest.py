@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import tempfile
@@ -119,6 +120,19 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def sample_run(mnist_sample_tgz, cache_dir, tmp_path_factory):
+    """jobs/evaluate.py on mnist_sample with its defaults, once a session: (the finished
+    process, its --out folder, results.json). Its chunks (in the session's cache) are for
+    reading or copying only."""
+    from tests.test_evaluate_job import run_job
+
+    out = tmp_path_factory.mktemp("sample")
+    run = run_job("--data", str(mnist_sample_tgz), "--out", str(out), "--cache-dir", str(cache_dir))
+    assert run.returncode == 0, run.stderr
+    return run, out, json.loads((out / "results.json").read_text())
+
+
 _SHARED = contextlib.ExitStack()
 _SHARED_ADDRESS: list[str] = []
 
@@ -134,6 +148,19 @@ def shared_ray_address() -> str:
         log = Path(tempfile.mkdtemp(prefix="mnist37-tests-")) / "ray-start.log"
         _SHARED_ADDRESS.append(_SHARED.enter_context(running_cluster(log)))
     return _SHARED_ADDRESS[0]
+
+
+@contextlib.contextmanager
+def own_ray(name: str):
+    """A one-node Ray like the session's, of a test module's own, for as long as the context
+    lasts; yields its address for --ray-address. Its nodes start with this process's
+    environment as it is now, so their tasks see it too: a module that points the AWS
+    variables at its S3 server starts one, and its jobs join it instead of each starting a Ray
+    of their own (~5 s each on 2 cores)."""
+    from mnist37.benchmark import running_cluster
+
+    with running_cluster(Path(tempfile.mkdtemp(prefix=f"mnist37-{name}-")) / "ray-start.log") as address:
+        yield address
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import run_job
 
-pytestmark = pytest.mark.ray  # the job, with its own local Ray
+pytestmark = pytest.mark.ray  # the job, on the session's Ray
 from tests.test_formats import folder_records, write_idx
 
 
@@ -104,8 +104,7 @@ def test_skip_policy_accounts_every_record(fmt, clean, tmp_path):
     data, bad, extra_threes = CORPORA[fmt](clean, tmp_path / fmt)
     out = tmp_path / "out"
     run = run_job("--data", str(data), "--out", str(out), "--on-bad-file", "skip", "--classes", "3", "7",
-                  "--chunk-dir", str(tmp_path / "chunks"), "--shard-size", "7",
-                  env_extra={"RAY_ADDRESS": "local"})
+                  "--chunk-dir", str(tmp_path / "chunks"), "--shard-size", "7")
     assert run.returncode == 0, run.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["format"] == fmt
@@ -122,8 +121,7 @@ def test_skip_policy_accounts_every_record(fmt, clean, tmp_path):
             assert a["found"] == a["used"] + a["rejected"]
     # Reused chunks report the same rejections.
     again = run_job("--data", str(data), "--out", str(tmp_path / "again"), "--on-bad-file", "skip",
-                    "--classes", "3", "7", "--chunk-dir", str(tmp_path / "chunks"), "--shard-size", "7",
-                    env_extra={"RAY_ADDRESS": "local"})
+                    "--classes", "3", "7", "--chunk-dir", str(tmp_path / "chunks"), "--shard-size", "7")
     assert again.returncode == 0, again.stderr
     reused = json.loads((tmp_path / "again" / "results.json").read_text())
     assert reused["shards"]["files_decoded"] == 0
@@ -134,7 +132,7 @@ def test_skip_policy_accounts_every_record(fmt, clean, tmp_path):
 def test_error_policy_lists_the_bad_records(fmt, clean, tmp_path):
     data, bad, _ = CORPORA[fmt](clean, tmp_path / fmt)
     run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--classes", "3", "7",
-                  "--chunk-dir", str(tmp_path / "chunks"), env_extra={"RAY_ADDRESS": "local"})
+                  "--chunk-dir", str(tmp_path / "chunks"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert f"error: {len(bad)} of " in run.stderr
     for path, (reason, _) in bad.items():
@@ -145,8 +143,7 @@ def test_idx_header_that_disagrees_with_the_length_is_one_line(clean, tmp_path):
     data = write_idx(clean, tmp_path / "idx", ["3", "7", "9"], [3, 7, 9], splits=("train", "valid"))
     labels = data / "valid-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes() + b"\x03")
-    run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--chunk-dir", str(tmp_path / "c"),
-                  env_extra={"RAY_ADDRESS": "local"})
+    run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--chunk-dir", str(tmp_path / "c"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
         "error: valid-labels-idx1-ubyte: header declares 18 bytes of data (26 bytes in all), but the file has 27")
@@ -158,8 +155,7 @@ def test_a_gz_idx_file_shorter_than_its_header(clean, tmp_path):
     data = write_idx(clean, tmp_path / "idx", ["3", "7", "9"], [3, 7, 9], gz=True)
     images = data / "train-images-idx3-ubyte.gz"
     images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-64 * 3]))
-    run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--chunk-dir", str(tmp_path / "c"),
-                  env_extra={"RAY_ADDRESS": "local"})
+    run = run_job("--data", str(data), "--out", str(tmp_path / "out"), "--chunk-dir", str(tmp_path / "c"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(
         "error: train-images-idx3-ubyte.gz: header declares more records than the file holds (records ")

@@ -190,8 +190,17 @@ class MultiNode:
             stop_group(self.process)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def three_nodes():
+    """One 3-node cluster for the tests that leave it as they found it (~10 s a start here)."""
+    cluster = MultiNode(2)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def three_nodes_of_its_own():
+    """A 3-node cluster for a test that removes one of its nodes."""
     cluster = MultiNode(2)
     yield cluster
     cluster.close()
@@ -247,7 +256,7 @@ def test_shared_chunk_store_uri(three_nodes, data, baseline, tmp_path):
     assert len(list((tmp_path / "store" / "valid").glob("*.arrow"))) == 3
 
 
-def test_a_worker_node_removed_mid_job(three_nodes, data, baseline, tmp_path):
+def test_a_worker_node_removed_mid_job(three_nodes_of_its_own, data, baseline, tmp_path):
     """The node is gone, as the cluster itself reports, while most shards are still to do.
 
     To prove that on a machine of any speed, the driver is paused (SIGSTOP) once decoding has
@@ -255,20 +264,20 @@ def test_a_worker_node_removed_mid_job(three_nodes, data, baseline, tmp_path):
     node is removed, the cluster reports it dead, the shards done by then are counted, and
     only then does the job go on."""
     chunks = tmp_path / "chunks"
-    job = start_job(three_nodes, data, tmp_path, shard_size=20)  # 60 + 15 shards
+    job = start_job(three_nodes_of_its_own, data, tmp_path, shard_size=20)  # 60 + 15 shards
     try:
         deadline = time.monotonic() + 120
         while len(list(chunks.glob("*/*.arrow"))) < 3:  # the job is decoding
             assert job.poll() is None and time.monotonic() < deadline, "the job ended before a node could be removed"
             time.sleep(0.05)
         os.kill(job.pid, signal.SIGSTOP)
-        alive = three_nodes.remove(0)
+        alive = three_nodes_of_its_own.remove(0)
         done_while_gone = len(list(chunks.glob("*/*.arrow")))
         os.kill(job.pid, signal.SIGCONT)
         job.wait(timeout=600)
     finally:
         stop_group(job)
-    removed = three_nodes.info["workers"][0]
+    removed = three_nodes_of_its_own.info["workers"][0]
     assert removed not in alive and len(alive) == 2
     assert done_while_gone < 75  # shards remained for the two nodes left
     assert job.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]

@@ -32,14 +32,6 @@ def run_job(*argv: str, timeout: int = 300, env_extra: dict | None = None) -> su
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def sample_run(mnist_sample_tgz, cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    run = run_job("--data", str(mnist_sample_tgz), "--out", str(out), "--cache-dir", str(cache_dir))
-    assert run.returncode == 0, run.stderr
-    return run, out, json.loads((out / "results.json").read_text())
-
-
 def test_fastbook_figures_on_mnist_sample(sample_run):
     run, _, results = sample_run
     l1 = results["metrics"]["l1"]

@@ -89,11 +89,14 @@ def test_damaged_and_foreign_chunks_are_decoded_again_with_one_line_each(undistu
             if not s["reused"]} == set(damaged)
 
 
-def test_the_issues_case_inverted_bytes_in_an_mnist_sample_chunk(mnist_sample_tgz, cache_dir, tmp_path):
-    """2,000 inverted bytes in the middle of valid-8192-000000.arrow once gave l1 mean 0.9501."""
+def test_the_issues_case_inverted_bytes_in_an_mnist_sample_chunk(sample_run, mnist_sample_tgz, cache_dir, tmp_path):
+    """2,000 inverted bytes in the middle of valid-8192-000000.arrow once gave l1 mean 0.9501.
+
+    The first run is the session's run on mnist_sample (the same job, the same arguments but
+    its chunk folder): a copy of its chunk folder is damaged here."""
+    _, _, first = sample_run
+    shutil.copytree(first["shards"]["chunk_dir"], tmp_path / "chunks")
     argv = ("--data", str(mnist_sample_tgz), "--cache-dir", str(cache_dir), "--chunk-dir", str(tmp_path / "chunks"))
-    first = run_job(*argv, "--out", str(tmp_path / "first"))
-    assert first.returncode == 0, first.stderr
     chunk = tmp_path / "chunks" / "valid" / "valid-8192-000000.arrow"
     data = bytearray(chunk.read_bytes())
     middle = len(data) // 2
@@ -105,7 +108,7 @@ def test_the_issues_case_inverted_bytes_in_an_mnist_sample_chunk(mnist_sample_tg
     assert len(lines) == 1 and f"{chunk}: contents do not match the checksum written with them" in lines[0]
     again = results(tmp_path / "again")
     assert round(again["metrics"]["l1"]["mean_class_accuracy"], 4) == FASTBOOK_L1["mean"]
-    assert figures(again) == figures(results(tmp_path / "first"))
+    assert figures(again) == figures(first)
     assert again["shards"]["files_reused"] == 6131 + 6265  # the training chunks
 
 

@@ -68,18 +68,25 @@ def test_find_root_errors(tmp_path):
         find_root(tmp_path / "notes.txt", "train")
 
 
-def test_unchanged_folders_reuse_their_listing_and_every_change_is_listed_again(image_folder, tmp_path):
+def list_settled(monkeypatch, *args):
+    """list_split as it runs once SETTLED_S has passed since the folders last changed: the
+    clock the listing reads is moved on for this call, instead of the test waiting."""
+    now = time.time_ns
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "time_ns", lambda: now() + int((SETTLED_S + 0.1) * 1e9))
+        return list_split(*args)
+
+
+def test_unchanged_folders_reuse_their_listing_and_every_change_is_listed_again(image_folder, tmp_path, monkeypatch):
     keep = tmp_path / "listings"
     first = list_split(image_folder, "train", ["3", "7"], keep)
     assert first.reused == 0 and not keep.exists()  # folders written just now: too fresh to keep
-    time.sleep(SETTLED_S + 0.1)
-    assert list_split(image_folder, "train", ["3", "7"], keep).reused == 0  # listed, and kept now
+    assert list_settled(monkeypatch, image_folder, "train", ["3", "7"], keep).reused == 0  # listed, and kept now
     (image_folder / "train" / "3" / "notes.txt").write_text("")  # not an image: counted as ignored
     again = list_split(image_folder, "train", ["3", "7"], keep)
     assert again.reused == 1 and again.ignored == [1, 0]  # 3/ changed; 7/ did not
 
-    time.sleep(SETTLED_S + 0.1)
-    list_split(image_folder, "train", ["3", "7"], keep)
+    list_settled(monkeypatch, image_folder, "train", ["3", "7"], keep)
     kept = list_split(image_folder, "train", ["3", "7"], keep)
     assert kept.reused == 2 and kept.paths() == again.paths() and kept.ignored == [1, 0]
     assert kept.class_indices.tolist() == again.class_indices.tolist()
@@ -95,10 +102,9 @@ def test_unchanged_folders_reuse_their_listing_and_every_change_is_listed_again(
     assert "train/7/new.png" not in list_split(image_folder, "train", ["3", "7"], keep).paths()
 
 
-def test_a_torn_or_foreign_kept_listing_is_not_trusted(image_folder, tmp_path):
+def test_a_torn_or_foreign_kept_listing_is_not_trusted(image_folder, tmp_path, monkeypatch):
     keep = tmp_path / "listings"
-    time.sleep(SETTLED_S + 0.1)
-    truth = list_split(image_folder, "valid", ["3", "7"], keep)
+    truth = list_settled(monkeypatch, image_folder, "valid", ["3", "7"], keep)
     files = sorted(keep.glob("*.npz"))
     assert len(files) == 2
     files[0].write_bytes(files[0].read_bytes()[:100])  # torn
@@ -107,10 +113,9 @@ def test_a_torn_or_foreign_kept_listing_is_not_trusted(image_folder, tmp_path):
     assert listing.reused == 0 and listing.paths() == truth.paths()
 
 
-def test_a_listing_that_cannot_be_kept_is_still_returned(image_folder, tmp_path, caplog):
+def test_a_listing_that_cannot_be_kept_is_still_returned(image_folder, tmp_path, caplog, monkeypatch):
     keep = tmp_path / "listings"
     keep.write_text("a file where the folder should be")
-    time.sleep(SETTLED_S + 0.1)
-    listing = list_split(image_folder, "valid", ["3", "7"], keep)
+    listing = list_settled(monkeypatch, image_folder, "valid", ["3", "7"], keep)
     assert len(listing) == 24 and listing.reused == 0
     assert "listing not kept for the next run" in caplog.text

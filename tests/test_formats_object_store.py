@@ -14,7 +14,7 @@ from mnist37.locate import locate
 from mnist37.config import load
 from mnist37.plan import plan
 
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, own_ray
 from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_bad_records import parquet_corpus, webdataset_corpus
 from tests.test_evaluate_job import run_job
@@ -29,6 +29,15 @@ def s3():
     """The server, with this process's AWS variables pointed at it (and nowhere else)."""
     with serving(BUCKET) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3):
+    """A Ray started while this process's AWS variables point at the server: jobs that read
+    the store join it (as tests/test_object_store.py's do); jobs over local files join the
+    session's Ray."""
+    with own_ray("s3-formats") as address:
+        yield address
 
 
 def idx_corpus(clean, root):
@@ -98,18 +107,18 @@ def test_tars_read_through_throttling_and_dropped_connections(stored, s3, monkey
 
 @pytest.mark.ray
 @pytest.mark.parametrize("fmt", CORPORA)
-def test_job_from_the_store_matches_the_files_on_disk(fmt, stored, s3, tmp_path):
+def test_job_from_the_store_matches_the_files_on_disk(fmt, stored, s3, s3_ray, tmp_path):
     """Skipping bad records (a truncated tar, Parquet rows without image bytes, ...): the same
     counts, accounts, rejections, metrics, prototypes, fingerprint and table.txt; then a warm run
     decodes nothing (each shard's reuse key holds its objects' size and mtime)."""
     data, uri, bad = stored[fmt]
     env = aws_env(s3.endpoint)
-    common = ("--ray-address", "local", "--on-bad-file", "skip", "--classes", "3", "7", "--shard-size", "7")
+    common = ("--on-bad-file", "skip", "--classes", "3", "7", "--shard-size", "7")
     local = run_job(*common, "--data", str(data), "--out", str(tmp_path / "local"),
                     "--cache-dir", str(tmp_path / "c1"), env_extra=env)
     assert local.returncode == 0, local.stderr
-    runs = [run_job(*common, "--data", uri, "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / "c2"),
-                    env_extra=env) for name in ("cold", "warm")]
+    runs = [run_job(*common, "--ray-address", s3_ray, "--data", uri, "--out", str(tmp_path / name),
+                    "--cache-dir", str(tmp_path / "c2"), env_extra=env) for name in ("cold", "warm")]
     for run in runs:
         assert run.returncode == 0, run.stderr
     on_disk, cold, warm = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("local", "cold", "warm"))
@@ -130,7 +139,7 @@ def test_a_missing_bucket_is_one_line(s3, tmp_path):
 
 
 @pytest.mark.ray
-def test_a_denied_tar_stops_the_job_even_when_skipping(stored, s3, tmp_path):
+def test_a_denied_tar_stops_the_job_even_when_skipping(stored, s3, s3_ray, tmp_path):
     """A bucket policy denies one tar shard to GetObject: its decode task stops the job with one
     line naming the object (on_bad_file = skip leaves out bad records, not refusals)."""
     _, uri, _ = stored["webdataset"]
@@ -139,7 +148,7 @@ def test_a_denied_tar_stops_the_job_even_when_skipping(stored, s3, tmp_path):
     client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
         {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/{denied}"}]}))
     try:
-        run = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir",
+        run = run_job("--ray-address", s3_ray, "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir",
                       str(tmp_path / "c"), "--on-bad-file", "skip", "--classes", "3", "7", env_extra=aws_env(s3.endpoint))
     finally:
         client.delete_bucket_policy(Bucket=BUCKET)

@@ -14,7 +14,7 @@ import pytest
 from mnist37.sources.folder import list_class_folder
 from mnist37.objects import read_objects, write_object
 
-from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder, own_ray
 from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_evaluate_job import run_job
 
@@ -29,6 +29,16 @@ def s3():
     """The server, with this process's AWS variables pointed at it (and nowhere else)."""
     with serving(BUCKET) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3):
+    """The address of a Ray started while this process's AWS variables point at the server:
+    the jobs that read or write the store join it, as they joined a Ray of their own before
+    (--ray-address local), with the same variables in their tasks. Jobs that touch only local
+    files join the session's Ray."""
+    with own_ray("s3") as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +70,13 @@ def read_json(s3, key: str) -> dict:
 
 
 @pytest.mark.ray
-def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, stored_archive, tmp_path):
+def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, s3_ray, stored_archive, tmp_path):
     path, uri = stored_archive
     env = aws_env(s3.endpoint)
-    local = run_job("--ray-address", "local", "--data", str(path), "--out", str(tmp_path / "local"),
+    local = run_job("--data", str(path), "--out", str(tmp_path / "local"),
                     "--cache-dir", str(tmp_path / "c1"), env_extra=env)
     assert local.returncode == 0, local.stderr
-    remote = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "remote"),
+    remote = run_job("--ray-address", s3_ray, "--data", uri, "--out", str(tmp_path / "remote"),
                      "--cache-dir", str(tmp_path / "c2"), env_extra=env)
     assert remote.returncode == 0, remote.stderr
     on_disk = json.loads((tmp_path / "local" / "results.json").read_text())
@@ -74,7 +84,7 @@ def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, stored_a
     assert figures(from_store) == figures(on_disk)
     fetched = list((tmp_path / "c2" / "downloads" / "objects").glob("sample-*.tgz"))
     assert len(fetched) == 1 and fetched[0].read_bytes() == path.read_bytes()
-    missing = run_job("--ray-address", "local", "--data", f"s3://{BUCKET}/archives/nothing.tgz", "--out",
+    missing = run_job("--ray-address", s3_ray, "--data", f"s3://{BUCKET}/archives/nothing.tgz", "--out",
                       str(tmp_path / "missing"), "--cache-dir", str(tmp_path / "c3"), env_extra=env)
     one_error_line(missing, f"s3://{BUCKET}/archives/nothing.tgz", "archive not found")
 
@@ -95,7 +105,7 @@ located = locate(load(data=sys.argv[1], cache_dir=cache, chunk_dir=cache + "/chu
 extraction = located.root.parent
 assert located.archive is not None and extraction.parent.name == "extracted", located.root
 shutil.rmtree(extraction)
-ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+ray.init(address=sys.argv[3], configure_logging=False)
 evaluation = evaluate(plan(located, distributed.map_listings))
 print(json.dumps({"counts": {s: c.tolist() for s, c in evaluation.decoding.counts.items()},
                   "extracted_again": (located.root / "train").is_dir()}))
@@ -103,9 +113,9 @@ print(json.dumps({"counts": {s: c.tolist() for s, c in evaluation.decoding.count
 
 
 @pytest.mark.ray
-def test_tasks_extract_an_archive_object_on_their_node(s3, stored_archive, tmp_path):
+def test_tasks_extract_an_archive_object_on_their_node(s3, s3_ray, stored_archive, tmp_path):
     _, uri = stored_archive
-    run = subprocess.run([sys.executable, "-c", _ON_ANOTHER_NODE, uri, str(tmp_path / "cache")], cwd=PROJECT_ROOT,
+    run = subprocess.run([sys.executable, "-c", _ON_ANOTHER_NODE, uri, str(tmp_path / "cache"), s3_ray], cwd=PROJECT_ROOT,
                          env={**os.environ, **aws_env(s3.endpoint)}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     done = json.loads(run.stdout.strip().splitlines()[-1])
@@ -147,13 +157,13 @@ def test_an_object_is_written_whole(s3):
 
 
 @pytest.mark.ray
-def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_path):
+def test_job_from_the_store_matches_the_folder_on_disk(s3, s3_ray, stored_folder, tmp_path):
     root, uri = stored_folder
     env = aws_env(s3.endpoint)
-    local = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c1"),
+    local = run_job("--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c1"),
                     env_extra=env)
     assert local.returncode == 0, local.stderr
-    remote = run_job("--ray-address", "local", "--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
+    remote = run_job("--ray-address", s3_ray, "--data", uri, "--out", f"s3://{BUCKET}/runs/x", "--cache-dir", str(tmp_path / "c2"),
                      env_extra=env)
     assert remote.returncode == 0, remote.stderr
     assert "list: 4/4 class folders" in remote.stderr  # the listing's progress line, both splits at once
@@ -169,7 +179,7 @@ def test_job_from_the_store_matches_the_folder_on_disk(s3, stored_folder, tmp_pa
     assert table == (tmp_path / "local" / "table.txt").read_text()
 
     # A warm run reuses every chunk: the listing's (size, mtime) is the reuse key, no object is read.
-    warm = run_job("--ray-address", "local", "--data", uri, "--out", f"s3://{BUCKET}/runs/y", "--cache-dir", str(tmp_path / "c2"),
+    warm = run_job("--ray-address", s3_ray, "--data", uri, "--out", f"s3://{BUCKET}/runs/y", "--cache-dir", str(tmp_path / "c2"),
                    env_extra=env)
     assert warm.returncode == 0, warm.stderr
     again = read_json(s3, "runs/y/results.json")
@@ -187,7 +197,7 @@ def test_throttling_and_dropped_connections_are_retried(s3, stored_folder, tmp_p
         proxy.stop()
     assert run.returncode == 0, run.stderr
     assert proxy.counts["slow_down"] > 5 and proxy.counts["dropped"] > 5, proxy.counts
-    local = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c"))
+    local = run_job("--data", str(root), "--out", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "c"))
     assert local.returncode == 0, local.stderr
     assert (figures(json.loads((tmp_path / "out" / "results.json").read_text()))
             == figures(json.loads((tmp_path / "local" / "results.json").read_text())))
@@ -217,7 +227,7 @@ def test_a_wrong_prefix_is_one_line(s3, stored_folder, tmp_path):
 
 
 @pytest.mark.ray
-def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_folder, tmp_path):
+def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, s3_ray, stored_folder, tmp_path):
     """A bucket policy denies one object of the evaluation split: read by a decode task, it
     stops the job (on_bad_file = skip leaves out bad image data, not refusals)."""
     root, uri = stored_folder
@@ -226,7 +236,7 @@ def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_f
     client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
         {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/{denied}"}]}))
     try:
-        run = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+        run = run_job("--ray-address", s3_ray, "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
                       "--on-bad-file", "skip", env_extra=aws_env(s3.endpoint))
     finally:
         client.delete_bucket_policy(Bucket=BUCKET)
@@ -234,11 +244,11 @@ def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, stored_f
 
 
 @pytest.mark.ray
-def test_chunks_in_the_store_are_reused(s3, stored_folder, tmp_path):
+def test_chunks_in_the_store_are_reused(s3, s3_ray, stored_folder, tmp_path):
     """No local disk at all: data, chunks and results in the store; the second run decodes nothing."""
     _, uri = stored_folder
     chunks = f"s3://{BUCKET}/chunks"
-    runs = [run_job("--ray-address", "local", "--data", uri, "--chunk-dir", chunks, "--out", f"s3://{BUCKET}/runs/chunks{i}",
+    runs = [run_job("--ray-address", s3_ray, "--data", uri, "--chunk-dir", chunks, "--out", f"s3://{BUCKET}/runs/chunks{i}",
                     "--cache-dir", str(tmp_path / f"c{i}"), env_extra=aws_env(s3.endpoint)) for i in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr
@@ -262,12 +272,12 @@ def test_three_nodes_with_the_data_only_in_the_store(s3, tmp_path_factory, tmp_p
     root = make_image_folder(tmp_path_factory.mktemp("cluster") / "data",
                              {"train": {"3": 300, "7": 300}, "valid": {"3": 100, "7": 100}}, shape=(28, 28))
     s3.upload(root, BUCKET, "cluster")
-    baseline = run_job("--ray-address", "local", "--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
+    baseline = run_job("--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
                        "--cache-dir", str(tmp_path / "c1"))
     assert baseline.returncode == 0, baseline.stderr
     cluster = MultiNode(2, **aws_env(s3.endpoint))
     try:
-        run = run_job("--ray-address", "local", "--data", f"s3://{BUCKET}/cluster", "--out", str(tmp_path / "three"), "--shard-size", "100",
+        run = run_job("--data", f"s3://{BUCKET}/cluster", "--out", str(tmp_path / "three"), "--shard-size", "100",
                       "--cache-dir", str(tmp_path / "c3"), "--ray-address", cluster.info["address"],
                       env_extra=aws_env(s3.endpoint))
     finally:
