@@ -21,7 +21,7 @@ from PIL import Image
 
 from mnist37.config import load
 from mnist37.convert import convert
-from mnist37.folder import find_root
+from mnist37.locate import find_root
 from tests.test_formats import evaluate
 from tests.test_formats import folder_records, idx_bytes
 

@@ -398,7 +398,6 @@ def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny,
     """Its tasks are never scheduled: lines say what is outstanding, then one error names the
     cause and --ray-address local."""
     log = tmp_path / "job.log"
-    clock = time.monotonic()
     job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head,
                     "--stall-timeout-s", "6", log=log)
     status, lines, _ = finish(job, log, timeout_s=120)
