@@ -7,8 +7,8 @@ crosses a layer fails here, before it becomes a habit:
   tasks, and `job`, which starts and stops Ray) import `ray`;
 - the sources layer (`mnist37.sources.*`) imports nothing that orchestrates it: not the
   planner, the shards, the Ray module, the stages, the job, the converter or the benchmark;
-- the PNG codec (`mnist37.png`) does no I/O: it imports no filesystem, store or source
-  module and opens no file; the sources read bytes, the codec only decodes them;
+- the codecs (`mnist37.png`, `mnist37.images`) do no I/O: they import no filesystem, store or
+  source module and open no file; the sources read bytes, the codecs only decode them;
 - every format in the sources table has a module with the protocol the table promises.
 """
 
@@ -68,13 +68,14 @@ def test_the_sources_import_nothing_that_orchestrates_them():
             assert not crossing, f"{name} imports {sorted(crossing)}"
 
 
-def test_the_png_codec_does_no_io():
-    path = modules()["mnist37.png"]
+@pytest.mark.parametrize("codec", ["mnist37.png", "mnist37.images"])
+def test_the_codecs_do_no_io(codec):
+    path = modules()[codec]
     crossing = {m for m in imports(path) if under(m, CODEC_MAY_NOT)}
-    assert not crossing, f"mnist37.png imports {sorted(crossing)}"
+    assert not crossing, f"{codec} imports {sorted(crossing)}"
     calls = [node for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open"]
-    assert not calls, f"mnist37.png calls open() at line {calls[0].lineno}"
+    assert not calls, f"{codec} calls open() at line {calls[0].lineno}"
 
 
 def under_any(names: set[str], packages: set[str]) -> bool:
