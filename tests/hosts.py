@@ -340,6 +340,8 @@ class RayCluster:
     def start(self, env: dict[str, str] | None = None, timeout_s: float = 120) -> None:
         """Start (or start again) the head, then every worker, and wait for all of them."""
         self.env = env or self.env
+        for host in self.network.hosts.values():
+            host.clear_ray_files()
         head = self._start(self.head, self.env)
         self._wait_started(head, timeout_s)
         for process in [self._start(w, self.env) for w in self.workers]:
@@ -356,9 +358,8 @@ class RayCluster:
         self.wait_for_nodes(1 + len(self.workers), timeout_s)
 
     def stop(self) -> None:
-        for host in self.network.hosts.values():
+        for host in self.network.hosts.values():  # their files (Ray's logs) stay till a start
             host.stop_all()
-            host.clear_ray_files()
         self.nodes.clear()
 
     @staticmethod
