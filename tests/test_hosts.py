@@ -144,6 +144,32 @@ def per_node(results: dict, key: str) -> dict[str, int]:
     return counts
 
 
+# ---------------------------------------------------------------- the harness itself
+
+
+def test_what_a_killed_run_left_is_removed():
+    """A namespace (with a process in it) and a link named for an owner that is gone are
+    removed by the next run; those of a live owner are not touched."""
+    if reason := hosts.unavailable():
+        pytest.skip(reason)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now: the owner of what follows is gone
+    namespace, link = f"{hosts.PREFIX}{dead.pid}-head", f"{hosts.PREFIX}{dead.pid}b"
+    hosts.ip("netns", "add", namespace)
+    hosts.ip("link", "add", link, "type", "bridge")
+    sleeper = subprocess.Popen(["ip", "netns", "exec", namespace, "sleep", "600"])
+    try:
+        cleared = hosts.clear_leftovers()
+        assert {namespace, link} <= set(cleared)
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert namespace not in hosts.ip("netns", "list").stdout
+        assert hosts.ip("link", "show", link, check=False).returncode != 0
+    finally:
+        sleeper.kill()
+        hosts.ip("netns", "del", namespace, check=False)
+        hosts.ip("link", "del", link, check=False)
+
+
 # ---------------------------------------------------------------- the job on the cluster
 
 
