@@ -1,8 +1,8 @@
 """Test hosts on this machine: each its own network namespace (its own address on a bridge of a
 private test subnet), its own disk (a mount namespace in which `~/.cache` and `/tmp/ray` are
-bind mounts of the host's own folders) and its own processes (a PID namespace), a Ray head and
-workers started in them with `ray start`, and the S3 test server (tests/s3server.py's moto) on the bridge's address, so
-that data lives only in the store.
+bind mounts of the host's own folders) and its own processes (a PID namespace); a Ray head and
+workers started in them with `ray start`; the S3 test server (tests/s3server.py's moto) on the
+bridge's address, so that data lives only in the store.
 
     10.237.37.1   the bridge, in the root namespace: the test process, moto, `ray job submit`
     10.237.37.2   head      ray start --head --num-cpus 0 (GCS 6379, dashboard and job API 8265)
@@ -10,20 +10,28 @@ that data lives only in the store.
     10.237.37.4   worker-2  ray start --address 10.237.37.2:6379 --num-cpus 1
 
 A host is cut off as a network partition cuts it (`cut()`: its link, the bridge side of its
-veth pair, set down); its processes keep running. Everything is stopped by process id (the
-processes left in a host's network namespace, which only this harness starts anything in),
-then the namespaces, veths and bridge are removed: in `close()`, and at the next start for
-what an earlier, killed run left behind (`clear_leftovers`, by the name prefix and the dead
-owner's pid in every name). Only addresses of the test subnet and loopback are ever used.
+veth pair, set down); its processes keep running. Everything is stopped by process id (a
+host's PID 1, which takes its PID namespace with it, each process started there, then anything
+left in its network namespace, which only this harness starts anything in), then the
+namespaces, veths and bridge are removed: in `close()`, and at the next start for what an
+earlier, killed run left behind (`clear_leftovers`, by the name prefix and the dead owner's pid
+in every name). Only addresses of the test subnet and loopback are ever used.
 
-Ray's node-death detection is set on every node (`DETECTION`): the GCS asks each raylet for
-its health every `health_check_period_ms` and gives each check `health_check_timeout_ms`;
-after `health_check_failure_threshold` failures in a row the node is dead and the tasks it
-ran are retried elsewhere. Ray 2.60's defaults (5000 ms initial delay, 3000 ms period,
-10000 ms timeout, 5 failures) take 30-65 s to notice a host that stopped answering; these
-take 3-6 s. `gcs_rpc_server_reconnect_timeout_s` (default 60) is how long a raylet or driver
-cut off from the head keeps trying before it gives up. Any `RAY_<name>` variable set where a
-Ray process starts overrides the setting of that name (src/ray/common/ray_config_def.h).
+Ray's detection of a lost host is set on every node and driver (`DETECTION`, as `RAY_<name>`
+variables, which override the setting of that name: src/ray/common/ray_config_def.h):
+
+- the GCS asks each raylet for its health every `health_check_period_ms`, gives each check
+  `health_check_timeout_ms`, and after `health_check_failure_threshold` failures in a row the
+  node is dead. Ray 2.60's defaults (5000 ms initial delay, 3000 ms period, 10000 ms timeout, 5
+  failures) took 65 s to report a host that stopped answering; these take 5 s
+  (benchmarks/host_loss).
+- a task already pushed to a worker on that host fails only when the driver's gRPC connection to
+  it is found dead: `grpc_client_keepalive_time_ms` / `grpc_client_keepalive_timeout_ms` (300 s /
+  120 s by default; a lost host then cost the job 143 s, with fast health checks alone still over
+  120 s). They must be set on every Ray process: a server accepts keepalive pings only as often
+  as `min(60 s, grpc_client_keepalive_time_ms)` (src/ray/rpc/grpc_server.cc).
+- `gcs_rpc_server_reconnect_timeout_s` (default 60) is how long a raylet or driver cut off from
+  the head keeps trying before it ends.
 
 Needs root, `ip`, `unshare` and `nsenter` (`unavailable()` says which is missing, for a skip).
 """
@@ -49,8 +57,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 HOME_CACHE = Path.home() / ".cache"
 RAY_TMP = Path("/tmp/ray")
 
-# Ray's node-death detection (see the module docstring): a lost host is dead for the cluster
-# within period x threshold + timeout, 3-6 s.
+# Ray's detection of a lost host (see the module docstring): dead for the cluster in about 5 s,
+# its in-flight tasks failed within 4 s of their connection's last traffic.
 DETECTION = {
     "RAY_health_check_initial_delay_ms": "0",
     "RAY_health_check_period_ms": "1000",
@@ -340,6 +348,8 @@ class RayCluster:
     def start(self, env: dict[str, str] | None = None, timeout_s: float = 120) -> None:
         """Start (or start again) the head, then every worker, and wait for all of them."""
         self.env = env or self.env
+        for host in self.network.hosts.values():
+            host.clear_ray_files()
         head = self._start(self.head, self.env)
         self._wait_started(head, timeout_s)
         for process in [self._start(w, self.env) for w in self.workers]:
@@ -356,9 +366,8 @@ class RayCluster:
         self.wait_for_nodes(1 + len(self.workers), timeout_s)
 
     def stop(self) -> None:
-        for host in self.network.hosts.values():
+        for host in self.network.hosts.values():  # their files (Ray's logs) stay till a start
             host.stop_all()
-            host.clear_ray_files()
         self.nodes.clear()
 
     @staticmethod
