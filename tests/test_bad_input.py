@@ -48,8 +48,7 @@ def build_corpus(root):
         "train/3/truncated.png": (good[:-30], "truncated PNG"),
         "train/3/empty.png": (b"", "empty file (0 bytes)"),
         "train/3/random.png": (os.urandom(256), "not an image"),
-        "train/3/photo.png": (png(img, fmt="JPEG"), "not a PNG (JPEG data)"),
-        "train/3/anim.png": (png(img, mode="P", fmt="GIF"), "not a PNG (GIF data)"),
+        "train/3/anim.png": (png(img, mode="P", fmt="GIF"), "expected 8-bit grayscale, found palette"),
         "train/7/rgb.png": (png(img, "RGB"), "expected 8-bit grayscale, found RGB"),
         "train/7/rgba.png": (png(img, "RGBA"), "expected 8-bit grayscale, found RGBA"),
         "train/7/palette.png": (png(img, "P"), "expected 8-bit grayscale, found palette"),
@@ -72,6 +71,8 @@ def build_corpus(root):
         (root / "train/3" / junk).write_bytes(b"not an image")
     write_png(root / "train/7/with space é.png", img)  # good names that must simply work
     write_png(root / "valid/3/日本 3.png", img)
+    # A gray JPEG named .png: decoded by its bytes, used, and listed as what it is.
+    (root / "train/3/photo.png").write_bytes(png(img, fmt="JPEG"))
     return reasons
 
 
@@ -103,7 +104,7 @@ def test_error_policy_lists_every_bad_file_and_stops(corpus, tmp_path):
     run = run_job("--data", str(root), "--out", str(tmp_path), "--chunk-dir", str(tmp_path / "chunks"))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert not (tmp_path / "results.json").exists()  # no accuracy computed
-    found = 20 + 20 + 8 + 8 + len(reasons) + 2  # + the two good oddly named files
+    found = 20 + 20 + 8 + 8 + len(reasons) + 3  # + the two good oddly named files and the JPEG named .png
     assert f"error: {len(reasons)} of {found} image files cannot be used (on_bad_file = error" in run.stderr
     listed = [line.strip() for line in run.stderr.splitlines() if line.startswith("  ")]
     assert listed == [f"{path}: {reason}" for path, reason in sorted(reasons.items())]
@@ -129,6 +130,7 @@ def test_skip_policy_lists_rejections_with_reasons(skipped, corpus):
     assert run.returncode == 0, run.stderr
     assert {r["path"]: r["reason"] for r in results["rejected"]} == reasons
     assert [r["path"] for r in results["rejected"]] == sorted(reasons)
+    assert results["formats_by_content"] == [{"path": "train/3/photo.png", "found": "JPEG data named .png"}]
 
 
 @pytest.mark.ray
@@ -148,7 +150,7 @@ def test_files_found_equal_used_plus_rejected_per_split_and_class(skipped, corpu
             assert line.split()[1:] == [str(a["found"]), str(a["used"]), str(a["rejected"]), str(a["ignored"])]
     assert results["files"]["train"]["3"]["ignored"] == 3  # labels.csv, .DS_Store, Thumbs.db
     assert results["files"]["valid"]["7"]["ignored"] == 1  # the folder named notes.png
-    assert results["counts"] == {"train": {"3": 20, "7": 21}, "valid": {"3": 9, "7": 8}}
+    assert results["counts"] == {"train": {"3": 21, "7": 21}, "valid": {"3": 9, "7": 8}}
     assert f"= {sum(sum(c.values()) for c in results['counts'].values())} used + {len(reasons)} rejected" in run.stdout
 
 
