@@ -299,8 +299,8 @@ def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, tmp_path):
 # ---------------------------------------------------------------- the head lost; store settings
 
 
-@pytest.mark.xfail(strict=False, reason="issue 23: a driver cut off from its head must end with one line, "
-                                        "exit 1, in bounded time (branch hang)")
+@pytest.mark.xfail(strict=False, reason="issue 23 item 6: a driver whose head is unreachable mid-job ends in "
+                                        "bounded time with exit 1, but with Ray's own lines, not one error line")
 def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
     """The job's driver on worker-1, the head cut off mid-decode: the GCS is unreachable."""
     worker = cluster.workers[0]
@@ -323,7 +323,6 @@ def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
         cluster.head.mend()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 25 item 1: store settings travel with the job, in branch hang")
 def test_the_endpoint_given_only_to_the_job(cluster, store, baseline, tmp_path):
     """Nodes started with the store's credentials but not its endpoint (as when a user points
     a job at a MinIO or a non-default region); the endpoint set only where the job starts.
