@@ -130,7 +130,8 @@ def test_skip_policy_lists_rejections_with_reasons(skipped, corpus):
     assert run.returncode == 0, run.stderr
     assert {r["path"]: r["reason"] for r in results["rejected"]} == reasons
     assert [r["path"] for r in results["rejected"]] == sorted(reasons)
-    assert results["formats_by_content"] == [{"path": "train/3/photo.png", "found": "JPEG data named .png"}]
+    assert results["formats_by_content"] == [{"path": "train/3/anim.png", "found": "GIF data named .png"},
+                                             {"path": "train/3/photo.png", "found": "JPEG data named .png"}]
 
 
 @pytest.mark.ray
