@@ -305,8 +305,11 @@ class Network:
 
 def node_env(base: dict[str, str], store: dict[str, str]) -> dict[str, str]:
     """What every Ray process of the harness starts with: the test session's environment (its
-    Ray token: tests/conftest.py), the store's variables, the detection settings."""
-    env = {k: v for k, v in base.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    Ray token: tests/conftest.py), the store's variables, the detection settings. Not the
+    session's cache folder (`.ci/run` sets MNIST37_CACHE to one folder of its own): each host
+    keeps its cache on its own disk, in its own ~/.cache."""
+    env = {k: v for k, v in base.items()
+           if k not in ("RAY_ADDRESS", "MNIST37_CACHE", "XDG_CACHE_HOME") and not k.startswith("AWS_")}
     return {**env, **store, **DETECTION, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
