@@ -478,9 +478,9 @@ def session_processes(sid: int, name: str = "") -> list[int]:
 
 @pytest.mark.ray  # the job as a process, Ray or a store server started
 @pytest.mark.xfail(strict=False, reason="issue 23: when the raylet dies, Ray's core worker may end the driver "
-                                        "(exit 1) with Ray's own lines before the job can say its one line: so on "
-                                        "an idle machine (a fresh-clone CI run, and again alone); it passed only "
-                                        "on a loaded one")
+                                        "(exit 1) with Ray's own lines before the job can say its one line: so in "
+                                        "one fresh-clone CI run and once alone on an idle machine; it passed in "
+                                        "the next CI run and on a loaded machine")
 def test_the_raylet_killed_under_a_running_job_is_one_line(tmp_path):
     """The job's own Ray loses its raylet mid-decode: one error line, exit 1; the chunks
     already written are reused by the next run, whose figures are exact."""
