@@ -25,11 +25,12 @@ refused from its header, before any pixel is decoded.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,6 +157,29 @@ def _check_size(path: str, size: tuple[int, int], decoding: Decoding) -> None:
         raise DecodeError(path, f"declares {h}x{w} pixels, over the {MAX_IMAGE_PIXELS:,} allowed; not decoded")
 
 
+@contextlib.contextmanager
+def _opened(data: bytes, path: str, kind: str | None) -> Iterator[Image.Image]:
+    """The image Pillow opens from `data` (a format of FORMATS), closed after the block; any
+    failure inside, Pillow's or ours, becomes one DecodeError naming `path` and why (`kind`,
+    the format the bytes start like, names a broken one)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not warned
+            image = Image.open(io.BytesIO(data))
+        with image:
+            if image.format not in FORMATS:
+                raise DecodeError(path, f"not a supported image ({image.format} data)")
+            yield image
+    except UnidentifiedImageError:
+        raise DecodeError(path, _broken(data, kind, "not identified") if kind else "not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(path, f"too large to decode ({e})") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(path, _broken(data, kind, str(e))) from None
+
+
 def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray, str | None]:
     """One image's bytes to its array (`Decoding.array_shape`) and its conversion ("CMYK to
     RGB"), or None when it needed none. DecodeError, naming `path` and why, for an image
@@ -172,34 +196,20 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
         if header is not None and header[2:] == (8, 0):  # 8-bit gray: the PNG path (libspng, else Pillow)
             return decode_png(data, path, decoding.shape, decoding.convert), None
     target = "L" if decoding.channels == 1 else "RGB"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused below, not warned
-            image = Image.open(io.BytesIO(data))
-        with image:
-            if image.format not in FORMATS:
-                raise DecodeError(path, f"not a supported image ({image.format} data)")
-            _check_size(path, (image.height, image.width), decoding)
-            mode, conversion = image.mode, None
-            if mode != target:
-                if not decoding.convert:
-                    raise DecodeError(path, f"expected 8-bit grayscale, found {_MODE_NAMES.get(mode, mode)}")
-                conversion = f"{_MODE_NAMES.get(mode, mode)} to {'8-bit grayscale' if target == 'L' else 'RGB'}"
-                converted = image.convert(target)
-            else:
-                image.load()
-                converted = image
-            if decoding.resize and converted.size != (decoding.shape[1], decoding.shape[0]):
-                converted = converted.resize((decoding.shape[1], decoding.shape[0]), FILTERS[decoding.resample])
-            pixels = np.asarray(converted)
-    except UnidentifiedImageError:
-        raise DecodeError(path, _broken(data, kind, "not identified") if kind else "not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(path, f"too large to decode ({e})") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        if isinstance(e, DecodeError):
-            raise
-        raise DecodeError(path, _broken(data, kind, str(e))) from None
+    with _opened(data, path, kind) as image:
+        _check_size(path, (image.height, image.width), decoding)
+        mode, conversion = image.mode, None
+        if mode != target:
+            if not decoding.convert:
+                raise DecodeError(path, f"expected 8-bit grayscale, found {_MODE_NAMES.get(mode, mode)}")
+            conversion = f"{_MODE_NAMES.get(mode, mode)} to {'8-bit grayscale' if target == 'L' else 'RGB'}"
+            converted = image.convert(target)
+        else:
+            image.load()
+            converted = image
+        if decoding.resize and converted.size != (decoding.shape[1], decoding.shape[0]):
+            converted = converted.resize((decoding.shape[1], decoding.shape[0]), FILTERS[decoding.resample])
+        pixels = np.asarray(converted)
     return (pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)), conversion
 
 
@@ -306,25 +316,11 @@ def probe(data: bytes, path: str) -> tuple[tuple[int, int], bool]:
     header = png_header(data) if kind == "PNG" else None
     if header is not None and header[2:] == (8, 0):  # 8-bit gray PNG: the PNG path judges it
         return decode_png(data, path).shape, False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        with image:
-            if image.format not in FORMATS:
-                raise DecodeError(path, f"not a supported image ({image.format} data)")
-            if image.width * image.height > MAX_IMAGE_PIXELS or not image.width or not image.height:
-                raise DecodeError(path, f"declares {image.height}x{image.width} pixels; not decoded")
-            image.load()
-            return (image.height, image.width), image.mode not in GRAY_MODES
-    except UnidentifiedImageError:
-        raise DecodeError(path, _broken(data, kind, "not identified") if kind else "not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(path, f"too large to decode ({e})") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        if isinstance(e, DecodeError):
-            raise
-        raise DecodeError(path, _broken(data, kind, str(e))) from None
+    with _opened(data, path, kind) as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS or not image.width or not image.height:
+            raise DecodeError(path, f"declares {image.height}x{image.width} pixels; not decoded")
+        image.load()
+        return (image.height, image.width), image.mode not in GRAY_MODES
 
 
 @dataclass
