@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import contextlib
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -341,6 +342,41 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float) -> Session:
                        origin="started by this job" if own else _ORIGINS.get(where, where), own=own,
                        stall_s=stall_timeout_s)
     return _session
+
+
+def disconnect() -> None:
+    """Leave Ray; a Ray the job started is stopped, every process of it (`ray.shutdown()`).
+    Its autoscaler monitor goes first, by SIGKILL: a Ray of the job's own has nothing to
+    scale, and on SIGTERM the monitor reports its end to the GCS, which `ray.shutdown()` has
+    stopped before it, so it would hold the exit for Ray's 1 s grace (docs/fixed-costs.md).
+    Safe to call when Ray never started."""
+    if _session.own and ray.is_initialized():
+        for pid in _children_running("/ray/autoscaler/", "monitor.py"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    ray.shutdown()
+
+
+def _children_running(*parts: str) -> list[int]:
+    """This process's children whose command line holds every one of `parts` (Linux's /proc;
+    none elsewhere)."""
+    found, me = [], os.getpid()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                if parent != me:
+                    continue
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            if all(part in command for part in parts):
+                found.append(int(entry.name))
+    return found
 
 
 # How long a failed map waits for its other tasks to end before it raises (see _raise_cause).

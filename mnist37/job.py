@@ -85,11 +85,12 @@ def _run(cfg: Config, status: Status) -> dict:
     from mnist37.locate import locate
 
     clock = time.perf_counter()
+    started_s = process_age_s()  # the interpreter and the imports before this line
     # Before Ray is imported or started: a missing or malformed data set is one line at once.
     status.stage = "locate"
     located = locate(cfg)
 
-    from mnist37.distributed import connect, map_listings
+    from mnist37.distributed import connect, disconnect, map_listings
     from mnist37.evaluation import evaluate, results_json
     from mnist37.plan import plan
     from mnist37.report import write_outputs
@@ -106,16 +107,16 @@ def _run(cfg: Config, status: Status) -> dict:
         # the driver's memory does not grow with the number of files.
         planned = plan(located, map_listings)
         evaluation = evaluate(planned, status)
+        # Written while Ray still runs: stopping it is the one thing left after the results.
+        results = results_json(evaluation, {"start": started_s, "ray_init": ray_init_s,
+                                            "total": time.perf_counter() - clock})
+        status.stage = "write results"
+        out = local_or_uri(located.cfg.out)
+        table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
     finally:
-        import ray
-
-        ray.shutdown()
+        disconnect()
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
         _clear_temporaries(planned)
-    results = results_json(evaluation, {"ray_init": ray_init_s, "total": time.perf_counter() - clock})
-    status.stage = "write results"
-    out = local_or_uri(located.cfg.out)
-    table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
     print(table)
     used = sum(sum(c.values()) for c in results["counts"].values())
     rejected = len(results["rejected"])
@@ -123,6 +124,17 @@ def _run(cfg: Config, status: Status) -> dict:
           f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
           f"results in {str(out).rstrip('/')}/results.json")
     return results
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0.0): what the interpreter
+    and the imports cost before the job's first line, for results.json's `elapsed_s.start`."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def _clear_temporaries(planned: Plan | None) -> None:
