@@ -269,8 +269,37 @@ def summarize(runs: dict, num_images: int) -> dict:
             "median_decode_images_per_s": median(variant, "decode_images_per_s"),
             "median_ray_init_s": statistics.median([r["elapsed_s"]["ray_init"] for r in runs[variant]])
             if variant != "seed" else None,
+            "median_stage_s": {stage: statistics.median(_stage_s(r, stage) for r in runs[variant])
+                               for stage in STAGES} if variant != "seed" else None,
         }
     return summary
+
+
+# Where a job's wall time goes, in order (docs/fixed-costs.md): `start` is the interpreter and
+# the imports before the job's first line; then results.json's `elapsed_s` stages, `other`
+# being the rest of its `total` (planning, the results); `exit` is what follows: the outputs
+# written, Ray stopped (a Ray of the job's own: every process of it), the interpreter's exit.
+STAGES = ("start", "ray_init", "scan", "decode", "prototypes", "classify", "other", "exit")
+
+
+def _stage_s(run: dict, stage: str) -> float:
+    elapsed = run["elapsed_s"]
+    if stage == "other":  # what `total` holds beyond the stages it names
+        return elapsed["total"] - sum(elapsed.get(s, 0.0) for s in ("ray_init", "scan", "decode", "prototypes", "classify"))
+    if stage == "exit":
+        return run["wall_s"] - elapsed.get("start", 0.0) - elapsed["total"]
+    return elapsed.get(stage, 0.0)
+
+
+def format_fixed_costs(summary: dict) -> str:
+    """The median seconds of each stage per variant, beside the seed's whole wall time."""
+    head = f"{'variant':<15} {'wall':>6} " + " ".join(f"{stage:>8}" for stage in STAGES)
+    lines = ["where the wall time goes (median s)", head]
+    for variant, s in summary.items():
+        stages = s.get("median_stage_s")
+        cells = " ".join(f"{stages[stage]:>8.2f}" if stages else f"{'-':>8}" for stage in STAGES)
+        lines.append(f"{variant:<15} {s['median_wall_s']:>6.2f} {cells}")
+    return "\n".join(lines)
 
 
 def format_summary(num_images: int, summary: dict) -> str:
@@ -344,6 +373,7 @@ def main(args: argparse.Namespace) -> dict:
         scale["copies"] = copies
         report["scales"][str(copies)] = scale
         print(f"\nN = {copies}: " + format_summary(scale["num_images"], scale["summary"]), flush=True)
+        print(format_fixed_costs(scale["summary"]), flush=True)
         if scale["shard_cpu_us_per_image"]:
             folder_us = scale["shard_cpu_us_per_image"]["folder"]
             print("decode_shard alone, CPU per image (one process, no Ray): " + "; ".join(

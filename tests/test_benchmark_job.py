@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mnist37.benchmark import STAGES
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.ray  # the job, several times
@@ -45,6 +46,14 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
             assert scale["runs"][f"{fmt}-cold"][0]["files_reused"] == 0
         # Connecting to the running head is not starting Ray: a fraction of a local start.
         assert summary["cluster-warm"]["median_ray_init_s"] < summary["warm"]["median_ray_init_s"]
+        # Where each run's wall time went: every stage, none negative, adding up to the wall
+        # (one run per variant: its medians are that run's figures).
+        assert summary["seed"]["median_stage_s"] is None
+        for variant in set(summary) - {"seed"}:
+            stages = summary[variant]["median_stage_s"]
+            assert list(stages) == list(STAGES) and min(stages.values()) >= 0, (variant, stages)
+            assert sum(stages.values()) == pytest.approx(summary[variant]["median_wall_s"])
+            assert 0 < stages["start"] < stages["ray_init"] + stages["exit"]
     assert report["checks"] == {
         "prototypes_identical_across_scales_and_runs": True,
         "accuracies_identical_across_scales_and_runs": True,
@@ -53,7 +62,8 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     assert sorted(p.name for p in (tmp_path / "bench" / "x2" / "data-tar").glob("*.tar")) == \
         ["train-000000.tar", "train-000001.tar", "train-000002.tar", "valid-000000.tar"]  # 256 + 48 images
     for line in ("N = 2: 304 images", "x seed", "warm", "cluster-warm", "idx-cold", "tar: converted from the folder in",
-                 "decode_shard alone, CPU per image (one process, no Ray): folder "):
+                 "decode_shard alone, CPU per image (one process, no Ray): folder ",
+                 "where the wall time goes (median s)", " ".join(f"{stage:>8}" for stage in STAGES)):
         assert line in run.stdout
     # Each scale's head is gone with it: nothing listens on its GCS port any more, and it
     # left no "current cluster" behind for a later ray.init() to join.
