@@ -80,14 +80,17 @@ class FaultProxy:
     request with 503 SlowDown and drops the connection, unanswered, on every `drop_every`-th
     (0: never); the requests numbered in `slow_burst` (from 1) are answered with 503 SlowDown
     too; every `hold_every`-th is held, never answered, until the client gives up or the proxy
-    stops (a stalled store); every request is held `delay_s` before it is forwarded: a store's latency."""
+    stops (a stalled store), or with `hold_once` only when that request (method and path) was
+    never held before, so its next try is answered (a store that drops some requests now and
+    then); every request is held `delay_s` before it is forwarded: a store's latency."""
 
     def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7, slow_burst: range = range(0),
-                 delay_s: float = 0.0, hold_every: int = 0):
+                 delay_s: float = 0.0, hold_every: int = 0, hold_once: bool = False):
         host, port = upstream.removeprefix("http://").split(":")
         self.counts = {"requests": 0, "slow_down": 0, "dropped": 0, "held": 0}
         self.stopping = threading.Event()
         lock, counts, stopping = threading.Lock(), self.counts, self.stopping
+        held: set[tuple[str, str]] = set()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -100,8 +103,13 @@ class FaultProxy:
                 with lock:
                     counts["requests"] += 1
                     n = counts["requests"]
-                if hold_every and n % hold_every == 0:
-                    counts["held"] += 1
+                    request = (self.command, self.path)
+                    hold = hold_every and n % hold_every == 0 and request not in held
+                    if hold:
+                        counts["held"] += 1
+                        if hold_once:
+                            held.add(request)
+                if hold:
                     stopping.wait()  # the client times out and asks again on another connection
                     self.close_connection = True
                     return
