@@ -259,6 +259,57 @@ def probe(address: str, where: str, timeout_s: float = PROBE_TIMEOUT_S) -> dict:
     return metadata
 
 
+class HeadLost(ClusterError):
+    """The Ray head stopped answering under the job. Ray's own client would end the process
+    with its own lines after gcs_rpc_server_reconnect_timeout_s, and `ray.shutdown()` would
+    wait on the head: the job says its line and ends at once (job.run)."""
+
+    ends_process = True  # nothing of Ray's may run after the line, its exit handler included
+
+
+def reconnect_timeout_s() -> float:
+    """How long Ray's GCS client in this process waits for a head that stopped answering
+    before it ends the process (Ray's `gcs_rpc_server_reconnect_timeout_s`, 60 s unless set)."""
+    try:
+        return float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s") or 60)
+    except ValueError:
+        return 60.0
+
+
+class HeadWatch:
+    """A daemon thread that opens a TCP connection to the head's GCS every `probe_every_s` (at
+    most `probe_timeout_s` each) and keeps when it last succeeded; never a call into Ray, which
+    would block on a lost head. Once the head has been silent for `limit_s` it calls
+    `on_lost(seconds)` from its own thread, wherever the main thread is blocked (a Ray call
+    waiting on the head may not return before Ray ends the process itself)."""
+
+    def __init__(self, address: str, limit_s: float, on_lost: Callable[[float], None] | None = None,
+                 probe_every_s: float = 1.0, probe_timeout_s: float = 1.0):
+        host, _, port = address.rpartition(":")
+        self.target, self.limit_s, self.on_lost = (host, int(port)), limit_s, on_lost
+        self.probe_every_s, self.probe_timeout_s = probe_every_s, probe_timeout_s
+        self.answered = time.monotonic()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, name="mnist37-head-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.probe_every_s):
+            try:
+                socket.create_connection(self.target, timeout=self.probe_timeout_s).close()
+                self.answered = time.monotonic()
+            except OSError:
+                if self.on_lost is not None and (silent := self.silent_s()) >= self.limit_s and not self.stopped.is_set():
+                    self.on_lost(silent)
+                    return
+
+    def silent_s(self) -> float:
+        """Seconds since the head last accepted a connection (0 while it does)."""
+        return max(0.0, time.monotonic() - self.answered - self.probe_every_s - self.probe_timeout_s)
+
+    def lost(self) -> bool:
+        return self.silent_s() >= self.limit_s
+
+
 @dataclass
 class Session:
     """The Ray this job runs on, named in the first line after connecting, and its waits."""
@@ -267,6 +318,22 @@ class Session:
     origin: str = "?"  # started by this job | `ray start` on this machine | RAY_ADDRESS | --ray-address
     own: bool = True
     stall_s: float = 300.0
+    head: HeadWatch | None = None
+
+    def head_lost_after_s(self) -> float:
+        """How long the head may stay silent before the job stops: half the time Ray's own
+        client gives it (so the job, not Ray, says why it stopped), at most the stall limit."""
+        return max(2.0, min(self.stall_s, reconnect_timeout_s() / 2))
+
+    def head_lost(self, silent_s: float) -> HeadLost:
+        return HeadLost(f"the Ray head at {self.address} ({self.origin}) stopped answering: no connection to its "
+                        f"GCS in {silent_s:.0f} s (its node, or the network to it, is down); the chunks already "
+                        "written are kept and reused by the next run")
+
+    def check_head(self) -> None:
+        """HeadLost once the head has not accepted a connection for head_lost_after_s."""
+        if self.head is not None and self.head.lost():
+            raise self.head_lost(self.head.silent_s())
 
     def joined(self) -> str:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -276,6 +343,8 @@ class Session:
 
     def describe(self) -> tuple[str, str]:
         """The cluster's state, and the likely cause of tasks that do not finish."""
+        if self.head is not None and self.head.silent_s() > 0:  # a call into Ray would block
+            return f"the Ray head at {self.address} does not answer", "Ray's head may be unreachable"
         try:
             total, free = ray.cluster_resources(), ray.available_resources()
         except Exception as e:  # noqa: BLE001: the head not answering is the state to report
@@ -319,10 +388,14 @@ def watching(what: str, total: int, unit: str) -> Watch:
 _ORIGINS = {"ray_address": "--ray-address", "RAY_ADDRESS": "RAY_ADDRESS", _STARTED_HERE: "`ray start` on this machine"}
 
 
-def connect(address: str, dashboard: bool, stall_timeout_s: float) -> Session:
+def connect(address: str, dashboard: bool, stall_timeout_s: float,
+            on_head_lost: Callable[[HeadLost], None] | None = None) -> Session:
     """Join the Ray the job runs on, or start one of its own, with every wait bounded: an
     address where nothing listens or that refuses the job is one ClusterError line (see
-    `check_address`, `probe`). Returns the Session, whose `joined()` line names it."""
+    `check_address`, `probe`). Returns the Session, whose `joined()` line names it. A head
+    that stops answering later raises HeadLost from the job's next wait, and
+    `on_head_lost(error)` is called from the watching thread as well (the job ends the process
+    there: its main thread may be blocked in Ray)."""
     global _session
     target, where = _target(address)
     if target and "://" not in target:
@@ -338,9 +411,14 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float) -> Session:
         raise ClusterError(f"{who}: Ray did not {'connect' if target else 'start'} ({_first_line(e)}); "
                            f"Ray's logs: {_logs_dir()}") from None
     own = target is None
-    _session = Session(address=target or getattr(context, "address_info", {}).get("gcs_address") or "?",
-                       origin="started by this job" if own else _ORIGINS.get(where, where), own=own,
-                       stall_s=stall_timeout_s)
+    gcs = getattr(context, "address_info", {}).get("gcs_address") or target
+    session = Session(address=target or gcs or "?",
+                      origin="started by this job" if own else _ORIGINS.get(where, where), own=own,
+                      stall_s=stall_timeout_s)
+    if gcs and "://" not in gcs:
+        session.head = HeadWatch(gcs, session.head_lost_after_s(),
+                                 (lambda silent: on_head_lost(session.head_lost(silent))) if on_head_lost else None)
+    _session = session
     return _session
 
 
@@ -349,7 +427,12 @@ def disconnect() -> None:
     Its autoscaler monitor goes first, by SIGKILL: a Ray of the job's own has nothing to
     scale, and on SIGTERM the monitor reports its end to the GCS, which `ray.shutdown()` has
     stopped before it, so it would hold the exit for Ray's 1 s grace (docs/fixed-costs.md).
-    Safe to call when Ray never started."""
+    Safe to call when Ray never started. After HeadLost it stops only the watch: Ray's
+    disconnect would wait on the head (job.run ends the process instead)."""
+    if _session.head is not None:
+        _session.head.stopped.set()
+        if not _session.own and _session.head.lost():
+            return
     if _session.own and ray.is_initialized():
         for pid in _children_running("/ray/autoscaler/", "monitor.py"):
             with contextlib.suppress(OSError):
@@ -448,6 +531,7 @@ def _wait(pending: list, watch: Watch) -> tuple[list, list]:
         done, rest = ray.wait(pending, num_returns=1, timeout=WAIT_STEP_S)
         if done:
             return done, rest
+        _session.check_head()
         watch.waiting(len(pending))
 
 

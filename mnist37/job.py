@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args
@@ -99,7 +99,7 @@ def _run(cfg: Config, status: Status) -> dict:
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
-        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s)
+        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, on_head_lost=_head_lost)
         _take_signals()
         log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
@@ -171,7 +171,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     except Mnist37Error as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _ended_now(1) if getattr(e, "ends_process", False) else 1
     except KeyboardInterrupt:  # Interrupted, or Ray's own KeyboardInterrupt for it
         print(interrupted(status, cfg.out), file=sys.stderr)
         return _stopped(128 + (_received[0] if _received else signal.SIGINT))
@@ -182,12 +182,24 @@ def _stopped(status: int) -> int:
     exit handler would wait for its answer (up to 3 x store_timeout_s) before the process ends."""
     from mnist37.objects import unanswered
 
-    if unanswered():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
+    return _ended_now(status) if unanswered() else status
+
+
+def _head_lost(error: Mnist37Error) -> NoReturn:
+    """The Ray head stopped answering (called from the thread that watches it): the job's one
+    line, exit 1, now; the chunks written stay, a later run's partials cleanup takes what a
+    task left half-written."""
+    print(f"error: {error}", file=sys.stderr)
+    _ended_now(1)
+
+
+def _ended_now(status: int) -> NoReturn:
+    """End the process with `status` now, its output flushed, no exit handler run (pyarrow's
+    waits for unanswered store requests; Ray's, for a head that is gone)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

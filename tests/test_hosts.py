@@ -299,8 +299,6 @@ def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, tmp_path):
 # ---------------------------------------------------------------- the head lost; store settings
 
 
-@pytest.mark.xfail(strict=False, reason="issue 23 item 6: a driver whose head is unreachable mid-job ends in "
-                                        "bounded time with exit 1, but with Ray's own lines, not one error line")
 def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
     """The job's driver on worker-1, the head cut off mid-decode: the GCS is unreachable."""
     worker = cluster.workers[0]

@@ -72,6 +72,31 @@ def test_watch_never_stops_a_slow_job_that_moves():
 # ---------------------------------------------------------------- store settings
 
 
+def test_a_head_that_stops_accepting_connections_is_lost_within_the_limit():
+    """HeadWatch on a real listening socket: never lost while it accepts; once it is closed,
+    `on_lost` is called from the watching thread, after the limit and not long after it."""
+    from mnist37.distributed import HeadWatch
+
+    server = socket.create_server(("127.0.0.1", 0))
+    lost: list[float] = []
+    watch = HeadWatch(f"127.0.0.1:{server.getsockname()[1]}", limit_s=1.0, on_lost=lost.append,
+                      probe_every_s=0.05, probe_timeout_s=0.05)
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # a second of answered probes: never lost
+            assert not watch.lost() and not lost, watch.silent_s()
+            time.sleep(0.05)
+        server.close()
+        closed = time.monotonic()
+        while not lost and time.monotonic() < closed + 10:
+            time.sleep(0.01)
+        assert lost and lost[0] >= 1.0 and watch.lost(), (lost, watch.silent_s())
+        assert 1.0 <= time.monotonic() - closed < 5
+    finally:
+        watch.stopped.set()
+        server.close()
+
+
 def test_store_settings_come_from_the_environment():
     env = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-3",
            "AWS_S3_ADDRESSING_STYLE": "virtual", "AWS_SECRET_ACCESS_KEY": "secret"}
