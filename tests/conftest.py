@@ -150,6 +150,21 @@ def shared_ray_address() -> str:
     return _SHARED_ADDRESS[0]
 
 
+def ray_start_session(address: str) -> int:
+    """The session id of the `ray start --head` serving `address` (started in a session of its
+    own, as running_cluster starts it): every process of that Ray is in it, its workers too."""
+    port = address.rpartition(":")[2]
+    for pid in os.listdir("/proc"):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"start" in words and b"--head" in words and b"--port" in words \
+                and words[words.index(b"--port") + 1] == port.encode():
+            return int(pid)
+    raise LookupError(f"no `ray start --head --port {port}` running")
+
+
 @contextlib.contextmanager
 def own_ray(name: str):
     """A one-node Ray like the session's, of a test module's own, for as long as the context
@@ -168,10 +183,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(items):
-    """A test that uses the shared local Ray is a `ray` test, marked or not."""
+    """A test that uses the shared local Ray is a `ray` test, marked or not. The test hosts'
+    module, then every module with `ray` tests, then the rest: README's command runs the suite
+    in two processes that take a module at a time (`-n 2 --dist loadfile`), and the longest
+    ones first leave the short ones to even out the end (docs/testing.md)."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+    heavy = {item.module.__name__: 0 if item.get_closest_marker("hosts") else 1
+             for item in items if item.get_closest_marker("ray")}
+    items.sort(key=lambda item: heavy.get(item.module.__name__, 2))  # stable: file order within each
 
 
 @pytest.fixture(scope="session")

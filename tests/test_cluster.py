@@ -8,10 +8,12 @@ Every cluster here is started by the test with its own ports and temp dir, and s
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder, ray_start_session, shared_ray_address
 from tests.test_evaluate_job import run_job
 
 pytestmark = pytest.mark.ray  # real Ray clusters
@@ -83,31 +85,36 @@ def same_results(results, baseline):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """`ray start --head --block`: a real head node on loopback, stopped by ending that process."""
-    temp = tmp_path_factory.mktemp("ray-head")
-    dashboard = free_port()
-    process = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-         "--temp-dir", str(temp), "--disable-usage-stats"],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        from ray.job_submission import JobSubmissionClient
+def head():
+    """`ray start --head --block`: a real head node on loopback, stopped by ending that process.
+    Its temp dir is short (Ray's socket paths must fit 107 bytes; pytest's, under a second
+    test process, do not) and removed afterwards; its output is kept there for a failure."""
+    from ray.job_submission import JobSubmissionClient
 
+    temp = Path(tempfile.mkdtemp(prefix="mnist37-head-"))
+    dashboard, log = free_port(), temp / "ray-start.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+             "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+             "--temp-dir", str(temp), "--disable-usage-stats"],
+            env=env(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
         address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 client = JobSubmissionClient(address)
                 break
             except Exception:  # noqa: BLE001 - not up yet
-                assert process.poll() is None and time.monotonic() < deadline, "the head did not start"
+                assert process.poll() is None and time.monotonic() < deadline, \
+                    f"the head did not start: {log.read_text(errors='replace')[-2000:]}"
                 time.sleep(0.5)
         yield address, client
     finally:
         stop_group(process)  # --block: ray start stops what it started, and only that
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for(client, job_id, timeout=300):
@@ -288,8 +295,10 @@ def test_a_worker_node_removed_mid_job(three_nodes_of_its_own, data, baseline, t
 
 
 def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
-    """SIGKILL a worker while its process title says it runs a decode task; Ray retries it."""
+    """SIGKILL a worker of the session's Ray (never another Ray's: the suite runs in two
+    processes) while its process title says it runs a decode task; Ray retries it."""
     killed = []
+    session = ray_start_session(shared_ray_address())
 
     def chaos():
         deadline = time.monotonic() + 60
@@ -297,9 +306,10 @@ def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
             for pid in os.listdir("/proc"):
                 try:
                     title = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except (OSError, ValueError):
+                    sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+                except (OSError, ValueError, IndexError):
                     continue
-                if title.startswith(b"ray::_decode_task") or title.startswith(b"ray::_classify_task"):
+                if sid == session and (title.startswith(b"ray::_decode_task") or title.startswith(b"ray::_classify_task")):
                     os.kill(int(pid), signal.SIGKILL)
                     killed.append(title.split(b"\0")[0].decode())
                     return
