@@ -130,7 +130,8 @@ def running_cluster(log_file: Path, timeout_s: float = 120) -> Iterator[str]:
     suite's shared Ray (tests/conftest.py), which thereby tests it on every run."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
-    temp_dir = tempfile.mkdtemp(prefix="mnist37-ray-")  # short: Ray's socket paths must fit 107 bytes
+    # Short, under Ray's own temp root (RAY_TMPDIR, else the system's): its socket paths must fit 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="mnist37-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as out:
         process = subprocess.Popen(

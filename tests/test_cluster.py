@@ -87,11 +87,11 @@ def same_results(results, baseline):
 @pytest.fixture(scope="module")
 def head():
     """`ray start --head --block`: a real head node on loopback, stopped by ending that process.
-    Its temp dir is short (Ray's socket paths must fit 107 bytes; pytest's, under a second
-    test process, do not) and removed afterwards; its output is kept there for a failure."""
+    Its temp dir is short, under Ray's temp root (Ray's socket paths must fit 107 bytes;
+    pytest's do not), and removed afterwards; its output is kept there for a failure."""
     from ray.job_submission import JobSubmissionClient
 
-    temp = Path(tempfile.mkdtemp(prefix="mnist37-head-"))
+    temp = Path(tempfile.mkdtemp(prefix="mnist37-head-", dir=os.environ.get("RAY_TMPDIR") or None))
     dashboard, log = free_port(), temp / "ray-start.log"
     with open(log, "w") as output:
         process = subprocess.Popen(

@@ -306,7 +306,7 @@ def ray_head(log: Path, env: dict, num_cpus: int = 2):
 
     from mnist37.benchmark import _free_port
 
-    port, temp_dir = _free_port(), tempfile.mkdtemp(prefix="mnist37-nh-")
+    port, temp_dir = _free_port(), tempfile.mkdtemp(prefix="mnist37-nh-", dir=os.environ.get("RAY_TMPDIR") or None)
     ray = Path(sys.executable).with_name("ray")
     with open(log, "w") as out:
         process = subprocess.Popen(
