@@ -416,8 +416,10 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
                       origin="started by this job" if own else _ORIGINS.get(where, where), own=own,
                       stall_s=stall_timeout_s)
     if gcs and "://" not in gcs:
+        # A Ray of the job's own is not ended from the thread: its processes must be stopped.
+        report = on_head_lost if on_head_lost and not own else None
         session.head = HeadWatch(gcs, session.head_lost_after_s(),
-                                 (lambda silent: on_head_lost(session.head_lost(silent))) if on_head_lost else None)
+                                 (lambda silent: report(session.head_lost(silent))) if report else None)
     _session = session
     return _session
 
