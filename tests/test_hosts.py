@@ -126,15 +126,16 @@ def wait_until(condition, what: str, job: hosts.Process, timeout_s: float = JOB_
     return found
 
 
-def running_task(host, title: bytes) -> bool:
-    """Whether a Ray worker in `host` runs a task of that name now (its process title)."""
+def running_tasks(host, title: bytes) -> list[int]:
+    """The Ray workers in `host` running a task of that name now (by process title)."""
+    found = []
     for pid in host.pids():
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
-                return True
+                found.append(pid)
         except OSError:
             continue
-    return False
+    return found
 
 
 def per_node(results: dict, key: str) -> dict[str, int]:
@@ -287,10 +288,21 @@ def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, tmp_path):
 
 def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, tmp_path):
     """Cut whichever worker host is seen running a classify task (its process title), while
-    that task runs: its result, and any chunk bytes held in its object store, are lost."""
+    that task runs: its result, and any chunk bytes held in its object store, are lost. The
+    task's process is paused (SIGSTOP) the moment it is seen, so it cannot finish in the
+    moment before the cut (on a loaded machine it did once, and the job ended before Ray
+    declared the host dead); the host's processes are killed with it afterwards."""
+    def frozen() -> hosts.Host | None:
+        for worker in cluster.workers:
+            for pid in running_tasks(worker, b"ray::_classify_task"):
+                os.kill(pid, signal.SIGSTOP)
+                if pid in running_tasks(worker, b"ray::_classify_task"):  # stopped while it ran
+                    return worker
+                os.kill(pid, signal.SIGCONT)
+        return None
+
     def classifying(job):
-        return wait_until(lambda: next((w for w in cluster.workers if running_task(w, b"ray::_classify_task")), None),
-                          "classify task on a worker host", job)
+        return wait_until(frozen, "classify task on a worker host", job)
 
     results, lost, _ = cut_and_finish(cluster, store, baseline, tmp_path, "cut-classify", classifying)
     assert lost not in per_node(results, "classify_node_id")
