@@ -281,12 +281,13 @@ def summarize(runs: dict, num_images: int) -> dict:
 # being the rest of its `total` (planning, the results); `exit` is what follows: the outputs
 # written, Ray stopped (a Ray of the job's own: every process of it), the interpreter's exit.
 STAGES = ("start", "ray_init", "scan", "decode", "prototypes", "classify", "other", "exit")
+_NAMED_IN_TOTAL = STAGES[1:-2]  # ray_init .. classify
 
 
 def _stage_s(run: dict, stage: str) -> float:
     elapsed = run["elapsed_s"]
     if stage == "other":  # what `total` holds beyond the stages it names
-        return elapsed["total"] - sum(elapsed.get(s, 0.0) for s in ("ray_init", "scan", "decode", "prototypes", "classify"))
+        return elapsed["total"] - sum(elapsed.get(s, 0.0) for s in _NAMED_IN_TOTAL)
     if stage == "exit":
         return run["wall_s"] - elapsed.get("start", 0.0) - elapsed["total"]
     return elapsed.get(stage, 0.0)
