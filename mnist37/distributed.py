@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 from pathlib import Path
 
@@ -319,6 +319,32 @@ class Session:
     own: bool = True
     stall_s: float = 300.0
     head: HeadWatch | None = None
+    nodes: dict[str, str] = field(default_factory=dict)  # node id -> address, of the nodes seen alive
+    nodes_checked: float = 0.0  # time.monotonic() of the last look at them
+
+    def alive(self) -> dict[str, str]:
+        """node id -> address of each node the cluster counts alive now."""
+        return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+    def check_nodes(self, watch: Watch, pending: int, force: bool = False) -> None:
+        """At most every NODES_EVERY_S of a stage's waits (and at its end, `force`): a line for
+        each node that was alive and no longer is (a host lost, its tasks run again by Ray on
+        the others), so a job held up by a lost host says so, in the stage it happened in.
+        Not while the head is silent (the call would block; check_head reports that)."""
+        now = time.monotonic()
+        if (not force and now - self.nodes_checked < NODES_EVERY_S) or (self.head is not None and self.head.silent_s() > 0):
+            return
+        self.nodes_checked = now
+        try:
+            alive = self.alive()
+        except Exception:  # noqa: BLE001: a hint only; the head's silence is check_head's
+            return
+        for node, address in self.nodes.items():
+            if node not in alive:
+                log.warning("%s: node %s (%s) lost; Ray %s its tasks on the %d node%s left (%s)", watch.what, address,
+                            node[:8], "retries" if pending else "ran", len(alive), "s" if len(alive) != 1 else "",
+                            watch.outstanding(pending))
+        self.nodes = alive
 
     def head_lost_after_s(self) -> float:
         """How long the head may stay silent before the job stops: half the time Ray's own
@@ -336,7 +362,8 @@ class Session:
             raise self.head_lost(self.head.silent_s())
 
     def joined(self) -> str:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        self.nodes, self.nodes_checked = self.alive(), time.monotonic()
+        nodes = self.nodes
         resources = ray.cluster_resources()
         return (f"Ray: {self.address} ({self.origin}): {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
                 f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
@@ -517,20 +544,25 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
                 pending.append(submit(item))
             while pending:
                 yield next_result()
+        _session.check_nodes(watch, 0, force=True)  # a node lost while the last tasks ran
     except ray.exceptions.RayTaskError as e:
         _raise_cause(e, pending)
 
 
 # The longest a wait on Ray blocks the main thread: a signal's handler runs between waits.
 WAIT_STEP_S = 0.5
+# How often a wait that finds nothing finished looks for nodes lost (Session.check_nodes).
+NODES_EVERY_S = 1.0
 
 
 def _wait(pending: list, watch: Watch) -> tuple[list, list]:
     """`ray.wait` for one of `pending`, in steps of WAIT_STEP_S, telling `watch` of each step
     that ends with nothing finished: it logs what is outstanding every 30 s and raises
-    Stalled once nothing has finished for stall_timeout_s."""
+    Stalled once nothing has finished for stall_timeout_s. Nodes lost meanwhile are named
+    (Session.check_nodes)."""
     while True:
         done, rest = ray.wait(pending, num_returns=1, timeout=WAIT_STEP_S)
+        _session.check_nodes(watch, len(rest))
         if done:
             return done, rest
         _session.check_head()
@@ -604,6 +636,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
                 listed[i] = summary
                 watch.finished()
                 progress.update()
+            _session.check_nodes(watch, 0, force=True)
         except ray.exceptions.RayTaskError as e:
             _raise_cause(e, generators)
     return [listed[i] for i in range(len(arguments))]

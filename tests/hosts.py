@@ -175,6 +175,7 @@ class Host:
     processes: list[Process] = field(default_factory=list)
     init: subprocess.Popen | None = None
     init_pid: int = 0  # the host's PID 1, as the root namespace numbers it
+    is_cut: bool = False  # its link is down (cut(), till mend())
 
     @property
     def cache(self) -> Path:
@@ -231,9 +232,11 @@ class Host:
     def cut(self) -> None:
         """A network partition: the host's link goes down, its processes keep running."""
         ip("link", "set", self.link, "down")
+        self.is_cut = True
 
     def mend(self) -> None:
         ip("link", "set", self.link, "up")
+        self.is_cut = False
 
     def stop_all(self) -> None:
         """Every process of this host, by id: its PID 1 (the kernel then kills everything in
