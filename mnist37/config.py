@@ -187,12 +187,13 @@ class Config:
         RAY, "Ray cluster to join; local: always a new local Ray", metavar="ADDRESS",
         empty="RAY_ADDRESS, else a cluster `ray start` left on this machine, else a new local Ray"))
 
-    # Seconds the job waits on Ray with nothing finishing (no task done, Ray not answering)
-    # before it stops with one line naming what never finished and the likely cause; while
-    # it waits it says what is outstanding every 30 s. A slow job that still finishes tasks
-    # is never stopped by it.
+    # Seconds the job waits on Ray with nothing finishing (no task done, Ray not answering,
+    # Ray not started or joined yet) before it stops with one line naming what never finished
+    # and the likely cause; while it waits it says what is outstanding every 30 s. A slow job
+    # that still finishes tasks is never stopped by it.
     stall_timeout_s: float = field(default=300.0, metadata=_flag(
-        RAY, "seconds with no task finishing before the job stops, naming what it waited for", metavar="SECONDS"))
+        RAY, "seconds with no task finishing (or Ray not yet started or joined) before the job stops, naming what "
+             "it waited for", metavar="SECONDS"))
     # Seconds an object store may take to accept a connection or to answer a request
     # (silence, not transfer time) before the request is tried again; pyarrow tries each
     # request 3 times, so a store that never answers ends the job in about 3x this.

@@ -267,6 +267,15 @@ class HeadLost(ClusterError):
     ends_process = True  # nothing of Ray's may run after the line, its exit handler included
 
 
+class RayletLost(ClusterError):
+    """The raylet of the job's own Ray ended under the job. Ray's core worker ends the
+    process with its own lines at its next call to the raylet (`ray.shutdown()`'s included,
+    or its exit handler's): the job stops its Ray's other processes itself, says its line
+    and ends at once (job.run)."""
+
+    ends_process = True
+
+
 def reconnect_timeout_s() -> float:
     """How long Ray's GCS client in this process waits for a head that stopped answering
     before it ends the process (Ray's `gcs_rpc_server_reconnect_timeout_s`, 60 s unless set)."""
@@ -321,6 +330,23 @@ class Session:
     head: HeadWatch | None = None
     nodes: dict[str, str] = field(default_factory=dict)  # node id -> address, of the nodes seen alive
     nodes_checked: float = 0.0  # time.monotonic() of the last look at them
+    raylet: object | None = None  # the job's own Ray's raylet (a subprocess.Popen), when it started one
+
+    def raylet_gone(self) -> str | None:
+        """How the job's own Ray's raylet ended ("killed by signal 9"), or None while it runs
+        (or when the job joined a cluster)."""
+        status = self.raylet.poll() if self.raylet is not None else None
+        if status is None:
+            return None
+        return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+
+    def check_raylet(self, watch: Watch) -> None:
+        """RayletLost once the job's own raylet has ended: the job's waits never call into
+        the raylet (fetch_local=False), so they see it first, not Ray's core worker."""
+        if (how := self.raylet_gone()) is not None:
+            raise RayletLost(f"Ray failed under the job during {watch.what} ({watch.done} of {watch.total}"
+                             f"{watch.unit} done): the raylet of the job's own Ray (pid {self.raylet.pid}) ended "
+                             f"({how}); the chunks already written are kept and reused by the next run")
 
     def alive(self) -> dict[str, str]:
         """node id -> address of each node the cluster counts alive now."""
@@ -416,13 +442,15 @@ _ORIGINS = {"ray_address": "--ray-address", "RAY_ADDRESS": "RAY_ADDRESS", _START
 
 
 def connect(address: str, dashboard: bool, stall_timeout_s: float,
-            on_head_lost: Callable[[HeadLost], None] | None = None) -> Session:
+            end_job: Callable[[ClusterError], None] | None = None) -> Session:
     """Join the Ray the job runs on, or start one of its own, with every wait bounded: an
     address where nothing listens or that refuses the job is one ClusterError line (see
-    `check_address`, `probe`). Returns the Session, whose `joined()` line names it. A head
-    that stops answering later raises HeadLost from the job's next wait, and
-    `on_head_lost(error)` is called from the watching thread as well (the job ends the process
-    there: its main thread may be blocked in Ray)."""
+    `check_address`, `probe`). Returns the Session, whose `joined()` line names it.
+
+    `end_job(error)` ends the job from a thread, wherever its main thread waits in Ray: it is
+    called when ray.init has not returned within the stall limit, and when a joined cluster's
+    head stops answering (which also raises HeadLost from the job's next wait). Without it
+    (an in-process caller), neither is watched from a thread."""
     global _session
     target, where = _target(address)
     if target and "://" not in target:
@@ -432,8 +460,9 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
     # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
     who = where if target else "a local Ray of the job's own"
     try:
-        context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                           configure_logging=False, log_to_driver=True)
+        with _bounded_start(who, "connect" if target else "start", stall_timeout_s, end_job):
+            context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                               configure_logging=False, log_to_driver=True)
     except Exception as e:  # noqa: BLE001: ray.init raises plain Exceptions too (a node that timed out starting)
         raise ClusterError(f"{who}: Ray did not {'connect' if target else 'start'} ({_first_line(e)}); "
                            f"Ray's logs: {_logs_dir()}") from None
@@ -444,11 +473,49 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
                       stall_s=stall_timeout_s)
     if gcs and "://" not in gcs:
         # A Ray of the job's own is not ended from the thread: its processes must be stopped.
-        report = on_head_lost if on_head_lost and not own else None
+        report = end_job if not own else None
         session.head = HeadWatch(gcs, session.head_lost_after_s(),
                                  (lambda silent: report(session.head_lost(silent))) if report else None)
+    if own:
+        session.raylet = _own_raylet()
     _session = session
     return _session
+
+
+@contextlib.contextmanager
+def _bounded_start(who: str, verb: str, limit_s: float, end_job: Callable[[ClusterError], None] | None):
+    """`ray.init` within the stall limit: past it, a thread stops what it started (this
+    process's children: a half-started Ray of the job's own) and ends the job with one line
+    (`end_job`, which does not return), wherever ray.init is waiting. Without `end_job` (a
+    caller in-process), nothing is watched."""
+    done = threading.Event()
+
+    def expired() -> None:
+        if done.wait(limit_s):
+            return
+        for pid in _children_running():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        end_job(ClusterError(f"{who}: Ray did not {verb} within {limit_s:g} s (stall_timeout_s); "
+                             f"Ray's logs: {_logs_dir()}"))
+
+    if end_job is not None:
+        threading.Thread(target=expired, name="mnist37-ray-start", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _own_raylet():
+    """The raylet process of the Ray this process started (a subprocess.Popen), or None."""
+    try:
+        from ray._private import ray_constants
+
+        (info,) = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+        return info.process
+    except Exception:  # noqa: BLE001: Ray-internal; without it the job relies on Ray's errors
+        return None
 
 
 def disconnect() -> None:
@@ -462,6 +529,12 @@ def disconnect() -> None:
         _session.head.stopped.set()
         if not _session.own and _session.head.lost():
             return
+    if _session.own and ray.is_initialized() and _session.raylet_gone():
+        # ray.shutdown() would call the dead raylet, and Ray would end the process with its
+        # own lines: stop the other processes of the job's Ray here (RayletLost ends the job).
+        with contextlib.suppress(Exception):  # noqa: BLE001: Ray-internal; best effort
+            ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
+        return
     if _session.own and ray.is_initialized():
         for pid in _children_running("/ray/autoscaler/", "monitor.py"):
             with contextlib.suppress(OSError):
@@ -561,7 +634,10 @@ def _wait(pending: list, watch: Watch) -> tuple[list, list]:
     Stalled once nothing has finished for stall_timeout_s. Nodes lost meanwhile are named
     (Session.check_nodes)."""
     while True:
-        done, rest = ray.wait(pending, num_returns=1, timeout=WAIT_STEP_S)
+        # fetch_local=False: ready anywhere is enough (a result is fetched by _get); a wait
+        # that fetched would call the raylet, and a dead raylet's caller is ended by Ray.
+        done, rest = ray.wait(pending, num_returns=1, timeout=WAIT_STEP_S, fetch_local=False)
+        _session.check_raylet(watch)
         _session.check_nodes(watch, len(rest))
         if done:
             return done, rest
@@ -570,7 +646,8 @@ def _wait(pending: list, watch: Watch) -> tuple[list, list]:
 
 
 def _get(ref: ray.ObjectRef, watch: Watch):
-    """The value of a finished task (`_wait` returned it, so it is local): bounded all the same."""
+    """The value of a finished task (`_wait` returned it: ready, and inlined in the reply
+    unless large), fetched within the stall limit."""
     try:
         return ray.get(ref, timeout=_session.stall_s)
     except ray.exceptions.GetTimeoutError:
@@ -589,6 +666,7 @@ def _cluster_failures(watch: Watch) -> Iterator[None]:
         raise
     except ray.exceptions.RayError as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _session.check_raylet(watch)  # Ray's error for it (LocalRayletDiedError) told the job's way
         raise ClusterError(f"Ray failed under the job during {watch.what} ({watch.done} of {watch.total}"
                            f"{watch.unit} done): {type(e).__name__}{': ' + text[:200] if text else ''}; "
                            "the chunks already written are kept and reused by the next run") from None

@@ -99,7 +99,7 @@ def _run(cfg: Config, status: Status) -> dict:
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
-        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, on_head_lost=_head_lost)
+        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, end_job=_end_job)
         _take_signals()
         log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
@@ -185,10 +185,10 @@ def _stopped(status: int) -> int:
     return _ended_now(status) if unanswered() else status
 
 
-def _head_lost(error: Mnist37Error) -> NoReturn:
-    """The Ray head stopped answering (called from the thread that watches it): the job's one
-    line, exit 1, now; the chunks written stay, a later run's partials cleanup takes what a
-    task left half-written."""
+def _end_job(error: Mnist37Error) -> NoReturn:
+    """Ray did not start within the stall limit, or the Ray head stopped answering (called
+    from the thread that watches it): the job's one line, exit 1, now; the chunks written
+    stay, a later run's partials cleanup takes what a task left half-written."""
     print(f"error: {error}", file=sys.stderr)
     _ended_now(1)
 
