@@ -163,8 +163,10 @@ def start_job(*argv: str, log: Path, env: dict | None = None) -> subprocess.Pope
     """jobs/evaluate.py in its own session, its output (stdout and stderr) to `log`."""
     env = env if env is not None else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen([sys.executable, "jobs/evaluate.py", *argv], cwd=PROJECT_ROOT, env=env,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    job.started = time.monotonic()
+    return job
 
 
 def wait_for(seen, what: str, job: subprocess.Popen | None = None, timeout_s: float = 180) -> None:
@@ -187,7 +189,11 @@ def finish(job: subprocess.Popen, log: Path, timeout_s: float) -> tuple[int, lis
     finally:  # the log of Ray's lines a refused connection leaves, which its error line names
         import tempfile
         Path(tempfile.gettempdir(), f"mnist37-ray-connect-{job.pid}.log").unlink(missing_ok=True)
-    return job.returncode, log.read_text(errors="replace").splitlines(), time.monotonic() - clock
+    now, lines = time.monotonic(), log.read_text(errors="replace").splitlines()
+    said = [line for line in lines if line.startswith(("error:", "interrupted"))]
+    print(f"\n{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}: exit {job.returncode}, "
+          f"{now - job.started:.1f} s after it started, {now - clock:.1f} s after this wait began: {said}")
+    return job.returncode, lines, now - clock
 
 
 def stop_with(job: subprocess.Popen, log: Path, signum: int = signal.SIGTERM) -> tuple[int, list[str], float]:
