@@ -425,8 +425,9 @@ def _first_line(error: BaseException) -> str:
 def _logs_dir() -> str:
     try:
         return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    except Exception:  # noqa: BLE001: Ray-internal; a hint only
-        return "the session folder under Ray's temp dir"
+    except Exception:  # noqa: BLE001: Ray-internal; a hint only (Ray not started: its newest session's)
+        return os.path.join(os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray"),
+                            "session_latest", "logs")
 
 
 _session = Session()

@@ -13,7 +13,7 @@ tests run in file order, each leaves a worker alive for the next, and the last o
 cut off, stops the cluster. The data is mnist_sample.tgz as one object: every host fetches and
 extracts it into its own cache once, and a job over the whole sample (14,434 images, 29 shards
 of 512) takes 4-8 s once it is there. mnist_sample as 14,434 objects took 142 s a run through
-moto on this machine (issue 25), too slow for the six runs here.
+moto on this machine (issue 25), too slow for the five runs here.
 
     MNIST37_DATA_DIR=../shared/data python -m pytest tests/test_hosts.py -s
 """
@@ -96,12 +96,12 @@ def results_of(store, name: str) -> dict:
     return json.loads(store.client().get_object(Bucket=BUCKET, Key=f"runs/{name}/results.json")["Body"].read())
 
 
-def job_argv(cluster, name: str, join: bool = True) -> list[str]:
+def job_argv(cluster, name: str, join: bool = True, chunks: str | None = None) -> list[str]:
     """jobs/evaluate.py joining the cluster (`join`: by its address), data and --out in the
     store, chunks under each host's own ~/.cache (a folder per test, so no test reuses another's
-    chunks)."""
+    chunks, unless `chunks` names another run's)."""
     return [sys.executable, "jobs/evaluate.py", "--data", ARCHIVE, "--out", f"s3://{BUCKET}/runs/{name}",
-            "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(hosts.HOME_CACHE / "mnist37-hosts" / name),
+            "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(hosts.HOME_CACHE / "mnist37-hosts" / (chunks or name)),
             *(["--ray-address", cluster.address] if join else [])]
 
 
@@ -201,35 +201,31 @@ def test_data_only_in_the_store_the_job_on_the_head_equals_one_node(cluster, sto
         assert len(list((host.cache / "mnist37" / "downloads" / "objects").glob("mnist_sample-*.tgz"))) == 1
 
 
-def test_ray_job_submit_from_outside_the_cluster(cluster, store, baseline, tmp_path):
+def test_ray_job_submit_from_outside_the_cluster_reuses_the_chunks_on_each_host(cluster, store, baseline):
     """From the root namespace (the bridge's address, no Ray node there), as a user submits to
     a remote cluster: the project folder travels as the job's working dir, the store's
-    endpoint in the job's runtime environment (configs/runtime_env.yaml's, plus the endpoint)."""
-    runtime_env = yaml.safe_load((PROJECT_ROOT / "configs" / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "AWS_ENDPOINT_URL": store.endpoint}
-    clock = time.perf_counter()
-    run = subprocess.run(
-        [hosts.RAY, "job", "submit", "--address", cluster.dashboard, "--runtime-env-json", json.dumps(runtime_env),
-         "--", *job_argv(cluster, "submitted", join=False)],  # it joins the cluster it runs in
-        cwd=PROJECT_ROOT, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    print(f"ray job submit: {time.perf_counter() - clock:.1f} s")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "succeeded" in run.stdout
-    assert figures(results_of(store, "submitted")) == baseline
+    endpoint in the job's runtime environment (configs/runtime_env.yaml's, plus the endpoint).
 
-
-def test_a_second_run_reuses_the_chunks_on_each_host(cluster, store, baseline, tmp_path):
-    """Chunks live on the disk of the host that decoded them: a second run reuses a shard's
-    chunk exactly when its task lands on that host again, and decodes it again elsewhere."""
+    It is the second run over the chunks of the job on the head: chunks live on the disk of
+    the host that decoded them, so it reuses a shard's chunk exactly when its task lands on
+    that host again, and decodes it again elsewhere."""
     first = results_of(store, "on-head")
     where = {(s["split"], s["index"]): s["decode_node_id"] for s in first["shards"]["per_shard"]}
     for host in cluster.workers:
         node = cluster.node_of(host)
         mine = sum(1 for n in where.values() if n == node)
         assert len(chunks_on(host, "on-head")) == mine > 0
-    job = start_job(cluster, cluster.head, "on-head", tmp_path)
-    assert finish(job) == 0, job.output()[-3000:]
-    second = results_of(store, "on-head")
+    runtime_env = yaml.safe_load((PROJECT_ROOT / "configs" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "AWS_ENDPOINT_URL": store.endpoint}
+    clock = time.perf_counter()
+    run = subprocess.run(
+        [hosts.RAY, "job", "submit", "--address", cluster.dashboard, "--runtime-env-json", json.dumps(runtime_env),
+         "--", *job_argv(cluster, "submitted", join=False, chunks="on-head")],  # it joins the cluster it runs in
+        cwd=PROJECT_ROOT, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    print(f"ray job submit: {time.perf_counter() - clock:.1f} s")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "succeeded" in run.stdout
+    second = results_of(store, "submitted")
     assert figures(second) == baseline
     shards = second["shards"]["per_shard"]
     for shard in shards:
