@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -330,7 +331,7 @@ class Session:
     head: HeadWatch | None = None
     nodes: dict[str, str] = field(default_factory=dict)  # node id -> address, of the nodes seen alive
     nodes_checked: float = 0.0  # time.monotonic() of the last look at them
-    raylet: object | None = None  # the job's own Ray's raylet (a subprocess.Popen), when it started one
+    raylet: subprocess.Popen | None = None  # the job's own Ray's raylet, when it started one
 
     def raylet_gone(self) -> str | None:
         """How the job's own Ray's raylet ended ("killed by signal 9"), or None while it runs
@@ -344,9 +345,7 @@ class Session:
         """RayletLost once the job's own raylet has ended: the job's waits never call into
         the raylet (fetch_local=False), so they see it first, not Ray's core worker."""
         if (how := self.raylet_gone()) is not None:
-            raise RayletLost(f"Ray failed under the job during {watch.what} ({watch.done} of {watch.total}"
-                             f"{watch.unit} done): the raylet of the job's own Ray (pid {self.raylet.pid}) ended "
-                             f"({how}); the chunks already written are kept and reused by the next run")
+            raise RayletLost(_failed_under(watch, f"the raylet of the job's own Ray (pid {self.raylet.pid}) ended ({how})"))
 
     def alive(self) -> dict[str, str]:
         """node id -> address of each node the cluster counts alive now."""
@@ -388,10 +387,9 @@ class Session:
             raise self.head_lost(self.head.silent_s())
 
     def joined(self) -> str:
-        self.nodes, self.nodes_checked = self.alive(), time.monotonic()
-        nodes = self.nodes
+        self.nodes, self.nodes_checked = self.alive(), time.monotonic()  # what check_nodes compares with
         resources = ray.cluster_resources()
-        return (f"Ray: {self.address} ({self.origin}): {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
+        return (f"Ray: {self.address} ({self.origin}): {len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}, "
                 f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
     def describe(self) -> tuple[str, str]:
@@ -668,9 +666,13 @@ def _cluster_failures(watch: Watch) -> Iterator[None]:
     except ray.exceptions.RayError as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _session.check_raylet(watch)  # Ray's error for it (LocalRayletDiedError) told the job's way
-        raise ClusterError(f"Ray failed under the job during {watch.what} ({watch.done} of {watch.total}"
-                           f"{watch.unit} done): {type(e).__name__}{': ' + text[:200] if text else ''}; "
-                           "the chunks already written are kept and reused by the next run") from None
+        raise ClusterError(_failed_under(watch, f"{type(e).__name__}{': ' + text[:200] if text else ''}")) from None
+
+
+def _failed_under(watch: Watch, what: str) -> str:
+    """The line for Ray failing under the job during `watch`'s stage."""
+    return (f"Ray failed under the job during {watch.what} ({watch.done} of {watch.total}{watch.unit} done): "
+            f"{what}; the chunks already written are kept and reused by the next run")
 
 
 # Names (and stamps) per listing block in Ray's object store: a decode task of an 8,192-image
