@@ -562,9 +562,19 @@ def test_the_raylet_killed_under_a_running_job_is_one_line(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)  # whatever of the job's own Ray is left
+        # A worker orphaned by its raylet may finish the chunk it was writing: count the chunks
+        # once nothing of that Ray runs any more (a full run saw one more chunk reused than counted).
+        deadline = time.monotonic() + 30
+        while (orphans := running(session_processes(job.pid))) and time.monotonic() < deadline:
+            for pid in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
     assert status == 1, lines[-10:]
     (line,) = outcome(lines)
-    assert line.startswith("error: Ray failed under the job during decode (")
+    # decode, as a rule; classify where the last of the 30 tiny decode tasks ended before the SIGSTOP landed
+    assert line.startswith(("error: Ray failed under the job during decode (",
+                            "error: Ray failed under the job during classify (")), line
     assert f"the raylet of the job's own Ray (pid {raylet}) ended (killed by signal 9)" in line
     assert not left
     assert line.endswith("the chunks already written are kept and reused by the next run")
