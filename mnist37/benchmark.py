@@ -118,7 +118,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_cluster(log_file: Path, timeout_s: float = 120) -> Iterator[str]:
+def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None = None,
+                    env: dict[str, str] | None = None) -> Iterator[str]:
     """A one-node Ray cluster (`ray start --head --block`, no dashboard) for as long as the
     context lasts; yields its address for `--ray-address`, and `ray start`'s output goes to
     `log_file`. Ending the `ray start` process stops what it started and nothing else on the
@@ -127,7 +128,8 @@ def running_cluster(log_file: Path, timeout_s: float = 120) -> Iterator[str]:
     and every later `ray.init()` on the machine would try to join the dead head.
 
     Public: the benchmark's cluster-cold and cluster-warm runs join it, and so does the test
-    suite's shared Ray (tests/conftest.py), which thereby tests it on every run."""
+    suite's shared Ray (tests/conftest.py), which thereby tests it on every run. `num_cpus`:
+    the CPUs the node offers its tasks (default: the machine's)."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
     # Short, under Ray's own temp root (RAY_TMPDIR, else the system's): its socket paths must fit 107 bytes.
@@ -137,8 +139,9 @@ def running_cluster(log_file: Path, timeout_s: float = 120) -> Iterator[str]:
         process = subprocess.Popen(
             [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--port", str(port),
              "--temp-dir", temp_dir, "--include-dashboard", "false", "--disable-usage-stats",
-             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port())],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+             *(["--num-cpus", str(num_cpus)] if num_cpus is not None else [])],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + timeout_s
         while "Ray runtime started" not in log_file.read_text(errors="replace"):

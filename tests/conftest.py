@@ -137,16 +137,37 @@ _SHARED = contextlib.ExitStack()
 _SHARED_ADDRESS: list[str] = []
 
 
+def ray_cpus_each() -> int:
+    """The CPUs each test Ray offers: the machine's, shared among the suite's processes
+    (`-n 2` on 2 cores: one each). A job on the test Ray then starts no more worker processes
+    than it can keep busy (each starts Python and Ray, and a classifying one imports torch:
+    ~1-2 CPU-s), and the suite's processes do not outbid each other for the cores."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def ray_env() -> dict[str, str]:
+    """The environment the session's Ray starts with: this process's without its AWS variables,
+    plus the S3 test server's credentials and nothing that could send a node to AWS (no
+    endpoint, no metadata service, no config files). Like a cluster's nodes, it holds
+    credentials only: the jobs that read the S3 test server bring its endpoint in their
+    driver's environment, and every task reads the store the driver read (issue 25)."""
+    from tests.s3server import aws_credentials
+
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **aws_credentials()}
+
+
 def shared_ray_address() -> str:
     """One Ray for the whole test session (`ray start --head` on loopback, its own temp dir),
     started on first use and stopped when the session ends, passed or failed: the jobs tests
     run and the in-process Ray tests join it instead of each starting a Ray (~3-4 s each on 2
-    cores). Tests about the job's own Ray (starting it, stopping it) pass --ray-address local."""
+    cores), the jobs over the S3 test server among them (ray_env). Tests about the job's
+    own Ray (starting it, stopping it) pass --ray-address local."""
     if not _SHARED_ADDRESS:
         from mnist37.benchmark import running_cluster  # the package's own `ray start --head`, as --cluster uses it
 
         log = Path(tempfile.mkdtemp(prefix="mnist37-tests-")) / "ray-start.log"
-        _SHARED_ADDRESS.append(_SHARED.enter_context(running_cluster(log)))
+        _SHARED_ADDRESS.append(_SHARED.enter_context(
+            running_cluster(log, num_cpus=ray_cpus_each(), env=ray_env())))
     return _SHARED_ADDRESS[0]
 
 
@@ -165,34 +186,38 @@ def ray_start_session(address: str) -> int:
     raise LookupError(f"no `ray start --head --port {port}` running")
 
 
-@contextlib.contextmanager
-def own_ray(name: str):
-    """A one-node Ray like the session's, of a test module's own, for as long as the context
-    lasts; yields its address for --ray-address. Its nodes start with this process's
-    environment as it is now, so their tasks see it too: a module that points the AWS
-    variables at its S3 server starts one, and its jobs join it instead of each starting a Ray
-    of their own (~5 s each on 2 cores)."""
-    from mnist37.benchmark import running_cluster
-
-    with running_cluster(Path(tempfile.mkdtemp(prefix=f"mnist37-{name}-")) / "ray-start.log") as address:
-        yield address
-
-
 def pytest_sessionfinish(session, exitstatus):
     _SHARED.close()
 
 
+# The longest modules, longest first: their summed test durations in a `-n 2 --dist loadfile`
+# run (2026-12-02, `--durations=0`): cluster 102 s, never_hang 89, hosts 66, object_store 56,
+# interrupt 51, formats_object_store 43, benchmark_job 39, evaluate_job_faults 25, install 19,
+# bad_records 18, images 17, bad_input 13; the other 30 modules take 65 s together.
+LONGEST_FIRST = ("test_cluster", "test_never_hang", "test_hosts", "test_object_store", "test_interrupt",
+                 "test_formats_object_store", "test_benchmark_job", "test_evaluate_job_faults", "test_install",
+                 "test_bad_records", "test_images", "test_bad_input")
+
+
 def pytest_collection_modifyitems(items):
-    """A test that uses the shared local Ray is a `ray` test, marked or not. The test hosts'
-    module, then every module with `ray` tests, then the rest: README's command runs the suite
-    in two processes that take a module at a time (`-n 2 --dist loadfile`), and the longest
-    ones first leave the short ones to even out the end (docs/testing.md)."""
+    """A test that uses the shared local Ray is a `ray` test, marked or not. The longest
+    modules first (LONGEST_FIRST), then the other modules with `ray` tests, then the rest:
+    README's command runs the suite in two processes that take a module at a time (`-n 2
+    --dist loadfile`, in this order: `--no-loadscope-reorder` in pyproject.toml, else xdist
+    sorts modules by their number of tests), and the longest ones first leave the short ones
+    to even out the end (docs/testing.md)."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-    heavy = {item.module.__name__: 0 if item.get_closest_marker("hosts") else 1
-             for item in items if item.get_closest_marker("ray")}
-    items.sort(key=lambda item: heavy.get(item.module.__name__, 2))  # stable: file order within each
+    ray_modules = {item.module.__name__ for item in items if item.get_closest_marker("ray")}
+
+    def rank(item) -> tuple[int, int]:
+        name = item.module.__name__.rpartition(".")[2]
+        if name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(name)
+        return (1 if item.module.__name__ in ray_modules else 2), 0
+
+    items.sort(key=rank)  # stable: file order within each
 
 
 @pytest.fixture(scope="session")

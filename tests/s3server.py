@@ -19,10 +19,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-def aws_env(endpoint: str) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+def aws_credentials() -> dict[str, str]:
+    """What a node of a test cluster holds: the test server's credentials and region, and
+    nothing that could send it to AWS (no metadata service, no config files), but no endpoint."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    """What a driver reading the test server holds: the credentials and the server's endpoint."""
+    return {"AWS_ENDPOINT_URL": endpoint, **aws_credentials()}
 
 
 class S3Server:

@@ -199,8 +199,14 @@ class MultiNode:
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    """One 3-node cluster for the tests that leave it as they found it (~10 s a start here)."""
-    cluster = MultiNode(2)
+    """One 3-node cluster for the tests that leave it as they found it (~10 s a start here).
+    Each node advertises a GPU that does not exist, for the GPU-request test: the other jobs'
+    classify tasks then ask for a quarter of one (the default), and run on the CPU as before.
+    The nodes hold the S3 test server's credentials, not its endpoint, as a cluster's nodes
+    would: a job over the store brings the endpoint in its driver's environment."""
+    from tests.s3server import aws_credentials
+
+    cluster = MultiNode(2, gpus=1, **aws_credentials())
     yield cluster
     cluster.close()
 
@@ -261,6 +267,31 @@ def test_shared_chunk_store_uri(three_nodes, data, baseline, tmp_path):
     same_results(results, baseline)
     assert results["shards"]["transport"] == "filesystem" and results["shards"]["chunk_dir"].startswith("file://")
     assert len(list((tmp_path / "store" / "valid").glob("*.arrow"))) == 3
+
+
+def test_three_nodes_with_the_data_only_in_the_store(three_nodes, tmp_path_factory, tmp_path):
+    """The data only in the S3 test server, whose endpoint only the driver knows: every node's
+    decode tasks read it from there, chunks reach classify tasks through Ray's object store,
+    and the figures are those of the same folder on disk on one node."""
+    from tests.s3server import serving
+
+    root = make_image_folder(tmp_path_factory.mktemp("stored") / "data",
+                             {"train": {"3": 300, "7": 300}, "valid": {"3": 100, "7": 100}}, shape=(28, 28))
+    one = run_job("--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
+                  "--cache-dir", str(tmp_path / "c1"))
+    assert one.returncode == 0, one.stderr
+    with serving("mnist37-cluster") as s3:  # this process's AWS variables, the endpoint too, for the driver
+        s3.upload(root, "mnist37-cluster", "data")
+        run = job_on(three_nodes, "s3://mnist37-cluster/data", tmp_path / "three", "--cache-dir", str(tmp_path / "c3"))
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "three" / "results.json").read_text())
+    baseline = json.loads((tmp_path / "one" / "results.json").read_text())
+    for key in ("metrics", "counts", "files", "rejected", "prototypes_sha256", "classes", "image_shape"):
+        assert results[key] == baseline[key], key
+    assert results["data"]["fingerprint"] == baseline["data"]["fingerprint"]
+    decode_nodes = {shard["decode_node_id"] for shard in results["shards"]["per_shard"]}
+    assert decode_nodes == {three_nodes.info["head"], *three_nodes.info["workers"]}  # every node read from the store
+    assert results["shards"]["transport"] == "object_store"
 
 
 def test_a_worker_node_removed_mid_job(three_nodes_of_its_own, data, baseline, tmp_path):
@@ -326,18 +357,14 @@ def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
 # ---------------------------------------------------------------- GPU requests
 
 
-def test_classify_tasks_ask_for_gpus_and_run_on_cpu_without_cuda(data, baseline, tmp_path):
+def test_classify_tasks_ask_for_gpus_and_run_on_cpu_without_cuda(three_nodes, data, baseline, tmp_path):
     import torch
 
-    cluster = MultiNode(1, gpus=1)  # advertises 2 GPUs that do not exist
-    try:
-        run = job_on(cluster, data, tmp_path, "--gpus-per-task", "0.5")
-    finally:
-        cluster.close()
+    run = job_on(three_nodes, data, tmp_path, "--gpus-per-task", "0.5")  # 3 GPUs that do not exist
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     same_results(results, baseline)
-    assert results["ray"]["cluster_resources"]["GPU"] == 2
+    assert results["ray"]["cluster_resources"]["GPU"] == 3
     shards = results["shards"]["per_shard"]
     assert all(s["decode_gpu_ids"] == [] for s in shards)  # decode tasks never ask for a GPU
     classified = [s for s in shards if s["split"] == "valid"]

@@ -14,7 +14,7 @@ from mnist37.locate import locate
 from mnist37.config import load
 from mnist37.plan import plan
 
-from tests.conftest import make_image_folder, own_ray
+from tests.conftest import make_image_folder, shared_ray_address
 from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_bad_records import parquet_corpus, webdataset_corpus
 from tests.test_evaluate_job import run_job
@@ -33,11 +33,11 @@ def s3():
 
 @pytest.fixture(scope="module")
 def s3_ray(s3):
-    """A Ray started while this process's AWS variables point at the server: jobs that read
-    the store join it (as tests/test_object_store.py's do); jobs over local files join the
-    session's Ray."""
-    with own_ray("s3-formats") as address:
-        yield address
+    """The Ray the jobs that read or write the store join: the session's, whose nodes hold the
+    test server's credentials but not its endpoint (tests/conftest.py: ray_env); each job
+    brings the endpoint in its driver's environment (this process's, pointed at the server),
+    and its tasks read the store the driver read."""
+    return shared_ray_address()
 
 
 def idx_corpus(clean, root):

@@ -33,7 +33,7 @@ import yaml
 
 from tests import hosts
 from tests.conftest import PROJECT_ROOT
-from tests.s3server import aws_env
+from tests.s3server import aws_credentials
 
 pytestmark = [pytest.mark.ray, pytest.mark.hosts]
 
@@ -68,8 +68,7 @@ def store(network, mnist_sample_tgz):
 def cluster(network, store, tmp_path_factory):
     """The nodes hold the store's credentials, not its endpoint; `job_env` is a driver's
     environment: the cluster's, plus the endpoint."""
-    credentials = {k: v for k, v in aws_env(store.endpoint).items() if k != "AWS_ENDPOINT_URL"}
-    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), credentials),
+    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), aws_credentials()),
                                tmp_path_factory.mktemp("ray-logs"))
     cluster.job_env = {**cluster.env, "AWS_ENDPOINT_URL": store.endpoint}
     try:

@@ -327,7 +327,7 @@ def test_class_names_name_numbered_classes_in_every_output(corpus, tmp_path):
     data = write_webdataset(corpus, tmp_path / "wds", class_names=False)
     (tmp_path / "names.txt").write_text("".join(c + "\n" for c in CLASSES))
     out = tmp_path / "out"
-    run = run_job("--ray-address", "local", "--data", str(data), "--classes", "0", "1", "2", "--class-names",
+    run = run_job("--data", str(data), "--classes", "0", "1", "2", "--class-names",
                   f"@{tmp_path / 'names.txt'}", "--on-bad-file", "skip", "--out", str(out),
                   "--cache-dir", str(tmp_path / "c"))
     assert run.returncode == 0, run.stderr
@@ -386,7 +386,7 @@ def test_a_color_set_in_object_storage_gives_the_figures_on_disk(corpus, tmp_pat
 
     with serving("mnist37-color") as s3:
         s3.upload(corpus, "mnist37-color", "set")
-        common = ("--ray-address", "local", "--classes", "all", "--on-bad-file", "skip")
+        common = ("--classes", "all", "--on-bad-file", "skip")  # the session's Ray: credentials, no endpoint
         runs = {name: run_job(*common, "--data", data, "--out", str(tmp_path / name), "--cache-dir",
                               str(tmp_path / f"c-{name}"), env_extra=aws_env(s3.endpoint))
                 for name, data in (("disk", str(corpus)), ("store", "s3://mnist37-color/set"))}

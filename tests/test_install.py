@@ -68,18 +68,7 @@ def test_a_data_problem_from_the_installed_package(installed, tmp_path):
 
 
 @pytest.mark.ray
-def test_the_installed_package_runs_the_job_with_its_own_defaults(installed, tmp_path):
-    data = make_image_folder(tmp_path / "data", {"train": {"3": 20, "7": 20}, "valid": {"3": 5, "7": 5}})
-    run = run_installed(installed, tmp_path, "--data", str(data), "--out", str(tmp_path / "out"),
-                        "--ray-address", "local")
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert (results["config"]["train_split"], results["config"]["eval_split"]) == ("train", "valid")
-    assert results["classes"] == ["3", "7"] and results["metrics"]["l1"]["total"] == 10
-
-
-@pytest.mark.ray
-def test_the_installed_package_runs_the_benchmark(installed, tmp_path):
+def test_the_installed_package_runs_the_benchmark_and_the_job_with_its_own_defaults(installed, tmp_path):
     data = make_image_folder(tmp_path / "data", {"train": {"3": 10, "7": 10}, "valid": {"3": 4, "7": 4}})
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")},
            "PYTHONPATH": str(installed)}
@@ -90,3 +79,9 @@ def test_the_installed_package_runs_the_benchmark(installed, tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["checks"]["seed_and_mnist37_agree_per_scale"] == {"1": True}
     assert "x seed" in run.stdout
+    # Its cold run was the installed job with the package's own defaults (`python -m mnist37.job
+    # --data D --out O --chunk-dir C --ray-address local`, nothing else): splits, classes, a Ray of its own.
+    results = json.loads((tmp_path / "bench" / "x1" / "out-cold" / "results.json").read_text())
+    assert (results["config"]["train_split"], results["config"]["eval_split"]) == ("train", "valid")
+    assert results["config"]["ray_address"] == "local"
+    assert results["classes"] == ["3", "7"] and results["metrics"]["l1"]["total"] == 8

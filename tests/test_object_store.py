@@ -14,7 +14,7 @@ import pytest
 from mnist37.sources.folder import list_class_folder
 from mnist37.objects import read_objects, write_object
 
-from tests.conftest import PROJECT_ROOT, make_image_folder, own_ray
+from tests.conftest import PROJECT_ROOT, make_image_folder, shared_ray_address
 from tests.s3server import FaultProxy, aws_env, serving
 from tests.test_evaluate_job import run_job
 
@@ -33,12 +33,11 @@ def s3():
 
 @pytest.fixture(scope="module")
 def s3_ray(s3):
-    """The address of a Ray started while this process's AWS variables point at the server:
-    the jobs that read or write the store join it, as they joined a Ray of their own before
-    (--ray-address local), with the same variables in their tasks. Jobs that touch only local
-    files join the session's Ray."""
-    with own_ray("s3") as address:
-        yield address
+    """The Ray the jobs that read or write the store join: the session's, whose nodes hold the
+    test server's credentials but not its endpoint (tests/conftest.py: ray_env); each job
+    brings the endpoint in its driver's environment (this process's, pointed at the server),
+    and its tasks read the store the driver read."""
+    return shared_ray_address()
 
 
 @pytest.fixture(scope="module")
@@ -260,31 +259,3 @@ def test_chunks_in_the_store_are_reused(s3, s3_ray, stored_folder, tmp_path):
     assert sorted(o["Key"] for o in listed if not o["Key"].endswith("/")) == [f"chunks/{s}/{s}-{n}-000000.arrow" for s, n in
                                                 (("train", first["config"]["shard_size"]),
                                                  ("valid", first["config"]["shard_size"]))]
-
-
-@pytest.mark.ray
-def test_three_nodes_with_the_data_only_in_the_store(s3, tmp_path_factory, tmp_path):
-    """A 3-node cluster (tests/multinode.py) whose nodes know only the store: the data is read
-    by every node's decode tasks from S3, chunks reach classify tasks through Ray's object
-    store (no chunk store is shared: each node's is its own default), figures as on one node."""
-    from tests.test_cluster import MultiNode
-
-    root = make_image_folder(tmp_path_factory.mktemp("cluster") / "data",
-                             {"train": {"3": 300, "7": 300}, "valid": {"3": 100, "7": 100}}, shape=(28, 28))
-    s3.upload(root, BUCKET, "cluster")
-    baseline = run_job("--data", str(root), "--out", str(tmp_path / "one"), "--shard-size", "100",
-                       "--cache-dir", str(tmp_path / "c1"))
-    assert baseline.returncode == 0, baseline.stderr
-    cluster = MultiNode(2, **aws_env(s3.endpoint))
-    try:
-        run = run_job("--data", f"s3://{BUCKET}/cluster", "--out", str(tmp_path / "three"), "--shard-size", "100",
-                      "--cache-dir", str(tmp_path / "c3"), "--ray-address", cluster.info["address"],
-                      env_extra=aws_env(s3.endpoint))
-    finally:
-        cluster.close()
-    assert run.returncode == 0, run.stderr
-    results = json.loads((tmp_path / "three" / "results.json").read_text())
-    assert figures(results) == figures(json.loads((tmp_path / "one" / "results.json").read_text()))
-    decode_nodes = {shard["decode_node_id"] for shard in results["shards"]["per_shard"]}
-    assert decode_nodes == {cluster.info["head"], *cluster.info["workers"]}  # every node read from the store
-    assert results["shards"]["transport"] == "object_store"
