@@ -173,6 +173,7 @@ class MultiNode:
     reaches every node's tasks (AWS variables, for data in an object store)."""
 
     def __init__(self, workers: int, gpus: float = 0, **extra_env: str):
+        self.removed: list[int] = []  # the workers removed so far
         self.process = subprocess.Popen([sys.executable, "tests/multinode.py", str(workers), str(gpus)],
                                         cwd=PROJECT_ROOT, env=env(**FAST_HEALTH_CHECKS, **extra_env), text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
@@ -184,6 +185,7 @@ class MultiNode:
 
     def remove(self, index: int) -> set[str]:
         """Kill worker `index`; return once the cluster reports it dead, with the live node ids."""
+        self.removed.append(index)
         self.process.stdin.write(f"remove {index}\n")
         self.process.stdin.flush()
         word, _, alive = self.process.stdout.readline().partition(" ")
@@ -198,12 +200,13 @@ class MultiNode:
 
 
 @pytest.fixture(scope="module")
-def three_nodes():
-    """One 3-node cluster for the tests that leave it as they found it (~10 s a start here).
-    Each node advertises a GPU that does not exist, for the GPU-request test: the other jobs'
-    classify tasks then ask for a quarter of one (the default), and run on the CPU as before.
-    The nodes hold the S3 test server's credentials, not its endpoint, as a cluster's nodes
-    would: a job over the store brings the endpoint in its driver's environment."""
+def three_nodes_cluster():
+    """One 3-node cluster for the module (~10 s a start here). Each node advertises a GPU that
+    does not exist, for the GPU-request test: the other jobs' classify tasks then ask for a
+    quarter of one (the default), and run on the CPU as before. The nodes hold the S3 test
+    server's credentials, not its endpoint, as a cluster's nodes would: a job over the store
+    brings the endpoint in its driver's environment. The node-removal test, the module's last
+    test on it, removes one of its nodes."""
     from tests.s3server import aws_credentials
 
     cluster = MultiNode(2, gpus=1, **aws_credentials())
@@ -212,11 +215,10 @@ def three_nodes():
 
 
 @pytest.fixture
-def three_nodes_of_its_own():
-    """A 3-node cluster for a test that removes one of its nodes."""
-    cluster = MultiNode(2)
-    yield cluster
-    cluster.close()
+def three_nodes(three_nodes_cluster):
+    """The module's cluster with its three nodes, for a test that leaves it as it found it."""
+    assert not three_nodes_cluster.removed, "a node was removed before this test: the removal test must run last"
+    return three_nodes_cluster
 
 
 def job_args(cluster, data, out, *extra, shard_size=100) -> list[str]:
@@ -294,37 +296,6 @@ def test_three_nodes_with_the_data_only_in_the_store(three_nodes, tmp_path_facto
     assert results["shards"]["transport"] == "object_store"
 
 
-def test_a_worker_node_removed_mid_job(three_nodes_of_its_own, data, baseline, tmp_path):
-    """The node is gone, as the cluster itself reports, while most shards are still to do.
-
-    To prove that on a machine of any speed, the driver is paused (SIGSTOP) once decoding has
-    begun: it submits nothing more, and at most its window of tasks can finish meanwhile. The
-    node is removed, the cluster reports it dead, the shards done by then are counted, and
-    only then does the job go on."""
-    chunks = tmp_path / "chunks"
-    job = start_job(three_nodes_of_its_own, data, tmp_path, shard_size=20)  # 60 + 15 shards
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(chunks.glob("*/*.arrow"))) < 3:  # the job is decoding
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before a node could be removed"
-            time.sleep(0.05)
-        os.kill(job.pid, signal.SIGSTOP)
-        alive = three_nodes_of_its_own.remove(0)
-        done_while_gone = len(list(chunks.glob("*/*.arrow")))
-        os.kill(job.pid, signal.SIGCONT)
-        job.wait(timeout=600)
-    finally:
-        stop_group(job)
-    removed = three_nodes_of_its_own.info["workers"][0]
-    assert removed not in alive and len(alive) == 2
-    assert done_while_gone < 75  # shards remained for the two nodes left
-    assert job.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    same_results(results, baseline)
-    assert {n["node_id"] for n in results["ray"]["nodes"]} == alive
-    assert removed not in per_node(results, "classify_node_id")  # classifying began after it was gone
-
-
 def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
     """SIGKILL a worker of the session's Ray (never another Ray's: the suite runs in two
     processes) while its process title says it runs a decode task; Ray retries it."""
@@ -371,6 +342,41 @@ def test_classify_tasks_ask_for_gpus_and_run_on_cpu_without_cuda(three_nodes, da
     assert classified and all(len(s["classify_gpu_ids"]) == 1 for s in classified)
     if not torch.cuda.is_available():
         assert {s["classify_device"] for s in classified} == {"cpu"}
+
+
+# ---------------------------------------------------------------- a node removed (the last on three_nodes_cluster)
+
+
+def test_a_worker_node_removed_mid_job(three_nodes_cluster, data, baseline, tmp_path):
+    """The node is gone, as the cluster itself reports, while most shards are still to do (the
+    module's cluster: this test is the last on it).
+
+    To prove that on a machine of any speed, the driver is paused (SIGSTOP) once decoding has
+    begun: it submits nothing more, and at most its window of tasks can finish meanwhile. The
+    node is removed, the cluster reports it dead, the shards done by then are counted, and
+    only then does the job go on."""
+    chunks = tmp_path / "chunks"
+    job = start_job(three_nodes_cluster, data, tmp_path, shard_size=20)  # 60 + 15 shards
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(chunks.glob("*/*.arrow"))) < 3:  # the job is decoding
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before a node could be removed"
+            time.sleep(0.05)
+        os.kill(job.pid, signal.SIGSTOP)
+        alive = three_nodes_cluster.remove(0)
+        done_while_gone = len(list(chunks.glob("*/*.arrow")))
+        os.kill(job.pid, signal.SIGCONT)
+        job.wait(timeout=600)
+    finally:
+        stop_group(job)
+    removed = three_nodes_cluster.info["workers"][0]
+    assert removed not in alive and len(alive) == 2
+    assert done_while_gone < 75  # shards remained for the two nodes left
+    assert job.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    same_results(results, baseline)
+    assert {n["node_id"] for n in results["ray"]["nodes"]} == alive
+    assert removed not in per_node(results, "classify_node_id")  # classifying began after it was gone
 
 
 # ---------------------------------------------------------------- Kubernetes
