@@ -129,7 +129,8 @@ def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None
 
     Public: the benchmark's cluster-cold and cluster-warm runs join it, and so does the test
     suite's shared Ray (tests/conftest.py), which thereby tests it on every run. `num_cpus`:
-    the CPUs the node offers its tasks (default: the machine's)."""
+    the CPUs the node offers its tasks (default: the machine's); `env`: the environment its
+    processes, its tasks' included, start with (default: this process's)."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
     # Short, under Ray's own temp root (RAY_TMPDIR, else the system's): its socket paths must fit 107 bytes.

@@ -10,27 +10,20 @@ ids as JSON; `quit` (or end of input) shuts the cluster down.
 """
 
 import json
-import socket
 import sys
 
 from ray.cluster_utils import Cluster
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     workers = int(sys.argv[1])
     gpus = float(sys.argv[2]) if len(sys.argv) > 2 else 0
-    # The head's dashboard agent on a free port, not Ray's default 52365: a second Ray on the
-    # machine whose agent finds that port taken retries for ~3.5 s before it starts without it
-    # (the other nodes here get free ports from ray.cluster_utils itself).
+    # The head's dashboard agent on a port the system picks (0), not Ray's default 52365: a
+    # second Ray on the machine whose agent finds that port taken retries for ~3.5 s before it
+    # starts without it (the other nodes here get free ports from ray.cluster_utils itself).
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 1, "num_gpus": gpus, "include_dashboard": False,
-                                      "dashboard_agent_listen_port": free_port()})
+                                      "dashboard_agent_listen_port": 0})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=gpus) for _ in range(workers)]
     cluster.wait_for_nodes()
     print(json.dumps({"address": cluster.address, "head": cluster.head_node.node_id,
