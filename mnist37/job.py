@@ -69,19 +69,22 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(str(e))
 
 
-def main(cfg: Config, status: Status | None = None) -> dict:
+def main(cfg: Config, status: Status | None = None, exiting: bool = False) -> dict:
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
-    the input, the storage or the cluster."""
+    the input, the storage or the cluster. `exiting` (the command line): the process ends
+    right after; once the outputs are written, a joined cluster is left without
+    `ray.shutdown()` (`distributed.disconnect`), and `status.left_ray` says the process must
+    end with no exit handler run."""
     # The driver's way to its object store, made once and handed to every task; put back when
     # the job ends, for a caller that runs jobs in-process.
     use_store(StoreSettings.from_environment(cfg.store_timeout_s), driver=True)
     try:
-        return _run(cfg, status or Status())
+        return _run(cfg, status or Status(), exiting)
     finally:
         use_store(None)
 
 
-def _run(cfg: Config, status: Status) -> dict:
+def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     from mnist37.locate import locate
 
     clock = time.perf_counter()
@@ -95,7 +98,7 @@ def _run(cfg: Config, status: Status) -> dict:
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
-    status.stage, planned = "plan", None
+    status.stage, planned, written = "plan", None, False
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
@@ -113,8 +116,9 @@ def _run(cfg: Config, status: Status) -> dict:
         status.stage = "write results"
         out = local_or_uri(located.cfg.out)
         table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
+        written = True
     finally:
-        disconnect()
+        status.left_ray = disconnect(exiting=exiting and written)
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
         _clear_temporaries(planned)
     print(table)
@@ -167,8 +171,10 @@ def run(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     status = Status()
     try:
-        main(cfg, status)
-        return 0
+        main(cfg, status, exiting=True)
+        # A joined cluster left as it is (distributed.disconnect): Ray's exit handler would
+        # call ray.shutdown() after all.
+        return _ended_now(0) if status.left_ray else 0
     except Mnist37Error as e:
         print(f"error: {e}", file=sys.stderr)
         return _ended_now(1) if getattr(e, "ends_process", False) else 1

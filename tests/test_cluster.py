@@ -293,6 +293,42 @@ def test_three_nodes_with_the_data_only_in_the_store(three_nodes, tmp_path_facto
     assert results["shards"]["transport"] == "object_store"
 
 
+def ray_workers(session: int) -> set[int]:
+    """Pids of the Ray worker processes (titled `ray::...`) in session `session`: a cluster
+    started by the tests is a session of its own (`start_new_session`)."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if sid == session and title.startswith(b"ray::"):
+            found.add(int(pid))
+    return found
+
+
+def test_a_job_leaves_a_cluster_at_once_and_none_of_its_workers_behind(three_nodes, data, baseline, tmp_path):
+    """The command line leaves a joined cluster without ray.shutdown() once the outputs are
+    written (mnist37.distributed.disconnect): its output is whole, and the raylets stop every
+    worker they started for the job, as for any driver that exits."""
+    session = three_nodes.process.pid
+    before = ray_workers(session)
+    job, seen = start_job(three_nodes, data, tmp_path), set()
+    while job.poll() is None:  # the job's workers, as the check below sees them
+        seen |= ray_workers(session) - before
+        time.sleep(0.05)
+    assert job.returncode == 0, (tmp_path / "job.log").read_text()
+    assert seen, "no worker of the job was seen while it ran"
+    same_results(json.loads((tmp_path / "results.json").read_text()), baseline)
+    log = (tmp_path / "job.log").read_text().splitlines()
+    assert "image files = " in log[-1]  # the last line, flushed before the process ended
+    deadline = time.monotonic() + 30
+    while left := ray_workers(session) & seen:
+        assert time.monotonic() < deadline, f"workers of the finished job still run 30 s later: {sorted(left)}"
+        time.sleep(0.2)
+
+
 def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
     """SIGKILL a worker of the session's Ray (never another Ray's: the suite runs in two
     processes) while its process title says it runs a decode task; Ray retries it."""
