@@ -517,7 +517,7 @@ def _own_raylet():
         return None
 
 
-def disconnect(exiting: bool = False) -> bool:
+def disconnect(exiting: bool = False) -> None:
     """Leave Ray; a Ray the job started is stopped, every process of it (`ray.shutdown()`).
     Its autoscaler monitor goes first, by SIGKILL: a Ray of the job's own has nothing to
     scale, and on SIGTERM the monitor reports its end to the GCS, which `ray.shutdown()` has
@@ -529,26 +529,25 @@ def disconnect(exiting: bool = False) -> bool:
     outputs are written). A joined cluster is then left as a driver that exits is: the raylet
     sees the driver's connection close and stops the job's workers. `ray.shutdown()` would
     hold the exit for up to 0.25 s to join a polling thread of Ray's gRPC client
-    (benchmarks/fixed_costs). Returns True when Ray was left that way: the caller must end
-    the process without exit handlers (Ray's would call `ray.shutdown()` after all)."""
+    (benchmarks/fixed_costs). The caller must then end the process without exit handlers:
+    Ray's would call `ray.shutdown()` after all."""
     if _session.head is not None:
         _session.head.stopped.set()
         if not _session.own and _session.head.lost():
-            return False
+            return
     if exiting and not _session.own and ray.is_initialized():
-        return True
+        return
     if _session.own and ray.is_initialized() and _session.raylet_gone():
         # ray.shutdown() would call the dead raylet, and Ray would end the process with its
         # own lines: stop the other processes of the job's Ray here (RayletLost ends the job).
         with contextlib.suppress(Exception):  # noqa: BLE001: Ray-internal; best effort
             ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
-        return False
+        return
     if _session.own and ray.is_initialized():
         for pid in _children_running("/ray/autoscaler/", "monitor.py"):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     ray.shutdown()
-    return False
 
 
 def _children_running(*parts: str) -> list[int]:

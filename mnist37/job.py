@@ -72,9 +72,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(cfg: Config, status: Status | None = None, exiting: bool = False) -> dict:
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
     the input, the storage or the cluster. `exiting` (the command line): the process ends
-    right after; once the outputs are written, a joined cluster is left without
-    `ray.shutdown()` (`distributed.disconnect`), and `status.left_ray` says the process must
-    end with no exit handler run."""
+    right after, with no exit handler run; once the outputs are written, a joined cluster is
+    then left without `ray.shutdown()` (`distributed.disconnect`)."""
     # The driver's way to its object store, made once and handed to every task; put back when
     # the job ends, for a caller that runs jobs in-process.
     use_store(StoreSettings.from_environment(cfg.store_timeout_s), driver=True)
@@ -118,7 +117,7 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
         table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
         written = True
     finally:
-        status.left_ray = disconnect(exiting=exiting and written)
+        disconnect(exiting=exiting and written)
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
         _clear_temporaries(planned)
     print(table)
@@ -172,9 +171,10 @@ def run(argv: list[str] | None = None) -> int:
     status = Status()
     try:
         main(cfg, status, exiting=True)
-        # A joined cluster left as it is (distributed.disconnect): Ray's exit handler would
-        # call ray.shutdown() after all.
-        return _ended_now(0) if status.left_ray else 0
+        # The outputs are written and Ray stopped (or a joined cluster left as it is:
+        # distributed.disconnect, whose ray.shutdown() Ray's exit handler would call after
+        # all): nothing is left for an exit handler or the interpreter's teardown to do.
+        return _ended_now(0)
     except Mnist37Error as e:
         print(f"error: {e}", file=sys.stderr)
         return _ended_now(1) if getattr(e, "ends_process", False) else 1

@@ -48,7 +48,6 @@ class Status:
     shards_decoded: int = 0
     chunks_total: int = 0
     chunks_classified: int = 0
-    left_ray: bool = False  # the job left a joined cluster without ray.shutdown(): end with no exit handler
 
 
 class Stalled(Mnist37Error, TimeoutError):
