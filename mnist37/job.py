@@ -164,7 +164,10 @@ def interrupted(status: Status, out: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The command line: returns the exit status."""
+    """The command line (jobs/evaluate.py, `mnist37-evaluate`): ends the process, or returns
+    the exit status for the caller to exit with. A run that ended well always ends the
+    process itself (status 0, no exit handler: see below); to run the job inside a process
+    that goes on, call `main`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _take_signals()
     cfg = parse_args(argv)

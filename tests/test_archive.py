@@ -33,6 +33,25 @@ def test_extracts_once_and_reuses(tmp_path):
     assert [p.name for p in (tmp_path / "cache" / "extracted").iterdir()] == [first.name]
 
 
+def test_every_extraction_has_the_members_bytes_and_modification_times(tmp_path):
+    """Two caches (two nodes) extract the same archive to the same bytes and mtimes, the
+    archive's own: the folder's chunk keys hold each file's (size, mtime), so chunks decoded
+    from one node's extraction are reused from another's."""
+    with tarfile.open(tmp_path / "ds.tar", "w") as tar:
+        for i, (name, mtime) in enumerate([("ds/train/3/a.png", 1_600_000_000), ("ds/train/7/b.png", 1_700_000_123),
+                                           ("ds/valid/3/big.png", 1_234_567_890)]):
+            data = bytes(range(256)) * (1 + 9000 * (i == 2))  # one member over copyfileobj's 1 MiB step
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "ds.tar") as tar:
+        expected = {m.name: (tar.extractfile(m).read(), m.mtime) for m in tar.getmembers()}
+    for cache in ("node-a", "node-b"):
+        root = extract(tmp_path / "ds.tar", tmp_path / cache)
+        found = {str(p.relative_to(root)): (p.read_bytes(), int(p.stat().st_mtime)) for p in root.rglob("*.png")}
+        assert found == expected
+
+
 def test_changed_archive_gets_its_own_folder(tmp_path):
     folder = make_image_folder(tmp_path / "src", {"train": {"3": 2, "7": 2}})
     archive = make_tgz(tmp_path / "ds.tgz", folder)

@@ -13,6 +13,7 @@ archive's content, is the same path on each.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -91,7 +92,8 @@ def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], staging
             made.add(folder)
         with tar.extractfile(member) as source, open(path, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
-        os.utime(path, (member.mtime, member.mtime))
+        with contextlib.suppress(OverflowError, ValueError):  # an mtime past the system's range: the file keeps its own
+            os.utime(path, (member.mtime, member.mtime))
 
 
 def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
