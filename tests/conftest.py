@@ -186,6 +186,21 @@ def ray_start_session(address: str) -> int:
     raise LookupError(f"no `ray start --head --port {port}` running")
 
 
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line (arguments joined by spaces; a Ray worker's is its title,
+    `ray::<task>`) of every process in session `sid` but its leader: a job started in a
+    session of its own (its own Ray's processes among them), or a Ray the tests started so."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and int(pid) != sid:
+                found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def pytest_sessionfinish(session, exitstatus):
     _SHARED.close()
 

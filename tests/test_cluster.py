@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, make_image_folder, ray_start_session, shared_ray_address
+from tests.conftest import PROJECT_ROOT, make_image_folder, ray_start_session, session_processes, shared_ray_address
 from tests.test_evaluate_job import run_job
 
 pytestmark = pytest.mark.ray  # real Ray clusters
@@ -293,19 +293,10 @@ def test_three_nodes_with_the_data_only_in_the_store(three_nodes, tmp_path_facto
     assert results["shards"]["transport"] == "object_store"
 
 
-def ray_workers(session: int) -> set[int]:
-    """Pids of the Ray worker processes (titled `ray::...`) in session `session`: a cluster
+def ray_workers(session: int) -> dict[int, str]:
+    """pid -> title of the Ray worker processes (`ray::...`) in session `session`: a Ray
     started by the tests is a session of its own (`start_new_session`)."""
-    found = set()
-    for pid in os.listdir("/proc"):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes()
-            sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
-        except (OSError, ValueError, IndexError):
-            continue
-        if sid == session and title.startswith(b"ray::"):
-            found.add(int(pid))
-    return found
+    return {pid: command for pid, command in session_processes(session).items() if command.startswith("ray::")}
 
 
 def test_a_job_leaves_a_cluster_at_once_and_none_of_its_workers_behind(three_nodes, data, baseline, tmp_path):
@@ -313,10 +304,10 @@ def test_a_job_leaves_a_cluster_at_once_and_none_of_its_workers_behind(three_nod
     written (mnist37.distributed.disconnect): its output is whole, and the raylets stop every
     worker they started for the job, as for any driver that exits."""
     session = three_nodes.process.pid
-    before = ray_workers(session)
+    before = ray_workers(session).keys()
     job, seen = start_job(three_nodes, data, tmp_path), set()
     while job.poll() is None:  # the job's workers, as the check below sees them
-        seen |= ray_workers(session) - before
+        seen |= ray_workers(session).keys() - before
         time.sleep(0.05)
     assert job.returncode == 0, (tmp_path / "job.log").read_text()
     assert seen, "no worker of the job was seen while it ran"
@@ -324,7 +315,7 @@ def test_a_job_leaves_a_cluster_at_once_and_none_of_its_workers_behind(three_nod
     log = (tmp_path / "job.log").read_text().splitlines()
     assert "image files = " in log[-1]  # the last line, flushed before the process ended
     deadline = time.monotonic() + 30
-    while left := ray_workers(session) & seen:
+    while left := ray_workers(session).keys() & seen:
         assert time.monotonic() < deadline, f"workers of the finished job still run 30 s later: {sorted(left)}"
         time.sleep(0.2)
 
@@ -338,15 +329,10 @@ def test_a_worker_process_killed_mid_task(data, baseline, tmp_path):
     def chaos():
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            for pid in os.listdir("/proc"):
-                try:
-                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if sid == session and (title.startswith(b"ray::_decode_task") or title.startswith(b"ray::_classify_task")):
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.append(title.split(b"\0")[0].decode())
+            for pid, title in ray_workers(session).items():
+                if title.startswith(("ray::_decode_task", "ray::_classify_task")):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(title)
                     return
 
     watcher = threading.Thread(target=chaos)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes
 from tests.test_evaluate_job import run_job
 
 pytestmark = pytest.mark.ray  # the job, stopped by signals
@@ -61,19 +61,6 @@ def wait_until(job: subprocess.Popen, seen, what: str, timeout_s: float = 120) -
         time.sleep(0.002)
 
 
-def session_processes(sid: int) -> list[str]:
-    """Processes still in the job's session (its own local Ray's among them)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and int(pid) != sid:
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
 def assert_stopped_cleanly(job: subprocess.Popen, out: Path, status: int, line: str) -> None:
     job.wait(timeout=120)
     log = log_of(out)
@@ -83,7 +70,8 @@ def assert_stopped_cleanly(job: subprocess.Popen, out: Path, status: int, line: 
     assert not (out / "results.json").exists()
     assert not list(out.parent.glob("chunks/*/*.partial"))  # a killed task's temporary is never trusted
     deadline = time.monotonic() + 30
-    while (left := session_processes(job.pid)) and time.monotonic() < deadline:
+    while (left := [command[:80] for command in session_processes(job.pid).values()]) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"the job's processes outlived it: {left}"
 

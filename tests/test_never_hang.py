@@ -25,7 +25,7 @@ import pytest
 from mnist37.paths import StoreMismatch, StoreSettings, open_location, use_store
 from mnist37.progress import Stalled, Watch
 
-from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes
 from tests.s3server import FaultProxy, aws_env, serving
 
 
@@ -496,18 +496,9 @@ def test_the_store_settings_travel_with_the_job(open_head, s3, stored, tiny, tmp
 # ---------------------------------------------------------------- Ray's node dying under the job
 
 
-def session_processes(sid: int, name: str = "") -> list[int]:
+def in_session(sid: int, name: str = "") -> list[int]:
     """Process ids in the job's session (its own local Ray's among them) whose command line holds `name`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if int(fields[3]) == sid and int(pid) != sid and name in command:
-                found.append(int(pid))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+    return [pid for pid, command in session_processes(sid).items() if name in command]
 
 
 @pytest.mark.ray  # the job as a process, Ray or a store server started
@@ -524,7 +515,7 @@ def test_a_local_ray_that_does_not_start_within_the_limit_is_one_line(tiny, tmp_
     assert line.startswith("error: a local Ray of the job's own: Ray did not start within 0.2 s (stall_timeout_s); "
                            "Ray's logs: "), line
     deadline = time.monotonic() + 10  # killed, or ending as their raylet went
-    while (left := running(session_processes(job.pid))) and time.monotonic() < deadline:
+    while (left := running(in_session(job.pid))) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
 
@@ -554,18 +545,18 @@ def test_the_raylet_killed_under_a_running_job_is_one_line(tmp_path):
     try:
         wait_for(lambda: "decode: 1/" in log.read_text(errors="replace"), "decoding", job)
         os.kill(job.pid, signal.SIGSTOP)  # decoding is under way: kill the raylet here
-        (raylet,) = session_processes(job.pid, "raylet")
+        (raylet,) = in_session(job.pid, "raylet")
         os.kill(raylet, signal.SIGKILL)
         os.kill(job.pid, signal.SIGCONT)
         status, lines, _ = finish(job, log, timeout_s=120)
-        left = running(session_processes(job.pid, "gcs_server"))  # the job stopped its Ray's other processes
+        left = running(in_session(job.pid, "gcs_server"))  # the job stopped its Ray's other processes
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)  # whatever of the job's own Ray is left
         # A worker orphaned by its raylet may finish the chunk it was writing: count the chunks
         # once nothing of that Ray runs any more (a full run saw one more chunk reused than counted).
         deadline = time.monotonic() + 30
-        while (orphans := running(session_processes(job.pid))) and time.monotonic() < deadline:
+        while (orphans := running(in_session(job.pid))) and time.monotonic() < deadline:
             for pid in orphans:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

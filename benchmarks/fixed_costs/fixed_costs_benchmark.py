@@ -44,7 +44,9 @@ WORKER_IMPORTS = ("numpy", "pyarrow", "PIL.Image", "simplejpeg", "mnist37.distri
 
 
 def _age_s(at: float) -> float:
-    """This process's age at CLOCK_BOOTTIME `at` (Linux /proc)."""
+    """This process's age at CLOCK_BOOTTIME `at` (Linux /proc): mnist37.job.process_age_s at a
+    given moment, kept here so that neither the probe nor a worker imports mnist37 before the
+    imports it times."""
     with open("/proc/self/stat") as f:
         ticks = int(f.read().rsplit(")", 1)[1].split()[19])
     return at - ticks / os.sysconf("SC_CLK_TCK")
