@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist37 import Mnist37Error, sources
+from mnist37.paths import secret_part
 
 METRICS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,6 +30,8 @@ NON_GRAYSCALE = ("reject", "convert")
 CHANNELS = ("auto", "gray", "rgb")
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box")
 FORMATS = ("auto", *sources.FORMATS)
+# The keys that name a location (a path or a URI): none may carry a credential.
+LOCATIONS = ("data", "out", "chunk_dir", "cache_dir")
 
 
 # The groups --help lists the flags in, in this order; each field names its group.
@@ -272,6 +275,11 @@ def _coerce(name: str, value: object) -> object:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first value outside what its key allows."""
+    for key in LOCATIONS:
+        if part := secret_part(getattr(cfg, key)):
+            raise ConfigError(f"{key}: a location may not hold a credential (its {part} is refused, not shown); "
+                              "give credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                              "~/.aws) instead")
     if cfg.shard_size <= 0:
         raise ConfigError(f"shard_size: expected a positive number of images, got {cfg.shard_size}")
     if cfg.report_examples < 0:

@@ -1,6 +1,8 @@
 """Where things are: the one home of the facts that several modules need about locations.
 
 - A location is a local path or a URI that pyarrow.fs understands (`file://`, `s3://`, ...).
+  A URI never carries a credential (`secret_part`): no user info, no secret-like query
+  parameter; credentials come from each node's environment.
 - The cache (extracted archives, downloads, default chunk folders) is `cache_dir` when the
   config gives one, else `$MNIST37_CACHE`, else `$XDG_CACHE_HOME/mnist37`, else `~/.cache/mnist37`.
 - An image of an ImageFolder data set is `<split>/<class>/<name>` under the data root,
@@ -21,6 +23,35 @@ from mnist37 import Mnist37Error
 
 class LocationError(Mnist37Error, ValueError):
     """A URI that pyarrow cannot open (unknown scheme, unreachable store, no such bucket)."""
+
+
+# Query parameters that carry a credential, by any spelling (case, '-' or '_', a vendor's
+# prefix): pyarrow's own S3 options (access_key, secret_key, session_token), presigned URLs
+# (X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, X-Goog-Signature), Azure SAS (sig),
+# and the usual words.
+_SECRET_WORDS = ("secret", "token", "signature", "password", "passwd", "credential", "accesskey", "access_key",
+                 "apikey", "api_key", "private")
+_SECRET_NAMES = {"sig", "key", "pwd", "pass", "auth", "authorization"}
+
+
+def secret_part(location: str | os.PathLike) -> str | None:
+    """The part of a URI that holds a credential, in words that never repeat it: "user info"
+    (`s3://KEY:SECRET@bucket/x`, `gs://user@bucket`), "query parameter 'access_key'"; None for
+    a local path or a URI without one. The one gate: the config refuses such a location
+    (`config.validate`), and `open_location` would too."""
+    text = os.fspath(location)
+    if not is_uri(text):
+        return None
+    authority, _, rest = text.split("://", 1)[1].partition("/")
+    if "@" in authority.split("?", 1)[0].split("#", 1)[0]:
+        return "user info"
+    query = text.split("?", 1)[1].split("#", 1)[0] if "?" in text else ""
+    for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        word = name.strip().lower().replace("-", "_")
+        if word in _SECRET_NAMES or any(w in word for w in _SECRET_WORDS):
+            return f"query parameter {name.strip()!r}"
+    return None
+
 
 def is_uri(location: str | os.PathLike) -> bool:
     """True for `scheme://...` (a pyarrow filesystem URI), False for a local path."""
@@ -158,6 +189,9 @@ def open_location(location: str | os.PathLike):
     location = os.fspath(location)
     if not is_uri(location):
         return None, location
+    if part := secret_part(location):
+        raise LocationError(f"a location with a credential in its {part} is refused (not shown); give credentials "
+                            "through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ~/.aws)")
     import pyarrow as pa
     import pyarrow.fs as pafs
 

@@ -1,0 +1,45 @@
+"""No credential leaves through a URI: the real job, given a location that holds one (user info,
+or a secret-like query parameter) by flag or config file, refuses it in one line (a config
+error: exit 2) that never repeats it; no output of the run (stdout, stderr with its log lines,
+any file written under the run's folder or cache) holds it."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_evaluate_job import run_job
+from tests.test_paths import KEY, SECRET
+
+
+def every_file_holding(root: Path, *words: str) -> list[Path]:
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and any(w.encode() in p.read_bytes() for w in words)]
+
+
+@pytest.mark.parametrize("key, location, part", [
+    ("data", f"s3://{KEY}:{SECRET}@bucket/mnist_sample.tgz", "user info"),
+    ("out", f"s3://bucket/runs/x?access_key={KEY}&secret_key={SECRET}", "query parameter 'access_key'"),
+    ("chunk_dir", f"gs://{SECRET}@bucket/chunks", "user info"),
+    ("out", f"https://host/runs?X-Amz-Credential={KEY}&X-Amz-Signature={SECRET}", "query parameter 'X-Amz-Credential'"),
+    ("cache_dir", f"s3://bucket/cache?session_token={SECRET}", "query parameter 'session_token'"),
+])
+@pytest.mark.parametrize("given_by", ["flag", "config file"])
+def test_a_location_with_a_credential_is_refused_without_repeating_it(mnist_sample_tgz, tmp_path, key, location,
+                                                                       part, given_by):
+    run_dir = tmp_path / "run"
+    values = {"data": str(mnist_sample_tgz), "out": str(run_dir / "out"), "cache_dir": str(run_dir / "cache"),
+              "chunk_dir": str(run_dir / "chunks"), key: location}
+    if given_by == "flag":
+        args = [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", v)]
+    else:
+        config = tmp_path / "job.toml"
+        config.write_text("".join(f'{k} = "{v}"\n' for k, v in values.items()))
+        args = ["--config", str(config)]
+    run = run_job(*args, "--ray-address", "local", timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.rstrip().splitlines()[-1] == (
+        f"evaluate.py: error: {key}: a location may not hold a credential (its {part} is refused, not shown); give "
+        "credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ~/.aws) instead")
+    for word in (SECRET, KEY):
+        assert word not in run.stdout and word not in run.stderr
+    assert not run_dir.exists() or every_file_holding(run_dir, SECRET, KEY) == []
+    assert not (run_dir / "out" / "results.json").exists()
