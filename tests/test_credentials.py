@@ -43,3 +43,15 @@ def test_a_location_with_a_credential_is_refused_without_repeating_it(mnist_samp
         assert word not in run.stdout and word not in run.stderr
     assert not run_dir.exists() or every_file_holding(run_dir, SECRET, KEY) == []
     assert not (run_dir / "out" / "results.json").exists()
+
+
+def test_a_mirror_url_with_a_credential_is_refused_without_repeating_it(tmp_path):
+    run = run_job("--data", "mnist_tiny", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                  "--ray-address", "local", timeout=120,
+                  env_extra={"MNIST37_URL_BASE": f"https://{KEY}:{SECRET}@mirror.example/fastai"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.rstrip().splitlines()[-1] == (
+        "error: MNIST37_URL_BASE: a mirror's URL may not hold a credential (its user info is refused, not shown)")
+    for word in (SECRET, KEY):
+        assert word not in run.stdout and word not in run.stderr
+    assert every_file_holding(tmp_path, SECRET, KEY) == []

@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import json
 import re
 import tarfile
 import threading
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from mnist37.sources import named as datasets
-from mnist37.sources.named import Dataset, DownloadError, download, md5_first_mib
+from mnist37.sources.named import Dataset, DownloadError, download, sha256_of
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import run_job
 
@@ -56,7 +57,14 @@ def archive(tmp_path):
 
 
 def checks_for(data: bytes, url: str) -> Dataset:
-    return Dataset("tiny", url, len(data), hashlib.md5(data[: 1 << 20]).hexdigest(), "train", "valid", ("3", "7"))
+    return Dataset("tiny", url, len(data), hashlib.sha256(data).hexdigest(), "train", "valid", ("3", "7"))
+
+
+def changed_past_first_mib(data: bytes) -> bytes:
+    """`data` with one byte flipped after its first MiB: same size, same first MiB."""
+    assert len(data) > (1 << 20) + 100
+    at = (1 << 20) + 100
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
 
 
 def test_download_verifies_and_is_reused(archive, tmp_path):
@@ -108,11 +116,11 @@ def test_a_wrong_checksum_or_size_is_refused(archive, tmp_path):
     server = Server({"/tiny.tgz": archive})
     try:
         good = checks_for(archive, f"{server.url}/tiny.tgz")
-        wrong_md5 = Dataset("tiny", good.url, good.num_bytes, "0" * 32, "train", "valid", ("3", "7"))
-        with pytest.raises(DownloadError, match=rf"tiny: checksum mismatch \(MD5 of first MiB {good.md5_first_mib}, "
-                                                rf"expected 0{{32}}\); download a copy yourself"):
-            download(wrong_md5, tmp_path / "cache")
-        wrong_size = Dataset("tiny", good.url, good.num_bytes + 1, good.md5_first_mib, "train", "valid", ("3", "7"))
+        wrong_digest = Dataset("tiny", good.url, good.num_bytes, "0" * 64, "train", "valid", ("3", "7"))
+        with pytest.raises(DownloadError, match=rf"^tiny: checksum mismatch \(SHA-256 of the whole file {good.sha256}, "
+                                                rf"expected 0{{64}}, fastai's archive\); download a copy yourself"):
+            download(wrong_digest, tmp_path / "cache")
+        wrong_size = Dataset("tiny", good.url, good.num_bytes + 1, good.sha256, "train", "valid", ("3", "7"))
         with pytest.raises(DownloadError, match=rf"tiny: downloaded {len(archive):,} bytes, expected {len(archive) + 1:,}"):
             download(wrong_size, tmp_path / "cache")
         assert list((tmp_path / "cache" / "downloads").iterdir()) == []
@@ -123,22 +131,45 @@ def test_a_wrong_checksum_or_size_is_refused(archive, tmp_path):
         server.close()
 
 
+def test_a_byte_changed_past_the_first_mib_is_refused(mnist_sample_tgz, tmp_path):
+    """fastai's own check (size and MD5 of the first MiB) cannot see this change; the whole-file
+    digest does, for a fresh download and for a copy already in the cache."""
+    real = mnist_sample_tgz.read_bytes()
+    tampered = changed_past_first_mib(real)
+    assert len(tampered) == len(real) and hashlib.md5(tampered[: 1 << 20]).digest() == hashlib.md5(real[: 1 << 20]).digest()
+    server = Server({"/tiny.tgz": tampered})
+    try:
+        dataset = checks_for(real, f"{server.url}/tiny.tgz")
+        with pytest.raises(DownloadError, match=rf"^tiny: checksum mismatch \(SHA-256 of the whole file "
+                                                rf"{hashlib.sha256(tampered).hexdigest()}, expected {dataset.sha256}, "):
+            download(dataset, tmp_path / "cache")
+        assert list((tmp_path / "cache" / "downloads").iterdir()) == []  # nothing kept for a later run
+        server.files["/tiny.tgz"] = real
+        path = download(dataset, tmp_path / "cache")
+        assert sha256_of(path) == dataset.sha256
+        path.write_bytes(tampered)  # changed in the cache after it was verified
+        assert download(dataset, tmp_path / "cache").read_bytes() == real and len(server.hits) == 3
+    finally:
+        server.close()
+
+
 def test_offline_is_one_line_naming_the_way_out(tmp_path):
-    dataset = Dataset("tiny", "http://127.0.0.1:9/tiny.tgz", 10, "0" * 32, "train", "valid", ("3", "7"))
+    dataset = Dataset("tiny", "http://127.0.0.1:9/tiny.tgz", 10, "0" * 64, "train", "valid", ("3", "7"))
     with pytest.raises(DownloadError, match=r"^tiny: could not download http://127.0.0.1:9/tiny.tgz \(.*\); "
                                             r"download a copy yourself and pass it with --data /path/to/tiny.tgz$"):
         download(dataset, tmp_path / "cache")
 
 
-def test_fastai_checks_match_what_the_readme_of_shared_data_says(mnist_sample_tgz):
-    """Two independent records of fastai's checks: the table here and ../shared/data/README.md."""
+def test_fastai_sizes_match_what_the_readme_of_shared_data_says(mnist_sample_tgz):
+    """Two independent records of fastai's archive sizes: the table here and ../shared/data/README.md."""
     readme = (mnist_sample_tgz.parent / "README.md").read_text()
     for name in ("mnist_sample", "mnist"):
         dataset = datasets.DATASETS[name]
         archive = dataset.url.rsplit("/", 1)[1]
-        found = re.search(rf"{re.escape(archive)}: ([\d,]+) bytes, MD5 of its first MiB ([0-9a-f]{{32}})", readme)
+        found = re.search(rf"{re.escape(archive)}: ([\d,]+) bytes", readme)
         assert found, f"{archive} not described in {mnist_sample_tgz.parent / 'README.md'}"
-        assert (dataset.num_bytes, dataset.md5_first_mib) == (int(found[1].replace(",", "")), found[2])
+        assert dataset.num_bytes == int(found[1].replace(",", ""))
+    assert all(len(d.sha256) == 64 and int(d.sha256, 16) for d in datasets.DATASETS.values())
 
 
 def test_named_data_set_through_the_job(mnist_sample_tgz, tmp_path):
@@ -154,7 +185,40 @@ def test_named_data_set_through_the_job(mnist_sample_tgz, tmp_path):
     assert "error: mnist_sample: downloaded 3,072,978 bytes, expected 3,214,948; download a copy yourself" in run.stderr
     assert server.hits == ["/mnist_sample.tgz"]
     assert list((tmp_path / "cache" / "downloads").iterdir()) == []
-    assert md5_first_mib(mnist_sample_tgz) != datasets.DATASETS["mnist_sample"].md5_first_mib
+    assert sha256_of(mnist_sample_tgz) != datasets.DATASETS["mnist_sample"].sha256
+
+
+def test_a_pinned_digest_takes_a_mirrors_copy_and_refuses_it_changed(mnist_sample_tgz, tmp_path):
+    """A user pins the whole-file SHA-256 of the copy their mirror serves (the repacked
+    ../shared/data one here): the job runs on it; the same mirror serving it with one byte
+    changed past the first MiB is refused in one line, before Ray starts."""
+    real = mnist_sample_tgz.read_bytes()
+    pin = {"MNIST37_SHA256_MNIST_SAMPLE": hashlib.sha256(real).hexdigest().upper()}
+    server = Server({"/mnist_sample.tgz": changed_past_first_mib(real)})
+    try:
+        args = ("--data", "mnist_sample", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"))
+        refused = run_job("--ray-address", "local", *args, env_extra={"MNIST37_URL_BASE": server.url, **pin})
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        [line] = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith("error: mnist_sample: checksum mismatch (SHA-256 of the whole file ")
+        assert f"expected {pin['MNIST37_SHA256_MNIST_SAMPLE'].lower()}, pinned by MNIST37_SHA256_MNIST_SAMPLE)" in line
+        assert list((tmp_path / "cache" / "downloads").iterdir()) == [] and not (tmp_path / "out").exists()
+        server.files["/mnist_sample.tgz"] = real
+        ran = run_job("--ray-address", "local", *args, env_extra={"MNIST37_URL_BASE": server.url, **pin})
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert round(results["metrics"]["l1"]["per_class"]["3"], 4) == 0.9168  # fastbook's figure
+    finally:
+        server.close()
+
+
+def test_a_malformed_pin_is_one_line(tmp_path):
+    run = run_job("--ray-address", "local", "--data", "mnist_tiny", "--out", str(tmp_path / "out"),
+                  "--cache-dir", str(tmp_path / "cache"),
+                  env_extra={"MNIST37_URL_BASE": "http://127.0.0.1:9", "MNIST37_SHA256_MNIST_TINY": "abc123"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert ("error: MNIST37_SHA256_MNIST_TINY: expected the SHA-256 of the whole archive (64 hex digits), "
+            "got 6 characters") in run.stderr
 
 
 def test_no_data_flag_means_mnist_sample(tmp_path):
