@@ -475,11 +475,15 @@ def synthetic_split(num_classes: int, per_class: int, shape: tuple[int, ...], se
     return EvalSplit(images, labels, [f"synthetic/{c}/{i}" for i, c in enumerate(labels.tolist())])
 
 
-def synthetic_problem(num_classes: int, train_per_class: int = 8, eval_per_class: int = 4,
+def synthetic_problem(num_classes: int, train_per_class: int = 8, eval_per_class: int | None = None,
                       shape: tuple[int, ...] = (28, 28)) -> tuple[EvalSplit, EvalSplit, np.ndarray]:
     """A data set of `num_classes` classes made in memory (train, evaluation, and mnist37's
     float32 prototypes of the training split, by `mnist37.prototypes`): the hook for a case the
-    real data sets lack, such as 1,000 classes (jobs/gpu_check.py --synthetic-classes 1000)."""
+    real data sets lack, such as 1,000 classes (jobs/gpu_check.py --synthetic-classes 1000).
+    `eval_per_class` defaults to 4, fewer for many classes (about 1,000 images in all, at least
+    one per class): every image costs a distance to every class, on each device and in NumPy."""
+    if eval_per_class is None:
+        eval_per_class = max(1, min(4, 1000 // num_classes))
     train = synthetic_split(num_classes, train_per_class, shape, seed=1)
     evaluation = synthetic_split(num_classes, eval_per_class, shape, seed=2)
     sums = np.zeros((num_classes, *shape), dtype=np.int64)
