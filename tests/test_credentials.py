@@ -1,12 +1,14 @@
 """No credential leaves through a URI: the real job, given a location that holds one (user info,
 or a secret-like query parameter) by flag or config file, refuses it in one line (a config
 error: exit 2) that never repeats it; no output of the run (stdout, stderr with its log lines,
-any file written under the run's folder or cache) holds it."""
+any file written under the run's folder or cache) holds it. Credentials given the documented
+way, in the environment, reach no output either, of a run that ends well or of one refused."""
 
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_image_folder
 from tests.test_evaluate_job import run_job
 from tests.test_paths import KEY, SECRET
 
@@ -55,3 +57,35 @@ def test_a_mirror_url_with_a_credential_is_refused_without_repeating_it(tmp_path
     for word in (SECRET, KEY):
         assert word not in run.stdout and word not in run.stderr
     assert every_file_holding(tmp_path, SECRET, KEY) == []
+
+
+@pytest.mark.ray
+def test_credentials_from_the_environment_appear_in_no_output(tmp_path):
+    """The other way a credential reaches the job, the environment, as documented: a whole run
+    reading and writing a real S3 server (moto on 127.0.0.1) with the key and secret in the
+    driver's environment (and so in its own Ray's workers'), then a run refused by the store;
+    neither output, file, chunk nor object written holds them."""
+    from tests.s3server import aws_env, serving
+
+    bucket = "mnist37-credentials"
+    data = make_image_folder(tmp_path / "sample", {"train": {"3": 6, "7": 5}, "valid": {"3": 3, "7": 4}})
+    with serving(bucket) as server:
+        server.upload(data, bucket, "sample")
+        env = {**aws_env(server.endpoint), "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+        run_dir = tmp_path / "run"
+        ran = run_job("--data", f"s3://{bucket}/sample", "--out", f"s3://{bucket}/runs/x", "--cache-dir",
+                      str(run_dir / "cache"), "--chunk-dir", str(run_dir / "chunks"), "--ray-address", "local",
+                      env_extra=env)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        refused = run_job("--data", f"s3://{bucket}-missing/sample", "--out", str(run_dir / "out"), "--cache-dir",
+                          str(run_dir / "cache"), "--ray-address", "local", env_extra=env, timeout=120)
+        assert refused.returncode == 1 and f"s3://{bucket}-missing" in refused.stderr
+        client = server.client()
+        written = {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                   for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
+    assert "runs/x/results.json" in written and len(list((run_dir / "chunks").rglob("*.arrow"))) > 0
+    for word in (SECRET, KEY):
+        for run in (ran, refused):
+            assert word not in run.stdout and word not in run.stderr
+        assert not [key for key, body in written.items() if word.encode() in body]
+    assert every_file_holding(run_dir, SECRET, KEY) == []
