@@ -84,7 +84,7 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
         found[done.split] += done.found
         rejected += done.rejected
         if done.pixel_sums is not None:
-            sums.add(done.pixel_sums, done.counts)
+            sums.add(done.pixel_sums)
             done = dataclasses.replace(done, pixel_sums=None)
         done_shards.append(done)
     done_shards.sort(key=lambda r: (splits.index(r.split), r.index))
