@@ -222,8 +222,10 @@ def checksummed_bytes(table: pa.Table) -> Iterator[memoryview | bytes]:
     entries = sorted((k if isinstance(k, bytes) else k.encode(), v if isinstance(v, bytes) else v.encode())
                      for k, v in (table.schema.metadata or {}).items())
     for key, value in entries:
-        if key != CHECKSUM_KEY:
-            yield struct.pack("<QQ", len(key), len(value)) + key + value
+        if key != CHECKSUM_KEY:  # in three pieces: a value (a footer's pixel sums) is not copied
+            yield struct.pack("<QQ", len(key), len(value))
+            yield key
+            yield value
     images, labels, paths = (table.column(name).chunks for name in COLUMNS)
     pixel_views = []
     for tensors in images:
@@ -392,10 +394,10 @@ def _class_sums(raw: bytes, counts: np.ndarray, shape: tuple[int, ...]) -> Class
         rows_expected = (f"{len(present)}" if len(present) == len(counts)
                          else f"{len(present)} (a class with images each) or {len(counts)} (every class)")
         raise ValueError(f"pixel sums of {len(raw)} bytes, expected {rows_expected} rows of {row_bytes} bytes")
-    sums = np.frombuffer(raw, dtype="<i8").reshape(rows, *shape)
+    sums = np.frombuffer(raw, dtype="<i8").reshape(rows, *shape)  # a view of the footer's bytes, read-only
     if rows != len(present):  # the older layout: keep the rows of classes with images
         sums = sums[present]
-    return ClassSums(present.astype(np.int64), sums.astype(np.int64), counts[present])
+    return ClassSums(present.astype(np.int64), sums.astype(np.int64, copy=False), counts[present])
 
 
 def _verified_table(source: Source, expected_checksum: str | None, verify: bool = True) -> pa.Table:

@@ -48,7 +48,7 @@ class Decoded:
     """Every shard decoded (or reused): small per-shard records and the training sums."""
 
     shards: list[DecodedShard]  # sorted by (split, index); pixel sums dropped once added
-    sums: PixelSums  # of the training split
+    sums: PixelSums  # of the training split: one int64 [C, *image shape], the shards' rows added in
     counts: dict[str, np.ndarray]  # per split: images used per class, int64 [C]
     found: dict[str, np.ndarray]  # per split: files (records) per class the tasks found, int64 [C + 1]
     rejected: list[tuple[str, str]]  # (path, reason), sorted
