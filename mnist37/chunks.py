@@ -200,27 +200,28 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
             metadata["mnist37.conversions"] = json.dumps(reuse["conversions"])
         if reuse.get("notes"):  # files whose bytes are another format than their names say
             metadata["mnist37.notes"] = json.dumps([list(n) for n in reuse["notes"]])
-    schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
-                       metadata=metadata)
+    # The metadata goes into the schema once, with its checksum, hashed from this dict: each
+    # copy of a footer holding a shard's pixel sums is the size of those sums.
+    schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())])
     table = pa.Table.from_arrays(
         [pa.ExtensionArray.from_storage(tensor_type, storage),
          arrow_array(np.asarray(class_indices, dtype=np.int32)),
          paths if isinstance(paths, pa.Array) else arrow_strings(paths)],
         schema=schema,
     )
-    return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table)})
+    return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table, metadata)})
 
 
-def checksummed_bytes(table: pa.Table) -> Iterator[memoryview | bytes]:
+def checksummed_bytes(table: pa.Table, metadata: dict | None = None) -> Iterator[memoryview | bytes]:
     """The bytes a chunk's checksum covers, in order: each schema metadata entry but the
     checksum (sorted by key), then the pixels, the class indices, the path lengths and the
     path bytes, each entry and section preceded by its length in bytes.
 
     Pixels and path bytes are views of the table's own buffers (of the mapped file, when the
     table was read from one), not copies; the bytes are the same however the table is cut
-    into record batches."""
+    into record batches. `metadata` stands for the table's schema metadata, when given."""
     entries = sorted((k if isinstance(k, bytes) else k.encode(), v if isinstance(v, bytes) else v.encode())
-                     for k, v in (table.schema.metadata or {}).items())
+                     for k, v in ((table.schema.metadata if metadata is None else metadata) or {}).items())
     for key, value in entries:
         if key != CHECKSUM_KEY:  # in three pieces: a value (a footer's pixel sums) is not copied
             yield struct.pack("<QQ", len(key), len(value))
@@ -249,10 +250,10 @@ def checksummed_bytes(table: pa.Table) -> Iterator[memoryview | bytes]:
         yield memoryview(array.buffers()[2])[int(o[0]):int(o[-1])]
 
 
-def checksum(table: pa.Table) -> str:
-    """`xxh3_128:<hex>` of `checksummed_bytes(table)`."""
+def checksum(table: pa.Table, metadata: dict | None = None) -> str:
+    """`xxh3_128:<hex>` of `checksummed_bytes(table, metadata)`."""
     digest = xxhash.xxh3_128()
-    for piece in checksummed_bytes(table):
+    for piece in checksummed_bytes(table, metadata):
         digest.update(piece)
     return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
