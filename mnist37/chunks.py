@@ -8,8 +8,10 @@ one image's shape, as the tensor's: [H, W] or [3, H, W], so the channel count is
 and a chunk of another channel count is never misread), `mnist37.split`, `mnist37.num_images`,
 and what lets a later run reuse the chunk without decoding again: `mnist37.files_key` (paths,
 sizes, modification times, decode settings), `mnist37.digest` (content), `mnist37.counts`
-(JSON, per class) and `mnist37.pixel_sums` (int64 [C, *image shape], little-endian bytes),
-`mnist37.rejected` (JSON [path, reason] of the shard's files left out), where any,
+(JSON, per class) and `mnist37.pixel_sums` (int64 [k, *image shape], little-endian bytes:
+one row per class with images, in class order, so its size grows with the classes the shard
+holds, not with the data set's; chunks written before held a row for every class, zeros for
+those without images, and are read as well), `mnist37.rejected` (JSON [path, reason] of the shard's files left out), where any,
 `mnist37.conversions` (JSON {kind: images}) and `mnist37.notes` (JSON [path, note]: a file's
 bytes of another format than its name) and, for container shards, `mnist37.records` (JSON:
 `found` and `rejected_per_class` per class plus one for records of unreadable class,
@@ -36,6 +38,7 @@ import xxhash
 
 from mnist37 import Mnist37Error
 from mnist37.partials import claimed, partial_name
+from mnist37.prototypes import ClassSums
 from mnist37.paths import open_location
 from mnist37.storage import writing
 
@@ -158,8 +161,8 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
     """Build the Arrow table of one chunk from `uint8 [N, H, W]` (or color `[N, 3, H, W]`)
     images, with its checksum. The tensor type's shape is one image's, channels included.
 
-    `reuse` holds `files_key`, `digest`, `counts` (int64 [C]), `pixel_sums` (int64 [C, *image])
-    and `rejected` ([(path, reason)]), and may hold `conversions` ({kind: images}) and `notes`
+    `reuse` holds `files_key`, `digest`, `counts` (int64 [C]), `pixel_sums` (prototypes.ClassSums
+    of the classes with images) and `rejected` ([(path, reason)]), and may hold `conversions` ({kind: images}) and `notes`
     ([(path, note)]), to store in the footer as the reuse record.
     `paths` may be a pyarrow string array (built without a Python string per image).
     """
@@ -180,11 +183,15 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
         "mnist37.num_images": str(len(images)),
     }
     if reuse is not None:
+        sums = reuse["pixel_sums"]
+        if sums.classes.tolist() != np.flatnonzero(reuse["counts"]).tolist():
+            raise ValueError(f"pixel sums of classes {sums.classes.tolist()}, but images of classes "
+                             f"{np.flatnonzero(reuse['counts']).tolist()}")
         metadata.update({
             "mnist37.files_key": reuse["files_key"],
             "mnist37.digest": reuse["digest"],
             "mnist37.counts": json.dumps(np.asarray(reuse["counts"]).tolist()),
-            "mnist37.pixel_sums": np.ascontiguousarray(reuse["pixel_sums"], dtype="<i8").tobytes(),
+            "mnist37.pixel_sums": np.ascontiguousarray(sums.sums, dtype="<i8").tobytes(),
             "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
         })
         if reuse.get("records") is not None:  # container shards: what the task found per class
@@ -193,30 +200,33 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
             metadata["mnist37.conversions"] = json.dumps(reuse["conversions"])
         if reuse.get("notes"):  # files whose bytes are another format than their names say
             metadata["mnist37.notes"] = json.dumps([list(n) for n in reuse["notes"]])
-    schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())],
-                       metadata=metadata)
+    # The metadata goes into the schema once, with its checksum, hashed from this dict: each
+    # copy of a footer holding a shard's pixel sums is the size of those sums.
+    schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())])
     table = pa.Table.from_arrays(
         [pa.ExtensionArray.from_storage(tensor_type, storage),
          arrow_array(np.asarray(class_indices, dtype=np.int32)),
          paths if isinstance(paths, pa.Array) else arrow_strings(paths)],
         schema=schema,
     )
-    return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table)})
+    return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table, metadata)})
 
 
-def checksummed_bytes(table: pa.Table) -> Iterator[memoryview | bytes]:
+def checksummed_bytes(table: pa.Table, metadata: dict | None = None) -> Iterator[memoryview | bytes]:
     """The bytes a chunk's checksum covers, in order: each schema metadata entry but the
     checksum (sorted by key), then the pixels, the class indices, the path lengths and the
     path bytes, each entry and section preceded by its length in bytes.
 
     Pixels and path bytes are views of the table's own buffers (of the mapped file, when the
     table was read from one), not copies; the bytes are the same however the table is cut
-    into record batches."""
+    into record batches. `metadata` stands for the table's schema metadata, when given."""
     entries = sorted((k if isinstance(k, bytes) else k.encode(), v if isinstance(v, bytes) else v.encode())
-                     for k, v in (table.schema.metadata or {}).items())
+                     for k, v in ((table.schema.metadata if metadata is None else metadata) or {}).items())
     for key, value in entries:
-        if key != CHECKSUM_KEY:
-            yield struct.pack("<QQ", len(key), len(value)) + key + value
+        if key != CHECKSUM_KEY:  # in three pieces: a value (a footer's pixel sums) is not copied
+            yield struct.pack("<QQ", len(key), len(value))
+            yield key
+            yield value
     images, labels, paths = (table.column(name).chunks for name in COLUMNS)
     pixel_views = []
     for tensors in images:
@@ -240,10 +250,10 @@ def checksummed_bytes(table: pa.Table) -> Iterator[memoryview | bytes]:
         yield memoryview(array.buffers()[2])[int(o[0]):int(o[-1])]
 
 
-def checksum(table: pa.Table) -> str:
-    """`xxh3_128:<hex>` of `checksummed_bytes(table)`."""
+def checksum(table: pa.Table, metadata: dict | None = None) -> str:
+    """`xxh3_128:<hex>` of `checksummed_bytes(table, metadata)`."""
     digest = xxhash.xxh3_128()
-    for piece in checksummed_bytes(table):
+    for piece in checksummed_bytes(table, metadata):
         digest.update(piece)
     return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
@@ -364,8 +374,7 @@ def read_chunk_metadata(path: str | Path) -> dict:
             "split": meta[b"mnist37.split"].decode(),
             "image_shape": shape,
             "counts": counts,
-            "pixel_sums": np.frombuffer(meta[b"mnist37.pixel_sums"], dtype="<i8").astype(np.int64)
-                            .reshape(len(counts), *shape),
+            "pixel_sums": _class_sums(meta[b"mnist37.pixel_sums"], counts, shape),
             "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
             "records": json.loads(meta[b"mnist37.records"]) if b"mnist37.records" in meta else None,
             "conversions": json.loads(meta.get(b"mnist37.conversions", b"{}")),
@@ -373,6 +382,23 @@ def read_chunk_metadata(path: str | Path) -> dict:
         }
     except (KeyError, ValueError, TypeError) as e:
         raise ChunkError(f"{path}: the reuse record in its footer does not parse ({type(e).__name__}: {e})") from None
+
+
+def _class_sums(raw: bytes, counts: np.ndarray, shape: tuple[int, ...]) -> ClassSums:
+    """The footer's pixel sums as `ClassSums` of the classes with images: one row per such
+    class, or (a chunk written before sums were kept per class held) one row per class of the
+    data set, from which those rows are taken. The two agree when every class has images."""
+    present = np.flatnonzero(counts)
+    row_bytes = 8 * int(np.prod(shape, dtype=np.int64))
+    rows, rest = divmod(len(raw), row_bytes)
+    if rest or rows not in (len(present), len(counts)):
+        rows_expected = (f"{len(present)}" if len(present) == len(counts)
+                         else f"{len(present)} (a class with images each) or {len(counts)} (every class)")
+        raise ValueError(f"pixel sums of {len(raw)} bytes, expected {rows_expected} rows of {row_bytes} bytes")
+    sums = np.frombuffer(raw, dtype="<i8").reshape(rows, *shape)  # a view of the footer's bytes, read-only
+    if rows != len(present):  # the older layout: keep the rows of classes with images
+        sums = sums[present]
+    return ClassSums(present.astype(np.int64), sums.astype(np.int64, copy=False), counts[present])
 
 
 def _verified_table(source: Source, expected_checksum: str | None, verify: bool = True) -> pa.Table:

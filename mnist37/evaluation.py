@@ -48,7 +48,7 @@ class Decoded:
     """Every shard decoded (or reused): small per-shard records and the training sums."""
 
     shards: list[DecodedShard]  # sorted by (split, index); pixel sums dropped once added
-    sums: PixelSums  # of the training split
+    sums: PixelSums  # of the training split: one int64 [C, *image shape], the shards' rows added in
     counts: dict[str, np.ndarray]  # per split: images used per class, int64 [C]
     found: dict[str, np.ndarray]  # per split: files (records) per class the tasks found, int64 [C + 1]
     rejected: list[tuple[str, str]]  # (path, reason), sorted
@@ -84,7 +84,7 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
         found[done.split] += done.found
         rejected += done.rejected
         if done.pixel_sums is not None:
-            sums.add(done.pixel_sums, done.counts)
+            sums.add(done.pixel_sums)
             done = dataclasses.replace(done, pixel_sums=None)
         done_shards.append(done)
     done_shards.sort(key=lambda r: (splits.index(r.split), r.index))

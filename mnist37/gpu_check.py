@@ -178,7 +178,7 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
     sums = PixelSums.zeros(len(planned.classes), planned.shape)
     for d in decoded:
         if d.split == cfg.train_split:
-            sums.add(d.pixel_sums, d.counts)
+            sums.add(d.pixel_sums)
     counts = {split: sum(d.counts for d in decoded if d.split == split) for split in (cfg.train_split, cfg.eval_split)}
     prototypes = sums.prototypes(planned.classes, cfg.train_split)
     chunks = {split: [d.chunk_path for d in sorted(decoded, key=lambda d: d.index) if d.split == split and d.num_images]

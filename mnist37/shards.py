@@ -27,7 +27,7 @@ from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_
                             verify_chunk, write_chunk)
 from mnist37.memory import peak_rss_bytes, reuse_freed_memory
 from mnist37.paths import is_uri
-from mnist37.prototypes import pixel_sums
+from mnist37.prototypes import ClassSums, pixel_sums
 from mnist37.images import Decoding
 from mnist37.sources.base import ContainerShard
 from mnist37.sources.folder import Shard
@@ -49,7 +49,8 @@ class DecodedShard:
     digest: str  # content digest of the files (decode.file_digest, combined)
     checksum: str  # of the chunk (chunks.checksum): what a reader of chunk_path must find
     counts: np.ndarray  # int64 [C], images kept per class
-    pixel_sums: np.ndarray | None  # int64 [C, *image shape]; None unless asked for (training shards)
+    # Of the classes the shard holds only (k rows, never C); None unless asked for (training shards)
+    pixel_sums: ClassSums | None
     reused: bool  # True when the chunk from an earlier run was still valid
     # Why a chunk found at chunk_path was not reused but decoded again, naming it (damaged,
     # another data set, files changed since); "" when there was none, it was reused, or reuse is off.
@@ -140,7 +141,8 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, chunk_dir: str
         meta = {**meta, "reused": True}
     else:
         read = shard.read(root, decoding)
-        sums, counts = pixel_sums(read.images, read.class_indices, len(shard.classes))
+        sums = pixel_sums(read.images, read.class_indices)
+        counts = sums.per_class(len(shard.classes))
         record = {"files_key": read.files_key, "digest": read.digest, "counts": counts, "pixel_sums": sums,
                   "rejected": read.rejected, "conversions": read.conversions, "notes": read.notes}
         if read.records is not None:

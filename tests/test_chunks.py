@@ -7,6 +7,7 @@ import pytest
 
 from mnist37.chunks import (ChunkError, arrow_array, arrow_strings, arrow_text, chunk_table, numbers, read_chunk,
                             read_chunk_metadata, valid, write_chunk)
+from mnist37.prototypes import pixel_sums
 
 
 def sample_table(n=10, shape=(4, 5)):
@@ -89,16 +90,22 @@ def test_bad_inputs_and_foreign_files(tmp_path):
         read_chunk(tmp_path / "other.arrow")
 
 
+def reuse_record(counts, sums, **more) -> dict:
+    return {"files_key": "k" * 32, "digest": "d" * 32, "counts": np.array(counts), "pixel_sums": sums, **more}
+
+
 def test_reuse_record_round_trips_through_the_footer(tmp_path):
     images, labels, paths, _ = sample_table()
-    sums = np.arange(2 * 4 * 5, dtype=np.int64).reshape(2, 4, 5) * 10**12  # beyond int32
-    table = chunk_table(images, labels, paths, ["3", "7"], "train",
-                        reuse={"files_key": "k" * 32, "digest": "d" * 32, "counts": np.array([5, 5]), "pixel_sums": sums})
+    sums = pixel_sums(images, labels)
+    sums.sums *= 10**9  # beyond int32
+    table = chunk_table(images, labels, paths, ["3", "7"], "train", reuse=reuse_record([5, 5], sums))
     num_bytes = write_chunk(tmp_path / "x.arrow", table)
     meta = read_chunk_metadata(tmp_path / "x.arrow")
     assert (meta["num_images"], meta["num_bytes"], meta["files_key"], meta["digest"]) == (10, num_bytes, "k" * 32, "d" * 32)
     assert meta["counts"].tolist() == [5, 5] and meta["counts"].dtype == np.int64
-    np.testing.assert_array_equal(meta["pixel_sums"], sums)
+    assert meta["pixel_sums"].classes.tolist() == [0, 1] and meta["pixel_sums"].counts.tolist() == [5, 5]
+    np.testing.assert_array_equal(meta["pixel_sums"].sums, sums.sums)
+    assert meta["pixel_sums"].sums.dtype == np.int64
     write_chunk(tmp_path / "plain.arrow", sample_table()[3])
     with pytest.raises(ChunkError, match=r"plain.arrow: chunk has no reuse record"):
         read_chunk_metadata(tmp_path / "plain.arrow")
@@ -121,11 +128,58 @@ def test_uri_chunk_store_and_bytes_round_trip(tmp_path):
         write_chunk("nosuch://x/y", table)
 
 
+def test_the_footer_keeps_sums_only_for_the_classes_with_images(tmp_path):
+    """5 of 1,000 classes: 5 rows of sums in the footer; and a footer with a row for every
+    class (as chunks written before held) reads as the same 5."""
+    images = np.random.default_rng(1).integers(0, 256, (12, 3, 4, 5), dtype=np.uint8)
+    labels = [3, 3, 17, 17, 17, 400, 400, 998, 998, 998, 999, 999]
+    paths = [f"train/{label}/{i}.png" for i, label in enumerate(labels)]
+    classes = [str(c) for c in range(1000)]
+    sums, counts = pixel_sums(images, labels), np.bincount(labels, minlength=1000)
+    write_chunk(tmp_path / "x.arrow", chunk_table(images, labels, paths, classes, "train",
+                                                  reuse=reuse_record(counts, sums)))
+    footer = pa.ipc.open_file(pa.memory_map(str(tmp_path / "x.arrow"))).schema.metadata
+    assert len(footer[b"mnist37.pixel_sums"]) == 5 * 8 * 3 * 4 * 5
+    read = read_chunk_metadata(tmp_path / "x.arrow")["pixel_sums"]
+    assert read.classes.tolist() == [3, 17, 400, 998, 999] and read.counts.tolist() == [2, 3, 2, 3, 2]
+    np.testing.assert_array_equal(read.sums, sums.sums)
+    # The earlier layout: a row per class of the data set, zeros where a class has no images.
+    dense = np.zeros((1000, 3, 4, 5), dtype=np.int64)
+    dense[sums.classes] = sums.sums
+    table = chunk_table(images, labels, paths, classes, "train", reuse=reuse_record(counts, sums))
+    write_chunk(tmp_path / "old.arrow", table.replace_schema_metadata(
+        {**table.schema.metadata, b"mnist37.pixel_sums": dense.astype("<i8").tobytes()}))
+    old = read_chunk_metadata(tmp_path / "old.arrow")["pixel_sums"]
+    assert old.classes.tolist() == read.classes.tolist() and old.counts.tolist() == read.counts.tolist()
+    np.testing.assert_array_equal(old.sums, read.sums)
+
+
+def test_a_footer_with_sums_of_another_size_does_not_parse(tmp_path):
+    images, labels, paths, _ = sample_table()
+    labels = np.array(labels)
+    table = chunk_table(images, labels, paths, ["3", "7"], "train",
+                        reuse=reuse_record([5, 5], pixel_sums(images, labels)))
+    one_class = chunk_table(images[labels == 1], labels[labels == 1], paths[:5], ["3", "7"], "train",
+                            reuse=reuse_record([0, 5], pixel_sums(images[labels == 1], labels[labels == 1])))
+    for base, raw, rows in ((table, b"\0" * (3 * 160), "2"), (table, b"\0" * 17, "2"),
+                            (one_class, b"\0" * (3 * 160), r"1 \(a class with images each\) or 2 \(every class\)")):
+        write_chunk(tmp_path / "x.arrow", base.replace_schema_metadata({**base.schema.metadata,
+                                                                        b"mnist37.pixel_sums": raw}))
+        with pytest.raises(ChunkError, match=rf"x.arrow: the reuse record in its footer does not parse \(ValueError: "
+                                             rf"pixel sums of {len(raw)} bytes, expected {rows} rows of 160 bytes\)"):
+            read_chunk_metadata(tmp_path / "x.arrow")
+
+
+def test_sums_must_be_those_of_the_classes_with_images():
+    images, labels, paths, _ = sample_table()
+    with pytest.raises(ValueError, match=r"pixel sums of classes \[0, 1\], but images of classes \[1\]"):
+        chunk_table(images, labels, paths, ["3", "7"], "train", reuse=reuse_record([0, 10], pixel_sums(images, labels)))
+
+
 def checksummed_chunk(tmp_path, name="x.arrow"):
     images, labels, paths, _ = sample_table()
     table = chunk_table(images, labels, paths, ["3", "7"], "train",
-                        reuse={"files_key": "k" * 32, "digest": "d" * 32, "counts": np.array([5, 5]),
-                               "pixel_sums": np.zeros((2, 4, 5), dtype=np.int64)})
+                        reuse=reuse_record([5, 5], pixel_sums(images, labels)))
     write_chunk(tmp_path / name, table)
     return tmp_path / name, images, read_chunk_metadata(tmp_path / name)["checksum"]
 

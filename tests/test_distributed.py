@@ -49,6 +49,10 @@ def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
     assert all(d.pixel_sums is not None for d in done)
     total = np.sum([d.counts for d in done], axis=0)
     assert total.tolist() == [64, 64]
+    # Sums come back for the classes a shard holds: one row, but for the shard across both folders.
+    held = {d.index: d.pixel_sums.classes.tolist() for d in done}
+    assert held == {i: [0] if i < 6 else [0, 1] if i == 6 else [1] for i in range(13)}
+    assert all(d.pixel_sums.sums.shape == (len(held[d.index]), 8, 8) for d in done)
 
 
 def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image_folder, tmp_path, monkeypatch):

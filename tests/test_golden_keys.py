@@ -340,3 +340,54 @@ def test_kept_listing_name(corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     names = kept_listing_names(Path("folder"), "train", "3", tmp_path / "listings", monkeypatch)
     assert names == ["1f949ca7ba82a0d362e179e8.npz"]  # blake2b(b"folder/train/3", digest_size=12)
+
+
+# Chunks that mnist37 wrote before a chunk kept pixel sums only for the classes it holds
+# (commit 0af93a2, by `decoded` above, from the folder corpus): their footers hold a row of
+# sums for every class, zeros for a class without images. They are checked in as written
+# then, and must be reused as they are, with the sums a fresh decode gives.
+OLD_CHUNKS = GOLDEN / "chunks-0af93a2"
+
+
+def test_chunks_with_sums_for_every_class_are_still_reused(corpus_dir, tmp_path):
+    from mnist37.chunks import read_chunk_metadata
+
+    root = corpus_dir["folder"]
+    shutil.copytree(OLD_CHUNKS, tmp_path / "old")
+    old = planned(root, tmp_path / "old")
+    fresh = planned(root, tmp_path / "fresh")
+    train = [s for s in old.shards if s.split == "train"]
+    assert [chunk_name(tmp_path / "old", s) for s in train] == sorted(
+        p.relative_to(OLD_CHUNKS).as_posix() for p in OLD_CHUNKS.rglob("*.arrow"))
+    held = []
+    for shard in train:
+        path = tmp_path / "old" / chunk_name(tmp_path / "old", shard)
+        raw = read_raw_sums(path)
+        assert len(raw) == 2 * 8 * SHAPE[0] * SHAPE[1]  # a row for each of the 2 classes
+        before = path.read_bytes()
+        reused = decode_shard_here(old, shard)
+        assert reused.reused and reused.discarded == "", reused.discarded
+        assert path.read_bytes() == before  # reused as it is, not written again
+        new = decode_shard_here(fresh, shard)
+        assert not new.reused
+        assert reused.pixel_sums.classes.tolist() == new.pixel_sums.classes.tolist()
+        np.testing.assert_array_equal(reused.pixel_sums.sums, new.pixel_sums.sums)
+        np.testing.assert_array_equal(reused.pixel_sums.counts, new.pixel_sums.counts)
+        assert (reused.counts.tolist(), reused.digest) == (new.counts.tolist(), new.digest)
+        assert read_chunk_metadata(new.chunk_path)["pixel_sums"].classes.tolist() == new.pixel_sums.classes.tolist()
+        assert len(read_raw_sums(Path(new.chunk_path))) == len(new.pixel_sums.classes) * 8 * SHAPE[0] * SHAPE[1]
+        held.append(new.pixel_sums.classes.tolist())
+    assert held == [[0], [0, 1], [1]]  # the first and last shard hold one class each: one row of sums
+
+
+def read_raw_sums(path: Path) -> bytes:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).schema.metadata[b"mnist37.pixel_sums"]
+
+
+def decode_shard_here(plan, shard):
+    from mnist37.shards import decode_shard
+
+    return decode_shard(shard, plan.root, plan.chunk_dir, plan.decoding, with_sums=True)

@@ -21,6 +21,11 @@ def shards_of(folder, split="train", size=50):
     return make_shards(list_split(folder, split, ["3", "7"]), size)
 
 
+def assert_same_sums(a, b):
+    assert a.classes.tolist() == b.classes.tolist() and a.counts.tolist() == b.counts.tolist()
+    np.testing.assert_array_equal(a.sums, b.sums)
+
+
 @pytest.mark.parametrize("shard_size, expected_sizes", [(128, [128]), (19, [19] * 6 + [14]), (2, [2] * 64), (500, [128])])
 def test_shards_cover_every_sample_once_in_order(image_folder, shard_size, expected_sizes):
     listing = list_split(image_folder, "train", ["3", "7"])
@@ -47,10 +52,35 @@ def test_decode_shard_writes_its_chunk_and_sums(image_folder, tmp_path):
     np.testing.assert_array_equal(chunk.images, expected.images)
     assert chunk.paths == shard.paths and chunk.class_indices.tolist() == shard.class_indices.tolist()
     assert done.digest == expected.digest and done.num_images == 50 and not done.reused
-    sums, counts = pixel_sums(expected.images, shard.class_indices, 2)
-    np.testing.assert_array_equal(done.pixel_sums, sums)
-    assert done.counts.tolist() == counts.tolist() == [14, 36]
+    sums = pixel_sums(expected.images, shard.class_indices)
+    assert_same_sums(done.pixel_sums, sums)
+    assert done.counts.tolist() == sums.per_class(2).tolist() == [14, 36]
     assert done.peak_rss_bytes > 10 * 2**20
+
+
+def test_a_shard_of_3_of_1000_classes_returns_and_keeps_3_rows_of_sums(tmp_path):
+    """Sums (in the task's result and in the chunk's footer) grow with the classes a shard
+    holds, not with the data set's: 3 rows here, where there were 1,000."""
+    import pickle
+
+    classes = [f"c{i:04d}" for i in range(1000)]
+    rng = np.random.default_rng(5)
+    for name in classes:
+        write_png(tmp_path / "data" / "train" / name / "0.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    shards = make_shards(list_split(tmp_path / "data", "train", classes), 3)
+    shard = shards[300]  # images 900..902, one per class
+    done = decode_shard(shard, tmp_path / "data", tmp_path / "chunks", Decoding((8, 8)), with_sums=True)
+    assert done.pixel_sums.classes.tolist() == [900, 901, 902]
+    assert done.pixel_sums.sums.shape == (3, 8, 8) and done.pixel_sums.counts.tolist() == [1, 1, 1]
+    assert done.counts.shape == (1000,) and np.flatnonzero(done.counts).tolist() == [900, 901, 902]
+    expected = decode_files(tmp_path / "data", shard.paths, (8, 8)).images.astype(np.int64)
+    np.testing.assert_array_equal(done.pixel_sums.sums, expected)
+    assert len(pickle.dumps(done)) < 8 * 8 * 8 * 1000  # what one row per class would take
+    footer = read_chunk_metadata(done.chunk_path)
+    assert footer["pixel_sums"].sums.shape == (3, 8, 8)
+    again = decode_shard(shard, tmp_path / "data", tmp_path / "chunks", Decoding((8, 8)), with_sums=True)
+    assert again.reused
+    assert_same_sums(again.pixel_sums, done.pixel_sums)
 
 
 def test_evaluation_shards_return_counts_without_sums(image_folder, tmp_path):
@@ -67,7 +97,7 @@ def test_unchanged_shards_are_reused_with_their_sums(image_folder, tmp_path):
     assert all(d.reused for d in again) and not any(d.reused for d in first)
     assert [os.stat(d.chunk_path).st_mtime_ns for d in again] == mtimes  # not rewritten
     for a, b in zip(first, again):
-        np.testing.assert_array_equal(a.pixel_sums, b.pixel_sums)
+        assert_same_sums(a.pixel_sums, b.pixel_sums)
         assert (a.digest, a.counts.tolist(), a.num_bytes) == (b.digest, b.counts.tolist(), b.num_bytes)
     fresh = [decode_shard(s, image_folder, tmp_path, Decoding((8, 8), reuse=False), with_sums=True) for s in shards]
     assert not any(d.reused for d in fresh)
@@ -156,7 +186,7 @@ def test_bad_files_are_left_out_of_the_chunk_and_remembered(image_folder, tmp_pa
     assert chunk.paths == [p for i, p in enumerate(shard.paths) if i not in (5, 20)]
     assert chunk.class_indices.tolist() == [0] * 11 + [1] * 11
     kept = decode_files(image_folder, chunk.paths, (8, 8))
-    np.testing.assert_array_equal(done.pixel_sums, pixel_sums(kept.images, chunk.class_indices, 2)[0])
+    assert_same_sums(done.pixel_sums, pixel_sums(kept.images, chunk.class_indices))
     # A file that is gone cannot be stat'ed: the next run decodes again and says the same.
     again = decode_shard(shard, image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     assert not again.reused and again.rejected == done.rejected
@@ -229,7 +259,7 @@ def test_a_damaged_or_foreign_chunk_is_decoded_again_and_says_why(image_folder, 
     assert [d.discarded for d in again[:2] + again[3:]] == [""] * 4
     assert re.fullmatch(rf"{re.escape(str(path))}: .*{reason}.*", again[2].discarded), again[2].discarded
     for a, b in zip(first, again):
-        np.testing.assert_array_equal(a.pixel_sums, b.pixel_sums)
+        assert_same_sums(a.pixel_sums, b.pixel_sums)
         assert (a.digest, a.checksum, a.counts.tolist()) == (b.digest, b.checksum, b.counts.tolist())
     assert decode_shard(shards[2], image_folder, tmp_path / "chunks", Decoding((8, 8)), with_sums=True).reused  # mended
 
