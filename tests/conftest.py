@@ -88,7 +88,7 @@ def _data_dir() -> Path | None:
     given = os.environ.get("MNIST37_DATA_DIR")
     if given:
         return Path(given)
-    if os.environ.get("CI"):
+    if in_ci():
         pytest.fail("MNIST37_DATA_DIR is not set: CI must point it at ../shared/data")
     fallback = PROJECT_ROOT.parent / "shared" / "data"
     return fallback if fallback.is_dir() else None
@@ -205,6 +205,71 @@ def pytest_sessionfinish(session, exitstatus):
     _SHARED.close()
 
 
+# ---------------------------------------------------------------- CI never skips silently
+#
+# A test skips where this machine lacks what it needs (root for tmpfs mounts and the test
+# hosts' namespaces, `ip`/`unshare`/`nsenter`, Chromium, the real MNIST archives). CI must
+# provide all of that (.ci/run installs it or fails), so under CI such a skip is a failure with
+# its reason. The one exception is the device: CI has no GPU, so tests marked `cuda` (they need
+# a CUDA device) or `no_cuda` (they check the path taken without one) skip where the device is
+# not as they need, under CI too, and the summary counts them on a line of their own.
+
+DEVICE_MARKERS = ("cuda", "no_cuda")
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run: `CI` set to anything but empty, 0, false or no (CI services set
+    CI=true; so does .ci/run)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped where none is visible (CI too: it has no GPU)")
+    config.addinivalue_line("markers", "no_cuda: checks the path taken without CUDA; skipped where a CUDA device is visible")
+
+
+def _mark_device_tests(items) -> None:
+    """Skip the `cuda` tests where torch sees no CUDA device, the `no_cuda` ones where it sees one."""
+    device_items = [item for item in items if any(item.get_closest_marker(m) for m in DEVICE_MARKERS)]
+    if not device_items:
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for item in device_items:
+        if item.get_closest_marker("cuda") and not cuda:
+            item.add_marker(pytest.mark.skip(reason="CUDA only: no CUDA device visible"))
+        elif item.get_closest_marker("no_cuda") and cuda:
+            item.add_marker(pytest.mark.skip(reason="without CUDA only: a CUDA device is visible"))
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a skip (a test's own `pytest.skip`, a fixture's, a `skipif` mark) fails the test
+    with its reason, unless the test is a device test (DEVICE_MARKERS); xfails are left alone."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and in_ci() \
+            and not any(item.get_closest_marker(m) for m in DEVICE_MARKERS):
+        report.outcome = "failed"
+        report.longrepr = f"CI must provide what this test needs, or the test must not skip: {_skip_reason(report)}"
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The device tests skipped, counted apart from any other skip, with their reasons."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if any(m in r.keywords for m in DEVICE_MARKERS) and not hasattr(r, "wasxfail")]
+    if skipped:
+        reasons = sorted({_skip_reason(r) for r in skipped})
+        terminalreporter.write_line(f"device tests skipped (allowed, CI included): {len(skipped)} ({'; '.join(reasons)})")
+
+
 # The longest modules, longest first: their summed test durations in a `-n 2 --dist loadfile`
 # run (2026-12-02, `--durations=0`): cluster 102 s, never_hang 89, hosts 66, object_store 56,
 # interrupt 51, formats_object_store 43, benchmark_job 39, evaluate_job_faults 25, install 19,
@@ -221,6 +286,7 @@ def pytest_collection_modifyitems(items):
     --dist loadfile`, in this order: `--no-loadscope-reorder` in pyproject.toml, else xdist
     sorts modules by their number of tests), and the longest ones first leave the short ones
     to even out the end (docs/testing.md)."""
+    _mark_device_tests(items)
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)

@@ -11,7 +11,7 @@ def classify(images, labels, prototypes, metrics, device):
     return classify_images(images, labels, prototypes, metrics, device).confusions
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+needs_cuda = pytest.mark.cuda  # skipped where no CUDA device is visible (tests/conftest.py), CI included
 
 
 def problem(n=300, num_classes=3, shape=(6, 6), seed=0):
@@ -99,7 +99,7 @@ def test_classify_chunk_reads_the_arrow_file(tmp_path):
             np.testing.assert_array_equal(got[metric], in_memory[metric])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.no_cuda
 def test_devices_without_cuda():
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")

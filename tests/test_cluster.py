@@ -406,7 +406,8 @@ def test_kuberay_manifest_matches_the_readme():
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert manifest["kind"] == "RayJob" and manifest["apiVersion"] == "ray.io/v1"
     entrypoint = manifest["spec"]["entrypoint"]
-    assert entrypoint.startswith("python jobs/evaluate.py ") and entrypoint in readme
+    assert entrypoint.startswith("python -m mnist37.job ") and entrypoint in readme  # its image holds mnist37
     runtime_env = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
-    assert runtime_env == yaml.safe_load((PROJECT_ROOT / "configs" / "runtime_env.yaml").read_text())
+    runtime_env_yaml = yaml.safe_load((PROJECT_ROOT / "configs" / "runtime_env.yaml").read_text())
+    assert runtime_env == {"env_vars": runtime_env_yaml["env_vars"]}
     assert "configs/runtime_env.yaml" in readme and "configs/rayjob.yaml" in readme

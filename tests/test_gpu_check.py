@@ -18,7 +18,7 @@ from mnist37.classify import PIXEL_VALUES, classify_images, distances
 from mnist37.config import load
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+needs_cuda = pytest.mark.cuda  # skipped where no CUDA device is visible (tests/conftest.py), CI included
 
 # Runs the job as the device machine would: `import ray` and `import pyspng` fail.
 AS_ON_DEVICE = ("import runpy, sys; sys.modules['ray'] = sys.modules['pyspng'] = None; "
@@ -31,7 +31,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the GPU half would run")
+@pytest.mark.no_cuda  # where CUDA is visible the GPU half would run
 def test_without_cuda_the_check_fails_in_one_line_before_any_work(mnist_sample_tgz, cache_dir):
     run = run_check("--data", str(mnist_sample_tgz), "--sample", str(mnist_sample_tgz), "--cache-dir", str(cache_dir))
     assert run.returncode == 1 and run.stdout == ""
@@ -40,6 +40,7 @@ def test_without_cuda_the_check_fails_in_one_line_before_any_work(mnist_sample_t
         "(--cpu-only runs its CPU half alone)"]
 
 
+@pytest.mark.no_cuda  # where CUDA is visible the GPU half would run
 def test_cpu_half_without_cuda_ray_or_pyspng(mnist_sample_tgz, cache_dir, tmp_path):
     # Real mnist_sample; for --data, a small folder in full MNIST's layout (training/ and
     # testing/, digits 0-9); a 37-class set made in memory: all checked against the NumPy reference.
