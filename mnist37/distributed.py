@@ -655,10 +655,9 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
             while flight:
                 yield next_result()
         _session.check_nodes(watch, 0, force=True)  # a node lost while the last tasks ran
+        flight.forget()
     except ray.exceptions.RayTaskError as e:
         _raise_cause(e, flight.handles())
-    finally:
-        flight.forget()
 
 
 # The longest a wait on Ray blocks the main thread: a signal's handler runs between waits.
@@ -735,7 +734,7 @@ class _InFlight:
 
         keys = {f"{self.job}/{ref.task_id().hex()}".encode(): ref for ref in refs}
         try:
-            found = internal_kv.global_gcs_client.internal_kv_multi_get(list(keys), _WHERE, timeout=10)
+            found = internal_kv.global_gcs_client.internal_kv_multi_get(list(keys), _WHERE, timeout=5)
         except Exception:  # noqa: BLE001: unknown, so submitted again: a duplicate costs one task
             return {}
         return {keys[key]: node.decode() for key, node in found.items() if node}
@@ -769,11 +768,12 @@ class _InFlight:
         return state, cause
 
     def forget(self) -> None:
-        """Drop the GCS's notes of where this job's tasks ran (_record_node)."""
+        """Drop the GCS's notes of where this job's tasks ran (_record_node), once the map
+        has ended (a map that failed leaves them: a few small keys, not a wait on the head)."""
         from ray.experimental import internal_kv
 
         with contextlib.suppress(Exception):  # noqa: BLE001: a few stale keys at worst
-            internal_kv.global_gcs_client.internal_kv_del(f"{self.job}/".encode(), True, _WHERE, timeout=10)
+            internal_kv.global_gcs_client.internal_kv_del(f"{self.job}/".encode(), True, _WHERE, timeout=5)
 
 
 def _get(ref: ray.ObjectRef, watch: Watch):
@@ -851,10 +851,9 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
                 watch.finished()
                 progress.update()
             _session.check_nodes(watch, 0, force=True)
+            flight.forget()
         except ray.exceptions.RayTaskError as e:
             _raise_cause(e, flight.handles())
-        finally:
-            flight.forget()
     return [listed[i] for i in range(len(arguments))]
 
 
