@@ -350,6 +350,7 @@ class Session:
     head: HeadWatch | None = None
     nodes: dict[str, str] = field(default_factory=dict)  # node id -> address, of the nodes seen alive
     nodes_checked: float = 0.0  # time.monotonic() of the last look at them
+    lost: set[str] = field(default_factory=set)  # ids of the nodes lost under the job
     raylet: subprocess.Popen | None = None  # the job's own Ray's raylet, when it started one
 
     def raylet_gone(self) -> str | None:
@@ -387,6 +388,7 @@ class Session:
             return
         lost = {node: address for node, address in self.nodes.items() if node not in alive}
         self.nodes = alive
+        self.lost |= set(lost)
         again = retry(lost) if lost and retry is not None else {}
         left = f"the {len(alive)} node{'s' if len(alive) != 1 else ''} left"
         for node, address in lost.items():
@@ -677,8 +679,9 @@ class _InFlight:
     defaults), not when the GCS declares the node dead (benchmarks/host_loss). So once a node is
     declared dead, every item whose latest attempt ran there, or was not yet seen running on a
     node that is alive (its lease request may wait on the lost node's raylet), is submitted
-    again at once; objects it needs that were lost with the node (listing blocks, chunk bytes)
-    Ray rebuilds from their lineage."""
+    again at once, as `submit(item, again=n)` for its n-th attempt after a loss: its task then
+    takes `_again(n)`'s options, so that Ray leases it a worker of its own rather than queue it
+    behind the lost attempt (see _again)."""
 
     def __init__(self, submit: Callable[[object], object], watch: Watch, end: Callable[[object], ray.ObjectRef] = lambda h: h):
         self.submit, self.watch, self.end = submit, watch, end
@@ -698,7 +701,8 @@ class _InFlight:
         self._attempt(index)
 
     def _attempt(self, index: int) -> None:
-        handle = self.submit(self.items[index])
+        again = len(self.attempts[index])
+        handle = self.submit(self.items[index], again=again) if again else self.submit(self.items[index])
         ref = self.end(handle)
         self.attempts[index].append(ref)
         self.index_of[ref], self.handle_of[ref] = index, handle
@@ -752,7 +756,8 @@ class _InFlight:
                 continue
             self._attempt(index)
             counts[node if node in lost else None] = counts.get(node if node in lost else None, 0) + 1
-            self.recovering[index] = (lost.get(node, "an unknown node"), when)
+            # one not seen running is waited for on account of the first node lost
+            self.recovering[index] = (lost.get(node) or next(iter(lost.values())), when)
         self.watch.renew()
         return counts
 
@@ -835,7 +840,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
     settings = store()
     watch = watching("list", len(arguments), " class folders")
     with _cluster_failures(watch):
-        flight = _InFlight(lambda a: task.remote(function, LISTING_BLOCK, settings, *a), watch,
+        flight = _InFlight(lambda a, again=0: task.options(**_again(again)).remote(function, LISTING_BLOCK, settings, *a), watch,
                            end=lambda generator: generator.completed())
         progress = Progress("list", len(arguments), " class folders")
         listed: dict[int, ClassListing] = {}
@@ -845,6 +850,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
             while flight:
                 i, generator = flight.next()
                 refs = list(generator)  # the task has ended: every ref is there
+                _copy_here(refs[1:], watch)
                 summary = _get(refs[0], watch)
                 summary.blocks, summary.block_size = refs[1:], LISTING_BLOCK
                 listed[i] = summary
@@ -855,6 +861,53 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
         except ray.exceptions.RayTaskError as e:
             _raise_cause(e, flight.handles())
     return [listed[i] for i in range(len(arguments))]
+
+
+def _again(again: int) -> dict:
+    """Ray options for a task's `again`-th attempt after a node's loss (none for the first).
+    Ray's driver asks for workers per scheduling class (function, resources, strategy) and
+    asks for no more than the class has tasks queued: a lease request it had sent to the lost
+    node's raylet, which no reply ends before the connection's keepalive, would hold an attempt
+    of the same class for minutes (seen: 95 s with 1 of 1 CPUs free). A class of its own per
+    generation of attempts (the default strategy, and `again` bytes of memory, which every node
+    has) gets it a worker at once."""
+    return {"scheduling_strategy": "DEFAULT", "memory": again} if again else {}
+
+
+def _copy_here(refs: list[ray.ObjectRef], watch: Watch) -> None:
+    """A copy of these objects in the object store of the driver's node, on a cluster the job
+    joined: a listing's blocks, which every decode task of its folder reads, then outlive the
+    worker node that listed them. Without it, a decode task submitted again after that node's
+    loss blocks on fetching a block from it until Ray finds the connection dead (keepalive)
+    and rebuilds the block (issue 36). The copy is not pinned: the head's store evicts it
+    only when full. The job's own Ray has one node: nothing to copy."""
+    left = refs if not _session.own else []
+    while left:
+        _, left = ray.wait(left, num_returns=len(left), timeout=WAIT_STEP_S, fetch_local=True)
+        if left:
+            _session.check_head()
+            watch.waiting(len(left))
+
+
+def _lost(ref: ray.ObjectRef) -> bool:
+    """Whether the object's every copy was on a node lost under the job (the owner's record:
+    this driver's, for the objects it owns), so that a task needing it would wait for Ray to
+    rebuild it; never before a node was lost."""
+    if not _session.lost:
+        return False
+    from ray.experimental import get_object_locations
+
+    try:
+        where = get_object_locations([ref], timeout_ms=5000).get(ref) or {}
+    except Exception:  # noqa: BLE001: unknown: Ray rebuilds it if it must
+        return False
+    return not where.get("did_spill") and not set(where.get("node_ids") or ()) - _session.lost
+
+
+# Chunk bytes ref -> a function that decodes its shard again and returns the new ref: a
+# classify task submitted again after a node's loss gets its chunk made again on a node alive
+# when its only copy was lost with the node (see _lost), rather than wait on Ray's keepalive.
+_remakes: dict[ray.ObjectRef, Callable[[], ray.ObjectRef]] = {}
 
 
 def default_max_in_flight() -> int:
@@ -872,12 +925,13 @@ def decode_shards(shards: Iterable[Shard], root: Path, chunk_dir: str, decoding:
     shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
     settings = store()
 
-    def submit(shard: Shard) -> ray.ObjectRef:
+    def submit(shard: Shard, again: int = 0) -> ray.ObjectRef:
         args = (shard, str(root), str(chunk_dir), decoding, shard.split == train_split, archive, settings)
         if shard.split != ship_split:
-            return _decode_task.remote(*args)
-        record, chunk = _decode_and_ship_task.remote(*args)
+            return _decode_task.options(**_again(again)).remote(*args)
+        record, chunk = _decode_and_ship_task.options(**_again(again)).remote(*args)
         shipped[record] = chunk
+        _remakes[chunk] = lambda: _decode_and_ship_task.options(**_again(1)).remote(*args)[1]
         return record
 
     def received(ref: ray.ObjectRef, done: DecodedShard) -> DecodedShard:
@@ -899,10 +953,21 @@ def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metr
     The prototypes go to the object store once; on a cluster with GPUs each task asks for
     `gpus_per_task` of one (decode tasks never do)."""
     prototypes_ref, settings = ray.put(prototypes), store()
-    task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
-    return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref,
-                                             list(metrics), device, examples, verify, settings), chunks, max_in_flight,
-                       what=("classify", " chunks"))
+    gpus = gpus_per_task if has_gpus() and device != "cpu" else 0
+
+    def submit(r: DecodedShard, again: int = 0) -> ray.ObjectRef:
+        if again and r.chunk_ref is not None and r.chunk_ref in _remakes and _lost(r.chunk_ref):
+            remake = _remakes.pop(r.chunk_ref)
+            r.chunk_ref = remake()  # its shard decoded again on a node alive: the producing work
+            _remakes[r.chunk_ref] = remake
+        return _classify_task.options(num_gpus=gpus, **_again(again)).remote(
+            r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref, list(metrics), device, examples,
+            verify, settings)
+
+    try:
+        yield from bounded_map(submit, chunks, max_in_flight, what=("classify", " chunks"))
+    finally:
+        _remakes.clear()
 
 
 def has_gpus() -> bool:

@@ -55,9 +55,9 @@ def test_a_lost_nodes_tasks_are_submitted_again_and_each_item_counts_once(ray_lo
     gate, node = tmp_path / "go", ray.get_runtime_context().get_node_id()
     submitted = []
 
-    def submit(x):
-        submitted.append(x)
-        return _gated.remote(x, str(gate))
+    def submit(x, again=0):
+        submitted.append((x, again))
+        return _gated.options(**distributed._again(again)).remote(x, str(gate))
 
     watch = distributed.watching("decode", 3, " shards")
     flight = distributed._InFlight(submit, watch)
@@ -69,7 +69,7 @@ def test_a_lost_nodes_tasks_are_submitted_again_and_each_item_counts_once(ray_lo
         time.sleep(0.05)
     watch.since -= 1000  # as if nothing had finished for long
     assert flight.retry({node: "10.0.0.9"}) == {node: 3}
-    assert sorted(submitted) == [0, 0, 10, 10, 20, 20]
+    assert sorted(submitted) == [(0, 0), (0, 1), (10, 0), (10, 1), (20, 0), (20, 1)]  # again: a class of its own
     assert time.monotonic() - watch.since < 5  # the stall count started again
     state, _ = watch.describe()
     assert "; waiting for node 10.0.0.9's 3 tasks, submitted again at " in state
