@@ -865,12 +865,12 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
 
 def _again(again: int) -> dict:
     """Ray options for a task's `again`-th attempt after a node's loss (none for the first).
-    Ray's driver asks for workers per scheduling class (function, resources, strategy) and
-    asks for no more than the class has tasks queued: a lease request it had sent to the lost
-    node's raylet, which no reply ends before the connection's keepalive, would hold an attempt
-    of the same class for minutes (seen: 95 s with 1 of 1 CPUs free). A class of its own per
-    generation of attempts (the default strategy, and `again` bytes of memory, which every node
-    has) gets it a worker at once."""
+    In the first task's scheduling class (function, resources, strategy) an attempt once
+    waited 95 s with 1 of 1 CPUs free, most likely because Ray's driver asks for workers per
+    class and for no more than the class has tasks queued, so a lease request it had sent to
+    the lost node's raylet (which no reply ends before the connection's keepalive) held it. A
+    class of its own per generation of attempts (the default strategy, and `again` bytes of
+    memory, which every node has) got it a worker at once (benchmarks/host_loss)."""
     return {"scheduling_strategy": "DEFAULT", "memory": again} if again else {}
 
 
