@@ -49,8 +49,26 @@ log = logging.getLogger(__name__)
 _RETRIES = dict(max_retries=3, retry_exceptions=False)
 
 
+# Where each task runs: every task notes its node in the GCS's key-value store as it starts
+# (one small write, under the job's id and its task id), so that once Ray declares a node dead
+# the driver knows which of its tasks ran there without asking that node (_InFlight.retry).
+_WHERE = b"mnist37-where"
+
+
+def _record_node() -> None:
+    """Note in the GCS which node runs this task (a hint: without it, the job submits the
+    task again on any node's loss)."""
+    from ray.experimental import internal_kv
+
+    context = ray.get_runtime_context()
+    with contextlib.suppress(Exception):  # noqa: BLE001: a hint only, see above
+        internal_kv._internal_kv_put(f"{context.get_job_id()}/{context.get_task_id()}", context.get_node_id(),
+                                     namespace=_WHERE)
+
+
 def _decode(shard: Shard | ContainerShard, root: str, chunk_dir: str, decoding: Decoding, with_sums: bool,
             archive: ArchiveObject | None = None, settings: StoreSettings | None = None) -> DecodedShard:
+    _record_node()
     if settings is not None:  # the driver's way to its object store, whatever this node's environment says
         use_store(settings)
     if archive is not None:  # the root is its extraction, which this node may not have made yet
@@ -83,6 +101,7 @@ def _classify_task(key: str, chunk: str | pa.Buffer, checksum: str, prototypes: 
     # Imported here: the driver needs no torch.
     from mnist37.classify import classify_chunk
 
+    _record_node()
     use_store(settings)  # a chunk store may be a URI
 
     start = time.perf_counter()
@@ -331,6 +350,7 @@ class Session:
     head: HeadWatch | None = None
     nodes: dict[str, str] = field(default_factory=dict)  # node id -> address, of the nodes seen alive
     nodes_checked: float = 0.0  # time.monotonic() of the last look at them
+    lost: set[str] = field(default_factory=set)  # ids of the nodes lost under the job
     raylet: subprocess.Popen | None = None  # the job's own Ray's raylet, when it started one
 
     def raylet_gone(self) -> str | None:
@@ -351,11 +371,13 @@ class Session:
         """node id -> address of each node the cluster counts alive now."""
         return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
 
-    def check_nodes(self, watch: Watch, pending: int, force: bool = False) -> None:
+    def check_nodes(self, watch: Watch, pending: int, force: bool = False,
+                    retry: Callable[[dict[str, str]], dict[str | None, int]] | None = None) -> None:
         """At most every NODES_EVERY_S of a stage's waits (and at its end, `force`): a line for
-        each node that was alive and no longer is (a host lost, its tasks run again by Ray on
-        the others), so a job held up by a lost host says so, in the stage it happened in.
-        Not while the head is silent (the call would block; check_head reports that)."""
+        each node that was alive and no longer is, in the stage it happened in. `retry(lost)`
+        (node id -> address) submits again the stage's tasks that ran on a lost node, and says
+        how many per node (None: those not yet seen running anywhere). Not while the head is
+        silent (the call would block; check_head reports that)."""
         now = time.monotonic()
         if (not force and now - self.nodes_checked < NODES_EVERY_S) or (self.head is not None and self.head.silent_s() > 0):
             return
@@ -364,12 +386,20 @@ class Session:
             alive = self.alive()
         except Exception:  # noqa: BLE001: a hint only; the head's silence is check_head's
             return
-        for node, address in self.nodes.items():
-            if node not in alive:
-                log.warning("%s: node %s (%s) lost; Ray %s its tasks on the %d node%s left (%s)", watch.what, address,
-                            node[:8], "retries" if pending else "ran", len(alive), "s" if len(alive) != 1 else "",
-                            watch.outstanding(pending))
+        lost = {node: address for node, address in self.nodes.items() if node not in alive}
         self.nodes = alive
+        self.lost |= set(lost)
+        again = retry(lost) if lost and retry is not None else {}
+        left = f"the {len(alive)} node{'s' if len(alive) != 1 else ''} left"
+        for node, address in lost.items():
+            if retry is None:
+                done = f"Ray {'retries' if pending else 'ran'} its tasks on {left}"
+            else:
+                ran, unseen = again.get(node, 0), again.pop(None, 0)
+                done = f"{ran} task{'s' if ran != 1 else ''} it ran submitted again on {left}"
+                if unseen:
+                    done += f", and {unseen} not yet seen running on a node"
+            log.warning("%s: node %s (%s) lost; %s (%s)", watch.what, address, node[:8], done, watch.outstanding(pending))
 
     def head_lost_after_s(self) -> float:
         """How long the head may stay silent before the job stops: half the time Ray's own
@@ -600,34 +630,36 @@ def bounded_map(submit: Callable[[object], ray.ObjectRef], items: Iterable, max_
                 received: Callable[[ray.ObjectRef, object], object] = lambda ref, value: value,
                 what: tuple[str, str] = ("tasks", "")) -> Iterator:
     """Submit `submit(item)` for each item with at most `max_in_flight` unfinished; yield
-    `received(ref, result)` as tasks finish. Every wait is bounded and watched (`_wait`:
-    `what` names the stage and its unit in its lines). A task that fails with an mnist37 error
-    re-raises that error (one clear line, not a remote traceback) once the tasks still
-    pending have ended (`_raise_cause`). An interrupt leaves them to `ray.shutdown()` (the
-    job's own Ray) or to the driver's exit (a cluster's tasks die with their owner); neither
-    path cancels a task (see `_raise_cause`)."""
+    `received(ref, result)` as tasks finish, once per item. Every wait is bounded and watched
+    (`_InFlight.next`: `what` names the stage and its unit in its lines); an item whose task
+    ran on a node Ray declares dead is submitted again at once (`_InFlight.retry`), and its
+    first result counts. A task that fails with an mnist37 error re-raises that error (one
+    clear line, not a remote traceback) once the tasks still pending have ended
+    (`_raise_cause`). An interrupt leaves them to `ray.shutdown()` (the job's own Ray) or to
+    the driver's exit (a cluster's tasks die with their owner); neither path cancels a task
+    (see `_raise_cause`)."""
     items = list(items) if not isinstance(items, Sequence) else items
     watch = watching(what[0], len(items), what[1])
-    pending: list[ray.ObjectRef] = []
+    flight = _InFlight(submit, watch)
 
     def next_result():
-        nonlocal pending
-        done, pending = _wait(pending, watch)
-        value = received(done[0], _get(done[0], watch))
+        _, ref = flight.next()
+        value = received(ref, _get(ref, watch))
         watch.finished()
         return value
 
     try:
         with _cluster_failures(watch):
-            for item in items:
-                if len(pending) >= max_in_flight:
+            for index, item in enumerate(items):
+                if len(flight) >= max_in_flight:
                     yield next_result()
-                pending.append(submit(item))
-            while pending:
+                flight.add(index, item)
+            while flight:
                 yield next_result()
         _session.check_nodes(watch, 0, force=True)  # a node lost while the last tasks ran
+        flight.forget()
     except ray.exceptions.RayTaskError as e:
-        _raise_cause(e, pending)
+        _raise_cause(e, flight.handles())
 
 
 # The longest a wait on Ray blocks the main thread: a signal's handler runs between waits.
@@ -636,21 +668,117 @@ WAIT_STEP_S = 0.5
 NODES_EVERY_S = 1.0
 
 
-def _wait(pending: list, watch: Watch) -> tuple[list, list]:
-    """`ray.wait` for one of `pending`, in steps of WAIT_STEP_S, telling `watch` of each step
-    that ends with nothing finished: it logs what is outstanding every 30 s and raises
-    Stalled once nothing has finished for stall_timeout_s. Nodes lost meanwhile are named
-    (Session.check_nodes)."""
-    while True:
-        # fetch_local=False: ready anywhere is enough (a result is fetched by _get); a wait
-        # that fetched would call the raylet, and a dead raylet's caller is ended by Ray.
-        done, rest = ray.wait(pending, num_returns=1, timeout=WAIT_STEP_S, fetch_local=False)
-        _session.check_raylet(watch)
-        _session.check_nodes(watch, len(rest))
-        if done:
-            return done, rest
-        _session.check_head()
-        watch.waiting(len(pending))
+class _InFlight:
+    """A map's tasks in flight, by item: each item's attempts (a task, or a streaming
+    generator: `handle`, waited on through `end(handle)`), the first to finish counts, the
+    others are forgotten (never waited on, never counted; decode, classify and listing are
+    idempotent: chunk writes are atomic, identical data gives identical keys).
+
+    Why attempts: Ray fails a task already pushed to a worker on a lost host only when the
+    driver's gRPC connection to that worker is found dead (keepalive: 300 s + 120 s with Ray's
+    defaults), not when the GCS declares the node dead (benchmarks/host_loss). So once a node is
+    declared dead, every item whose latest attempt ran there, or was not yet seen running on a
+    node that is alive (its lease request may wait on the lost node's raylet), is submitted
+    again at once, as `submit(item, again=n)` for its n-th attempt after a loss: its task then
+    takes `_again(n)`'s options, so that Ray leases it a worker of its own rather than queue it
+    behind the lost attempt (see _again)."""
+
+    def __init__(self, submit: Callable[[object], object], watch: Watch, end: Callable[[object], ray.ObjectRef] = lambda h: h):
+        self.submit, self.watch, self.end = submit, watch, end
+        self.items: dict[int, object] = {}  # index -> item, while in flight
+        self.attempts: dict[int, list[ray.ObjectRef]] = {}  # index -> end refs, oldest first
+        self.index_of: dict[ray.ObjectRef, int] = {}
+        self.handle_of: dict[ray.ObjectRef, object] = {}
+        self.recovering: dict[int, tuple[str, str]] = {}  # index -> (lost node's address, when submitted again)
+        self.job = ray.get_runtime_context().get_job_id()
+        watch.describe = self.describe
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, index: int, item: object) -> None:
+        self.items[index], self.attempts[index] = item, []
+        self._attempt(index)
+
+    def _attempt(self, index: int) -> None:
+        again = len(self.attempts[index])
+        handle = self.submit(self.items[index], again=again) if again else self.submit(self.items[index])
+        ref = self.end(handle)
+        self.attempts[index].append(ref)
+        self.index_of[ref], self.handle_of[ref] = index, handle
+
+    def handles(self) -> list:
+        return list(self.handle_of.values())
+
+    def next(self) -> tuple[int, object]:
+        """(index, handle) of the next item whose attempt finished: `ray.wait` in steps of
+        WAIT_STEP_S, telling the watch of each step that ends with nothing finished (a line
+        every 30 s, Stalled after stall_timeout_s), looking for lost nodes (Session.check_nodes)
+        and submitting their tasks again."""
+        while True:
+            # fetch_local=False: ready anywhere is enough (a result is fetched by _get); a wait
+            # that fetched would call the raylet, and a dead raylet's caller is ended by Ray.
+            done, _ = ray.wait(list(self.index_of), num_returns=1, timeout=WAIT_STEP_S, fetch_local=False)
+            _session.check_raylet(self.watch)
+            _session.check_nodes(self.watch, len(self), retry=self.retry)
+            if done:
+                index = self.index_of[done[0]]
+                handle = self.handle_of[done[0]]
+                for ref in self.attempts.pop(index):
+                    del self.index_of[ref], self.handle_of[ref]
+                del self.items[index]
+                self.recovering.pop(index, None)
+                return index, handle
+            _session.check_head()
+            self.watch.waiting(len(self))
+
+    def _nodes(self, refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, str]:
+        """ref -> the node its task was last seen running on (_record_node), where known."""
+        from ray.experimental import internal_kv
+
+        keys = {f"{self.job}/{ref.task_id().hex()}".encode(): ref for ref in refs}
+        try:
+            found = internal_kv.global_gcs_client.internal_kv_multi_get(list(keys), _WHERE, timeout=5)
+        except Exception:  # noqa: BLE001: unknown, so submitted again: a duplicate costs one task
+            return {}
+        return {keys[key]: node.decode() for key, node in found.items() if node}
+
+    def retry(self, lost: dict[str, str]) -> dict[str | None, int]:
+        """Submit again each item whose latest attempt ran on a `lost` node (node id ->
+        address) or was not seen running; start the stall count again (Ray works on a
+        recovery). Returns how many per lost node (None: not seen running)."""
+        latest = {index: refs[-1] for index, refs in self.attempts.items()}
+        where = self._nodes(list(latest.values()))
+        alive, when, counts = _session.nodes, time.strftime("%H:%M:%S"), {}
+        for index, ref in latest.items():
+            node = where.get(ref)
+            if node in alive:
+                continue
+            self._attempt(index)
+            counts[node if node in lost else None] = counts.get(node if node in lost else None, 0) + 1
+            # one not seen running is waited for on account of the first node lost
+            self.recovering[index] = (lost.get(node) or next(iter(lost.values())), when)
+        self.watch.renew()
+        return counts
+
+    def describe(self) -> tuple[str, str]:
+        """The cluster's state (Session.describe), and what the job waits for after a node's loss."""
+        state, cause = _session.describe()
+        waits: dict[str, list] = {}
+        for address, when in self.recovering.values():
+            waits.setdefault(address, []).append(when)
+        for address, times in waits.items():
+            state += (f"; waiting for node {address}'s {len(times)} task{'s' if len(times) != 1 else ''}, "
+                      f"submitted again at {max(times)}")
+        return state, cause
+
+    def forget(self) -> None:
+        """Drop the GCS's notes of where this job's tasks ran (_record_node), once the map
+        has ended (a map that failed leaves them: a few small keys, not a wait on the head)."""
+        from ray.experimental import internal_kv
+
+        with contextlib.suppress(Exception):  # noqa: BLE001: a few stale keys at worst
+            internal_kv.global_gcs_client.internal_kv_del(f"{self.job}/".encode(), True, _WHERE, timeout=5)
 
 
 def _get(ref: ray.ObjectRef, watch: Watch):
@@ -691,6 +819,7 @@ LISTING_BLOCK = 65536
 
 def _listed_in_blocks(function: Callable, block_size: int, settings: StoreSettings, *arguments):
     """A listing task: the folder's summary first, then its files in blocks, each its own object."""
+    _record_node()
     use_store(settings)
     summary, files = function(*arguments)
     yield summary
@@ -711,25 +840,74 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
     settings = store()
     watch = watching("list", len(arguments), " class folders")
     with _cluster_failures(watch):
-        generators = [task.remote(function, LISTING_BLOCK, settings, *a) for a in arguments]
-        ends = {g.completed(): i for i, g in enumerate(generators)}
+        flight = _InFlight(lambda a, again=0: task.options(**_again(again)).remote(function, LISTING_BLOCK, settings, *a), watch,
+                           end=lambda generator: generator.completed())
         progress = Progress("list", len(arguments), " class folders")
         listed: dict[int, ClassListing] = {}
-        pending = list(ends)
         try:
-            while pending:
-                done, pending = _wait(pending, watch)
-                i = ends[done[0]]
-                refs = list(generators[i])  # the task has ended: every ref is there
+            for index, argument in enumerate(arguments):
+                flight.add(index, argument)
+            while flight:
+                i, generator = flight.next()
+                refs = list(generator)  # the task has ended: every ref is there
+                _copy_here(refs[1:], watch)
                 summary = _get(refs[0], watch)
                 summary.blocks, summary.block_size = refs[1:], LISTING_BLOCK
                 listed[i] = summary
                 watch.finished()
                 progress.update()
             _session.check_nodes(watch, 0, force=True)
+            flight.forget()
         except ray.exceptions.RayTaskError as e:
-            _raise_cause(e, generators)
+            _raise_cause(e, flight.handles())
     return [listed[i] for i in range(len(arguments))]
+
+
+def _again(again: int) -> dict:
+    """Ray options for a task's `again`-th attempt after a node's loss (none for the first).
+    In the first task's scheduling class (function, resources, strategy) an attempt once
+    waited 95 s with 1 of 1 CPUs free, most likely because Ray's driver asks for workers per
+    class and for no more than the class has tasks queued, so a lease request it had sent to
+    the lost node's raylet (which no reply ends before the connection's keepalive) held it. A
+    class of its own per generation of attempts (the default strategy, and `again` bytes of
+    memory, which every node has) got it a worker at once (benchmarks/host_loss)."""
+    return {"scheduling_strategy": "DEFAULT", "memory": again} if again else {}
+
+
+def _copy_here(refs: list[ray.ObjectRef], watch: Watch) -> None:
+    """A copy of these objects in the object store of the driver's node, on a cluster the job
+    joined: a listing's blocks, which every decode task of its folder reads, then outlive the
+    worker node that listed them. Without it, a decode task submitted again after that node's
+    loss blocks on fetching a block from it until Ray finds the connection dead (keepalive)
+    and rebuilds the block (issue 36). The copy is not pinned: the head's store evicts it
+    only when full. The job's own Ray has one node: nothing to copy."""
+    left = refs if not _session.own else []
+    while left:
+        _, left = ray.wait(left, num_returns=len(left), timeout=WAIT_STEP_S, fetch_local=True)
+        if left:
+            _session.check_head()
+            watch.waiting(len(left))
+
+
+def _lost(ref: ray.ObjectRef) -> bool:
+    """Whether the object's every copy was on a node lost under the job (the owner's record:
+    this driver's, for the objects it owns), so that a task needing it would wait for Ray to
+    rebuild it; never before a node was lost."""
+    if not _session.lost:
+        return False
+    from ray.experimental import get_object_locations
+
+    try:
+        where = get_object_locations([ref], timeout_ms=5000).get(ref) or {}
+    except Exception:  # noqa: BLE001: unknown: Ray rebuilds it if it must
+        return False
+    return not where.get("did_spill") and not set(where.get("node_ids") or ()) - _session.lost
+
+
+# Chunk bytes ref -> a function that decodes its shard again and returns the new ref: a
+# classify task submitted again after a node's loss gets its chunk made again on a node alive
+# when its only copy was lost with the node (see _lost), rather than wait on Ray's keepalive.
+_remakes: dict[ray.ObjectRef, Callable[[], ray.ObjectRef]] = {}
 
 
 def default_max_in_flight() -> int:
@@ -747,12 +925,13 @@ def decode_shards(shards: Iterable[Shard], root: Path, chunk_dir: str, decoding:
     shipped: dict[ray.ObjectRef, ray.ObjectRef] = {}  # record ref -> chunk bytes ref
     settings = store()
 
-    def submit(shard: Shard) -> ray.ObjectRef:
+    def submit(shard: Shard, again: int = 0) -> ray.ObjectRef:
         args = (shard, str(root), str(chunk_dir), decoding, shard.split == train_split, archive, settings)
         if shard.split != ship_split:
-            return _decode_task.remote(*args)
-        record, chunk = _decode_and_ship_task.remote(*args)
+            return _decode_task.options(**_again(again)).remote(*args)
+        record, chunk = _decode_and_ship_task.options(**_again(again)).remote(*args)
         shipped[record] = chunk
+        _remakes[chunk] = lambda: _decode_and_ship_task.options(**_again(1)).remote(*args)[1]
         return record
 
     def received(ref: ray.ObjectRef, done: DecodedShard) -> DecodedShard:
@@ -774,10 +953,21 @@ def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metr
     The prototypes go to the object store once; on a cluster with GPUs each task asks for
     `gpus_per_task` of one (decode tasks never do)."""
     prototypes_ref, settings = ray.put(prototypes), store()
-    task = _classify_task.options(num_gpus=gpus_per_task if has_gpus() and device != "cpu" else 0)
-    return bounded_map(lambda r: task.remote(r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref,
-                                             list(metrics), device, examples, verify, settings), chunks, max_in_flight,
-                       what=("classify", " chunks"))
+    gpus = gpus_per_task if has_gpus() and device != "cpu" else 0
+
+    def submit(r: DecodedShard, again: int = 0) -> ray.ObjectRef:
+        if again and r.chunk_ref is not None and r.chunk_ref in _remakes and _lost(r.chunk_ref):
+            remake = _remakes.pop(r.chunk_ref)
+            r.chunk_ref = remake()  # its shard decoded again on a node alive: the producing work
+            _remakes[r.chunk_ref] = remake
+        return _classify_task.options(num_gpus=gpus, **_again(again)).remote(
+            r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref, list(metrics), device, examples,
+            verify, settings)
+
+    try:
+        yield from bounded_map(submit, chunks, max_in_flight, what=("classify", " chunks"))
+    finally:
+        _remakes.clear()
 
 
 def has_gpus() -> bool:

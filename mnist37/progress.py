@@ -77,6 +77,11 @@ class Watch:
         self.done += n
         self.since = self.reported = self.clock()
 
+    def renew(self) -> None:
+        """Start the count again though nothing finished: what the stage waits for was just
+        submitted again (a lost node's tasks), so Ray works on it."""
+        self.since = self.reported = self.clock()
+
     def outstanding(self, pending: int) -> str:
         return (f"{self.what}: {self.done:,}/{self.total:,}{self.unit} done, "
                 f"{pending} task{'s' if pending != 1 else ''} pending")

@@ -17,8 +17,10 @@ namespaces, veths and bridge are removed: in `close()`, and at the next start fo
 earlier, killed run left behind (`clear_leftovers`, by the name prefix and the dead owner's pid
 in every name). Only addresses of the test subnet and loopback are ever used.
 
-Ray's detection of a lost host is set on every node and driver (`DETECTION`, as `RAY_<name>`
-variables, which override the setting of that name: src/ray/common/ray_config_def.h):
+Ray's detection of a lost host is a mode of the harness (`node_env(..., detection)`): Ray's own
+defaults (`RAY_DEFAULTS`: nothing set, as on a cluster users start with `ray start`), or faster
+settings (`DETECTION`) on every node and driver, as `RAY_<name>` variables, which override the
+setting of that name (src/ray/common/ray_config_def.h):
 
 - the GCS asks each raylet for its health every `health_check_period_ms`, gives each check
   `health_check_timeout_ms`, and after `health_check_failure_threshold` failures in a row the
@@ -68,6 +70,9 @@ DETECTION = {
     "RAY_grpc_client_keepalive_time_ms": "2000",
     "RAY_grpc_client_keepalive_timeout_ms": "2000",
 }
+# Ray's own detection settings: what a cluster users start with `ray start` has (the job
+# recovers from a lost host as soon as Ray declares it dead: mnist37.distributed._InFlight).
+RAY_DEFAULTS: dict[str, str] = {}
 
 
 def unavailable() -> str | None:
@@ -306,14 +311,15 @@ class Network:
         ip("link", "del", self.bridge, check=False)
 
 
-def node_env(base: dict[str, str], store: dict[str, str]) -> dict[str, str]:
+def node_env(base: dict[str, str], store: dict[str, str], detection: dict[str, str] = DETECTION) -> dict[str, str]:
     """What every Ray process of the harness starts with: the test session's environment (its
-    Ray token: tests/conftest.py), the store's variables, the detection settings. Not the
+    Ray token: tests/conftest.py, less any RAY_ setting of its own of the detection), the store's
+    variables, the detection settings (`DETECTION`, or `RAY_DEFAULTS`). Not the
     session's cache folder (`.ci/run` sets MNIST37_CACHE to one folder of its own): each host
     keeps its cache on its own disk, in its own ~/.cache."""
     env = {k: v for k, v in base.items()
-           if k not in ("RAY_ADDRESS", "MNIST37_CACHE", "XDG_CACHE_HOME") and not k.startswith("AWS_")}
-    return {**env, **store, **DETECTION, "RAY_USAGE_STATS_ENABLED": "0"}
+           if k not in ("RAY_ADDRESS", "MNIST37_CACHE", "XDG_CACHE_HOME", *DETECTION) and not k.startswith("AWS_")}
+    return {**env, **store, **detection, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class RayCluster:

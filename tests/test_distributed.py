@@ -1,5 +1,6 @@
 """The Ray layer on a real local Ray: bounded submission, errors from tasks, node records."""
 
+import os
 import shutil
 import time
 
@@ -34,6 +35,49 @@ def test_bounded_map_returns_every_result_and_bounds_the_window(ray_local, max_i
     for result in distributed.bounded_map(submit, range(20), max_in_flight):
         received.append(result)
     assert sorted(received) == [x * x for x in range(20)]
+
+
+@ray.remote(num_cpus=0)
+def _gated(x: int, gate: str) -> int:
+    distributed._record_node()
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return x
+
+
+def test_a_lost_nodes_tasks_are_submitted_again_and_each_item_counts_once(ray_local, tmp_path, monkeypatch):
+    """Once a node the job saw alive is declared dead, every item whose task ran there (each
+    task notes its node as it starts) is submitted again at once, the stall count starts again,
+    the watch's lines say what the job waits for, and the first result of each item is the one
+    counted. The loss is told as Session.check_nodes tells it, of this Ray's one node (a node
+    really cut off mid-job: tests/test_hosts.py)."""
+    monkeypatch.setattr(distributed, "_session", distributed.Session())  # no node alive: the one here is lost
+    gate, node = tmp_path / "go", ray.get_runtime_context().get_node_id()
+    submitted = []
+
+    def submit(x, again=0):
+        submitted.append((x, again))
+        return _gated.options(**distributed._again(again)).remote(x, str(gate))
+
+    watch = distributed.watching("decode", 3, " shards")
+    flight = distributed._InFlight(submit, watch)
+    for index in range(3):
+        flight.add(index, index * 10)
+    deadline = time.monotonic() + 60
+    while len(flight._nodes([refs[-1] for refs in flight.attempts.values()])) < 3:  # every task started
+        assert time.monotonic() < deadline, "the tasks did not start"
+        time.sleep(0.05)
+    watch.since -= 1000  # as if nothing had finished for long
+    assert flight.retry({node: "10.0.0.9"}) == {node: 3}
+    assert sorted(submitted) == [(0, 0), (0, 1), (10, 0), (10, 1), (20, 0), (20, 1)]  # again: a class of its own
+    assert time.monotonic() - watch.since < 5  # the stall count started again
+    state, _ = watch.describe()
+    assert "; waiting for node 10.0.0.9's 3 tasks, submitted again at " in state
+    gate.touch()
+    finished = [flight.next() for _ in range(3)]
+    assert sorted(index for index, _ in finished) == [0, 1, 2] and len(flight) == 0
+    assert sorted(ray.get([ref for _, ref in finished])) == [0, 10, 20]
+    assert "waiting for node" not in watch.describe()[0]
 
 
 def test_default_window_is_twice_the_cpus(ray_local):

@@ -8,6 +8,11 @@ a job at a MinIO or a non-default region: the endpoint is set only where each jo
 driver's environment, or the runtime environment of `ray job submit`), and every task on every
 host must read the store the driver read (issue 25, item 1).
 
+The cluster runs with Ray's default detection settings (tests/hosts.RAY_DEFAULTS), as users'
+clusters do: Ray declares a cut host dead after 30-65 s, and the job must then end within the
+lost host's share of the work plus 30 s (issue 36), though Ray itself would fail the task it had
+pushed to that host only after its gRPC keepalive (300 s + 120 s).
+
 One cluster serves the whole module (starting one took 13-40 s here on 2 shared cores); the
 tests run in file order, each leaves a worker alive for the next, and the last one, the head
 cut off, stops the cluster. The data is mnist_sample.tgz as one object: every host fetches and
@@ -20,6 +25,7 @@ moto on this machine (issue 25), too slow for the five runs here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,8 +48,10 @@ ARCHIVE = f"s3://{BUCKET}/mnist_sample.tgz"
 SHARD_SIZE = 512  # 25 training + 4 evaluation shards: work left for a lost host's tasks
 FIGURES = ("counts", "files", "rejected", "metrics", "prototypes_sha256", "classes", "image_shape")
 # A job takes 4-8 s here once the archive is extracted, 40-70 s on a loaded machine with the
-# extraction; a cut adds about 5 s (benchmarks/host_loss).
-JOB_TIMEOUT_S = 120
+# extraction; a cut adds Ray's detection, 30-65 s with its defaults (benchmarks/host_loss).
+JOB_TIMEOUT_S = 240
+# What a lost host may cost beyond Ray's declaring it dead and its share of the work (issue 36).
+RECOVERY_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,7 @@ def store(network, mnist_sample_tgz):
 def cluster(network, store, tmp_path_factory):
     """The nodes hold the store's credentials, not its endpoint; `job_env` is a driver's
     environment: the cluster's, plus the endpoint."""
-    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), aws_credentials()),
+    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), aws_credentials(), hosts.RAY_DEFAULTS),
                                tmp_path_factory.mktemp("ray-logs"))
     cluster.job_env = {**cluster.env, "AWS_ENDPOINT_URL": store.endpoint}
     try:
@@ -85,6 +93,20 @@ def baseline(sample_run):
     """The job on one node (the test session's local Ray), from the archive on disk, with its
     default shard size: the session's run (tests/conftest.py), which other modules share."""
     return figures(sample_run[2])
+
+
+@pytest.fixture(scope="module")
+def share_s(cluster, store, tmp_path_factory) -> float:
+    """An upper bound of a worker host's share of the work left at a cut: the decode and
+    classify stages of the undisturbed job on the head (the first test's, run here if it did
+    not run), which the two workers shared, twice over (the host left does it all)."""
+    try:
+        results = results_of(store, "on-head")
+    except Exception:  # noqa: BLE001: that test did not run: an undisturbed job of its own
+        job = start_job(cluster, cluster.head, "undisturbed", tmp_path_factory.mktemp("undisturbed"))
+        assert finish(job) == 0, job.output()[-3000:]
+        results = results_of(store, "undisturbed")
+    return 2 * (results["elapsed_s"]["decode"] + results["elapsed_s"]["classify"])
 
 
 def figures(results: dict) -> dict:
@@ -239,13 +261,15 @@ def test_ray_job_submit_from_outside_the_cluster_reuses_the_chunks_on_each_host(
 # ---------------------------------------------------------------- a host lost mid-job
 
 
-def cut_and_finish(cluster, store, baseline, tmp_path, name: str, moment,
+def cut_and_finish(cluster, store, baseline, share_s, tmp_path, name: str, moment,
                    needed: bool = True, restart: bool = True) -> tuple[dict, str, float]:
     """Start the job on the head, wait for `moment(name)` to name a worker host to cut, cut
     it, let the job finish with exact figures; return its results, the lost node and the
     seconds from cut to end. `needed`: the job could not finish without Ray declaring the
     host dead (it had work left there), so the lost node is gone from results.json's nodes,
-    and the job said so while it waited. `restart`: the cut host joins again afterwards."""
+    the job said so while it waited, and it ended within `share_s` + RECOVERY_S of the moment
+    the head's GCS reported the node dead (polled on the dashboard's state API). `restart`:
+    the cut host joins again afterwards."""
     job = start_job(cluster, cluster.head, name, tmp_path)
     try:
         host = moment(job)
@@ -253,17 +277,29 @@ def cut_and_finish(cluster, store, baseline, tmp_path, name: str, moment,
         host.cut()
         cut_at = time.perf_counter()
         os.kill(job.popen.pid, signal.SIGCONT)  # if `moment` paused the job (see pause)
+        detected_at = None
+        while job.popen.poll() is None and time.perf_counter() - cut_at < JOB_TIMEOUT_S:
+            if detected_at is None:
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    if lost not in cluster.alive_nodes():
+                        detected_at = time.perf_counter()
+            time.sleep(0.2)
         status = finish(job)
-        recovery_s = time.perf_counter() - cut_at
+        ended_at = time.perf_counter()
         assert status == 0, job.output()[-3000:]
         results = results_of(store, name)
         assert figures(results) == baseline
+        detected = f"{detected_at - cut_at:.1f} s" if detected_at else "not before the end"
+        print(f"{name}: {host.name}'s link cut; node declared dead after {detected}, job ended "
+              f"{ended_at - cut_at:.1f} s after the cut (share bound {share_s:.1f} s)")
         if needed:
             assert lost not in {n["node_id"] for n in results["ray"]["nodes"]}
             said = [line for line in job.output().splitlines() if f"node {host.address} ({lost[:8]}) lost" in line]
             assert len(said) == 1, job.output()[-3000:]  # the job named the lost host once
-        print(f"{name}: job ended {recovery_s:.1f} s after {host.name}'s link was cut")
-        return results, lost, recovery_s
+            assert "submitted again" in said[0], said[0]
+        if detected_at is not None:  # the goal: Ray's detection + the lost host's share + 30 s
+            assert ended_at - detected_at <= share_s + RECOVERY_S, job.output()[-3000:]
+        return results, lost, ended_at - cut_at
     finally:
         job.stop(timeout_s=5)
         if restart:  # for the tests after this one
@@ -283,7 +319,7 @@ def pause(job: hosts.Process) -> None:
         time.sleep(0.01)
 
 
-def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, tmp_path):
+def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, share_s, tmp_path):
     """Cut once the host has written its first chunk: the job is decoding there. To leave
     shards to do on a machine of any speed, the driver is paused (SIGSTOP) from that moment
     until the link is down: it submits nothing meanwhile, and only the tasks already submitted
@@ -297,12 +333,12 @@ def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, tmp_path):
         done_at_cut.append(sum(len(chunks_on(h, "cut-decode")) for h in cluster.network.hosts.values()))
         return worker
 
-    results, lost, _ = cut_and_finish(cluster, store, baseline, tmp_path, "cut-decode", decoding)
+    results, lost, _ = cut_and_finish(cluster, store, baseline, share_s, tmp_path, "cut-decode", decoding)
     assert done_at_cut[0] + 4 < len(results["shards"]["per_shard"]), "the cut came after decoding"
     assert lost not in per_node(results, "classify_node_id")
 
 
-def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, tmp_path):
+def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, share_s, tmp_path):
     """Cut whichever worker host is seen running a classify task (its process title), while
     that task runs: its result, and any chunk bytes held in its object store, are lost, and
     the figures are exact all the same. The task's process is paused (SIGSTOP) the moment it
@@ -322,7 +358,8 @@ def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, tmp_path):
     def classifying(job):
         return wait_until(frozen, "classify task on a worker host", job)
 
-    results, lost, _ = cut_and_finish(cluster, store, baseline, tmp_path, "cut-classify", classifying, needed=False,
+    results, lost, _ = cut_and_finish(cluster, store, baseline, share_s, tmp_path, "cut-classify", classifying,
+                                      needed=False,
                                       restart=False)  # the next test needs one worker, and stops the cluster
     if lost in {n["node_id"] for n in results["ray"]["nodes"]}:
         print("cut-classify: the seen task had finished; the job never needed the cut host")
