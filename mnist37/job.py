@@ -114,7 +114,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
                                             "total": time.perf_counter() - clock})
         status.stage = "write results"
         out = local_or_uri(located.cfg.out)
-        table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
+        table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples,
+                              evaluation.classification.confusions)
         written = True
     finally:
         disconnect(exiting=exiting and written)
