@@ -184,8 +184,7 @@ def write_outputs(out: Path | str, results: dict, prototypes: np.ndarray, exampl
     for name, data in prototype_images(prototypes, results["classes"]).items():
         save(name, data)
     for metric in results["metrics"]:
-        if metric in confusions:
-            save(f"confusion_{metric}.npy", _npy_bytes(np.asarray(confusions[metric], dtype=np.int64)))
+        save(f"confusion_{metric}.npy", _npy_bytes(np.asarray(confusions[metric], dtype=np.int64)))
         parquet = pa.BufferOutputStream()
         pq.write_table(examples.table(metric), parquet)
         save(f"examples_{metric}.parquet", parquet.getvalue().to_pybytes())
@@ -245,7 +244,7 @@ def render_html(results: dict, prototypes: np.ndarray, examples: BoundaryExample
                           _run_section(results, whole=False), "</body></html>\n"])
     example_images = examples.images()
     parts = [head, _prototypes_section(results["classes"], prototypes), _accuracy_section(results),
-             *(_confusion_section(m, confusions[m], results["classes"]) for m in results["metrics"] if m in confusions),
+             *(_confusion_section(m, confusions[m], results["classes"]) for m in results["metrics"]),
              *(_examples_section(m, per_class, results["classes"], example_images)
                for m, per_class in results.get("examples", {}).items()),
              _run_section(results), "</body></html>\n"]
@@ -289,9 +288,7 @@ def _many_classes_sections(results: dict, prototypes: np.ndarray, examples: Boun
                        for p in r.get("most_confused", []))
         parts.append(f"<h2>Most confused, {esc(m)}</h2><table class='pairs'><tr><th>true</th><th>predicted</th>"
                      f"<th>images</th><th>share of the true class</th></tr>{rows}</table>")
-    for m in metrics:
-        if m in confusions:
-            parts.append(_confusion_image_section(m, confusions[m]))
+    parts += [_confusion_image_section(m, confusions[m]) for m in metrics]
     for m in metrics:
         parts.append(_worst_examples_section(m, examples, classes, worst_and_best(results, m, EXAMPLE_CLASSES)[0]))
     return parts
