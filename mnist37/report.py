@@ -31,8 +31,6 @@ from mnist37.storage import write_atomically, writing
 # Prototypes are as small as the images (28x28 for MNIST): the side-by-side sheet is enlarged
 # this many times to be seen.
 SHEET_SCALE = 8
-# Beyond this many classes, the sheet is a grid at most this wide (pixels).
-SHEET_MAX_WIDTH = 2048
 # Up to this many classes, results.json holds the confusion matrices and the examples inline,
 # and the table and report.html show every class (fastbook's view); beyond, they are short.
 INLINE_CLASSES = 50
@@ -128,26 +126,19 @@ def _png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
 
 def prototype_images(prototypes: np.ndarray, classes: Sequence[str]) -> dict[str, bytes]:
     """Each `float32 [H, W]` prototype as an 8-bit grayscale PNG (a color `[3, H, W]` one as
-    an RGB PNG), plus one enlarged sheet of all (side by side; a grid beyond INLINE_CLASSES
-    classes): {file name: PNG bytes}."""
+    an RGB PNG), plus, up to INLINE_CLASSES classes, one enlarged sheet of all side by side:
+    {file name: PNG bytes}."""
     pixels = np.clip(np.rint(prototypes * PIXEL_MAX), 0, 255).astype(np.uint8)
     files = {f"prototype_{name}.png": _png_bytes(image) for name, image in zip(classes, pixels)}
-    if not many_classes(classes):
+    if not many_classes(classes):  # beyond, one PNG of C prototypes costs more than the C files
         files["prototypes.png"] = _png_bytes(np.concatenate(list(pixels), axis=-1), SHEET_SCALE)
-        return files
-    # A grid, row by row in class order: one row of 1,000 would be 512,000 pixels wide.
-    columns = math.ceil(math.sqrt(len(pixels)))
-    filler = np.zeros((columns * math.ceil(len(pixels) / columns) - len(pixels), *pixels.shape[1:]), np.uint8)
-    tiles = np.concatenate([pixels, filler])
-    rows = [np.concatenate(list(tiles[i:i + columns]), axis=-1) for i in range(0, len(tiles), columns)]
-    scale = max(1, min(SHEET_SCALE, SHEET_MAX_WIDTH // rows[0].shape[-1]))
-    files["prototypes.png"] = _png_bytes(np.concatenate(rows, axis=-2), scale)
     return files
 
 
 def output_names(classes: Sequence[str], metrics: Sequence[str] = ()) -> list[str]:
     """The files write_outputs writes beside results.json."""
-    return ["prototypes.npy", *(f"prototype_{name}.png" for name in classes), "prototypes.png",
+    sheet = [] if many_classes(classes) else ["prototypes.png"]
+    return ["prototypes.npy", *(f"prototype_{name}.png" for name in classes), *sheet,
             *(f"confusion_{m}.npy" for m in metrics), *(f"examples_{m}.parquet" for m in metrics), "table.txt",
             "report.html"]
 
@@ -268,7 +259,7 @@ def _many_classes_sections(results: dict, prototypes: np.ndarray, examples: Boun
     columns = [(label, key) for label, key in SUMMARY_COLUMNS if all(key in r for r in metrics.values())]
     parts = [f"<h2>Summary</h2><p>{len(classes):,} classes, {sum(counts.values()):,} images evaluated. Every "
              "class's accuracy: table.txt and results.json; every prototype: prototype_&lt;class&gt;.png, "
-             "prototypes.png, prototypes.npy; the confusion matrices: confusion_&lt;metric&gt;.npy; the boundary "
+             "prototypes.npy; the confusion matrices: confusion_&lt;metric&gt;.npy; the boundary "
              "examples of every class: examples_&lt;metric&gt;.parquet.</p><table id='summary'><tr><th>metric</th>" +
              "".join(f"<th>{esc(label)}</th>" for label, _ in columns) + "<th>correct</th><th>images</th></tr>" +
              "".join(f"<tr><th>{esc(m)}</th>" + "".join(_cell(r[key]) for _, key in columns) +

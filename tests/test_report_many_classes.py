@@ -90,10 +90,13 @@ def test_the_printed_table_is_short_and_table_txt_whole(many):
     assert per_class[worst.split()[0]] == min(v for v in per_class.values() if v is not None)
 
 
-def test_the_prototype_sheet_is_a_grid_at_many_classes(many):
-    _, out, _ = many
-    with Image.open(out / "prototypes.png") as sheet:
-        assert sheet.size == (32 * 64, 32 * 64)
+def test_every_prototype_is_a_file_and_no_sheet_of_all_is_made_at_many_classes(many):
+    outcome, out, _ = many
+    assert not (out / "prototypes.png").exists()
+    for c in (0, 999):
+        with Image.open(out / f"prototype_{outcome.results['classes'][c]}.png") as image:
+            expected = np.clip(np.rint(outcome.prototypes[c] * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            np.testing.assert_array_equal(np.asarray(image), expected)
 
 
 def test_the_confusion_image_sums_blocks_of_classes_beyond_its_side():
