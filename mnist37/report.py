@@ -74,7 +74,8 @@ def format_table(results: dict, whole: bool = True) -> str:
         groups = [("", [row(name) for name in classes])]
     else:
         worst, best = worst_and_best(results)
-        groups = [(f"the {len(worst)} worst of {len(classes)} classes by {names[0]}:", [row(classes[c]) for c in worst]),
+        groups = [(f"the {len(worst)} worst of {len(classes)} classes by {names[0]}:",
+                   [row(classes[c]) for c in worst]),
                   (f"the {len(best)} best:", [row(classes[c]) for c in best])]
     totals = [("mean of classes", [metrics[m]["mean_class_accuracy"] for m in names]),
               ("overall", [metrics[m]["overall_accuracy"] for m in names])]

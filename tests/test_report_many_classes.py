@@ -29,7 +29,8 @@ def many(tmp_path_factory):
 def test_report_and_results_stay_small_at_1000_classes(many):
     outcome, out, _ = many
     sizes = {name: (out / name).stat().st_size for name in ("report.html", "results.json")}
-    print(f"1,000 classes: report.html {sizes['report.html'] / MB:.2f} MB, results.json {sizes['results.json'] / MB:.2f} MB")
+    print(f"1,000 classes: report.html {sizes['report.html'] / MB:.2f} MB, "
+          f"results.json {sizes['results.json'] / MB:.2f} MB")
     assert sizes["report.html"] <= 5 * MB and sizes["results.json"] <= 5 * MB
     page = (out / "report.html").read_text()
     assert page.count("<img class=\"confusion\"") == 2 and "<table class='confusion'>" not in page

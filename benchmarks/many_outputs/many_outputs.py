@@ -122,7 +122,8 @@ def main() -> None:
             ("report.html (MB)", "report_html", 1 << 20), ("results.json (MB)", "results_json", 1 << 20),
             ("table.txt (KB)", "table_txt", 1 << 10), ("printed table (KB)", "printed", 1 << 10),
             ("output folder (MB)", "folder", 1 << 20), ("files", "files", 1),
-            ("peak RSS, synthesis included (MB)", "peak_rss", 1 << 20), ("Chromium load + DOM dump (s)", "chromium_s", 1)]
+            ("peak RSS, synthesis included (MB)", "peak_rss", 1 << 20),
+            ("Chromium load + DOM dump (s)", "chromium_s", 1)]
     print(f"{'':<36}" + "".join(f"{name:>12}" for name in variants))
     for label, key, unit in rows:
         cells = []
