@@ -34,7 +34,7 @@ from mnist37.paths import is_uri
 from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
 from mnist37.prototypes import PixelSums
-from mnist37.report import output_names
+from mnist37.report import EXAMPLE_CLASSES, many_classes, output_names
 from mnist37.memory import peak_rss_bytes
 from mnist37.shards import DecodedShard
 
@@ -192,6 +192,10 @@ def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_fl
         for metric, matrix in done.confusions.items():
             confusions[metric] += matrix
         examples.add(done.examples)
+        if many_classes(planned.names):
+            # Pixels and distances ([C] each) only for the classes the report may show: the
+            # worst so far, twice as many as it shows, so what the driver holds is bounded.
+            examples.keep_worst(confusions, 2 * EXAMPLE_CLASSES)
         classified[done.chunk_path] = dataclasses.replace(done, examples={})
     return Classification(confusions, classified, examples, time.perf_counter() - clock)
 
@@ -285,9 +289,9 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
             "files_reused": reused,
             "per_shard": [per_shard(r) for r in decoding.shards],
         },
-        "metrics": {m: accuracy_report(classification.confusions[m], classes) for m in cfg.metrics},
+        **outcome_json(classification, classes),
         "prototypes_sha256": hashlib.sha256(np.ascontiguousarray(ev.prototypes).tobytes()).hexdigest(),
-        "examples": classification.examples.report(),
+        **({} if many_classes(classes) else {"examples": classification.examples.report()}),
         "elapsed_s": elapsed,
         "throughput": {"decode_files_per_s": found / decoding.elapsed_s if decoding.elapsed_s else None},
         "memory": {
@@ -296,5 +300,15 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
             "workers": len(worker_peaks),
         },
         "ray": ev.cluster,
-        "outputs": output_names(classes),
+        "outputs": output_names(classes, cfg.metrics),
     }
+
+
+def outcome_json(classification: Classification, classes: list[str]) -> dict:
+    """results.json's `metrics`: per metric the accuracies, the most-confused pairs and the
+    files that hold the confusion matrix and the boundary examples; the matrix also inline up
+    to report.INLINE_CLASSES classes (nested lists of a million cells are no reading)."""
+    inline = not many_classes(classes)
+    return {"metrics": {m: accuracy_report(matrix, classes, inline_confusion=inline) |
+                        {"confusion_file": f"confusion_{m}.npy", "examples_file": f"examples_{m}.parquet"}
+                        for m, matrix in classification.confusions.items()}}

@@ -114,8 +114,11 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
                                             "total": time.perf_counter() - clock})
         status.stage = "write results"
         out = local_or_uri(located.cfg.out)
-        table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples.images())
+        writing_clock = time.perf_counter()
+        table = write_outputs(out, results, evaluation.prototypes, evaluation.classification.examples,
+                              evaluation.classification.confusions)
         written = True
+        log.info("outputs written in %.2f s", time.perf_counter() - writing_clock)
     finally:
         disconnect(exiting=exiting and written)
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
