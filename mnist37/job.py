@@ -103,10 +103,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
-        status.stage = "connect"
         session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, end_job=_end_job,
                           on_signal=(lambda signum: _stopped_starting(status, cfg.out, signum)) if exiting else None)
-        status.stage = "plan"
         _take_signals()
         log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
@@ -168,8 +166,6 @@ def _clear_temporaries(planned: Plan | None) -> None:
 def interrupted(status: Status, out: str) -> str:
     """One line: where the job was stopped and what the next run will reuse."""
     kept = "they are kept and reused by the next run"
-    if status.stage == "connect":
-        return "interrupted before decoding began (while Ray was starting); nothing to keep"
     if status.stage in ("starting", "locate", "plan"):
         return "interrupted before decoding began (while finding and listing the data); nothing to keep"
     if status.stage == "decode":
