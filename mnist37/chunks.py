@@ -37,10 +37,10 @@ import pyarrow.fs as pafs
 import xxhash
 
 from mnist37 import Mnist37Error
-from mnist37.partials import claimed, partial_name
 from mnist37.prototypes import ClassSums
+from mnist37.objects import retrying
 from mnist37.paths import open_location
-from mnist37.storage import writing
+from mnist37.storage import publish, writing
 
 # 2: chunks carry mnist37.checksum; a chunk of version 1 is decoded again.
 SCHEMA_VERSION = "2"
@@ -280,60 +280,57 @@ def _filesystem(location: str | Path) -> tuple[pafs.FileSystem | None, str]:
 def write_chunk(location: str | Path, table: pa.Table, store: str | Path | None = None) -> int:
     """Write `table` as an Arrow IPC file at `location`, atomically; return its size in bytes.
 
-    The file is written beside its final name and renamed into place, so a reader never sees
-    a partly written chunk, and a killed writer leaves only a temporary file; a failed write
-    (a full or read-only store) leaves none, and raises StorageError naming `store` (the chunk
-    store `location` is in; its folder by default) and the errno. (On object stores such as
-    S3 the final object appears whole when its upload completes.)
+    Published through `storage.publish`: locally a temporary beside the final name, flushed to
+    disk and renamed into place, so a reader never sees a partly written chunk and a killed
+    writer leaves only a temporary file; in an object store, one object uploaded whole, each
+    try through the store's retries. A failed write (a full or read-only store) leaves no
+    temporary, and raises StorageError naming `store` (the chunk store `location` is in; its
+    folder by default) and the errno; a store that keeps refusing, ObjectStoreError naming it.
     """
-    fs, path = _filesystem(location)
-    parent, _, name = path.rpartition("/")
-    partial = f"{parent}/{partial_name(name)}"
+    _filesystem(location)  # a location no filesystem opens: ChunkError
     store = str(store if store is not None else str(location).rpartition("/")[0]).rstrip("/")
     relative = str(location)[len(store) + 1:] if str(location).startswith(store + "/") else str(location)
+
+    def write(sink) -> None:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
     with writing("chunk store", store, f"writing {relative}"):
-        if fs is None:
-            try:
-                os.makedirs(parent, exist_ok=True)
-                with claimed(partial):  # under a lock until renamed: partials.clean leaves it alone
-                    with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                        writer.write_table(table)
-                    os.replace(partial, path)
-            finally:
-                if os.path.exists(partial):
-                    os.unlink(partial)
-            return os.stat(path).st_size
-        try:
-            fs.create_dir(parent, recursive=True)
-            with fs.open_output_stream(partial) as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            fs.move(partial, path)
-        finally:
-            if fs.get_file_info(partial).type != pafs.FileType.NotFound:
-                fs.delete_file(partial)
-        return fs.get_file_info(path).size
+        return publish(location, write)
 
 
 def chunk_bytes(location: str | Path) -> pa.Buffer:
-    """The whole chunk file as one buffer (a view of the mapped file where it is local)."""
+    """The whole chunk file as one buffer (a view of the mapped file where it is local; read
+    from a store through its retries)."""
     fs, path = _filesystem(location)
     if fs is None:
         return pa.memory_map(path, "r").read_buffer()  # the buffer keeps the mapping alive
-    with fs.open_input_file(path) as f:
-        return f.read_buffer()
+
+    def read() -> pa.Buffer:
+        with fs.open_input_file(path) as f:
+            return f.read_buffer()
+    return retrying(str(location), read)
 
 
 def _describe(source: Source) -> str:
     return f"chunk of {source.size} bytes" if isinstance(source, pa.Buffer) else str(source)
 
 
-def _open(source: Source) -> pa.ipc.RecordBatchFileReader:
+def _open(source: Source, whole: bool = False) -> pa.ipc.RecordBatchFileReader:
+    """A reader of the chunk, its schema checked. A chunk in an object store is read through
+    the store's retries: its footer alone, or with `whole` the whole file at once, so that
+    reading its batches makes no further request."""
     try:
         if isinstance(source, pa.Buffer):
             reader = pa.ipc.open_file(pa.BufferReader(source))
         else:
             fs, path = _filesystem(source)
-            reader = pa.ipc.open_file(pa.memory_map(path, "r") if fs is None else fs.open_input_file(path))
+            if fs is None:
+                reader = pa.ipc.open_file(pa.memory_map(path, "r"))
+            elif whole:
+                reader = pa.ipc.open_file(pa.BufferReader(chunk_bytes(source)))
+            else:
+                reader = retrying(str(source), lambda: pa.ipc.open_file(fs.open_input_file(path)))
     except FileNotFoundError:
         raise ChunkNotFoundError(f"{_describe(source)}: chunk file not found") from None
     except pa.ArrowInvalid as e:
@@ -350,7 +347,7 @@ def _open(source: Source) -> pa.ipc.RecordBatchFileReader:
 
 def _size(location: str | Path) -> int:
     fs, path = _filesystem(location)
-    return os.stat(path).st_size if fs is None else fs.get_file_info(path).size
+    return os.stat(path).st_size if fs is None else retrying(str(location), lambda: fs.get_file_info(path)).size
 
 
 def read_chunk_metadata(path: str | Path) -> dict:
@@ -405,7 +402,7 @@ def _verified_table(source: Source, expected_checksum: str | None, verify: bool 
     """The chunk's table, after checking that it hashes to the checksum written with it and,
     when `expected_checksum` is given, that this is the chunk with that checksum. `verify`
     false skips the hashing (the checksum is still compared): for measuring its cost only."""
-    reader = _open(source)
+    reader = _open(source, whole=True)
     try:
         table = reader.read_all()
     except pa.ArrowException as e:

@@ -33,6 +33,7 @@ from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.memory import peak_rss_bytes
 from mnist37.paths import StoreSettings, store, use_store
+from mnist37.processes import stop_descendants, stopped_by_signals
 from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
@@ -471,7 +472,8 @@ _ORIGINS = {"ray_address": "--ray-address", "RAY_ADDRESS": "RAY_ADDRESS", _START
 
 
 def connect(address: str, dashboard: bool, stall_timeout_s: float,
-            end_job: Callable[[ClusterError], None] | None = None) -> Session:
+            end_job: Callable[[ClusterError], None] | None = None,
+            on_signal: Callable[[int], None] | None = None) -> Session:
     """Join the Ray the job runs on, or start one of its own, with every wait bounded: an
     address where nothing listens or that refuses the job is one ClusterError line (see
     `check_address`, `probe`). Returns the Session, whose `joined()` line names it.
@@ -479,7 +481,10 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
     `end_job(error)` ends the job from a thread, wherever its main thread waits in Ray: it is
     called when ray.init has not returned within the stall limit, and when a joined cluster's
     head stops answering (which also raises HeadLost from the job's next wait). Without it
-    (an in-process caller), neither is watched from a thread."""
+    (an in-process caller), neither is watched from a thread. `on_signal(signum)`, which must
+    end the process too, is called when a SIGINT or SIGTERM arrives while ray.init runs, once
+    every process a half-started Ray had started is stopped (`processes.stopped_by_signals`);
+    the caller's signal handlers are in place again when connect returns."""
     global _session
     target, where = _target(address)
     if target and "://" not in target:
@@ -489,7 +494,8 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
     # machine with `ray start`, else a new local Ray (its dashboard, if on, on loopback only).
     who = where if target else "a local Ray of the job's own"
     try:
-        with _bounded_start(who, "connect" if target else "start", stall_timeout_s, end_job):
+        with _bounded_start(who, "connect" if target else "start", stall_timeout_s, end_job), \
+                stopped_by_signals(on_signal):
             context = ray.init(address=address or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                                configure_logging=False, log_to_driver=True)
     except Exception as e:  # noqa: BLE001: ray.init raises plain Exceptions too (a node that timed out starting)
@@ -514,7 +520,7 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
 @contextlib.contextmanager
 def _bounded_start(who: str, verb: str, limit_s: float, end_job: Callable[[ClusterError], None] | None):
     """`ray.init` within the stall limit: past it, a thread stops what it started (this
-    process's children: a half-started Ray of the job's own) and ends the job with one line
+    process's descendants: a half-started Ray of the job's own) and ends the job with one line
     (`end_job`, which does not return), wherever ray.init is waiting. Without `end_job` (a
     caller in-process), nothing is watched."""
     done = threading.Event()
@@ -522,9 +528,7 @@ def _bounded_start(who: str, verb: str, limit_s: float, end_job: Callable[[Clust
     def expired() -> None:
         if done.wait(limit_s):
             return
-        for pid in _children_running():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        stop_descendants()  # the raylet's agents too, not only the job's children
         end_job(ClusterError(f"{who}: Ray did not {verb} within {limit_s:g} s (stall_timeout_s); "
                              f"Ray's logs: {_logs_dir()}"))
 

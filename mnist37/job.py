@@ -88,8 +88,10 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
 
     clock = time.perf_counter()
     started_s = process_age_s()  # the interpreter and the imports before this line
-    # Before Ray is imported or started: a missing or malformed data set is one line at once.
+    # Before Ray is imported or started: an output folder or chunk store that cannot be
+    # written, or a missing or malformed data set, is one line at once.
     status.stage = "locate"
+    check_outputs(cfg)
     located = locate(cfg)
 
     from mnist37.distributed import connect, disconnect, map_listings
@@ -101,7 +103,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
-        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, end_job=_end_job)
+        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, end_job=_end_job,
+                          on_signal=(lambda signum: _stopped_starting(status, cfg.out, signum)) if exiting else None)
         _take_signals()
         log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
@@ -130,6 +133,16 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
           f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
           f"results in {str(out).rstrip('/')}/results.json")
     return results
+
+
+def check_outputs(cfg: Config) -> None:
+    """StorageError (or LocationError) unless the output folder, and the chunk store when one
+    is given, can be written: a probe file written and removed (`storage.check_writable`)."""
+    from mnist37.storage import check_writable
+
+    check_writable("output folder", cfg.out)
+    if cfg.chunk_dir:
+        check_writable("chunk store", cfg.chunk_dir)
 
 
 def process_age_s() -> float:
@@ -187,6 +200,14 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Interrupted, or Ray's own KeyboardInterrupt for it
         print(interrupted(status, cfg.out), file=sys.stderr)
         return _stopped(128 + (_received[0] if _received else signal.SIGINT))
+
+
+def _stopped_starting(status: Status, out: str, signum: int) -> NoReturn:
+    """A SIGINT or SIGTERM came while ray.init ran (called from the thread that took it, once
+    the half-started Ray's processes are stopped): the job's one line, 130 / 143, now."""
+    _received.append(signum)
+    print(interrupted(status, out), file=sys.stderr)
+    _ended_now(128 + signum)
 
 
 def _stopped(status: int) -> int:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import numpy as np
 
@@ -235,12 +235,16 @@ def read_objects(location: str, names: Sequence[str], requests: int = REQUESTS_I
         return list(pool.map(read, names))
 
 
-def write_object(location: str, data: bytes) -> None:
-    """Write one object whole: an S3 object appears only when its upload completes, so a
-    reader finds the old object, the new one, or none."""
+def write_object(location: str, write: Callable[[IO[bytes]], object]) -> int:
+    """Write one object whole with `write(stream)`; return its size in bytes. An S3 object
+    appears only when its upload completes, so a reader finds the old object, the new one, or
+    none. Each try (`write` is called again for each) goes through `retrying`: a store
+    answering 503 past the SDK's tries is asked again, and one that keeps refusing is an
+    ObjectStoreError naming `location`. Callers publish through `storage.publish`."""
     fs, path = open_location(location)
 
-    def put() -> None:
+    def put() -> int:
         with fs.open_output_stream(path) as f:
-            f.write(data)
-    retrying(location, put)
+            write(f)
+            return f.tell()
+    return retrying(location, put)

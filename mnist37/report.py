@@ -24,9 +24,8 @@ from PIL import Image
 
 from mnist37.accuracy import ranked
 from mnist37.examples import SIDES, BoundaryExamples
-from mnist37.objects import write_object
 from mnist37.prototypes import PIXEL_MAX
-from mnist37.storage import write_atomically, writing
+from mnist37.storage import publish, writing
 
 # Prototypes are as small as the images (28x28 for MNIST): the side-by-side sheet is enlarged
 # this many times to be seen.
@@ -152,18 +151,19 @@ def write_outputs(out: Path | str, results: dict, prototypes: np.ndarray, exampl
     INLINE_CLASSES classes). `results` is written as it is (results_json made it); `confusions`
     default to its inline ones.
 
-    Each file is written to `<name>.partial` and renamed into place, so a reader sees an old
-    file or a whole new one; a folder with results.json is complete. A folder that is full or
+    Each file is published whole (`storage.publish`: a temporary flushed to disk, then renamed
+    into place), so a reader sees an old file or a whole new one, after a crash too; a folder
+    with results.json is complete. A folder that is full or
     read-only raises StorageError naming it, the file and the errno, and leaves no partial file.
 
     `out` may be a URI (s3://bucket/runs/x): each file is then one object, which appears whole
     when its upload completes; a store that refuses raises ObjectStoreError naming it."""
     def save(name: str, data: bytes) -> None:
         if isinstance(out, str):
-            write_object(f"{out.rstrip('/')}/{name}", data)
+            publish(f"{out.rstrip('/')}/{name}", lambda f: f.write(data))
             return
         with writing("output folder", out, f"writing {name}"):
-            write_atomically(out / name, lambda f: f.write(data))
+            publish(out / name, lambda f: f.write(data))
 
     if confusions is None:
         confusions = {m: np.asarray(r["confusion"], dtype=np.int64) for m, r in results["metrics"].items()

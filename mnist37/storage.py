@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from mnist37 import Mnist37Error
+from mnist37.partials import claimed, partial_name
 
 
 class StorageError(Mnist37Error, OSError):
@@ -32,7 +33,7 @@ def describe(error: OSError) -> str:
 
 
 @contextlib.contextmanager
-def writing(folder_kind: str, folder: str | Path, what: str) -> Iterator[None]:
+def writing(folder_kind: str, folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Turn an OSError raised inside into a StorageError: `<folder_kind> <folder>: <errno in
     words> (<ERRNO>) while <what>`. Errors without an errno (not a system call's) pass through."""
     try:
@@ -45,14 +46,103 @@ def writing(folder_kind: str, folder: str | Path, what: str) -> Iterator[None]:
         raise StorageError(f"{folder_kind} {folder}: {describe(e)} while {what}") from None
 
 
-def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call `write(file)` on `<path>.partial` and rename it to `path`: a reader sees the old file
-    or the whole new one, and a failed write (a full disk) leaves no partial file behind."""
-    partial = path.with_name(path.name + ".partial")
+def publish(location: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> int:
+    """Write a file at `location` (a local path, or a URI of an object store) with `write(file)`,
+    atomically: a reader finds the old file, the whole new one, or none, and so does a later
+    run after a crash or a power cut. Return its size in bytes. The one way mnist37 publishes a
+    file it writes (chunks, outputs, kept listings).
+
+    Local: written to `.<name>.<pid>.partial` beside it, under a lock while it is written (so
+    `partials.clean` leaves it alone), flushed to disk (`os.fsync`), renamed into place, and the
+    folder flushed too, so the rename itself survives a crash; a failed write (a full disk)
+    leaves no temporary behind, and the OSError goes to the caller (see `writing`).
+
+    URI: uploaded whole, the object appearing only when its upload completes, each try through
+    `objects.retrying` (`write` is called again for each): a store that keeps refusing is an
+    ObjectStoreError naming `location`."""
+    from mnist37.paths import open_location
+
+    fs, path = open_location(location)
+    if fs is not None:
+        from mnist37.objects import write_object
+
+        return write_object(os.fspath(location), write)
+    parent, _, name = path.rpartition("/")
+    parent = parent or "."
+    partial = os.path.join(parent, partial_name(name))
     try:
-        with open(partial, "wb") as f:
-            write(f)
-        os.replace(partial, path)
+        os.makedirs(parent, exist_ok=True)
+        with claimed(partial):
+            with open(partial, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(partial, path)
+        _flush_folder(parent)
     finally:
         with contextlib.suppress(OSError):  # gone (renamed), or never made (read-only folder)
-            partial.unlink()
+            os.unlink(partial)
+    return size
+
+
+def _flush_folder(folder: str) -> None:
+    """fsync a folder: its entries (a rename into it) reach the disk."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+PROBE_NAME = ".mnist37-write-check"
+
+
+def check_writable(folder_kind: str, location: str | os.PathLike) -> None:
+    """Raise StorageError (or LocationError, for a location no filesystem opens) unless a file
+    can be written under `location` and removed again: before the work starts, so an output
+    folder or chunk store that cannot take the results stops the job in one line at once, not
+    after the evaluation. A store: a small probe object put and deleted, each request
+    through `objects.retrying`. Local: a probe file written and removed in the folder; a folder not there yet is left
+    uncreated (the job creates it when it writes): a probe folder is made and removed in its
+    nearest existing parent instead.
+
+        output folder s3://images/runs/x: bucket not found (...) while checking it can be written
+        output folder /data/runs/x: read-only file system (EROFS) while creating it
+    """
+    from mnist37.paths import open_location
+
+    fs, path = open_location(location)
+    if fs is None:
+        folder = Path(path).absolute()
+        if folder.exists():
+            with writing(folder_kind, location, "checking it can be written"):
+                probe = folder / partial_name(PROBE_NAME)
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                probe.unlink()
+            return
+        parent = next(p for p in folder.parents if p.exists())
+        with writing(folder_kind, location, "creating it"):
+            probe = parent / partial_name(PROBE_NAME)
+            probe.mkdir()
+            probe.rmdir()
+        return
+    from mnist37.objects import ObjectStoreError, retrying, write_object
+
+    probe = f"{os.fspath(location).rstrip('/')}/{PROBE_NAME}"
+    try:
+        write_object(probe, lambda f: f.write(b"mnist37 checks it can write here\n"))
+        retrying(probe, lambda: fs.delete_file(f"{path.rstrip('/')}/{PROBE_NAME}"))
+    except FileNotFoundError:
+        pass  # deleted already: the write went through
+    except ObjectStoreError as e:
+        reason = str(e).removeprefix(f"{probe}: ")
+        raise StorageError(f"{folder_kind} {os.fspath(location)}: {reason} while checking it can be written") from None
+    except OSError as e:  # a store's request that failed outside retrying's kinds (a malformed name)
+        raise StorageError(f"{folder_kind} {os.fspath(location)}: {_first_line(e)} "
+                           "while checking it can be written") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -89,12 +89,15 @@ class FaultProxy:
     too; every `hold_every`-th is held, never answered, until the client gives up or the proxy
     stops (a stalled store), or with `hold_once` only when that request (method and path) was
     never held before, so its next try is answered (a store that drops some requests now and
-    then); every request is held `delay_s` before it is forwarded: a store's latency."""
+    then); every request is held `delay_s` before it is forwarded: a store's latency. The first
+    `slow_writes` writes (PUT or POST) whose path holds `writes_matching` are answered with 503
+    SlowDown too (counted in `slow_writes`): a store throttling uploads only."""
 
     def __init__(self, upstream: str, slow_every: int = 5, drop_every: int = 7, slow_burst: range = range(0),
-                 delay_s: float = 0.0, hold_every: int = 0, hold_once: bool = False):
+                 delay_s: float = 0.0, hold_every: int = 0, hold_once: bool = False, slow_writes: int = 0,
+                 writes_matching: str = ""):
         host, port = upstream.removeprefix("http://").split(":")
-        self.counts = {"requests": 0, "slow_down": 0, "dropped": 0, "held": 0}
+        self.counts = {"requests": 0, "slow_down": 0, "dropped": 0, "held": 0, "slow_writes": 0}
         self.stopping = threading.Event()
         lock, counts, stopping = threading.Lock(), self.counts, self.stopping
         held: set[tuple[str, str]] = set()
@@ -105,13 +108,30 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
+            def _body(self) -> bytes:
+                """The request's body; a chunked one (the AWS SDK's uploads) without its HTTP
+                chunk framing, forwarded with a Content-Length."""
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(parts)
+
             def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 with lock:
                     counts["requests"] += 1
                     n = counts["requests"]
                     request = (self.command, self.path)
                     hold = hold_every and n % hold_every == 0 and request not in held
+                    slow_write = (self.command in ("PUT", "POST") and writes_matching in self.path
+                                  and counts["slow_writes"] < slow_writes)
+                    if slow_write:
+                        counts["slow_writes"] += 1
                     if hold:
                         counts["held"] += 1
                         if hold_once:
@@ -124,7 +144,7 @@ class FaultProxy:
                     counts["dropped"] += 1
                     self.close_connection = True
                     return
-                if (slow_every and n % slow_every == 0) or n in slow_burst:
+                if (slow_every and n % slow_every == 0) or n in slow_burst or slow_write:
                     counts["slow_down"] += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -138,7 +158,8 @@ class FaultProxy:
                 connection = http.client.HTTPConnection(host, int(port), timeout=30)
                 try:
                     connection.request(self.command, self.path, body=body or None,
-                                       headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                                       headers={k: v for k, v in self.headers.items()
+                                                if k.lower() not in ("connection", "transfer-encoding", "expect")})
                     response = connection.getresponse()
                     data = response.read()
                 finally:

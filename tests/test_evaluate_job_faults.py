@@ -148,6 +148,7 @@ def test_a_read_only_output_folder_is_one_line_and_the_next_run_writes_it(undist
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
         assert error_lines(run.stderr) == [
             f"error: output folder {out / 'run'}: read-only file system (EROFS) while creating it"]
+        assert "connecting to Ray" not in run.stderr  # refused before Ray started, not after the evaluation
         read_only(out, on=False)
         run = run_job(*argv)
         assert run.returncode == 0, run.stderr

@@ -151,3 +151,45 @@ def test_stopped_while_writing_results(data, undisturbed, tmp_path):
     os.kill(job.pid, signal.SIGCONT)
     assert_stopped_cleanly(job, out, 143, f"interrupted while writing results to {out}")
     assert_next_run_agrees(data, out, undisturbed)
+
+
+def running(sid: int) -> dict[int, str]:
+    """session_processes(sid) but those already ended (zombies, waiting for a parent to reap them)."""
+    alive = {}
+    for pid, command in session_processes(sid).items():
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive[pid] = command
+        except (OSError, IndexError):
+            continue
+    return alive
+
+
+# Moments while `ray.init` starts the job's own Ray: the line just before it, and each of Ray's
+# processes as it appears (the GCS first, then the raylet, then the raylet's agents).
+RAY_STARTING = [(signal.SIGTERM, 143, "the line before ray.init"), (signal.SIGINT, 130, "gcs_server"),
+                (signal.SIGTERM, 143, "raylet"), (signal.SIGTERM, 143, "ray::DashboardAgent"),
+                (signal.SIGINT, 130, "ray::RuntimeEnvAgent")]
+
+
+@pytest.mark.parametrize("signum, status, moment", RAY_STARTING, ids=[m for _, _, m in RAY_STARTING])
+def test_stopped_while_ray_starts(signum, status, moment, data, tmp_path):
+    """A signal while ray.init starts a local Ray (which puts its own SIGTERM handler in place,
+    `sys.exit(15)`, and waits in C++ where Python runs no handler): 130 / 143 with the job's
+    line, and every process of that Ray gone."""
+    out = tmp_path / "out"
+    job = start(data, out)
+    if moment == "the line before ray.init":
+        wait_until(job, lambda: "connecting to Ray" in log_of(out), moment)
+    else:
+        wait_until(job, lambda: any(moment in command for command in session_processes(job.pid).values()), moment)
+    os.kill(job.pid, signum)
+    job.wait(timeout=120)
+    log = log_of(out)
+    assert job.returncode == status, log[-3000:]
+    assert "Traceback" not in log and "decode: " not in log, log[-3000:]
+    assert log.rstrip().splitlines()[-1].startswith("interrupted before decoding began"), log[-1500:]
+    deadline = time.monotonic() + 60
+    while (left := [command[:80] for command in running(job.pid).values()]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"the job's Ray outlived it: {left}"

@@ -169,3 +169,59 @@ def test_an_output_folder_that_refuses_writes_keeps_what_was_there(tmp_path, how
         assert json.loads((out / "results.json").read_text())["prototypes_sha256"] != \
             json.loads(before["results.json"])["prototypes_sha256"]
         np.testing.assert_array_equal(np.load(io.BytesIO((out / "prototypes.npy").read_bytes())), prototypes * 0.5)
+
+
+@pytest.fixture
+def disk_events(monkeypatch) -> list[tuple[str, str]]:
+    """Every os.fsync (of the real file or folder its descriptor names) and os.replace, in
+    order, as they happen: the calls still run."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recorded_replace(source, destination):
+        events.append(("replace", f"{os.fspath(source)} -> {os.fspath(destination)}"))
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    return events
+
+
+def assert_flushed_then_published(events: list[tuple[str, str]], final: Path) -> None:
+    """The temporary of `final` was fsync'd, renamed onto it, and then its folder fsync'd."""
+    (renamed,) = [i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith(f" -> {final}")]
+    temporary = events[renamed][1].split(" -> ")[0]
+    assert ("fsync", temporary) in events[:renamed], events
+    assert ("fsync", str(final.parent)) in events[renamed + 1:], events
+
+
+def test_a_chunk_is_on_disk_before_it_is_published(tmp_path, disk_events):
+    path = tmp_path / "chunks" / "train" / "train-4000-000000.arrow"
+    size = write_chunk(path, sample_table(), store=tmp_path / "chunks")
+    assert size == path.stat().st_size
+    assert_flushed_then_published(disk_events, path)
+
+
+def test_outputs_are_on_disk_before_they_are_published(tmp_path, disk_events):
+    prototypes = np.random.default_rng(0).random((2, 8, 8), dtype=np.float32)
+    write_outputs(tmp_path / "out", results_of(prototypes), prototypes)
+    for name in ("results.json", "table.txt", "prototypes.npy"):
+        assert_flushed_then_published(disk_events, tmp_path / "out" / name)
+    published = [what.split(" -> ")[1] for kind, what in disk_events if kind == "replace"]
+    assert published[-1] == str(tmp_path / "out" / "results.json")  # last, once the others are on disk
+
+
+def test_a_kept_listing_is_on_disk_before_it_is_published(tmp_path, disk_events, monkeypatch):
+    from mnist37.sources import folder as folder_module
+
+    monkeypatch.setattr(folder_module, "SETTLED_S", 0.0)  # keep the listing of a folder just written
+    data = make_image_folder(tmp_path / "data", {"train": {"3": 3}})
+    reuse = tmp_path / "chunks" / ".listings"
+    names, _, reused, not_kept = folder_module._image_names(os.fsencode(data / "train" / "3"), reuse)
+    assert len(names) == 3 and not reused and not_kept == ""
+    (kept,) = reuse.iterdir()
+    assert_flushed_then_published(disk_events, kept)

@@ -9,7 +9,6 @@ listing is cut into `Shard`s of `shard_size` files; a shard's files are read in 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist37 import DatasetError
-from mnist37.partials import claimed, partial_name
+from mnist37.storage import publish
 from mnist37.paths import class_folder, sample_path, under
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
@@ -191,17 +190,11 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     names, ignored = _scan_images(folder)
     not_kept = ""
     if listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
-        temp = kept.with_name(partial_name(kept.name))
         try:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            with claimed(temp), open(temp, "wb") as f:
-                np.savez(f, folder=np.array(folder), stamp=stamp, names=names, ignored=np.int64(ignored),
-                         extensions=np.array(_EXTENSIONS_KEPT))
-                os.replace(temp, kept)
+            publish(kept, lambda f: np.savez(f, folder=np.array(folder), stamp=stamp, names=names,
+                                             ignored=np.int64(ignored), extensions=np.array(_EXTENSIONS_KEPT)))
         except OSError as e:  # a listing not kept only costs the next run a scan
             not_kept = f"{os.fsdecode(folder)}: listing not kept for the next run: {e}"
-            with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
     return names, ignored, False, not_kept
 
 
