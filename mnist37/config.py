@@ -149,6 +149,13 @@ class Config:
         metavar="N", empty="no resizing"))
     resize_filter: str = field(default="bilinear", metadata=_flag(
         DECODING, "the filter --image-size resizes with", choices=RESIZE_FILTERS))
+    # With image_size: decode each JPEG for its target size through libjpeg-turbo's DCT
+    # scaling (Pillow's draft, at 1/2, 1/4 or 1/8 while still at least image_size), then
+    # resize; several times faster on photos much larger than image_size, and not the same
+    # pixels as the full decode (false, the default): see docs/formats.md.
+    jpeg_draft: bool = field(default=False, metadata=_flag(
+        DECODING, "with --image-size, decode JPEGs for their target size first (Pillow's draft: faster, "
+        "other pixels)"))
     # Names of the classes of label-only formats (IDX, WebDataset .cls without classes.txt,
     # numbered class folders), in label order: a list, or "@file" with one name per line.
     # Tables, report.html and results.json show them.
@@ -309,6 +316,8 @@ def validate(cfg: Config) -> None:
     if cfg.image_size and cfg.image_shape:
         raise ConfigError("image_size: give image_size (resize every image to it) or image_shape (reject other "
                           "sizes), not both")
+    if cfg.jpeg_draft and not cfg.image_size:
+        raise ConfigError("jpeg_draft: decodes JPEGs for the size they are resized to; give image_size too")
     if cfg.channels not in CHANNELS:
         raise ConfigError(f"channels: unknown channels {cfg.channels!r}; expected one of {', '.join(CHANNELS)}")
     if cfg.resize_filter not in RESIZE_FILTERS:

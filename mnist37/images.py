@@ -8,7 +8,11 @@ the bytes, this module only judges and decodes them.
 Every image becomes what `Decoding` asks for, as Pillow makes it: one channel (`convert("L")`)
 or three (`convert("RGB")`: CMYK, palette, gray, gray with alpha, 16-bit included; alpha
 dropped as `convert` drops it), then, with `Decoding.resize`, `Image.resize((W, H), filter)`,
-so any Pillow-based reference gets identical pixels. An image converted is used and its
+so any Pillow-based reference gets identical pixels. With `Decoding.draft` (config `jpeg_draft`),
+a JPEG is first decoded for its target size through libjpeg-turbo's DCT scaling, exactly as
+Pillow's `Image.thumbnail` does it: `box = image.draft(mode, (W, H))[1]` (1/2, 1/4 or 1/8 of the
+size, never below (W, H); gray straight from the luma for one channel), `convert(mode)` where
+still needed, then `resize((W, H), filter, box=box)`; other formats are decoded as without it. An image converted is used and its
 conversion counted per kind (`Images.conversions`); one-channel data sets may still refuse
 non-grayscale images (`Decoding.convert` false), as before. Arrays are channel-first:
 `uint8 [N, H, W]` for one channel, `uint8 [N, 3, H, W]` for three.
@@ -74,6 +78,7 @@ class Decoding:
     channels: int = 1  # 1 (gray) or 3 (RGB)
     resize: bool = False  # resize every image to `shape` (else another size is rejected)
     resample: str = "bilinear"  # the resize filter, a key of FILTERS
+    draft: bool = False  # with `resize`, JPEGs decoded for their target size (Pillow's draft)
 
     @property
     def array_shape(self) -> tuple[int, ...]:
@@ -88,7 +93,13 @@ class Decoding:
             return decode_settings(self.convert)
         target = "rgb" if self.channels == 3 else "gray"
         size = f"/resize-{self.shape[0]}x{self.shape[1]}-{self.resample}" if self.resize else ""
-        return f"{target}-8bit/v3/{'convert' if self.convert else 'reject'}{size}"
+        draft = "/jpeg-draft" if self.resize and self.draft else ""
+        return f"{target}-8bit/v3/{'convert' if self.convert else 'reject'}{size}{draft}"
+
+    @property
+    def drafts(self) -> bool:
+        """JPEGs are decoded for the target size (`draft` only means something with `resize`)."""
+        return self.draft and self.resize
 
 
 @dataclass
@@ -145,6 +156,22 @@ def declared_size(data: bytes, kind: str | None) -> tuple[int, int] | None:
     return None
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) an image's header declares, no pixel decoded (PNG and JPEG from their headers,
+    other formats from Pillow's lazy open, which reads only the header); None for bytes that
+    are not a readable image (the decode judges those)."""
+    kind = sniff(data)
+    if (size := declared_size(data, kind)) is not None:
+        return size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.height, image.width
+    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
+        return None
+
+
 def _check_size(path: str, size: tuple[int, int], decoding: Decoding) -> None:
     """Refuse, before decoding, an image of no pixels, of more than MAX_IMAGE_PIXELS, or
     (without resizing) of another size than expected."""
@@ -187,8 +214,8 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
     if not data:
         raise DecodeError(path, "empty file (0 bytes)")
     kind = sniff(data)
-    if kind == "JPEG" and simplejpeg is not None and (pixels := _jpeg(data, path, decoding)) is not None:
-        return pixels, None
+    if kind == "JPEG" and simplejpeg is not None and (done := _jpeg(data, path, decoding)) is not None:
+        return done
     if (size := declared_size(data, kind)) is not None:
         _check_size(path, size, decoding)
     if kind == "PNG" and decoding.channels == 1 and not decoding.resize:
@@ -196,19 +223,23 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
         if header is not None and header[2:] == (8, 0):  # 8-bit gray: the PNG path (libspng, else Pillow)
             return decode_png(data, path, decoding.shape, decoding.convert), None
     target = "L" if decoding.channels == 1 else "RGB"
+    size = (decoding.shape[1], decoding.shape[0])  # (W, H), as Pillow says sizes
     with _opened(data, path, kind) as image:
         _check_size(path, (image.height, image.width), decoding)
-        mode, conversion = image.mode, None
+        mode, conversion, box = image.mode, None, None
         if mode != target:
             if not decoding.convert:
                 raise DecodeError(path, f"expected 8-bit grayscale, found {_MODE_NAMES.get(mode, mode)}")
             conversion = f"{_MODE_NAMES.get(mode, mode)} to {'8-bit grayscale' if target == 'L' else 'RGB'}"
+        if decoding.drafts and image.format in ("JPEG", "MPO") and (drafted := image.draft(target, size)):
+            box = drafted[1]  # the part of the scaled image the whole original maps to
+        if image.mode != target:
             converted = image.convert(target)
         else:
             image.load()
             converted = image
-        if decoding.resize and converted.size != (decoding.shape[1], decoding.shape[0]):
-            converted = converted.resize((decoding.shape[1], decoding.shape[0]), FILTERS[decoding.resample])
+        if decoding.resize and (converted.size != size or box is not None):
+            converted = converted.resize(size, FILTERS[decoding.resample], box=box)
         pixels = np.asarray(converted)
     return (pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)), conversion
 
@@ -218,15 +249,18 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
 _SIMPLE = {("YCbCr", 3): "RGB", ("Gray", 1): "GRAY"}
 
 
-def _jpeg(data: bytes, path: str, decoding: Decoding) -> np.ndarray | None:
-    """A JPEG through simplejpeg, in the run's layout, its declared size checked first (from the
-    header libjpeg-turbo reads: no parse of our own); None where Pillow must do it (other
-    components, a header or data libjpeg-turbo refuses or would have to recover from)."""
+def _jpeg(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray, str | None] | None:
+    """A JPEG through simplejpeg, in the run's layout, with its conversion (as `decode_image`),
+    its declared size checked first (from the header libjpeg-turbo reads: no parse of our
+    own); None where Pillow must do it (other components, a header or data libjpeg-turbo
+    refuses or would have to recover from)."""
     try:
         height, width, components, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
     _check_size(path, (height, width), decoding)
+    if decoding.drafts:
+        return _jpeg_draft(data, (height, width), components, decoding)
     colorspace = _SIMPLE.get((components, decoding.channels))
     if colorspace is None:
         return None
@@ -238,8 +272,46 @@ def _jpeg(data: bytes, path: str, decoding: Decoding) -> np.ndarray | None:
         image = Image.fromarray(pixels[..., 0] if decoding.channels == 1 else pixels)
         pixels = np.asarray(image.resize((decoding.shape[1], decoding.shape[0]), FILTERS[decoding.resample]))
     elif decoding.channels == 1:
-        return pixels[..., 0]
-    return pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)
+        return pixels[..., 0], None
+    return (pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)), None
+
+
+# The same for a draft: Pillow's draft("L") of a YCbCr JPEG has libjpeg-turbo decode its luma
+# alone (no color conversion), which is what simplejpeg's GRAY gives.
+_SIMPLE_DRAFT = {**_SIMPLE, ("YCbCr", 1): "GRAY"}
+
+
+def draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The DCT scale (1, 2, 4 or 8) Pillow's `draft` picks to decode an image of (H, W) `size`
+    for (H, W) `target`: the largest that leaves the image at least the target's size."""
+    fits = min(size[0] // target[0], size[1] // target[1])
+    return next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
+
+
+def _jpeg_draft(data: bytes, size: tuple[int, int], components: str,
+                decoding: Decoding) -> tuple[np.ndarray, str | None] | None:
+    """`decode_image`'s draft of a JPEG through simplejpeg: libjpeg-turbo's scaled decode at
+    Pillow's scale (checked by its output size), then Pillow's resize with the same box; None
+    where Pillow must do it (or judge it: color refused by a gray data set)."""
+    colorspace = _SIMPLE_DRAFT.get((components, decoding.channels))
+    conversion = "RGB to 8-bit grayscale" if (components, decoding.channels) == ("YCbCr", 1) else None
+    if colorspace is None or (conversion is not None and not decoding.convert):
+        return None
+    scale = draft_scale(size, decoding.shape)
+    scaled = (-(-size[0] // scale), -(-size[1] // scale))  # libjpeg rounds up, as Pillow's draft does
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, fastdct=False, fastupsample=False,
+                                        min_height=scaled[0], min_width=scaled[1], min_factor=scale, strict=True)
+    except ValueError:
+        return None
+    if pixels.shape[:2] != scaled:  # another scale than Pillow's: Pillow decides
+        return None
+    image = Image.fromarray(pixels[..., 0] if decoding.channels == 1 else pixels)
+    box = (0, 0, size[1] / scale, size[0] / scale)
+    if scaled != tuple(decoding.shape) or scale != 1:
+        image = image.resize((decoding.shape[1], decoding.shape[0]), FILTERS[decoding.resample], box=box)
+    pixels = np.asarray(image)
+    return (pixels if decoding.channels == 1 else pixels.transpose(2, 0, 1)), conversion
 
 
 def _broken(data: bytes, kind: str | None, detail: str) -> str:

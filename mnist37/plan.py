@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnist37 import DatasetError
 from mnist37.config import Config, ConfigError
 from mnist37.locate import Located
 from mnist37.paths import cache_home, is_uri
@@ -24,7 +25,7 @@ from mnist37.sources.archive import ArchiveObject, on_node
 from mnist37.images import Decoding, FirstImages
 from mnist37.sources.base import ContainerShard, FormatError
 from mnist37.sources.files import Root
-from mnist37.sources.folder import FolderMap, Listing, Shard, first_images, list_splits, make_shards
+from mnist37.sources.folder import FolderMap, Listing, Shard, first_images, header_sizes, list_splits, make_shards
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ SHAPE_PROBES = 100
 # Training images that decode looked at to tell a gray data set from a color one (channels = auto).
 CHANNEL_PROBES = 8
 CHANNELS = {"auto": 0, "gray": 1, "rgb": 3}
+# Files of each split whose headers are read, spread over its class folders, when no
+# image_size is given: images of several sizes are then said to be so before any is decoded.
+SIZE_PROBES = 12
 # Subfolder of a local chunk folder that keeps class folder listings for the next run.
 LISTINGS = ".listings"
 
@@ -105,7 +109,24 @@ def decoding_for(cfg: Config, first: FirstImages | None) -> Decoding:
     shape = tuple(cfg.image_size) or tuple(cfg.image_shape) or first.shape
     convert = cfg.channels != "auto" or channels == 3 or cfg.non_grayscale == "convert"
     return Decoding(shape, convert, cfg.reuse_chunks, cfg.verify_chunks, channels, bool(cfg.image_size),
-                    cfg.resize_filter)
+                    cfg.resize_filter, cfg.jpeg_draft)
+
+
+def check_sizes(root: Root, split: str, sizes: list[tuple[int, int]], expected: tuple[int, int]) -> None:
+    """DatasetError, naming the sizes found and --image-size, when the images looked at in
+    `split` (their (H, W) `sizes`) show a data set of several sizes: without image_size every
+    image must have the `expected` size, so most would be rejected after the whole decode.
+    A stray file of another size (at most one of those looked at, or under a quarter of them)
+    is left to the decode, which rejects and counts it."""
+    other = [size for size in sizes if size != expected]
+    if len(other) < 2 or 4 * len(other) < len(sizes):
+        return
+    found = list(dict.fromkeys(sizes))
+    shown = ", ".join(f"{h}x{w}" for h, w in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    what = f"images of different sizes ({shown}" if len(found) > 1 else f"images of {shown} (all"
+    raise DatasetError(f"{split}/ in {root}: {what} of {len(sizes)} looked at), where every image must have the "
+                       f"first training image's size ({expected[0]}x{expected[1]}) unless --image-size is given; "
+                       f"pass --image-size HxW (e.g. --image-size 64x64) to resize them all to one size")
 
 
 def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
@@ -144,6 +165,9 @@ def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     listings = list_splits(root, (cfg.train_split, cfg.eval_split), classes, reuse_dir, map_folders)
     wanted = probes_wanted(cfg)
     first = first_images(root, listings[cfg.train_split].head_paths(SHAPE_PROBES), wanted) if wanted else None
+    if not cfg.image_size and not cfg.image_shape:
+        for listing in listings.values():
+            check_sizes(root, listing.split, header_sizes(root, listing.spread_paths(SIZE_PROBES)), first.shape)
     shards = [shard for listing in listings.values() for shard in make_shards(listing, cfg.shard_size)]
     log.info("%s: %s, %d shards of up to %d images", root, ", ".join(
         f"{split} {len(listing)} images" for split, listing in listings.items()), len(shards), cfg.shard_size)

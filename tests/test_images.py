@@ -11,6 +11,7 @@ shards (written by `webdataset`) gives the same figures.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import pytest
 from PIL import Image
 
 from mnist37.config import ConfigError, load
-from mnist37.images import Decoding, decode_image, decode_images, jpeg_size, sniff
+from mnist37.images import Decoding, decode_image, decode_images, draft_scale, jpeg_size, sniff
 from mnist37.png import DecodeError
 from tests.test_evaluate_job import run_job
 from tests.test_formats import evaluate
@@ -417,11 +418,171 @@ def test_the_jpeg_fast_path_gives_pillows_pixels(options, size):
         for resize in (False, True):
             shape = (5, 6) if resize else size
             decoding = Decoding(shape, convert=True, channels=channels, resize=resize)
-            fast = images._jpeg(data, "x.jpg", decoding)
-            assert fast is not None
+            fast, conversion = images._jpeg(data, "x.jpg", decoding)
+            assert conversion is None
             with Image.open(io.BytesIO(data)) as image:
                 image = image.convert(mode)
                 expected = np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR) if resize else image)
             np.testing.assert_array_equal(fast, expected.transpose(2, 0, 1) if channels == 3 else expected)
     assert images._jpeg(encoded(color.astype(np.uint8), "JPEG", "CMYK"), "x.jpg", Decoding(size, channels=3)) is None
     assert images._jpeg(encoded(color.astype(np.uint8), "JPEG")[:200], "x.jpg", Decoding(size, channels=3)) is None
+
+
+# ------------------------------------------------------------------------- jpeg_draft
+
+
+def photo(height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 [H, W, 3]: a smooth colour field with noise, as a photo would decode."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
+    return np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+
+
+# Large JPEGs of every kind a photo set holds: (name, H, W, mode, save options). Odd sizes, so
+# that a draft's rounding up (ceil(W / scale)) and its box matter; no EXIF.
+DRAFTED = [
+    ("rgb-420", 350, 400, None, {"quality": 90}),
+    ("rgb-444", 333, 401, None, {"quality": 90, "subsampling": 0}),
+    ("rgb-422-progressive", 257, 509, None, {"quality": 85, "subsampling": 1, "progressive": True}),
+    ("gray", 311, 176, "L", {"quality": 90}),
+    ("cmyk", 130, 272, "CMYK", {"quality": 95}),
+    ("small", 41, 37, None, {"quality": 90}),  # smaller than some targets: scale 1
+]
+
+
+def drafted_by_pillow(data: bytes, size: tuple[int, int], mode: str, resample) -> np.ndarray:
+    """What jpeg_draft defines: Pillow's draft for (W, H), convert, resize with draft's box."""
+    with Image.open(io.BytesIO(data)) as image:
+        _, box = image.draft(mode, (size[1], size[0]))
+        converted = image.convert(mode) if image.mode != mode else image
+        pixels = np.asarray(converted.resize((size[1], size[0]), resample, box=box))
+    return pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def full_by_pillow(data: bytes, size: tuple[int, int], mode: str, resample) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert(mode).resize((size[1], size[0]), resample))
+    return pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("pillow_only", [False, True], ids=["simplejpeg", "pillow"])
+@pytest.mark.parametrize("name, height, width, mode, options", DRAFTED, ids=[d[0] for d in DRAFTED])
+def test_a_draft_is_pillows_draft_then_resize(monkeypatch, pillow_only, name, height, width, mode, options):
+    """Every kind of JPEG, one channel and three, to sizes that take scales 8, 4, 2 and 1,
+    with several filters: decode_image's draft equals Pillow's draft + resize, whether
+    simplejpeg decodes it or Pillow does; the default (no draft) stays the full decode."""
+    import mnist37.images as images
+
+    if pillow_only:
+        monkeypatch.setattr(images, "simplejpeg", None)
+    data = encoded(photo(height, width, len(name)), "JPEG", mode, **options)
+    scaled = 0
+    for size, resample in (((32, 32), "bilinear"), ((64, 64), "bilinear"), ((64, 48), "bicubic"),
+                           ((224, 224), "bilinear"), ((100, 150), "lanczos"), ((7, 9), "box")):
+        for channels, target in ((3, "RGB"), (1, "L")):
+            filter_ = getattr(Image.Resampling, resample.upper())
+            drafted = Decoding(size, convert=True, channels=channels, resize=True, resample=resample, draft=True)
+            pixels, conversion = images.decode_image(data, f"{name}.JPEG", drafted)
+            expected = drafted_by_pillow(data, size, target, filter_)
+            np.testing.assert_array_equal(pixels, expected, err_msg=f"{name} to {size} {target}")
+            full = full_by_pillow(data, size, target, filter_)
+            if not pillow_only and (mode or "RGB", target) in (("RGB", "RGB"), ("RGB", "L"), ("L", "L")):
+                # the fast path is taken, not only allowed (CMYK, and gray to RGB: Pillow's)
+                assert images._jpeg(data, f"{name}.JPEG", drafted) is not None
+            default, _ = images.decode_image(data, f"{name}.JPEG", dataclasses.replace(drafted, draft=False))
+            np.testing.assert_array_equal(default, full)
+            if images.draft_scale((height, width), size) > 1:
+                scaled += 1
+                assert not np.array_equal(pixels, full)  # the draft really decoded less
+            named = {"L": "8-bit grayscale", "RGB": "RGB", "CMYK": "CMYK"}
+            source = mode or "RGB"
+            assert conversion == (None if source == target else f"{named[source]} to {named[target]}")
+    assert scaled > 0 or name == "small"
+
+
+def test_draft_scale_is_pillows():
+    """The scale Pillow's draft picks (decoderconfig), for sizes around each threshold."""
+    for height, width in ((350, 400), (128, 128), (127, 300), (64, 64), (513, 1025), (2000, 300)):
+        data = encoded(photo(height, width, 1), "JPEG", quality=80)
+        for target in ((64, 64), (32, 128), (224, 224), (1, 1)):
+            with Image.open(io.BytesIO(data)) as image:
+                image.draft("RGB", (target[1], target[0]))
+                assert draft_scale((height, width), target) == image.decoderconfig[0], (height, width, target)
+
+
+def test_a_gray_set_still_refuses_color_jpegs_with_a_draft():
+    data = encoded(photo(200, 300, 3), "JPEG", quality=90)
+    with pytest.raises(DecodeError, match=r"^x.jpg: expected 8-bit grayscale, found RGB$"):
+        decode_image(data, "x.jpg", Decoding((32, 32), convert=False, channels=1, resize=True, draft=True))
+
+
+def test_other_formats_decode_as_without_a_draft(corpus):
+    """A PNG, WebP, ... has no draft: the same pixels with jpeg_draft or without."""
+    for path, _ in files(corpus, "train"):
+        if path.endswith((".png", ".webp", ".bmp", ".gif", ".tiff")):
+            data = (corpus / path).read_bytes()
+            if sniff(data) == "JPEG":
+                continue
+            decoding = Decoding((5, 6), convert=True, channels=3, resize=True)
+            np.testing.assert_array_equal(decode_image(data, path, dataclasses.replace(decoding, draft=True))[0],
+                                          decode_image(data, path, decoding)[0], err_msg=path)
+
+
+def test_a_draft_decodes_again_under_other_keys():
+    """A draft means other pixels, so other chunk keys; the full decode's settings (and so
+    every chunk already written with image_size) stay as they were."""
+    full = Decoding((64, 64), convert=True, channels=3, resize=True)
+    assert full.settings == "rgb-8bit/v3/convert/resize-64x64-bilinear"  # pinned: chunks written so far
+    assert dataclasses.replace(full, draft=True).settings == "rgb-8bit/v3/convert/resize-64x64-bilinear/jpeg-draft"
+    gray = Decoding((28, 28))
+    assert dataclasses.replace(gray, draft=True).settings == gray.settings  # no resize: no draft
+
+
+def test_jpeg_draft_is_a_key_and_needs_image_size():
+    assert load(image_size="64x64", jpeg_draft="true").jpeg_draft is True
+    assert load(image_size="64x64").jpeg_draft is False
+    with pytest.raises(ConfigError, match=r"^jpeg_draft: decodes JPEGs for the size they are resized to; "
+                                          r"give image_size too$"):
+        load(jpeg_draft=True)
+
+
+def test_the_job_with_jpeg_draft_decodes_again_and_matches_pillow(ray_local, tmp_path):
+    """The same folder of large JPEGs, one chunk folder: the full decode, then jpeg_draft (which
+    must decode every shard again, not reuse the full decode's chunks), jpeg_draft again
+    (reusing its own), the full decode again (decoding again); prototypes equal Pillow's full
+    and draft references."""
+    root = tmp_path / "photos"
+    for split, n in (("train", 4), ("valid", 2)):
+        for c, name in enumerate(CLASSES):
+            for i in range(n):
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                kind = DRAFTED[(c + i) % len(DRAFTED)]
+                (root / split / name / f"{i}.jpg").write_bytes(
+                    encoded(photo(kind[1] + i, kind[2] + c, 10 * c + i), "JPEG", kind[3], **kind[4]))
+    size = (24, 32)
+
+    def job(**overrides):
+        cfg = load(data=str(root), out=str(tmp_path / "out"), chunk_dir=str(tmp_path / "chunks"), classes="all",
+                   channels="rgb", image_size="24x32", **overrides)
+        return evaluate(cfg)
+
+    def prototypes(decode) -> np.ndarray:
+        sums = [np.sum([decode((root / "train" / name / f).read_bytes(), size, "RGB", Image.Resampling.BILINEAR)
+                        .astype(np.int64) for f in sorted(os.listdir(root / "train" / name))], axis=0)
+                for name in CLASSES]
+        return (np.stack(sums) / 4 / 255.0).astype(np.float32)
+
+    full, full_prototypes, _ = job()
+    np.testing.assert_array_equal(full_prototypes, prototypes(full_by_pillow))
+    drafted, drafted_prototypes, _ = job(jpeg_draft=True)
+    assert drafted["shards"]["files_reused"] == 0 and drafted["shards"]["files_decoded"] == 18
+    assert drafted["config"]["jpeg_draft"] is True
+    np.testing.assert_array_equal(drafted_prototypes, prototypes(drafted_by_pillow))
+    assert not np.array_equal(drafted_prototypes, full_prototypes)
+    again, again_prototypes, _ = job(jpeg_draft=True)
+    assert again["shards"]["files_reused"] == 18  # the draft's own chunks are reused
+    np.testing.assert_array_equal(again_prototypes, drafted_prototypes)
+    back, back_prototypes, _ = job()  # a shard keeps one chunk: the full decode's was replaced
+    assert back["shards"]["files_reused"] == 0
+    np.testing.assert_array_equal(back_prototypes, full_prototypes)

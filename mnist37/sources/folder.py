@@ -22,7 +22,7 @@ import numpy as np
 
 from mnist37 import DatasetError
 from mnist37.storage import publish
-from mnist37.paths import class_folder, sample_path, under
+from mnist37.paths import class_folder, is_uri, sample_path, under
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import DecodeError
@@ -119,6 +119,20 @@ class Listing:
         """'/'-separated paths of up to `limit` first images, in listing order."""
         paths = [sample_path(self.split, f.class_name, os.fsdecode(n)) for f in self.folders for n in f.head.tolist()]
         return paths[:limit]
+
+    def spread_paths(self, limit: int) -> list[str]:
+        """'/'-separated paths of up to `limit` images spread over the class folders: the
+        first image of up to `limit` evenly spaced folders, then their second, and so on
+        (from the first names the driver keeps: nothing is listed or fetched)."""
+        folders = [f for f in self.folders if len(f.head)]
+        picked = [folders[i] for i in sorted(set(np.linspace(0, len(folders) - 1, min(limit, len(folders)))
+                                                 .round().astype(int).tolist()))] if folders else []
+        paths = []
+        for depth in range(max((len(f.head) for f in picked), default=0)):
+            for f in picked:
+                if depth < len(f.head) and len(paths) < limit:
+                    paths.append(sample_path(self.split, f.class_name, os.fsdecode(f.head[depth])))
+        return paths
 
     # In-process only (the files are here, not refs): the whole split as arrays.
     @property
@@ -471,6 +485,24 @@ def first_images(root: Root, paths: Sequence[str], wanted: int = 1) -> FirstImag
 
     return images.first_images(items(), wanted)
 
+
+
+def header_sizes(root: Root, paths: Sequence[str]) -> list[tuple[int, int]]:
+    """(H, W) each file at `paths` declares in its header (images.header_size), for those that
+    can be read and have one: what the planner compares before anything is decoded."""
+    if is_uri(root):
+        from mnist37.objects import read_objects
+
+        contents = read_objects(root, list(paths))
+    else:
+        contents = []
+        for path in paths:
+            try:
+                contents.append(read_file(root, path))
+            except DecodeError as e:
+                contents.append(e)
+    sizes = (images.header_size(data) for data in contents if isinstance(data, bytes) and data)
+    return [size for size in sizes if size is not None]
 
 
 def groups_key(root: Root, groups: Sequence[Group], settings: str, stamps: np.ndarray | None = None) -> str:
