@@ -12,10 +12,11 @@ cold and warm start their own Ray (`ray.init()`), as on a laptop; --cluster adds
 and cluster-warm, the same job connecting to a Ray head already running on loopback, as under
 `ray job submit`. --unverified adds warm-unverified (verify_chunks = false) after each warm
 run: what checking chunks costs. Everything is also written to --json. Flags after `--` go to
-jobs/evaluate.py (--shard-size 4096); `--help` lists every flag with its default. The
-benchmark is mnist37.benchmark (`mnist37-benchmark`, or `python -m mnist37.benchmark`, from an
-installed mnist37). One-off studies (checksums, chunk writes, object stores) are not this
-benchmark: they live in benchmarks/, outside the package.
+jobs/evaluate.py (--shard-size 4096); `--help` lists every flag with its default.
+
+The code is benchmarks/seed_vs_job/seed_vs_job_benchmark.py, a lab tool outside the package
+(benchmarks/seed_vs_job/README.md has its findings); this entry point stays here because README's
+commands and every figure quoted from it name `python jobs/benchmark.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist37.benchmark import main, parse_args, run  # noqa: E402, F401 - main and parse_args for callers
+from benchmarks.seed_vs_job.seed_vs_job_benchmark import main, parse_args, run  # noqa: E402, F401 - for callers
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -163,7 +163,7 @@ def shared_ray_address() -> str:
     cores), the jobs over the S3 test server among them (ray_env). Tests about the job's
     own Ray (starting it, stopping it) pass --ray-address local."""
     if not _SHARED_ADDRESS:
-        from mnist37.benchmark import running_cluster  # the package's own `ray start --head`, as --cluster uses it
+        from tests.ray_heads import running_cluster  # the `ray start --head` the benchmark's --cluster uses too
 
         log = Path(tempfile.mkdtemp(prefix="mnist37-tests-")) / "ray-start.log"
         _SHARED_ADDRESS.append(_SHARED.enter_context(

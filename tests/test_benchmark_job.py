@@ -1,4 +1,6 @@
-"""jobs/benchmark.py end to end on a tiny data set: it runs every variant and its checks hold."""
+"""jobs/benchmark.py (benchmarks/seed_vs_job/, a lab tool) end to end on a tiny data set: it runs
+every variant and its checks hold; its --help lists its own flags. One of the two test modules
+that may import a lab tool (tests/test_lab_tools.py checks that the others do not)."""
 
 import json
 import socket
@@ -8,12 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from mnist37.benchmark import STAGES
+from benchmarks.seed_vs_job.seed_vs_job_benchmark import STAGES, parse_args
 from tests.conftest import PROJECT_ROOT
+from tests.test_cli import flat, help_of
 
-pytestmark = pytest.mark.ray  # the job, several times
+
+def test_the_benchmarks_help_lists_its_own_groups_choices_and_defaults(capsys):
+    text = help_of(parse_args, capsys)
+    for group in ("data:", "runs:", "output:"):
+        assert f"\n{group}\n" in text
+    assert "--formats [{idx,parquet,tar} ...]" in flat(text)
+    for default in ("(default: 3)", "(default: 3 7)", "(default: runs/bench/benchmark.json)"):
+        assert default in flat(text)
+    assert "--ray-address" not in text and "--metrics" not in text
 
 
+@pytest.mark.ray  # the job, several times
 def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     current = Path("/tmp/ray/ray_current_cluster")
     before = current.read_text() if current.exists() else None
@@ -26,7 +38,7 @@ def test_benchmark_runs_seed_cold_and_warm_side_by_side(image_folder, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["evaluate_args"] == ["--shard-size", "16"] and report["cluster"] is True
-    assert set(report["scales"]) == {"2"}  # one scale: replication itself is tests/test_replicate.py's
+    assert set(report["scales"]) == {"2"}  # one scale: replication itself is tests/test_lab_tools.py's
     assert report["scales"]["2"]["num_images"] == 2 * 152
     for scale in report["scales"].values():
         summary = scale["summary"]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from mnist37 import benchmark, convert_job, job
+from mnist37 import convert_job, job
 
 
 def help_of(parse_args, capsys) -> str:
@@ -81,12 +81,3 @@ def test_the_converter_rejects_bad_flags_with_one_line_and_exit_2(argv, message,
     err = capsys.readouterr().err
     assert message in err.splitlines()[-1] and "Traceback" not in err
 
-
-def test_the_benchmarks_help_lists_its_own_groups_choices_and_defaults(capsys):
-    text = help_of(benchmark.parse_args, capsys)
-    for group in ("data:", "runs:", "output:"):
-        assert f"\n{group}\n" in text
-    assert "--formats [{idx,parquet,tar} ...]" in flat(text)
-    for default in ("(default: 3)", "(default: 3 7)", "(default: runs/bench/benchmark.json)"):
-        assert default in flat(text)
-    assert "--ray-address" not in text and "--metrics" not in text

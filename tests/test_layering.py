@@ -6,7 +6,7 @@ crosses a layer fails here, before it becomes a habit:
 - only the orchestration modules (`distributed`, the one module that turns the core into Ray
   tasks, and `job`, which starts and stops Ray) import `ray`;
 - the sources layer (`mnist37.sources.*`) imports nothing that orchestrates it: not the
-  planner, the shards, the Ray module, the stages, the job, the converter or the benchmark;
+  planner, the shards, the Ray module, the stages, the job, the converter or the GPU check;
 - the codecs (`mnist37.png`, `mnist37.images`) do no I/O: they import no filesystem, store or
   source module and open no file; the sources read bytes, the codecs only decode them;
 - every format in the sources table has a module with the protocol the table promises.
@@ -23,7 +23,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "mnist37"
 ORCHESTRATION = {"mnist37.distributed", "mnist37.job"}
 ABOVE_SOURCES = {"mnist37.plan", "mnist37.shards", "mnist37.distributed", "mnist37.evaluation", "mnist37.job",
-                 "mnist37.convert", "mnist37.benchmark", "mnist37.gpu_check", "mnist37.report", "mnist37.classify"}
+                 "mnist37.convert", "mnist37.gpu_check", "mnist37.report", "mnist37.classify"}
 CODEC_MAY_NOT = {"os", "pathlib", "shutil", "tempfile", "mmap", "glob", "pyarrow", "mnist37.objects",
                  "mnist37.paths", "mnist37.storage", "mnist37.sources"}
 

@@ -310,7 +310,7 @@ def ray_head(log: Path, env: dict, num_cpus: int = 2):
     import shutil
     import tempfile
 
-    from mnist37.benchmark import _free_port
+    from tests.ray_heads import free_port as _free_port
 
     port, temp_dir = _free_port(), tempfile.mkdtemp(prefix="mnist37-nh-", dir=os.environ.get("RAY_TMPDIR") or None)
     ray = Path(sys.executable).with_name("ray")

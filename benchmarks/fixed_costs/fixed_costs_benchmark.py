@@ -109,7 +109,7 @@ def _run(argv: list[str], env: dict) -> tuple[float, str]:
     """(wall seconds, stdout) of a fresh process."""
     import subprocess
 
-    from mnist37.benchmark import fresh_process
+    from benchmarks.support.processes import fresh_process
 
     clock = time.perf_counter()
     run = subprocess.run(fresh_process(argv), capture_output=True, text=True, env=env)
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-    from mnist37.benchmark import running_cluster
     from mnist37.locate import find_root
+    from tests.ray_heads import running_cluster
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a data set folder or archive (e.g. mnist_sample.tgz)")

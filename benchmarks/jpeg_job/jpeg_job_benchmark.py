@@ -6,8 +6,8 @@
 The corpus is made here with Pillow: two classes of 32x32 color images (a warm and a cool
 colour field with noise and a class-dependent stripe), quality-90 4:2:0 JPEGs, `--unique`
 images per class in train and a fifth of that in valid; replicated `--copies` times by hard
-links (mnist37.replicate), so every copy has the same pixels and every variant must give the
-same accuracy. Each variant runs once per round as its own process, in turn, cold: the job's
+links (benchmarks/support/replicate.py), so every copy has the same pixels and every variant
+must give the same accuracy. Each variant runs once per round as its own process, in turn, cold: the job's
 chunk folder is emptied first; Ray Data has no cache. Wall time is the whole process.
 """
 
@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(PROJECT))
-    from mnist37.replicate import replicate
+    from benchmarks.support.replicate import replicate
 
     corpus = args.work / "corpus"
     clock = time.perf_counter()

@@ -42,7 +42,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT))  # mnist37 and tests/ of this checkout
 
-from mnist37.benchmark import fresh_process  # noqa: E402
+from benchmarks.support.processes import fresh_process  # noqa: E402
 from mnist37.objects import REQUESTS_IN_FLIGHT, list_objects, read_objects  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Scaled data sets for benchmarks: an ImageFolder replicated N times.
+"""Scaled data sets for the benchmarks: an ImageFolder replicated N times (benchmarks/seed_vs_job,
+benchmarks/jpeg_job).
 
 Replica r of `<split>/<class>/<name>` is `<split>/<class>/r<r>-<name>`; files are hard links
 where the filesystem allows (no extra disk, no copy time), copies otherwise. Every replica has

@@ -1,5 +1,8 @@
 """Side-by-side timing of fastbook's single-process baseline and the mnist37 job.
 
+    python benchmarks/seed_vs_job/seed_vs_job_benchmark.py --data ../shared/data/mnist_sample.tgz --copies 1 10 100
+    python jobs/benchmark.py --data ../shared/data/mnist_sample.tgz --copies 1 10 100   # the same, README's command
+
 Each variant runs as its own process, alternating, so every figure comes from the same
 machine state: (a) `seed` — mnist37.fastbook, the book's code; (b) `cold` — mnist37.job (jobs/evaluate.py) with
 its chunk folder emptied first; (c) `warm` — the same again, reusing (b)'s chunks.
@@ -8,44 +11,49 @@ local Ray inside the job, as on a laptop.
 
 With `cluster=True` two more variants run the same job the way it runs on a cluster, where
 Ray is already up: `cluster-cold` and `cluster-warm` connect (`--ray-address`) to a
-`ray start --head` that the benchmark starts before them and stops after them, in each round.
-Their wall time is still the whole driver process, connecting included; starting the cluster
-is not.
+`ray start --head` that the benchmark starts before them and stops after them, in each round
+(`tests.ray_heads.running_cluster`, the test suite's own head: lab tools may import the test
+support, benchmarks/README.md). Their wall time is still the whole driver process, connecting
+included; starting the cluster is not.
 
 With `formats`, the same images also run cold from each container format (`tar-cold`,
 `parquet-cold`, `idx-cold`): the scaled folder is converted once (mnist37.convert, timed and
 reported apart, not part of any run) and every round empties that format's chunk folder first.
+
+A lab tool, not the product (not installed with mnist37): it runs from a checkout, putting the
+checkout's root on sys.path, and times that checkout's mnist37. Findings: this folder's README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from mnist37 import Mnist37Error, sources
-from mnist37.locate import find_root
-from mnist37.replicate import replicate
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's root: benchmarks, tests, mnist37
+
+import mnist37  # noqa: E402
+from benchmarks.support.processes import fresh_process  # noqa: E402
+from benchmarks.support.replicate import replicate  # noqa: E402
+from mnist37 import Mnist37Error, sources  # noqa: E402
+from mnist37.locate import find_root  # noqa: E402
+from tests.ray_heads import running_cluster  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# The folder that holds the mnist37 package (a checkout or site-packages): the runs below start
-# `python -m mnist37.job` / `-m mnist37.fastbook` with it on their path, installed or not.
-PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+# The folder that holds the mnist37 package this benchmark imported (a checkout or site-packages):
+# the runs below start `python -m mnist37.job` / `-m mnist37.fastbook` with it on their path.
+PACKAGE_PARENT = Path(mnist37.__file__).resolve().parent.parent
 
 
 def _module_env() -> dict:
@@ -58,13 +66,6 @@ CLUSTER_VARIANTS = ("cluster-cold", "cluster-warm")
 # Container formats the benchmark converts the scaled folder to: variant prefix -> converter
 # target, from the sources table.
 FORMATS = {f.short: name for name, f in sources.FORMATS.items() if name in sources.TARGETS}
-
-
-def fresh_process(argv: list[str]) -> list[str]:
-    """`argv` started by a shell that forks it: a process forked from this one inherits this
-    process's peak RSS as its own (Linux keeps the peak across fork and exec), so a child's
-    `ru_maxrss` would never read lower than the benchmark's own."""
-    return ["sh", "-c", '"$@"; exit $?', "sh", *argv]
 
 
 def run_seed(data: Path, classes: list[str]) -> dict:
@@ -109,56 +110,6 @@ def run_mnist37(data: Path, out: Path, chunk_dir: Path, extra: list[str]) -> dic
         "metrics": {m: {k: r[k] for k in ("per_class", "mean_class_accuracy", "overall_accuracy")}
                     for m, r in results["metrics"].items()},
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None = None,
-                    env: dict[str, str] | None = None) -> Iterator[str]:
-    """A one-node Ray cluster (`ray start --head --block`, no dashboard) for as long as the
-    context lasts; yields its address for `--ray-address`, and `ray start`'s output goes to
-    `log_file`. Ending the `ray start` process stops what it started and nothing else on the
-    machine (unlike `ray stop`, which stops every Ray of the user's). Its own --temp-dir keeps
-    the "current cluster" file out of /tmp/ray: stopped this way the file would stay behind,
-    and every later `ray.init()` on the machine would try to join the dead head.
-
-    Public: the benchmark's cluster-cold and cluster-warm runs join it, and so does the test
-    suite's shared Ray (tests/conftest.py), which thereby tests it on every run. `num_cpus`:
-    the CPUs the node offers its tasks (default: the machine's); `env`: the environment its
-    processes, its tasks' included, start with (default: this process's)."""
-    port = _free_port()
-    ray = Path(sys.executable).with_name("ray")
-    # Short, under Ray's own temp root (RAY_TMPDIR, else the system's): its socket paths must fit 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="mnist37-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as out:
-        process = subprocess.Popen(
-            [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--port", str(port),
-             "--temp-dir", temp_dir, "--include-dashboard", "false", "--disable-usage-stats",
-             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-             *(["--num-cpus", str(num_cpus)] if num_cpus is not None else [])],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while "Ray runtime started" not in log_file.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise Mnist37Error(f"ray start --head did not come up; its output is in {log_file}")
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        # SIGTERM to `ray start` alone: it stops its node in ~2 s (sent to the whole group, 33 s).
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # anything of it still there
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def converted(data: Path, work: Path, fmt: str, classes: list[str], shard_size: int) -> tuple[Path, float | None]:
