@@ -42,7 +42,8 @@ def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None
 
     `num_cpus`: the CPUs the node offers its tasks (default: the machine's); `env`: the
     environment its processes, its tasks' included, start with (default: this process's).
-    Raises Mnist37Error (the benchmark's one-line error) naming `log_file` when the head does not come up within `timeout_s`."""
+    Raises Mnist37Error (the benchmark's one-line error) naming `log_file` when the head does not
+    come up within `timeout_s`."""
     port = free_port()
     ray = Path(sys.executable).with_name("ray")
     # Short, under Ray's own temp root (RAY_TMPDIR, else the system's): its socket paths must fit 107 bytes.

@@ -239,7 +239,7 @@ def check_call(name: str, args: str, context: list[str]) -> str | None:
         if given == names[:len(given)] and len(given) >= required:
             return None
         signatures.append(f"({', '.join(names)})")
-    return f"{name}({', '.join(given)}): its parameters are {' or '.join(signatures)}"
+    return f"{name}({', '.join(given)}): its parameters are {' or '.join(dict.fromkeys(signatures))}"
 
 
 def problems() -> list[str]:
@@ -293,22 +293,24 @@ def test_the_check_reads_what_the_doc_names():
     assert "stall_timeout_s" in CONFIG_KEYS
 
 
-@pytest.mark.parametrize("wrong, expected", [
+@pytest.mark.parametrize("dotted, expected", [
     ("base.first_shape", "base.first_shape: no such name in mnist37.sources.base"),
     ("base.Decoding", "base.Decoding: no such name in mnist37.sources.base"),  # imported there, defined in images
     ("images.Decoding", None),
     ("mnist37.sources.folder.list_split", None),
     ("ray.init", ""),
 ])
-def test_a_dotted_name_resolves_where_it_is_defined(wrong, expected):
-    assert resolve_dotted(wrong) == expected
+def test_a_dotted_name_resolves_where_it_is_defined(dotted, expected):
+    assert resolve_dotted(dotted) == expected
 
 
 def test_a_call_is_held_to_its_parameters():
     parquet = ["mnist37.sources.parquet"]
     assert check_call("containers", "root, listed", parquet) is None
-    assert check_call("plan", "root, splits, train_split, classes, shard_size, shape, convert, image_column, "
-                              "label_column", parquet).startswith("plan(root, splits, train_split, classes, shard_size,")
+    with_convert = "root, splits, train_split, classes, shard_size, shape, convert, image_column, label_column"
+    assert check_call("plan", with_convert, parquet) == (
+        f"plan({with_convert}): its parameters are "
+        "(root, splits, train_split, classes, shard_size, shape, image_column, label_column)")
     assert check_call("first_images", "root, shards, wanted", ["mnist37.sources.base"]) is None  # defaults left out
     assert check_call("add", "path, class_index, data", parquet) is None  # ShardWriter's method
     assert check_call("nothing_here", "", parquet) == "nothing_here(...): defined in none of mnist37.sources.parquet"

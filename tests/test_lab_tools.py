@@ -59,7 +59,8 @@ def test_every_study_has_its_readme_and_a_script():
         assert list(study.glob("*.py")), study.name
 
 
-@pytest.mark.parametrize("script", sorted(p for study in STUDIES for p in study.glob("*.py")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("script", sorted(p for study in STUDIES for p in study.glob("*.py")),
+                         ids=lambda p: p.parent.name)
 def test_each_probe_runs_from_its_study_folder(script, tmp_path):
     """--help from another folder: the script finds the checkout's mnist37 (and tests/) itself."""
     run = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
