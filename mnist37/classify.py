@@ -273,20 +273,22 @@ def nearest_with_distances(images: torch.Tensor, prototypes: torch.Tensor, true:
     """`nearest`'s predictions (`int64 [N]`) and `float32 [N, C]` distances of `uint8 [N, ...]`
     images whose true classes are `true` (`int64 [N]`).
 
-    Each image's distances to its predicted and to its true class are float64 rechecks
-    (direct_sums: relative error at most gamma(P + 3) in float64, ~1e-12 at 64x64x3) rounded to
-    float32, so margins and boundary examples order images by their real distances. The other
-    entries are the fast float32-derived values, within l1_sums' / l2_sums' bound of exact:
-    about P u (~7e-4 relative at 64x64x3) for l1; for l2 that much of (a + b + c) / value.
+    A misclassified image's distances to its predicted and to its true class are float64
+    rechecks (direct_sums: relative error at most gamma(P + 3) in float64, ~1e-12 at 64x64x3)
+    rounded to float32, so margins and boundary examples order images by their real distances.
+    Every other entry (a correctly classified image's distance to its class included) is the
+    fast value, within l1_sums' / l2_sums' bound of exact: about P u of the sum for l1 (~7e-4
+    relative at 64x64x3, 5e-5 at 28x28, u = 2^-24); for l2 P u (2 u.p/255) / value, larger where
+    the squares cancel. Rechecking every image's own class too would cost 2-3x the whole
+    10-class MNIST step (benchmarks/distances/README.md).
     """
     flat = images.reshape(len(images), -1)
     protos = prototypes.reshape(len(prototypes), -1).to(flat.device, torch.float32)
     predicted, sums = nearest(flat, protos, metric)
     value = sums.value
-    rows = torch.arange(len(flat), device=flat.device)
-    value[rows, predicted] = direct_sums(flat, protos, rows, predicted, metric).value
-    other = torch.nonzero(true != predicted).flatten()
-    value[other, true[other]] = direct_sums(flat, protos, other, true[other], metric).value
+    wrong = torch.nonzero(true != predicted).flatten()
+    for classes in (predicted[wrong], true[wrong]):
+        value[wrong, classes] = direct_sums(flat, protos, wrong, classes, metric).value
     return predicted, to_distances(value, flat.shape[1], metric).float()
 
 

@@ -193,16 +193,21 @@ def test_near_ties_and_exact_ties_go_where_the_exact_distances_say(far_classes, 
     assert done.confusions[metric].trace() == len(images)
 
 
-def test_distances_to_predicted_and_true_class_are_float64_rechecks():
+def test_a_misclassified_images_distances_to_both_classes_are_float64_rechecks():
     images, labels, protos = problem(n=200, num_classes=10, shape=(28, 28))
     done = classify_images(images, labels, protos, ["l1", "l2"], "cpu")
     reference = reference_distances(images, protos)
     for metric in ("l1", "l2"):
-        got, rows = done.distances[metric].numpy(), np.arange(len(images))
-        for classes in (done.predicted[metric].numpy(), labels):
+        wrong = done.misclassified[metric]
+        assert len(wrong) > 100
+        for classes in (wrong.predicted, wrong.true):
             # float64 values rounded once to float32
-            np.testing.assert_array_equal(got[rows, classes], reference[metric][rows, classes].astype(np.float32))
-        assert (done.misclassified[metric].margins >= 0).all()
+            rows = np.arange(len(wrong))
+            np.testing.assert_array_equal(wrong.distances[rows, classes],
+                                          reference[metric][wrong.rows, classes].astype(np.float32))
+        np.testing.assert_array_equal(wrong.margins, (reference[metric][wrong.rows, wrong.true].astype(np.float32)
+                                                      - reference[metric][wrong.rows, wrong.predicted].astype(np.float32)))
+        assert (wrong.margins >= 0).all()
 
 
 @needs_cuda
