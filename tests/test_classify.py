@@ -221,3 +221,16 @@ def test_cuda_predictions_are_the_cpu_ones_at_1000_classes(metric):
         cpu = classify_images(imgs, np.zeros(len(imgs), dtype=np.int64), ps, [metric], "cpu")
         cuda = classify_images(imgs, np.zeros(len(imgs), dtype=np.int64), ps, [metric], "cuda")
         np.testing.assert_array_equal(cuda.predicted[metric].cpu().numpy(), cpu.predicted[metric].numpy())
+
+
+def test_an_unknown_metric_is_named():
+    images, _, protos = problem()
+    with pytest.raises(ValueError, match=r"Unknown metric 'l3'; expected one of l1, l2"):
+        nearest(torch.from_numpy(images), torch.from_numpy(protos), "l3")
+
+
+def test_float32_bounds_end_where_gamma_does():
+    assert classify_module.gamma(12288, torch.float32) == pytest.approx(12288 * 2.0 ** -24, rel=1e-3)
+    with pytest.raises(ValueError, match=r"gamma\(16777216\) does not exist for torch.float32: 16777216 values "
+                                         r"are too many to bound"):
+        classify_module.gamma(2 ** 24, torch.float32)

@@ -112,7 +112,8 @@ def cuda_check(num_images: int = 2048, num_classes: int = 1000, shape: tuple[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=1024, help="images at 1,000 classes x 64x64x3")
+    parser.add_argument("--mnist-images", type=int, default=1024, help="images at 10 classes x 28x28")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cuda-check", action="store_true", help="compare CUDA's predictions with the CPU's and stop")
@@ -124,7 +125,7 @@ def main() -> None:
         print(f"CUDA vs CPU predictions at 1,000 classes x 64x64x3: {differ} images differ")
         sys.exit(1 if any(differ.values()) else 0)
     run(args.images, 1000, (64, 64, 3), args.repeats)
-    run(args.images, 10, (28, 28), max(args.repeats, 5))
+    run(args.mnist_images, 10, (28, 28), max(args.repeats, 5))
 
 
 if __name__ == "__main__":
