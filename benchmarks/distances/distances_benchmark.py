@@ -84,6 +84,14 @@ def run(num_images: int, num_classes: int, shape: tuple[int, ...], repeats: int)
         print(f"  {name:32s} {m:8.3f} s   {base / m:6.2f}x the old   ({', '.join(f'{t:.2f}' for t in times[name])})")
     new = median["new l1 (exact nearest)"] + median["new l2 (exact nearest)"]
     print(f"  {'new l1 + l2':32s} {new:8.3f} s   {base / new:6.2f}x the old")
+    # Within a round the methods ran back to back, under about the same load: their ratios are
+    # steadier than ratios of medians.
+    rounds = [o / (a + b) for o, a, b in zip(times["old classify.distances l1+l2"], times["new l1 (exact nearest)"],
+                                              times["new l2 (exact nearest)"])]
+    cdist = [c / a for c, a in zip(times["torch.cdist p=1"], times["new l1 (exact nearest)"])]
+    print(f"  per round: old / new l1+l2 = {', '.join(f'{r:.2f}' for r in rounds)} (median "
+          f"{statistics.median(rounds):.2f}); cdist p=1 / new l1 = {', '.join(f'{r:.2f}' for r in cdist)} "
+          f"(median {statistics.median(cdist):.2f})")
     old = results["old classify.distances l1+l2"]
     for metric in ("l1", "l2"):
         got = results[f"new {metric} (exact nearest)"][0]
