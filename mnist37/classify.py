@@ -232,8 +232,11 @@ def nearest(images: torch.Tensor, prototypes: torch.Tensor, metric: str) -> tupl
     if metric not in FAST_SUMS:
         raise ValueError(f"Unknown metric {metric!r}; expected one of {', '.join(FAST_SUMS)}")
     sums = FAST_SUMS[metric](flat, protos)
-    predicted = sums.value.argmin(dim=1)
     open_ = _candidates(sums)
+    # A prototype equal to an earlier one is never the nearest (ties go to the earlier class):
+    # without it, images near a duplicated class need no float64 or integer recheck.
+    open_[:, _repeated(protos)] = False
+    predicted = torch.where(open_, sums.value, math.inf).argmin(dim=1)
     undecided = torch.nonzero(open_.sum(dim=1) > 1).flatten()
     if len(undecided):
         picks = torch.nonzero(open_[undecided])
@@ -250,6 +253,14 @@ def nearest(images: torch.Tensor, prototypes: torch.Tensor, metric: str) -> tupl
             predicted[undecided[i]] = _exact_nearest(flat[undecided[i]], protos, torch.nonzero(still[i]).flatten(),
                                                      metric)
     return predicted, sums
+
+
+def _repeated(prototypes: torch.Tensor) -> torch.Tensor:
+    """`bool [C]`: the prototypes equal to an earlier one."""
+    _, group = torch.unique(prototypes, dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1 if len(group) else 0,), len(group), device=group.device)
+    first = first.scatter_reduce(0, group, torch.arange(len(group), device=group.device), reduce="amin")
+    return first[group] != torch.arange(len(group), device=group.device)
 
 
 def _exact_nearest(image: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor, metric: str) -> int:
