@@ -1,10 +1,13 @@
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
 
 from mnist37 import classify as classify_module
 from mnist37.chunks import chunk_bytes, chunk_table, write_chunk
-from mnist37.classify import DeviceError, classify_chunk, classify_images, confusion, distances, resolve_device
+from mnist37.classify import (DeviceError, classify_chunk, classify_images, confusion, distances, nearest,
+                              resolve_device)
 
 def classify(images, labels, prototypes, metrics, device):
     """Confusion matrices per metric, as a classify task computes them."""
@@ -64,8 +67,9 @@ def test_classify_predicts_the_nearest_prototype():
 
 
 def test_batches_do_not_change_the_result(monkeypatch):
-    """On the CPU each image's distances are sums over its own row: the same, bit for bit,
-    in one batch of 1000, in the CPU's batches, and in batches of 7."""
+    """Predictions are the exact argmin, so the same in one batch of 1000, in the CPU's batches
+    and in batches of 7; the distances (a matrix product's blocking depends on the batch)
+    agree within float32 rounding."""
     images, labels, protos = problem(n=1000)
     results = []
     for size in (1000, classify_module.CPU_BATCH_IMAGES, 7):
@@ -74,7 +78,7 @@ def test_batches_do_not_change_the_result(monkeypatch):
         results.append(({m: d.numpy() for m, d in done.distances.items()}, done.confusions))
     for distances_, confusions in results[1:]:
         for metric in ("l1", "l2"):
-            np.testing.assert_array_equal(distances_[metric], results[0][0][metric])
+            np.testing.assert_allclose(distances_[metric], results[0][0][metric], rtol=1e-5)
             np.testing.assert_array_equal(confusions[metric], results[0][1][metric])
 
 
@@ -117,11 +121,116 @@ def test_cuda_agrees_with_cpu():
         np.testing.assert_array_equal(cuda[metric], cpu[metric])
 
 
-def test_the_all_classes_pass_in_class_groups_is_the_same(monkeypatch):
-    images, _, protos = problem(n=200, num_classes=7)
-    whole = distances(torch.from_numpy(images), torch.from_numpy(protos), ["l1", "l2"], all_classes=True)
-    monkeypatch.setattr(classify_module, "DIFFERENCES_AT_ONCE", 200 * 36 * 3)  # 3 classes per pass
-    grouped = distances(torch.from_numpy(images), torch.from_numpy(protos), ["l1", "l2"], all_classes=True)
+def exact_reference(images, protos, metric):
+    """Exact sums as Fractions (x = u / 255, p the float32 value): the ground truth at ties."""
+    x = [[Fraction(int(v), 255) for v in row] for row in images.reshape(len(images), -1)]
+    p = [[Fraction(float(v)) for v in row] for row in protos.reshape(len(protos), -1)]
+    power = 1 if metric == "l1" else 2
+    return [[sum(abs(a - b) ** power for a, b in zip(xi, pc)) for pc in p] for xi in x]
+
+
+def first_argmin(rows):
+    return np.array([min(range(len(r)), key=lambda c: (r[c], c)) for r in rows])
+
+
+def near_ties(rng, shape, far_classes, per_kind=4):
+    """Images with, among `far_classes` random prototypes, two that tie or nearly tie:
+    per image (a) B = A with one pixel moved one float32 ulp toward the image (B exactly nearer,
+    by far less than a float32 ulp of the distance), placed after A and before A, and (b) B = A
+    with the values of two pixels where the image is 0 swapped (an exact tie: the earlier wins).
+    Returns images, prototypes and, per image, where A and B sit and which of them must win."""
+    cases = []
+    for kind in ("ulp after", "ulp before", "swap") * per_kind:
+        image = rng.integers(0, 256, shape, dtype=np.uint8).reshape(-1)
+        image[:4] = 0
+        # A near the image, so that the random prototypes are all farther than A and B
+        a = np.clip(image / 255 + rng.uniform(-0.05, 0.05, image.shape), 0, 1).astype(np.float32)
+        b = a.copy()
+        if kind == "swap":
+            b[[0, 1]] = a[[1, 0]]
+        else:
+            i = 5 + int(rng.integers(0, image.size - 5))
+            x = np.float32(image[i] / 255)
+            b[i] = np.nextafter(a[i], x)  # one ulp toward the image: B is strictly nearer
+        pair = [a, b] if kind != "ulp before" else [b, a]
+        cases.append((image, pair, {"ulp after": 1, "ulp before": 0, "swap": 0}[kind]))
+    images = np.stack([c[0] for c in cases]).reshape(len(cases), *shape)
+    protos = rng.random((far_classes + 2 * len(cases), int(np.prod(shape))), dtype=np.float32)
+    where = []
+    for k, (_, pair, winner) in enumerate(cases):
+        slot = k * (len(protos) // len(cases))  # spread among the random ones
+        protos[[slot, slot + 1]] = pair
+        where.append(slot + winner)
+    return images, protos.reshape(len(protos), *shape), np.array(where)
+
+
+@pytest.mark.parametrize("num_classes,shape", [(2, (6, 6)), (10, (28, 28)), (1000, (4, 4, 3))])
+def test_predictions_are_the_float64_ones(num_classes, shape):
+    images, labels, protos = problem(n=400, num_classes=num_classes, shape=shape, seed=num_classes)
+    done = classify_images(images, labels, protos, ["l1", "l2"], "cpu")
+    x = images.reshape(len(images), -1).astype(np.float64)[:, None] / 255 - \
+        protos.reshape(num_classes, -1).astype(np.float64)[None]
+    for metric, sums in (("l1", np.abs(x).sum(-1)), ("l2", (x ** 2).sum(-1))):
+        np.testing.assert_array_equal(done.predicted[metric].numpy(), sums.argmin(axis=1))
+
+
+@pytest.mark.parametrize("far_classes,shape", [(0, (6, 6)), (8, (28, 28)), (994, (4, 4, 3))])
+@pytest.mark.parametrize("metric", ["l1", "l2"])
+def test_near_ties_and_exact_ties_go_where_the_exact_distances_say(far_classes, shape, metric):
+    """One ulp of one prototype pixel decides the class, and an exact tie goes to the earlier
+    class, as the exact (Fraction) and float64 computations say; float32 sums cannot see it."""
+    rng = np.random.default_rng(far_classes)
+    images, protos, winners = near_ties(rng, shape, far_classes)
+    exact = first_argmin(exact_reference(images, protos, metric))
+    np.testing.assert_array_equal(exact, winners)
+    x = images.reshape(len(images), -1).astype(np.float64)[:, None] / 255 - \
+        protos.reshape(len(protos), -1).astype(np.float64)[None]
+    float64 = (np.abs(x) if metric == "l1" else x ** 2).sum(-1).argmin(axis=1)
+    np.testing.assert_array_equal(float64, winners)
+    predicted, _ = nearest(torch.from_numpy(images), torch.from_numpy(protos), metric)
+    np.testing.assert_array_equal(predicted.numpy(), winners)
+    done = classify_images(images, winners, protos, [metric], "cpu")
+    assert done.confusions[metric].trace() == len(images)
+
+
+def test_a_misclassified_images_distances_to_both_classes_are_float64_rechecks():
+    images, labels, protos = problem(n=200, num_classes=10, shape=(28, 28))
+    done = classify_images(images, labels, protos, ["l1", "l2"], "cpu")
+    reference = reference_distances(images, protos)
     for metric in ("l1", "l2"):
-        assert grouped[metric].shape == (200, 7)
-        torch.testing.assert_close(grouped[metric], whole[metric], rtol=0, atol=0)
+        wrong = done.misclassified[metric]
+        assert len(wrong) > 100
+        for classes in (wrong.predicted, wrong.true):
+            # float64 values rounded once to float32
+            rows = np.arange(len(wrong))
+            np.testing.assert_array_equal(wrong.distances[rows, classes],
+                                          reference[metric][wrong.rows, classes].astype(np.float32))
+        np.testing.assert_array_equal(wrong.margins, (reference[metric][wrong.rows, wrong.true].astype(np.float32)
+                                                      - reference[metric][wrong.rows, wrong.predicted].astype(np.float32)))
+        assert (wrong.margins >= 0).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("metric", ["l1", "l2"])
+def test_cuda_predictions_are_the_cpu_ones_at_1000_classes(metric):
+    """What jobs/gpu_check.py's 1,000-class case checks: CUDA and CPU predictions, image by
+    image, equal (both are the exact argmin), near ties included."""
+    images, labels, protos = problem(n=2048, num_classes=1000, shape=(16, 16, 3), seed=1)
+    tied, tied_protos, _ = near_ties(np.random.default_rng(2), (16, 16, 3), 994)
+    for imgs, ps in ((images, protos), (tied, tied_protos)):
+        cpu = classify_images(imgs, np.zeros(len(imgs), dtype=np.int64), ps, [metric], "cpu")
+        cuda = classify_images(imgs, np.zeros(len(imgs), dtype=np.int64), ps, [metric], "cuda")
+        np.testing.assert_array_equal(cuda.predicted[metric].cpu().numpy(), cpu.predicted[metric].numpy())
+
+
+def test_an_unknown_metric_is_named():
+    images, _, protos = problem()
+    with pytest.raises(ValueError, match=r"Unknown metric 'l3'; expected one of l1, l2"):
+        nearest(torch.from_numpy(images), torch.from_numpy(protos), "l3")
+
+
+def test_float32_bounds_end_where_gamma_does():
+    assert classify_module.gamma(12288, torch.float32) == pytest.approx(12288 * 2.0 ** -24, rel=1e-3)
+    with pytest.raises(ValueError, match=r"gamma\(16777216\) does not exist for torch.float32: 16777216 values "
+                                         r"are too many to bound"):
+        classify_module.gamma(2 ** 24, torch.float32)
