@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -53,7 +54,10 @@ def _take_signals() -> None:
     """SIGINT and SIGTERM stop the job by an exception in the main thread, so every `finally`
     runs (Ray is stopped, temporaries released). Installed again after `ray.init()`, whose
     core worker installs a SIGTERM handler that dumps stack lines, and after `ray.shutdown()`,
-    which restores the default."""
+    which restores the default. Not from another thread (the Python API called there), where
+    Python allows no handler: the caller's own handling of signals stays."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -100,11 +104,15 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     from mnist37.report import write_outputs
 
     status.stage, planned, written = "plan", None, False
+    callers = _in_process_ray(cfg)  # before the `try`: the caller's own Ray is never stopped
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
-        session = connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s, end_job=_end_job,
-                          on_signal=(lambda signum: _stopped_starting(status, cfg.out, signum)) if exiting else None)
+        # In-process (the Python API), nothing ends the process from a thread: a stall or a lost
+        # head raises from the job's next wait.
+        stopped = (lambda signum: _stopped_starting(status, cfg.out, signum)) if exiting else None
+        session = callers or connect(cfg.ray_address, cfg.ray_dashboard, cfg.stall_timeout_s,
+                                     end_job=_end_job if exiting else None, on_signal=stopped)
         _take_signals()
         log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
@@ -123,7 +131,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
         written = True
         log.info("outputs written in %.2f s", time.perf_counter() - writing_clock)
     finally:
-        disconnect(exiting=exiting and written)
+        if callers is None:  # the caller's own Ray is left as it was
+            disconnect(exiting=exiting and written)
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
         _clear_temporaries(planned)
     print(table)
@@ -143,6 +152,29 @@ def check_outputs(cfg: Config) -> None:
     check_writable("output folder", cfg.out)
     if cfg.chunk_dir:
         check_writable("chunk store", cfg.chunk_dir)
+
+
+IN_PROCESS = "ray.init() of this process, before the job"
+
+
+def _in_process_ray(cfg: Config):
+    """The Ray this process already runs as a driver (a notebook that called `ray.init()`),
+    as the job's session, which the job uses and leaves running; None when there is none."""
+    import ray
+
+    from mnist37 import distributed
+
+    if not ray.is_initialized():
+        return None
+    if cfg.ray_address:
+        raise distributed.ClusterError(
+            f"ray_address {cfg.ray_address!r}: this process already runs Ray (ray.init() was called), and the "
+            "job uses that one; leave ray_address empty, or call ray.shutdown() first")
+    # distributed.connect's record of a joined cluster, without a second ray.init(); no head
+    # watch: the caller's Ray reports a lost head itself.
+    distributed._session = distributed.Session(address=ray.get_runtime_context().gcs_address, origin=IN_PROCESS,
+                                               own=False, stall_s=cfg.stall_timeout_s)
+    return distributed._session
 
 
 def process_age_s() -> float:

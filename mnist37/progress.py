@@ -15,6 +15,13 @@ from mnist37 import Mnist37Error
 log = logging.getLogger(__name__)
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal that redraws a line on a carriage return: not a file, a
+    pipe or a log, and not a Jupyter kernel (its stderr is a notebook cell's output, where a
+    \\r or an ANSI code shows as a stray character or a repeated line, whatever isatty says)."""
+    return sys.stderr.isatty() and "ipykernel" not in sys.modules
+
+
 class Progress:
     """A progress bar on a terminal; otherwise a log line every few seconds."""
 
@@ -22,7 +29,7 @@ class Progress:
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
         # None until the first line: time.monotonic() counts from boot, so no clock value can
         # stand for "never logged" (on a node up for less than every_s, 0.0 would hide it).
-        self.done, self.tty, self.last = 0, sys.stderr.isatty(), None
+        self.done, self.tty, self.last = 0, on_terminal(), None
 
     def update(self, n: int = 1) -> None:
         self.done += n

@@ -45,3 +45,19 @@ def test_a_log_gets_its_first_line_periodic_lines_and_the_last_one(monkeypatch, 
         bar.update()
     assert [r.getMessage() for r in caplog.records] == [
         "classify: 1/1,000 shards", "classify: 501/1,000 shards", "classify: 1,000/1,000 shards"]
+
+
+def test_a_jupyter_kernel_gets_plain_lines_whatever_isatty_says(monkeypatch, caplog):
+    """A notebook cell shows \\r and ANSI codes as stray characters: under ipykernel, lines."""
+    import sys
+    import types
+
+    screen = FakeTerminal()
+    monkeypatch.setattr(progress.sys, "stderr", screen)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    with caplog.at_level(logging.INFO, logger="mnist37.progress"):
+        bar = Progress("decode", 2, " shards")
+        bar.update()
+        bar.update()
+    assert screen.getvalue() == ""
+    assert [r.getMessage() for r in caplog.records] == ["decode: 1/2 shards", "decode: 2/2 shards"]
