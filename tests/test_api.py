@@ -143,7 +143,8 @@ def test_own_ray_started_and_stopped_errors_raised_no_control_codes(image_folder
     raised = [line for line in run.stdout.splitlines() if line.startswith("raised")]
     assert len(raised) == 2, run.stdout + run.stderr
     assert "DatasetError" in raised[0] and "missing-class" in raised[0]
-    assert "valid/7/0.png" in raised[1]
+    assert "BadFilesError 1 of 152 image files cannot be used" in raised[1]
+    assert "valid/7/0.png" in run.stdout.partition(raised[1])[2]  # the message's list of files
     assert "ray after the error: False" in run.stdout and "ray after the run: False" in run.stdout
     assert "Results(" in run.stdout and "2 classes" in run.stdout
     assert "decode: " in run.stderr  # progress, as plain lines
