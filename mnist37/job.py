@@ -77,7 +77,9 @@ def main(cfg: Config, status: Status | None = None, exiting: bool = False) -> di
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
     the input, the storage or the cluster. `exiting` (the command line): the process ends
     right after, with no exit handler run; once the outputs are written, a joined cluster is
-    then left without `ray.shutdown()` (`distributed.disconnect`)."""
+    then left without `ray.shutdown()` (`distributed.disconnect`). Without it (in-process:
+    `mnist37.evaluate`) nothing here ends the process: a stall or a lost head raises too, and
+    a Ray the process already runs (`ray.init()` before the call) is used and left running."""
     # The driver's way to its object store, made once and handed to every task; put back when
     # the job ends, for a caller that runs jobs in-process.
     use_store(StoreSettings.from_environment(cfg.store_timeout_s), driver=True)

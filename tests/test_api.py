@@ -1,6 +1,7 @@
 """The Python API (mnist37.api): evaluate() runs the job in-process on real Ray and real PNGs,
 load() reads its folder back, Results shows itself in a notebook; errors are exceptions."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -159,6 +160,8 @@ def test_repr_html_shows_the_table_and_the_prototypes(ray_local, image_folder, t
     assert f"{results.mean_class_accuracy['l1']:.4f}" in page
     assert f"{results.per_class['l2']['7']:.4f}" in page
     assert "report.html" in page
+    color = dataclasses.replace(results, prototypes=np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32))
+    assert color._repr_html_().count('<img src="data:image/png;base64,') == 2  # [C, 3, H, W] drawn as RGB
 
 
 def test_repr_html_beyond_fifty_classes_is_the_short_form(ray_local, tmp_path, cache):
@@ -182,3 +185,21 @@ def test_load_of_a_folder_without_results_json(tmp_path):
     (tmp_path / "half" / "prototypes.npy").write_bytes(b"")
     with pytest.raises(mnist37.ResultsNotFound, match=r"half: results\.json not found; not the output folder"):
         mnist37.load(tmp_path / "half")
+
+
+def test_load_reads_an_object_store_prefix(ray_local, image_folder, tmp_path, cache):
+    """A run's folder copied to a real S3 server on loopback reads back the same."""
+    from tests.s3server import serving
+
+    local = mnist37.evaluate(image_folder, out=tmp_path / "out", cache_dir=cache)
+    with serving("results") as s3:
+        s3.upload(tmp_path / "out", "results", "runs/x")
+        stored = mnist37.load("s3://results/runs/x/")
+        with pytest.raises(mnist37.ResultsNotFound, match=r"s3://results/runs/y: results\.json not found"):
+            mnist37.load("s3://results/runs/y")
+        examples = stored.examples("l2")
+    assert stored.report == "s3://results/runs/x/report.html"
+    assert stored.results == local.results and stored.classes == local.classes
+    assert np.array_equal(stored.prototypes, local.prototypes)
+    assert all(np.array_equal(stored.confusion[m], local.confusion[m]) for m in local.metrics)
+    assert examples.equals(local.examples("l2"))
