@@ -3,7 +3,7 @@ run's outputs, and both give a `Results` (a notebook shows it as a table and the
 
     import mnist37
     results = mnist37.evaluate("mnist_sample")            # the job, with any config key as a keyword
-    results.mean_class_accuracy["l1"]                      # 0.9168..., fastbook's figure
+    results.per_class["l1"]["3"]                           # 0.9168..., fastbook's figure
     results.prototypes[1]                                  # float32 [28, 28]: the ideal 7
     mnist37.load(results.out).confusion["l2"]              # int64 [C, C], from the folder alone
 
@@ -31,8 +31,6 @@ from PIL import Image
 
 from mnist37 import Mnist37Error
 from mnist37.paths import is_uri
-
-log = logging.getLogger(__name__)
 
 
 class ResultsNotFound(Mnist37Error, FileNotFoundError):
@@ -113,15 +111,17 @@ class Results:
         rows = [f"<tr><th>class</th><th>images</th>{head}<th>prototype</th></tr>"]
         for c in shown:
             name = self.classes[c]
-            cells = "".join("<td>-</td>" if self.per_class[m][name] is None else f"<td>{self.per_class[m][name]:.4f}</td>"
-                            for m in self.metrics)
+            cells = "".join(_cell(self.per_class[m][name]) for m in self.metrics)
             rows.append(f"<tr><th>{esc(name)}</th><td>{eval_counts.get(name, 0)}</td>{cells}"
                         f"<td>{_img(self.prototypes[c], f'ideal {name}')}</td></tr>")
         for label, figures in (("mean of classes", self.mean_class_accuracy), ("overall", self.overall_accuracy)):
-            rows.append(f"<tr><th>{label}</th><td></td>" + "".join(f"<td>{figures[m]:.4f}</td>" for m in self.metrics)
-                        + "<td></td></tr>")
+            rows.append(f"<tr><th>{label}</th><td></td>{''.join(_cell(figures[m]) for m in self.metrics)}<td></td></tr>")
         return (f"<div class='mnist37-results'><p>mnist37 results in <code>{esc(self.out)}</code></p>{note}"
                 f"<table>{''.join(rows)}</table><p>report: <code>{esc(self.report)}</code></p></div>")
+
+
+def _cell(accuracy: float | None) -> str:
+    return "<td>-</td>" if accuracy is None else f"<td>{accuracy:.4f}</td>"
 
 
 def _img(prototype: np.ndarray, title: str, scale: int = 2) -> str:

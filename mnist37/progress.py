@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 def on_terminal() -> bool:
     """Whether stderr is a terminal that redraws a line on a carriage return: not a file, a
-    pipe or a log, and not a Jupyter kernel (its stderr is a notebook cell's output, where a
-    \\r or an ANSI code shows as a stray character or a repeated line, whatever isatty says)."""
-    return sys.stderr.isatty() and "ipykernel" not in sys.modules
+    pipe or a log, and not a Jupyter kernel's stream (ipykernel's OutStream: a notebook
+    cell's output, where a \\r or an ANSI code shows as a stray character or a repeated
+    line, whatever its isatty() says)."""
+    return sys.stderr.isatty() and not type(sys.stderr).__module__.startswith("ipykernel")
 
 
 class Progress:

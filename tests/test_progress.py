@@ -49,12 +49,9 @@ def test_a_log_gets_its_first_line_periodic_lines_and_the_last_one(monkeypatch, 
 
 def test_a_jupyter_kernel_gets_plain_lines_whatever_isatty_says(monkeypatch, caplog):
     """A notebook cell shows \\r and ANSI codes as stray characters: under ipykernel, lines."""
-    import sys
-    import types
-
-    screen = FakeTerminal()
+    kernel_stream = type("OutStream", (FakeTerminal,), {"__module__": "ipykernel.iostream"})  # isatty: True
+    screen = kernel_stream()
     monkeypatch.setattr(progress.sys, "stderr", screen)
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     with caplog.at_level(logging.INFO, logger="mnist37.progress"):
         bar = Progress("decode", 2, " shards")
         bar.update()
