@@ -203,3 +203,38 @@ def test_load_reads_an_object_store_prefix(ray_local, image_folder, tmp_path, ca
     assert np.array_equal(stored.prototypes, local.prototypes)
     assert all(np.array_equal(stored.confusion[m], local.confusion[m]) for m in local.metrics)
     assert examples.equals(local.examples("l2"))
+
+
+def test_the_callers_signal_handlers_are_back_after_the_call(ray_local, image_folder, tmp_path, cache):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    previous, terminate = signal.signal(signal.SIGINT, mine), signal.getsignal(signal.SIGTERM)
+    try:
+        mnist37.evaluate(image_folder, out=tmp_path / "out", cache_dir=cache)
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) == terminate
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_evaluate_from_another_thread(ray_local, image_folder, tmp_path, cache):
+    """Python lets only the main thread set signal handlers: a call from a thread (a web app's
+    worker, a GUI) runs the job without taking them."""
+    import threading
+
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(_call(image_folder, tmp_path / "out", cache)))
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert isinstance(got[0], mnist37.Results), got[0]
+
+
+def _call(data, out, cache):
+    try:
+        return mnist37.evaluate(data, out=out, cache_dir=cache)
+    except Exception as e:  # noqa: BLE001: handed back to the test's thread to show
+        return e
