@@ -33,7 +33,7 @@ from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.memory import peak_rss_bytes
 from mnist37.paths import StoreSettings, store, use_store
-from mnist37.processes import stop_descendants, stopped_by_signals
+from mnist37.processes import children_running, stop_descendants, stopped_by_signals
 from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
@@ -578,32 +578,10 @@ def disconnect(exiting: bool = False) -> None:
             ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
         return
     if _session.own and ray.is_initialized():
-        for pid in _children_running("/ray/autoscaler/", "monitor.py"):
+        for pid in children_running("/ray/autoscaler/", "monitor.py"):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     ray.shutdown()
-
-
-def _children_running(*parts: str) -> list[int]:
-    """This process's children whose command line holds every one of `parts` (Linux's /proc;
-    none elsewhere)."""
-    found, me = [], os.getpid()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
-                if parent != me:
-                    continue
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, ValueError, IndexError):
-                continue  # ended meanwhile
-            if all(part in command for part in parts):
-                found.append(int(entry.name))
-    return found
 
 
 # How long a failed map waits for its other tasks to end before it raises (see _raise_cause).

@@ -21,26 +21,49 @@ from collections.abc import Callable, Iterator
 STOPPING = (signal.SIGINT, signal.SIGTERM)
 
 
-def descendants(pid: int | None = None) -> list[int]:
-    """Every process below `pid` (default: this one), children first (Linux's /proc; none
-    elsewhere)."""
-    root = os.getpid() if pid is None else pid
-    children: dict[int, list[int]] = {}
+def _parents() -> dict[int, int]:
+    """Every running process's parent: pid -> parent pid (Linux's /proc; none elsewhere)."""
+    parents: dict[int, int] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             try:
                 with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                    parents[int(entry.name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue  # ended meanwhile
-            children.setdefault(parent, []).append(int(entry.name))
+    return parents
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every process below `pid` (default: this one), children first (Linux's /proc; none
+    elsewhere)."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
     found, frontier = [], [root]
     while frontier:
         below = [child for pid in frontier for child in children.get(pid, [])]
         found += below
         frontier = below
+    return found
+
+
+def children_running(*parts: str) -> list[int]:
+    """This process's children whose command line holds every one of `parts`."""
+    found, me = [], os.getpid()
+    for pid, parent in _parents().items():
+        if parent != me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # ended meanwhile
+        if all(part in command for part in parts):
+            found.append(pid)
     return found
 
 
