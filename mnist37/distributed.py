@@ -517,6 +517,27 @@ def connect(address: str, dashboard: bool, stall_timeout_s: float,
     return _session
 
 
+IN_PROCESS = "ray.init() of this process, before the job"
+
+
+def join_this_process(address: str, stall_timeout_s: float) -> Session | None:
+    """The Ray this process already runs as a driver (a notebook that called `ray.init()`) as
+    the job's session, which the job uses and leaves running (`own` False), without a second
+    ray.init() and without a head watch (the caller's Ray reports a lost head itself); None
+    when this process runs no Ray. An `address` beside it is a ClusterError: the job would
+    otherwise silently run somewhere else than asked."""
+    global _session
+    if not ray.is_initialized():
+        return None
+    if address:
+        raise ClusterError(
+            f"ray_address {address!r}: this process already runs Ray (ray.init() was called), and the "
+            "job uses that one; leave ray_address empty, or call ray.shutdown() first")
+    _session = Session(address=ray.get_runtime_context().gcs_address, origin=IN_PROCESS, own=False,
+                       stall_s=stall_timeout_s)
+    return _session
+
+
 @contextlib.contextmanager
 def _bounded_start(who: str, verb: str, limit_s: float, end_job: Callable[[ClusterError], None] | None):
     """`ray.init` within the stall limit: past it, a thread stops what it started (this

@@ -100,13 +100,14 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     check_outputs(cfg)
     located = locate(cfg)
 
-    from mnist37.distributed import connect, disconnect, map_listings
+    from mnist37.distributed import connect, disconnect, join_this_process, map_listings
     from mnist37.evaluation import evaluate, results_json
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
     status.stage, planned, written = "plan", None, False
-    callers = _in_process_ray(cfg)  # before the `try`: the caller's own Ray is never stopped
+    # Before the `try`: the caller's own Ray (a notebook's ray.init()) is used and never stopped.
+    callers = join_this_process(cfg.ray_address, cfg.stall_timeout_s)
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
@@ -154,29 +155,6 @@ def check_outputs(cfg: Config) -> None:
     check_writable("output folder", cfg.out)
     if cfg.chunk_dir:
         check_writable("chunk store", cfg.chunk_dir)
-
-
-IN_PROCESS = "ray.init() of this process, before the job"
-
-
-def _in_process_ray(cfg: Config):
-    """The Ray this process already runs as a driver (a notebook that called `ray.init()`),
-    as the job's session, which the job uses and leaves running; None when there is none."""
-    import ray
-
-    from mnist37 import distributed
-
-    if not ray.is_initialized():
-        return None
-    if cfg.ray_address:
-        raise distributed.ClusterError(
-            f"ray_address {cfg.ray_address!r}: this process already runs Ray (ray.init() was called), and the "
-            "job uses that one; leave ray_address empty, or call ray.shutdown() first")
-    # distributed.connect's record of a joined cluster, without a second ray.init(); no head
-    # watch: the caller's Ray reports a lost head itself.
-    distributed._session = distributed.Session(address=ray.get_runtime_context().gcs_address, origin=IN_PROCESS,
-                                               own=False, stall_s=cfg.stall_timeout_s)
-    return distributed._session
 
 
 def process_age_s() -> float:
