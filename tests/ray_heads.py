@@ -32,7 +32,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None = None,
-                    env: dict[str, str] | None = None) -> Iterator[str]:
+                    env: dict[str, str] | None = None, node_ip_address: str | None = None) -> Iterator[str]:
     """A one-node Ray cluster (`ray start --head --block`, no dashboard) for as long as the
     context lasts; yields its address for `--ray-address`, and `ray start`'s output goes to
     `log_file`. Ending the `ray start` process stops what it started and nothing else on the
@@ -41,7 +41,8 @@ def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None
     and every later `ray.init()` on the machine would try to join the dead head.
 
     `num_cpus`: the CPUs the node offers its tasks (default: the machine's); `env`: the
-    environment its processes, its tasks' included, start with (default: this process's).
+    environment its processes, its tasks' included, start with (default: this process's);
+    `node_ip_address`: the address the node announces (127.0.0.1 keeps it on loopback).
     Raises Mnist37Error (the benchmark's one-line error) naming `log_file` when the head does not
     come up within `timeout_s`."""
     port = free_port()
@@ -54,7 +55,8 @@ def running_cluster(log_file: Path, timeout_s: float = 120, num_cpus: int | None
             [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--port", str(port),
              "--temp-dir", temp_dir, "--include-dashboard", "false", "--disable-usage-stats",
              "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-             *(["--num-cpus", str(num_cpus)] if num_cpus is not None else [])],
+             *(["--num-cpus", str(num_cpus)] if num_cpus is not None else []),
+             *(["--node-ip-address", node_ip_address] if node_ip_address else [])],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + timeout_s

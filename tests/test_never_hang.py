@@ -302,38 +302,13 @@ def test_a_store_that_holds_every_request_is_one_line(s3, stored, tmp_path):
 # ---------------------------------------------------------------- Ray heads of the tests' own
 
 
-@contextlib.contextmanager
 def ray_head(log: Path, env: dict, num_cpus: int = 2):
     """`ray start --head --block` on loopback in its own temp dir (so no
     /tmp/ray/ray_current_cluster is left behind) with `env`; yields its address; stopped by
     its process id (and its process group, whatever is left), never by `ray stop`."""
-    import shutil
-    import tempfile
+    from tests.ray_heads import running_cluster
 
-    from tests.ray_heads import free_port as _free_port
-
-    port, temp_dir = _free_port(), tempfile.mkdtemp(prefix="mnist37-nh-", dir=os.environ.get("RAY_TMPDIR") or None)
-    ray = Path(sys.executable).with_name("ray")
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
-             "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--include-dashboard", "false",
-             "--disable-usage-stats", "--dashboard-agent-listen-port", str(_free_port()),
-             "--ray-client-server-port", str(_free_port())],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for(lambda: process.poll() is not None or "Ray runtime started" in log.read_text(errors="replace"),
-                 "ray start --head")
-        assert process.poll() is None, log.read_text()
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return running_cluster(log, num_cpus=num_cpus, env=env, node_ip_address="127.0.0.1")
 
 
 def clean_env(**extra) -> dict:
