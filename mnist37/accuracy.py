@@ -33,6 +33,18 @@ def accuracy_report(confusion: np.ndarray, classes: Sequence[str], inline_confus
     return report
 
 
+def top_k_report(hits: np.ndarray, totals: np.ndarray, classes: Sequence[str], k: int) -> dict:
+    """Top-k accuracy from `hits` (int [C]: images of each true class whose class was among its k
+    nearest) and `totals` (int [C]: images of each true class): per class (None: no images), their
+    mean and overall, as accuracy_report gives top-1."""
+    hits, totals = np.asarray(hits, dtype=np.int64), np.asarray(totals, dtype=np.int64)
+    per_class = {name: (float(hits[i] / totals[i]) if totals[i] else None) for i, name in enumerate(classes)}
+    scored = [acc for acc in per_class.values() if acc is not None]
+    total = int(totals.sum())
+    return {"k": k, "per_class": per_class, "mean_class_accuracy": float(np.mean(scored)) if scored else None,
+            "overall_accuracy": float(hits.sum() / total) if total else None, "correct": int(hits.sum())}
+
+
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
     """float64 [C]: correct / images of each true class; NaN for a class with no images."""
     confusion = np.asarray(confusion)

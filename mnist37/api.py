@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import html
 import io
 import json
@@ -51,6 +52,8 @@ class Results:
     `metrics`: the distance metrics reported (`l1`, `l2`), in the run's order.
     `per_class`: metric -> class name -> accuracy on the evaluation split (None: no images).
     `mean_class_accuracy`, `overall_accuracy`: metric -> accuracy (fastbook's headline is the first).
+    `top_k`: metric -> top-k accuracy (`k`, `per_class`, `mean_class_accuracy`, `overall_accuracy`,
+    `correct`); empty when the run reported none.
     `confusion`: metric -> int64 [C, C], rows = true class, columns = predicted.
     `prototypes`: float32 [C, H, W] (gray) or [C, 3, H, W] (color), pixels in [0, 1].
     `report`: where report.html is (a path, or a URI under `out`).
@@ -63,18 +66,28 @@ class Results:
     per_class: dict[str, dict[str, float | None]]
     mean_class_accuracy: dict[str, float]
     overall_accuracy: dict[str, float]
+    top_k: dict[str, dict]
     confusion: dict[str, np.ndarray] = field(repr=False)
     prototypes: np.ndarray = field(repr=False)
     report: str
     results: dict = field(repr=False)
 
-    @property
+    @functools.cached_property
     def predictions(self):
-        """One row per evaluated image, as a pyarrow Table (`<out>/predictions/`). This
-        mnist37 writes none yet (issue 35, items 1-2): NoPredictions says so."""
-        raise NoPredictions(f"{self.out}: this run wrote no per-image predictions (no predictions/ beside "
-                            "results.json); mnist37 does not write them yet. The boundary examples are in "
-                            "Results.examples(metric)")
+        """One row per evaluated image, in the evaluation split's listing order, as a pyarrow
+        Table read from every file under `<out>/predictions/` that results.json lists (columns:
+        docs/output.md); `.to_pandas()` where pandas is installed. Read once, then kept.
+        NoPredictions when the run wrote none (`predictions = "none"`, or an older mnist37)."""
+        from mnist37.predictions import read
+
+        listing = self.results.get("predictions")
+        if listing is None:
+            raise NoPredictions(f"{self.out}: this run wrote no per-image predictions (results.json has no "
+                                "`predictions`: a run of an mnist37 before they were written); run it again")
+        if listing["columns"] == "none":
+            raise NoPredictions(f"{self.out}: this run wrote no per-image predictions (predictions = none); run it "
+                                "with predictions = brief or full")
+        return read(self.out, listing)
 
     def examples(self, metric: str | None = None):
         """The boundary examples of `metric` (default: the first) as a pyarrow Table: per true
@@ -96,7 +109,7 @@ class Results:
     def _repr_html_(self) -> str:
         """The accuracy table and the prototypes, images inline: every class up to
         report.INLINE_CLASSES, beyond that the worst and best classes only (as report.html)."""
-        from mnist37.report import INLINE_CLASSES, RANKED_CLASSES, worst_and_best
+        from mnist37.report import INLINE_CLASSES, RANKED_CLASSES, accuracy_columns, worst_and_best
 
         esc = html.escape
         eval_counts = self.results["counts"].get(self.results["config"]["eval_split"], {})
@@ -107,15 +120,17 @@ class Results:
             shown = worst + best
             note = (f"<p>{len(self.classes)} classes: the {len(worst)} worst and {len(best)} best by "
                     f"{esc(self.metrics[0])}; every class is in results.json and the report.</p>")
-        head = "".join(f"<th>{esc(m)}</th>" for m in self.metrics)
+        columns = accuracy_columns(self.results)
+        head = "".join(f"<th>{esc(heading)}</th>" for heading, _ in columns)
         rows = [f"<tr><th>class</th><th>images</th>{head}<th>prototype</th></tr>"]
         for c in shown:
             name = self.classes[c]
-            cells = "".join(_cell(self.per_class[m][name]) for m in self.metrics)
+            cells = "".join(_cell(figures["per_class"][name]) for _, figures in columns)
             rows.append(f"<tr><th>{esc(name)}</th><td>{eval_counts.get(name, 0)}</td>{cells}"
                         f"<td>{_img(self.prototypes[c], f'ideal {name}')}</td></tr>")
-        for label, figures in (("mean of classes", self.mean_class_accuracy), ("overall", self.overall_accuracy)):
-            rows.append(f"<tr><th>{label}</th><td></td>{''.join(_cell(figures[m]) for m in self.metrics)}<td></td></tr>")
+        for label, key in (("mean of classes", "mean_class_accuracy"), ("overall", "overall_accuracy")):
+            rows.append(f"<tr><th>{label}</th><td></td>{''.join(_cell(figures[key]) for _, figures in columns)}"
+                        "<td></td></tr>")
         return (f"<div class='mnist37-results'><p>mnist37 results in <code>{esc(self.out)}</code></p>{note}"
                 f"<table>{''.join(rows)}</table><p>report: <code>{esc(self.report)}</code></p></div>")
 
@@ -170,6 +185,7 @@ def load(out: str | Path) -> Results:
         per_class={m: dict(results["metrics"][m]["per_class"]) for m in metrics},
         mean_class_accuracy={m: results["metrics"][m]["mean_class_accuracy"] for m in metrics},
         overall_accuracy={m: results["metrics"][m]["overall_accuracy"] for m in metrics},
+        top_k={m: results["metrics"][m]["top_k"] for m in metrics if "top_k" in results["metrics"][m]},
         confusion=dict(zip(metrics, confusions)), prototypes=prototypes,
         report=f"{base}/report.html" if is_uri(out) else str(Path(out) / "report.html"), results=results)
 

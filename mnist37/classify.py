@@ -16,7 +16,8 @@ import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from mnist37 import Mnist37Error
 from mnist37.chunks import Source, read_chunk
 from mnist37.examples import Example, Sides
 from mnist37.memory import reuse_freed_memory
+from mnist37.predictions import PredictionsFile, PredictionsRequest, write_chunk
 from mnist37.prototypes import PIXEL_MAX
 
 # Images per step on a GPU; the working set is a few float64 [BATCH_IMAGES, C] matrices
@@ -318,6 +320,85 @@ def nearest_with_distances(images: torch.Tensor, prototypes: torch.Tensor, true:
     return predicted, to_distances(value, flat.shape[1], metric).float()
 
 
+def prototype_groups(prototypes: torch.Tensor) -> torch.Tensor:
+    """`int64 [C]`: the same number for prototypes that are equal (their distances tie exactly
+    for every image), different numbers otherwise."""
+    return torch.unique(prototypes, dim=0, return_inverse=True)[1]
+
+
+def _ranked_before(sums: Sums, true: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image (row) and class: `bool [N, C]` the classes sure to rank before the true
+    one (exact sum less, or equal and earlier), and `bool [N, C]` those the bounds cannot order
+    against it. A class equal to the true one's prototype ties exactly: before it when earlier."""
+    rows = torch.arange(len(true), device=true.device)
+    low, high = sums.value - sums.bound, sums.value + sums.bound
+    true_low, true_high = low[rows, true][:, None], high[rows, true][:, None]
+    classes = torch.arange(sums.value.shape[1], device=true.device)[None, :]
+    same = groups[None, :] == groups[true][:, None]  # the true class itself among them
+    before = torch.where(same, classes < true[:, None], high < true_low)
+    open_ = ~same & ~before & ~(low > true_high)
+    return before, open_
+
+
+def in_top_k(images: torch.Tensor, prototypes: torch.Tensor, true: torch.Tensor, sums: Sums, metric: str,
+             k: int) -> torch.Tensor:
+    """`bool [N]`: whether each image's true class is among its `k` nearest prototypes by exact
+    distance, ties to the earlier class as in `nearest` (so k = 1 is `nearest(...) == true`).
+
+    `images` `uint8 [N, P]`, `prototypes` `float32 [C, P]`, `true` `int64 [N]`, `sums` the fast
+    sums with their proven bounds (`nearest`'s). The true class's rank is the number of classes
+    before it; a class is surely before (after) it when its upper (lower) bound lies below (above)
+    the true class's lower (upper) bound. Where the classes left unordered could move the rank
+    across k, the true class and those are recomputed in float64 (direct_sums) and, where even
+    that cannot order them, in exact integers (exact_sums), as `nearest` decides its ties."""
+    n, num_classes = sums.value.shape
+    if k >= num_classes:
+        return torch.ones(n, dtype=torch.bool, device=true.device)
+    groups = prototype_groups(prototypes)
+    before, open_ = _ranked_before(sums, true, groups)
+    sure, unsure = before.sum(dim=1), open_.sum(dim=1)
+    hits = sure < k
+    undecided = torch.nonzero(hits & (sure + unsure >= k)).flatten()
+    if not len(undecided):
+        return hits
+    picks = torch.nonzero(open_[undecided])
+    at = torch.cat([picks[:, 0], torch.arange(len(undecided), device=true.device)])
+    classes = torch.cat([picks[:, 1], true[undecided]])
+    rechecked = direct_sums(images, prototypes, undecided[at], classes, metric)
+    shape = (len(undecided), num_classes)
+    value = torch.zeros(shape, dtype=torch.float64, device=true.device)
+    bound = torch.full(shape, math.inf, dtype=torch.float64, device=true.device)  # unknown: unordered
+    value[at, classes], bound[at, classes] = rechecked.value, rechecked.bound
+    before_again, open_again = _ranked_before(Sums(value, bound), true[undecided], groups)
+    # Pairs the first bounds had ordered stay as they were; only the rechecked ones move.
+    sure_again = sure[undecided] + (before_again & open_[undecided]).sum(dim=1)
+    still_open = open_again & open_[undecided]
+    hits[undecided] = sure_again < k
+    left = torch.nonzero((sure_again < k) & (sure_again + still_open.sum(dim=1) >= k)).flatten()
+    for i in left.tolist():
+        row, t = int(undecided[i]), int(true[undecided[i]])
+        candidates = torch.nonzero(still_open[i]).flatten().tolist()
+        found = exact_sums(images[row].cpu().numpy(), prototypes[[t, *candidates]].cpu().numpy(), metric)
+        ahead = sum(1 for c, s in zip(candidates, found[1:]) if s < found[0] or (s == found[0] and c < t))
+        hits[row] = int(sure_again[i]) + ahead < k
+    return hits
+
+
+def nearest_with_top_k(images: torch.Tensor, prototypes: torch.Tensor, true: torch.Tensor, metric: str, k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nearest_with_distances`' predictions and distances, and `in_top_k`'s `bool [N]` from the
+    same fast sums (taken before the misclassified images' entries become float64 rechecks)."""
+    flat = images.reshape(len(images), -1)
+    protos = prototypes.reshape(len(prototypes), -1).to(flat.device, torch.float32)
+    predicted, sums = nearest(flat, protos, metric)
+    hits = in_top_k(flat, protos, true, sums, metric, k)
+    value = sums.value
+    wrong = torch.nonzero(true != predicted).flatten()
+    for classes in (predicted[wrong], true[wrong]):
+        value[wrong, classes] = direct_sums(flat, protos, wrong, classes, metric).value
+    return predicted, to_distances(value, flat.shape[1], metric).float(), hits
+
+
 def confusion(true: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`int64 [C, C]` counts, rows = true class, columns = predicted class."""
     flat = true.long() * num_classes + predicted.long()
@@ -348,6 +429,8 @@ class Classified:
     predicted: dict[str, torch.Tensor]
     distances: dict[str, torch.Tensor]
     device: torch.device
+    # metric -> bool [N]: the true class among the top_k nearest (in_top_k); empty when top_k is 0
+    top_k: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def device_batches(pixels: torch.Tensor, device: torch.device, size: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -389,8 +472,9 @@ def device_batches(pixels: torch.Tensor, device: torch.device, size: int) -> Ite
 
 
 def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarray,
-                    metrics: Sequence[str], device: str = "auto") -> Classified:
-    """Confusion matrices per metric for `uint8 [N, H, W]` images, and every misclassified one.
+                    metrics: Sequence[str], device: str = "auto", top_k: int = 0) -> Classified:
+    """Confusion matrices per metric for `uint8 [N, H, W]` images, and every misclassified one;
+    with `top_k`, whether each image's true class is among its `top_k` nearest (in_top_k).
 
     Each batch waits on the device once per metric, to learn which images the fast sums left
     undecided (nearest); confusions and the misclassified images are worked out once, over all
@@ -405,9 +489,14 @@ def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: n
     true = torch.from_numpy(np.asarray(class_indices, dtype=np.int64)).to(dev)
     parts = {m: [] for m in metrics}
     guesses = {m: [] for m in metrics}
+    hits = {m: [] for m in metrics}
     for start, batch in device_batches(pixels, dev, CPU_BATCH_IMAGES if dev.type == "cpu" else BATCH_IMAGES):
         for metric in metrics:
-            guess, dist = nearest_with_distances(batch, protos, true[start:start + len(batch)], metric)
+            if top_k:
+                guess, dist, hit = nearest_with_top_k(batch, protos, true[start:start + len(batch)], metric, top_k)
+                hits[metric].append(hit)
+            else:
+                guess, dist = nearest_with_distances(batch, protos, true[start:start + len(batch)], metric)
             guesses[metric].append(guess)
             parts[metric].append(dist)
     confusions, wrong, predicted, found = {}, {}, {}, {}
@@ -423,7 +512,9 @@ def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: n
         wrong[metric] = Misclassified(rows.cpu().numpy(), true[rows].cpu().numpy(), guess[rows].cpu().numpy(),
                                       margins.flatten().cpu().numpy(), d.cpu().numpy())
         predicted[metric], found[metric] = guess, dist
-    return Classified(confusions, wrong, predicted, found, dev)
+    in_top = {m: torch.cat(h) if h else torch.zeros(0, dtype=torch.bool, device=dev)
+              for m, h in hits.items()} if top_k else {}
+    return Classified(confusions, wrong, predicted, found, dev, in_top)
 
 
 def boundary_examples(misclassified: Misclassified, num_classes: int, k: int) -> dict[int, dict[str, np.ndarray]]:
@@ -438,16 +529,30 @@ def boundary_examples(misclassified: Misclassified, num_classes: int, k: int) ->
     return out
 
 
+class ChunkOutcome(NamedTuple):
+    """What classifying one chunk gives: its confusion matrices per metric, the device that
+    computed them, per metric and true class the boundary examples, per metric the images of
+    each true class whose class was among the top_k nearest (`int64 [C]`; empty when top_k is
+    0), and the predictions file written (None when none was asked for)."""
+
+    confusions: dict[str, np.ndarray]
+    device: torch.device
+    examples: dict[str, dict[int, Sides]]
+    top_k: dict[str, np.ndarray]
+    predictions: PredictionsFile | None
+
+
 def classify_chunk(chunk: Source, prototypes: np.ndarray, metrics: Sequence[str], device: str = "auto",
-                   examples: int = 0, expected_checksum: str | None = None, verify: bool = True
-                   ) -> tuple[dict[str, np.ndarray], torch.device, dict[str, dict[int, Sides]]]:
+                   examples: int = 0, expected_checksum: str | None = None, verify: bool = True, top_k: int = 0,
+                   predictions: PredictionsRequest | None = None) -> ChunkOutcome:
     """Read one Arrow chunk (a memory-mapped file, a URI, or its bytes), verified against its
-    checksum (and, when given, `expected_checksum`: the chunk decode reported), and return its
-    confusion matrices per metric, the device that computed them, and per metric and true class
-    up to `examples` misclassified images closest to and farthest from the boundary."""
+    checksum (and, when given, `expected_checksum`: the chunk decode reported), and classify it
+    (ChunkOutcome): with up to `examples` misclassified images per metric and true class closest
+    to and farthest from the boundary, top-`top_k` hits per class, and with `predictions` the
+    chunk's predictions file (mnist37.predictions)."""
     reuse_freed_memory()
     read = read_chunk(chunk, expected_checksum, verify)
-    done = classify_images(read.images, read.class_indices, prototypes, metrics, device)
+    done = classify_images(read.images, read.class_indices, prototypes, metrics, device, top_k)
     found = {}
     for metric, wrong in done.misclassified.items():
         picked = boundary_examples(wrong, len(prototypes), examples) if examples else {}
@@ -457,4 +562,13 @@ def classify_chunk(chunk: Source, prototypes: np.ndarray, metrics: Sequence[str]
                                     for i in picks for row in [int(wrong.rows[i])]]
                              for side, picks in sides.items()}
                          for c, sides in picked.items()}
-    return done.confusions, done.device, found
+    true = np.asarray(read.class_indices, dtype=np.int64)
+    hits = {m: np.bincount(true[h.cpu().numpy()], minlength=len(prototypes)).astype(np.int64)
+            for m, h in done.top_k.items()}
+    written = None
+    if predictions is not None:
+        written = write_chunk(predictions, expected_checksum, read.paths, true,
+                              {m: p.cpu().numpy() for m, p in done.predicted.items()},
+                              {m: d.cpu().numpy() for m, d in done.distances.items()},
+                              {m: h.cpu().numpy() for m, h in done.top_k.items()})
+    return ChunkOutcome(done.confusions, done.device, found, hits, written)

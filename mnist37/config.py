@@ -30,6 +30,11 @@ NON_GRAYSCALE = ("reject", "convert")
 CHANNELS = ("auto", "gray", "rgb")
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box")
 FORMATS = ("auto", *sources.FORMATS)
+PREDICTIONS = ("none", "brief", "full")
+# top_k = -1 (auto): top-DEFAULT_TOP_K accuracy with at least TOP_K_MIN_CLASSES classes, else none
+# (ImageNet's top-5 among 1,000 classes; among 2 or 3 it says little). docs/output.md says why.
+DEFAULT_TOP_K = 5
+TOP_K_MIN_CLASSES = 10
 # The keys that name a location (a path or a URI): none may carry a credential.
 LOCATIONS = ("data", "out", "chunk_dir", "cache_dir")
 
@@ -178,6 +183,17 @@ class Config:
     # boundary and farthest from it.
     report_examples: int = field(default=4, metadata=_flag(
         OUTPUT, "misclassified images per class and metric shown in report.html", metavar="N"))
+    # Per-image predictions under <out>/predictions/, one Parquet file per evaluation chunk:
+    # "brief" (path, split, true class, per metric the predicted class, the distance to the
+    # true prototype and the margin), "full" (also the distances to every prototype and, with
+    # top_k, whether the true class was among the k nearest), "none". docs/output.md.
+    predictions: str = field(default="brief", metadata=_flag(
+        OUTPUT, "per-image predictions under <out>/predictions/: brief, full (distances to every prototype), none",
+        choices=PREDICTIONS))
+    # Top-k accuracy beside top-1, per metric: -1 = 5 with at least 10 classes, else none; 0 = none.
+    top_k: int = field(default=-1, metadata=_flag(
+        CLASSIFY, "K of the top-K accuracy reported beside top-1; 0: none; -1: 5 with at least 10 classes, "
+                  "else none", metavar="K"))
     # Where distances are computed: auto = CUDA when the task sees a CUDA device.
     device: str = field(default="auto", metadata=_flag(
         CLASSIFY, "where distances are computed; auto: CUDA where the task sees one", choices=DEVICES))
@@ -323,6 +339,10 @@ def validate(cfg: Config) -> None:
     if cfg.resize_filter not in RESIZE_FILTERS:
         raise ConfigError(f"resize_filter: unknown filter {cfg.resize_filter!r}; "
                           f"expected one of {', '.join(RESIZE_FILTERS)}")
+    if cfg.predictions not in PREDICTIONS:
+        raise ConfigError(f"predictions: unknown choice {cfg.predictions!r}; expected one of {', '.join(PREDICTIONS)}")
+    if cfg.top_k < -1:
+        raise ConfigError(f"top_k: expected a positive k, 0 (none) or -1 (auto), got {cfg.top_k}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device: unknown device {cfg.device!r}; expected one of {', '.join(DEVICES)}")
     if not cfg.metrics:

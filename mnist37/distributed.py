@@ -33,6 +33,7 @@ from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.memory import peak_rss_bytes
 from mnist37.paths import StoreSettings, store, use_store
+from mnist37.predictions import PredictionsFile, PredictionsRequest
 from mnist37.processes import children_running, stop_descendants, stopped_by_signals
 from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
@@ -98,7 +99,8 @@ def _decode_and_ship_task(*args) -> tuple[DecodedShard, pa.Buffer]:
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD", **_RETRIES)
 def _classify_task(key: str, chunk: str | pa.Buffer, checksum: str, prototypes: np.ndarray, metrics: Sequence[str],
-                   device: str, examples: int, verify: bool, settings: StoreSettings) -> ClassifiedChunk:
+                   device: str, examples: int, verify: bool, settings: StoreSettings, top_k: int = 0,
+                   predictions: PredictionsRequest | None = None) -> ClassifiedChunk:
     # Imported here: the driver needs no torch.
     from mnist37.classify import classify_chunk
 
@@ -106,10 +108,11 @@ def _classify_task(key: str, chunk: str | pa.Buffer, checksum: str, prototypes: 
     use_store(settings)  # a chunk store may be a URI
 
     start = time.perf_counter()
-    confusions, used, found = classify_chunk(chunk, prototypes, metrics, device, examples, checksum, verify)
+    done = classify_chunk(chunk, prototypes, metrics, device, examples, checksum, verify, top_k, predictions)
     context = ray.get_runtime_context()
     return ClassifiedChunk(
-        chunk_path=key, confusions=confusions, examples=found, device=str(used),
+        chunk_path=key, confusions=done.confusions, examples=done.examples, device=str(done.device),
+        top_k=done.top_k, predictions=done.predictions,
         gpu_ids=list(context.get_accelerator_ids().get("GPU", [])), node_id=context.get_node_id(), pid=os.getpid(),
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
 
@@ -127,6 +130,8 @@ class ClassifiedChunk:
     pid: int
     elapsed_s: float
     peak_rss_bytes: int
+    top_k: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> int64 [C]: true class in the top k
+    predictions: PredictionsFile | None = None  # the chunk's predictions file (its bytes, when the driver writes it)
 
 
 class ClusterError(Mnist37Error, ConnectionError):
@@ -950,7 +955,8 @@ def decode_shards(shards: Iterable[Shard], root: Path, chunk_dir: str, decoding:
 
 def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metrics: Sequence[str], device: str,
                     gpus_per_task: float, examples: int, max_in_flight: int,
-                    verify: bool = True) -> Iterator[ClassifiedChunk]:
+                    verify: bool = True, top_k: int = 0,
+                    predictions: PredictionsRequest | None = None) -> Iterator[ClassifiedChunk]:
     """Classify every decoded chunk as a Ray task, read from its path or, when it travelled
     through the object store, from its bytes, and checked to be the chunk decode reported.
     The prototypes go to the object store once; on a cluster with GPUs each task asks for
@@ -965,7 +971,7 @@ def classify_chunks(chunks: Sequence[DecodedShard], prototypes: np.ndarray, metr
             _remakes[r.chunk_ref] = remake
         return _classify_task.options(num_gpus=gpus, **_again(again)).remote(
             r.chunk_path, r.chunk_ref or r.chunk_path, r.checksum, prototypes_ref, list(metrics), device, examples,
-            verify, settings)
+            verify, settings, top_k, predictions and predictions.for_chunk(r.index))
 
     try:
         yield from bounded_map(submit, chunks, max_in_flight, what=("classify", " chunks"))

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mnist37 import DatasetError, Mnist37Error, __version__, distributed
-from mnist37.config import Config
+from mnist37.config import DEFAULT_TOP_K, TOP_K_MIN_CLASSES, Config, ConfigError
+from mnist37.predictions import FOLDER, PredictionsFile, PredictionsRequest, make_request, publish_returned, remove_stale
 from mnist37.png import BadFilesError
 from mnist37.sources.keys import combine_digests
 from mnist37.distributed import ClassifiedChunk
 from mnist37.examples import BoundaryExamples
-from mnist37.accuracy import accuracy_report
+from mnist37.accuracy import accuracy_report, top_k_report
 from mnist37.paths import is_uri
 from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
@@ -173,31 +174,68 @@ class Classification:
     chunks: dict[str, ClassifiedChunk]  # by chunk path, without their example images
     examples: BoundaryExamples  # per metric and true class, nearest to and farthest from the boundary
     elapsed_s: float
+    top_k: int = 0  # k of the top-k accuracy; 0: off
+    top_k_hits: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> int64 [C]: true class in the top k
+    # The predictions files written, in evaluation order (None: predictions = "none")
+    predictions: list[PredictionsFile] | None = None
+
+
+def resolve_top_k(top_k: int, num_classes: int) -> int:
+    """The k of top-k accuracy: `top_k` as configured, -1 (auto) being DEFAULT_TOP_K when there
+    are at least TOP_K_MIN_CLASSES classes and off (0) otherwise. ConfigError for a k that is
+    not less than the number of classes (every class would be in the top k)."""
+    if top_k == -1:
+        return DEFAULT_TOP_K if num_classes >= TOP_K_MIN_CLASSES else 0
+    if top_k >= num_classes:
+        raise ConfigError(f"top_k: {top_k} is not less than the {num_classes} classes: every image's class would be "
+                          f"among its {top_k} nearest; give a smaller k, or 0 for none")
+    return top_k
+
+
+def predictions_request(planned: Plan, prototypes: np.ndarray, top_k: int) -> PredictionsRequest | None:
+    """What each classify task needs to write its chunk's predictions (None: predictions off).
+    Tasks publish the files themselves where every node reaches the output location (an
+    object-store prefix, or a Ray of one node); elsewhere they send them to the driver."""
+    cfg = planned.cfg
+    remote_out = is_uri(cfg.out) and not cfg.out.startswith("file://")
+    return make_request(cfg.predictions, cfg.out, cfg.eval_split, planned.names, cfg.metrics, top_k, prototypes,
+                        tasks_publish=remote_out or distributed.num_nodes() == 1)
 
 
 def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_flight: int,
-             status: Status) -> Classification:
-    """Run a classify task per evaluation chunk; sum their confusion matrices as they finish."""
+             status: Status, top_k: int = 0) -> Classification:
+    """Run a classify task per evaluation chunk; sum their confusion matrices and top-k hits as
+    they finish. With predictions on, each task writes its chunk's file (or the driver writes
+    what a task sent back), and the files of an earlier run into the same folder go."""
     cfg, clock = planned.cfg, time.perf_counter()
     chunks = [r for r in decoding.shards if r.split == cfg.eval_split and r.num_images]
     confusions = {m: np.zeros((len(planned.classes),) * 2, dtype=np.int64) for m in cfg.metrics}
+    hits = {m: np.zeros(len(planned.classes), dtype=np.int64) for m in cfg.metrics} if top_k else {}
+    request = predictions_request(planned, prototypes, top_k)
+    written = {}
     examples = BoundaryExamples(cfg.report_examples)
     classified = {}
     status.stage, status.chunks_total = "classify", len(chunks)
     progress = Progress("classify", len(chunks), " shards")
     for done in distributed.classify_chunks(chunks, prototypes, cfg.metrics, cfg.device, cfg.gpus_per_task,
-                                            cfg.report_examples, max_in_flight, cfg.verify_chunks):
+                                            cfg.report_examples, max_in_flight, cfg.verify_chunks, top_k, request):
         status.chunks_classified += 1
         progress.update()
         for metric, matrix in done.confusions.items():
             confusions[metric] += matrix
+        for metric, found in done.top_k.items():
+            hits[metric] += found
+        if done.predictions is not None:
+            written[done.chunk_path] = publish_returned(request, done.predictions)
         examples.add(done.examples)
         if many_classes(planned.names):
             # Pixels and distances ([C] each) only for the classes the report may show: the
             # worst so far, twice as many as it shows, so what the driver holds is bounded.
             examples.keep_worst(confusions, 2 * EXAMPLE_CLASSES)
-        classified[done.chunk_path] = dataclasses.replace(done, examples={})
-    return Classification(confusions, classified, examples, time.perf_counter() - clock)
+        classified[done.chunk_path] = dataclasses.replace(done, examples={}, predictions=None)
+    files = [written[r.chunk_path] for r in chunks] if request is not None else None
+    remove_stale(cfg.out, [f.name for f in files or []])
+    return Classification(confusions, classified, examples, time.perf_counter() - clock, top_k, hits, files)
 
 
 # ---------------------------------------------------------------- the whole evaluation
@@ -221,12 +259,13 @@ def evaluate(planned: Plan, status: Status | None = None) -> Evaluation:
     status = status or Status()
     cfg = planned.cfg
     max_in_flight = cfg.max_in_flight or distributed.default_max_in_flight()
+    top_k = resolve_top_k(cfg.top_k, len(planned.names))  # before the work: a k too large is one line at once
     decoding = decode(planned, max_in_flight, status)
     accounts = check_files(planned, decoding)
     clock = time.perf_counter()
     prototypes = decoding.sums.prototypes(planned.names, cfg.train_split)
     prototypes_s = time.perf_counter() - clock
-    classification = classify(planned, decoding, prototypes, max_in_flight, status)
+    classification = classify(planned, decoding, prototypes, max_in_flight, status, top_k)
     return Evaluation(planned, decoding, accounts, prototypes, classification, distributed.cluster_info(),
                       {"scan": planned.scan_s, "decode": decoding.elapsed_s, "prototypes": prototypes_s,
                        "classify": classification.elapsed_s})
@@ -290,6 +329,7 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
             "per_shard": [per_shard(r) for r in decoding.shards],
         },
         **outcome_json(classification, classes),
+        "predictions": predictions_json(classification, cfg),
         "prototypes_sha256": hashlib.sha256(np.ascontiguousarray(ev.prototypes).tobytes()).hexdigest(),
         **({} if many_classes(classes) else {"examples": classification.examples.report()}),
         "elapsed_s": elapsed,
@@ -309,6 +349,18 @@ def outcome_json(classification: Classification, classes: list[str]) -> dict:
     files that hold the confusion matrix and the boundary examples; the matrix also inline up
     to report.INLINE_CLASSES classes (nested lists of a million cells are no reading)."""
     inline = not many_classes(classes)
+    k = classification.top_k
     return {"metrics": {m: accuracy_report(matrix, classes, inline_confusion=inline) |
+                        ({"top_k": top_k_report(classification.top_k_hits[m], matrix.sum(axis=1), classes, k)}
+                         if k else {}) |
                         {"confusion_file": f"confusion_{m}.npy", "examples_file": f"examples_{m}.parquet"}
                         for m, matrix in classification.confusions.items()}}
+
+
+def predictions_json(classification: Classification, cfg: Config) -> dict:
+    """results.json's `predictions`: the columns written, the folder and every file (name,
+    rows, bytes, key) in evaluation order; `files` empty when predictions are off."""
+    files = classification.predictions or []
+    return {"columns": cfg.predictions, "top_k": classification.top_k, "folder": FOLDER,
+            "rows": sum(f.rows for f in files), "num_bytes": sum(f.num_bytes for f in files),
+            "files": [f.record() for f in files]}

@@ -58,16 +58,27 @@ def worst_and_best(results: dict, metric: str | None = None, n: int = RANKED_CLA
     return worst, [c for c in order[::-1][:n] if c not in set(worst)]
 
 
+def accuracy_columns(results: dict) -> list[tuple[str, dict]]:
+    """The accuracy columns of the table, report.html and a notebook: (heading, the figures
+    with `per_class`, `mean_class_accuracy`, `overall_accuracy`): per metric top-1 (`l1`),
+    then per metric top-k where the run reported it (`l1 top5`)."""
+    metrics = results["metrics"]
+    top = [(f"{m} top{r['top_k']['k']}", r["top_k"]) for m, r in metrics.items() if "top_k" in r]
+    return [(m, r) for m, r in metrics.items()] + top
+
+
 def format_table(results: dict, whole: bool = True) -> str:
-    """Per-class, mean-of-classes and overall accuracy, one column per metric; not `whole`:
-    only the RANKED_CLASSES worst and best classes beyond INLINE_CLASSES classes."""
+    """Per-class, mean-of-classes and overall accuracy, one column per metric (and per metric
+    top-k, when reported); not `whole`: only the RANKED_CLASSES worst and best classes beyond
+    INLINE_CLASSES classes."""
     metrics = results["metrics"]
     names = list(metrics)
+    columns = accuracy_columns(results)
     classes = results["classes"]
     counts = results["counts"][results["config"]["eval_split"]]
 
     def row(name: str) -> tuple[str, list]:
-        return f"{name}  (n={counts[name]})", [metrics[m]["per_class"][name] for m in names]
+        return f"{name}  (n={counts[name]})", [figures["per_class"][name] for _, figures in columns]
 
     if whole or not many_classes(classes):
         groups = [("", [row(name) for name in classes])]
@@ -76,14 +87,16 @@ def format_table(results: dict, whole: bool = True) -> str:
         groups = [(f"the {len(worst)} worst of {len(classes)} classes by {names[0]}:",
                    [row(classes[c]) for c in worst]),
                   (f"the {len(best)} best:", [row(classes[c]) for c in best])]
-    totals = [("mean of classes", [metrics[m]["mean_class_accuracy"] for m in names]),
-              ("overall", [metrics[m]["overall_accuracy"] for m in names])]
+    totals = [("mean of classes", [figures["mean_class_accuracy"] for _, figures in columns]),
+              ("overall", [figures["overall_accuracy"] for _, figures in columns])]
     width = max(len(label) for label, _ in [*(r for _, rows in groups for r in rows), *totals])
+    sizes = [max(6, len(heading)) for heading, _ in columns]
 
     def line(label: str, values: list) -> str:
-        return f"{label:<{width}}  " + "  ".join("     -" if v is None else f"{v:6.4f}" for v in values)
+        return f"{label:<{width}}  " + "  ".join(f"{'-':>{size}}" if v is None else f"{v:{size}.4f}"
+                                                 for v, size in zip(values, sizes))
 
-    lines = [f"{'class':<{width}}  " + "  ".join(f"{m:>6}" for m in names)]
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{heading:>{size}}" for (heading, _), size in zip(columns, sizes))]
     for heading, rows in groups:
         lines += [heading] if heading else []
         lines += [line(label, values) for label, values in rows]
@@ -258,19 +271,24 @@ def _many_classes_sections(results: dict, prototypes: np.ndarray, examples: Boun
     worst, best = worst_and_best(results)
     first = next(iter(metrics))
     columns = [(label, key) for label, key in SUMMARY_COLUMNS if all(key in r for r in metrics.values())]
+    top = [(f"top-{r['top_k']['k']} {label}", key) for label, key in SUMMARY_COLUMNS
+           for r in list(metrics.values())[:1] if "top_k" in r]
     parts = [f"<h2>Summary</h2><p>{len(classes):,} classes, {sum(counts.values()):,} images evaluated. Every "
              "class's accuracy: table.txt and results.json; every prototype: prototype_&lt;class&gt;.png, "
              "prototypes.npy; the confusion matrices: confusion_&lt;metric&gt;.npy; the boundary "
              "examples of every class: examples_&lt;metric&gt;.parquet.</p><table id='summary'><tr><th>metric</th>" +
-             "".join(f"<th>{esc(label)}</th>" for label, _ in columns) + "<th>correct</th><th>images</th></tr>" +
+             "".join(f"<th>{esc(label)}</th>" for label, _ in [*columns, *top]) + "<th>correct</th><th>images</th></tr>" +
              "".join(f"<tr><th>{esc(m)}</th>" + "".join(_cell(r[key]) for _, key in columns) +
+                     "".join(_cell(r.get("top_k", {}).get(key)) for _, key in top) +
                      f"<td>{r['correct']:,}</td><td>{r['total']:,}</td></tr>" for m, r in metrics.items()) + "</table>"]
     for label, chosen in ((f"The {len(worst)} worst classes by {first}", worst),
                           (f"The {len(best)} best classes by {first}", best)):
         rows = "".join(f"<tr><th>{esc(classes[c])}</th><td>{counts[classes[c]]}</td>" +
-                       "".join(_cell(metrics[m]["per_class"][classes[c]]) for m in metrics) + "</tr>" for c in chosen)
+                       "".join(_cell(figures["per_class"][classes[c]]) for _, figures in accuracy_columns(results)) +
+                       "</tr>" for c in chosen)
         parts.append(f"<h2>{esc(label)}</h2><table class='ranked'><tr><th>class</th><th>images</th>" +
-                     "".join(f"<th>{esc(m)}</th>" for m in metrics) + f"</tr>{rows}</table>")
+                     "".join(f"<th>{esc(heading)}</th>" for heading, _ in accuracy_columns(results)) +
+                     f"</tr>{rows}</table>")
     parts.append("<h2>Prototypes of the worst and best classes</h2><div>" + "".join(
         f"<figure>{_img(prototypes[c] * PIXEL_MAX, f'prototype {classes[c]}', 2)}<figcaption>ideal "
         f"{esc(classes[c])}</figcaption></figure>" for c in [*worst, *best]) + "</div>")
@@ -352,17 +370,15 @@ def _prototypes_section(classes: Sequence[str], prototypes: np.ndarray) -> str:
 
 
 def _accuracy_section(results: dict) -> str:
-    classes, metrics = results["classes"], results["metrics"]
+    classes, columns = results["classes"], accuracy_columns(results)
     eval_counts = results["counts"][results["config"]["eval_split"]]
     rows = ["<h2>Accuracy</h2><table id='accuracy'><tr><th>class</th><th>images</th>" +
-            "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>"]
+            "".join(f"<th>{esc(heading)}</th>" for heading, _ in columns) + "</tr>"]
     for name in classes:
-        cells = "".join("<td>-</td>" if metrics[m]["per_class"][name] is None
-                        else f"<td>{metrics[m]['per_class'][name]:.4f}</td>" for m in metrics)
+        cells = "".join(_cell(figures["per_class"][name]) for _, figures in columns)
         rows.append(f"<tr><th>{esc(name)}</th><td>{eval_counts[name]}</td>{cells}</tr>")
     for label, key in (("mean of classes", "mean_class_accuracy"), ("overall", "overall_accuracy")):
-        rows.append(f"<tr><th>{label}</th><td></td>" +
-                    "".join(f"<td>{metrics[m][key]:.4f}</td>" for m in metrics) + "</tr>")
+        rows.append(f"<tr><th>{label}</th><td></td>" + "".join(_cell(figures[key]) for _, figures in columns) + "</tr>")
     return "\n".join(rows) + "</table>"
 
 

@@ -93,9 +93,9 @@ def test_ties_go_to_the_earlier_class():
 def test_classify_chunk_reads_the_arrow_file(tmp_path):
     images, labels, protos = problem()
     write_chunk(tmp_path / "c.arrow", chunk_table(images, labels, [str(i) for i in range(300)], "abc", "valid"))
-    from_file, device, _ = classify_chunk(str(tmp_path / "c.arrow"), protos, ["l1", "l2"], "cpu")
-    from_uri, _, _ = classify_chunk((tmp_path / "c.arrow").as_uri(), protos, ["l1", "l2"], "cpu")
-    from_bytes, _, _ = classify_chunk(chunk_bytes(str(tmp_path / "c.arrow")), protos, ["l1", "l2"], "cpu")
+    from_file, device, *_ = classify_chunk(str(tmp_path / "c.arrow"), protos, ["l1", "l2"], "cpu")
+    from_uri, *_ = classify_chunk((tmp_path / "c.arrow").as_uri(), protos, ["l1", "l2"], "cpu")
+    from_bytes, *_ = classify_chunk(chunk_bytes(str(tmp_path / "c.arrow")), protos, ["l1", "l2"], "cpu")
     in_memory = classify(images, labels, protos, ["l1", "l2"], "cpu")
     assert device == torch.device("cpu")
     for metric in in_memory:
