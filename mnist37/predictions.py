@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mnist37 import Mnist37Error, __version__
+from mnist37.chunks import arrow_array, arrow_strings
 from mnist37.paths import is_uri, open_location
 from mnist37.storage import publish, writing
 
@@ -116,8 +117,18 @@ def make_request(columns: str, out: str | os.PathLike, split: str, classes: Sequ
                               run_key(prototypes, classes, metrics, columns, top_k, split), tasks_publish)
 
 
+# Arrays are built from their buffers (chunks.arrow_array, arrow_strings): pa.array() looks for
+# pandas objects, importing pandas where it is installed, ~1.5 s of each classify worker's first
+# file on this machine.
+
+
 def _dictionary(values: Sequence[str], indices: np.ndarray) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(indices, type=pa.int32()), pa.array(list(values), pa.string()))
+    return pa.DictionaryArray.from_arrays(arrow_array(np.asarray(indices, dtype=np.int32)), arrow_strings(values))
+
+
+def _booleans(values: np.ndarray) -> pa.Array:
+    bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+    return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
 
 
 def chunk_table(request: PredictionsRequest, paths: Sequence[str] | pa.Array, true: np.ndarray,
@@ -130,24 +141,24 @@ def chunk_table(request: PredictionsRequest, paths: Sequence[str] | pa.Array, tr
     true = np.asarray(true, dtype=np.int32)
     rows = np.arange(n)
     columns: dict[str, pa.Array] = {
-        "path": pa.array(paths, pa.string()),
+        "path": paths if isinstance(paths, pa.Array) else arrow_strings(paths),
         "split": _dictionary([request.split], np.zeros(n, dtype=np.int32)),
-        "true": pa.array(true),
+        "true": arrow_array(true),
         "true_name": _dictionary(request.classes, true),
     }
     for metric in request.metrics:
         guess = np.asarray(predicted[metric], dtype=np.int32)
         dist = np.asarray(distances[metric], dtype=np.float32).reshape(n, len(request.classes))
         to_true = dist[rows, true]
-        columns[f"{metric}_predicted"] = pa.array(guess)
-        columns[f"{metric}_distance"] = pa.array(to_true)
-        columns[f"{metric}_margin"] = pa.array(np.maximum(to_true - dist[rows, guess], np.float32(0)))
+        columns[f"{metric}_predicted"] = arrow_array(guess)
+        columns[f"{metric}_distance"] = arrow_array(to_true)
+        columns[f"{metric}_margin"] = arrow_array(np.maximum(to_true - dist[rows, guess], np.float32(0)))
         if request.columns == "full":
             columns[f"{metric}_distances"] = pa.ListArray.from_arrays(
-                pa.array(np.arange(0, n * dist.shape[1] + 1, dist.shape[1], dtype=np.int32)),
-                pa.array(dist.reshape(-1)))
+                arrow_array(np.arange(0, n * dist.shape[1] + 1, dist.shape[1], dtype=np.int32)),
+                arrow_array(dist.reshape(-1)))
             if request.top_k:
-                columns[f"{metric}_top_k"] = pa.array(np.asarray(in_top_k[metric], dtype=bool))
+                columns[f"{metric}_top_k"] = _booleans(in_top_k[metric])
     metadata = {KEY: key.encode(), b"mnist37.classes": json.dumps(list(request.classes)).encode(),
                 b"mnist37.top_k": str(request.top_k).encode()}
     return pa.table(columns).replace_schema_metadata(metadata)
@@ -158,8 +169,11 @@ def chunk_key(request: PredictionsRequest, chunk_checksum: str | None) -> str:
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
+    """The table as a Parquet file; dictionary-encoded where values repeat (the split and class
+    names) only: on the distances it costs 5x the whole write of a `full` file, and gains
+    nothing (benchmarks/predictions/README.md)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, use_dictionary=["split", "true_name"])
     return sink.getvalue().to_pybytes()
 
 

@@ -174,10 +174,15 @@ def test_repr_html_beyond_fifty_classes_is_the_short_form(ray_local, tmp_path, c
     assert page.count("<img") == 30 and "60 classes: the 15 worst and 15 best by l1" in page
 
 
-def test_predictions_are_not_written_yet_and_say_so(ray_local, image_folder, tmp_path, cache):
+def test_predictions_are_a_table_of_every_image_or_say_why_not(ray_local, image_folder, tmp_path, cache):
     results = mnist37.evaluate(image_folder, out=tmp_path / "out", cache_dir=cache)
+    table = results.predictions
+    assert table.num_rows == 24 and table["path"][0].as_py() == "valid/3/0.png"
+    assert table.to_pandas()["l1_predicted"].tolist() == table["l1_predicted"].to_pylist()
+    assert results.predictions is table  # read once
+    off = mnist37.evaluate(image_folder, out=tmp_path / "off", cache_dir=cache, predictions="none")
     with pytest.raises(mnist37.NoPredictions, match="wrote no per-image predictions"):
-        results.predictions
+        off.predictions
 
 
 def test_load_of_a_folder_without_results_json(tmp_path):

@@ -293,6 +293,38 @@ def test_three_nodes_with_the_data_only_in_the_store(three_nodes, tmp_path_facto
     assert results["shards"]["transport"] == "object_store"
 
 
+def test_predictions_on_three_nodes_are_the_one_node_rows(three_nodes, data, baseline, tmp_path):
+    """Per-image predictions on a cluster: with a local --out (nodes may not reach it: the driver
+    writes what each task sends back) and with an object-store prefix (each node's tasks write
+    their files there), the rows of the one-node run, file for file, rebuilding its confusion."""
+    import numpy as np
+
+    import mnist37
+    from tests.s3server import serving
+
+    reference = mnist37.load(baseline["config"]["out"])
+    run = job_on(three_nodes, data, tmp_path / "local")
+    assert run.returncode == 0, run.stderr
+    local = mnist37.load(tmp_path / "local")
+    with serving("mnist37-predictions") as s3:
+        run = run_job("--data", str(data), "--out", "s3://mnist37-predictions/run", "--ray-address",
+                      three_nodes.info["address"], "--shard-size", "100", "--chunk-dir", str(tmp_path / "chunks"))
+        assert run.returncode == 0, run.stderr
+        stored = mnist37.load("s3://mnist37-predictions/run")
+        table = stored.predictions
+        keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket="mnist37-predictions",
+                                                                      Prefix="run/predictions/")["Contents"])
+    assert keys == [f"run/predictions/valid-{i:06d}.parquet" for i in range(3)]
+    for results in (local, stored):
+        assert results.results["shards"]["transport"] == "object_store"
+        assert results.results["predictions"]["files"] == reference.results["predictions"]["files"]
+    assert local.predictions.equals(reference.predictions) and table.equals(reference.predictions)
+    for metric in ("l1", "l2"):
+        confusion = np.zeros((2, 2), dtype=np.int64)
+        np.add.at(confusion, (table["true"].to_numpy(), table[f"{metric}_predicted"].to_numpy()), 1)
+        assert confusion.tolist() == baseline["metrics"][metric]["confusion"]
+
+
 def ray_workers(session: int) -> dict[int, str]:
     """pid -> title of the Ray worker processes (`ray::...`) in session `session`: a Ray
     started by the tests is a session of its own (`start_new_session`)."""
