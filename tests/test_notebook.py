@@ -46,7 +46,7 @@ def test_the_notebook_runs_and_shows_fastbook_figures(mnist_sample_tgz, mnist_pn
         for stream in outputs(cell, "stream"):
             assert not CONTROL.search(stream["text"]), (cell.source, stream["text"])
 
-    setup, sample, ideal, table, worst, full, confused = code
+    setup, sample, ideal, table, worst, full, confused, predicted = code
     shown = outputs(sample, "execute_result")[0]["data"]["text/html"]
     assert shown.count("<img") == 2 and f"{FASTBOOK_L1['mean']:.4f}" in shown
     assert "decode: " in "".join(s["text"] for s in outputs(sample, "stream"))  # progress lines, readable
@@ -60,3 +60,8 @@ def test_the_notebook_runs_and_shows_fastbook_figures(mnist_sample_tgz, mnist_pn
     page = outputs(full, "execute_result")[0]["data"]["text/html"]
     assert page.count("<img") == 10 and all(f"<th>{digit}</th>" in page for digit in "0123456789")
     assert re.search(r"\d+ \ds taken for \ds", "".join(s["text"] for s in outputs(confused, "stream")))
+    printed = "".join(s["text"] for s in outputs(predicted, "stream"))
+    assert printed.startswith("10000 rows: path, split, true, true_name, l1_predicted, l1_distance, l1_margin")
+    assert re.search(r"l1: top-1 0\.\d{4}, top-5 0\.\d{4}", printed)
+    assert len(re.findall(r"testing/\d/\S+\.png: a \d taken for a \d \(margin", printed)) == 8
+    assert "image/png" in outputs(predicted, "execute_result")[0]["data"]

@@ -83,6 +83,35 @@ def copies_of(out: Path, target: Path, copies: int) -> Path:
     return target
 
 
+def task_level(chunks: list[Path], prototypes_file: Path, work: Path, repeats: int, variants: list[str]) -> dict:
+    """classify_chunk alone, in this process on one thread (as a Ray task runs it), per chunk,
+    the variants taking turns: what predictions and top-k add to a task, without the job's
+    noise. Returns variant -> median seconds per chunk."""
+    import numpy as np
+    import torch
+
+    from mnist37.classify import classify_chunk
+    from mnist37.chunks import read_chunk
+    from mnist37.predictions import make_request
+
+    torch.set_num_threads(1)
+    prototypes = np.load(prototypes_file)
+    classes = [str(c) for c in range(len(prototypes))]
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    split = read_chunk(chunks[0]).split
+    for round_ in range(repeats):
+        for chunk in chunks:
+            for variant in (variants if round_ % 2 == 0 else variants[::-1]):
+                flags = VARIANTS[variant]
+                columns, k = flags[1], int(flags[3])
+                request = make_request(columns, work / "task-out", split, classes, ["l1", "l2"], k, prototypes, True)
+                clock = time.perf_counter()
+                classify_chunk(str(chunk), prototypes, ["l1", "l2"], "cpu", 4, None, True, k,
+                               request and request.for_chunk(0))
+                seconds[variant].append(time.perf_counter() - clock)
+    return {v: statistics.median(t) for v, t in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="what the job's --data takes")
@@ -90,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--load-copies", type=int, default=0, metavar="K",
                         help="then time load on K copies of the brief run's files")
+    parser.add_argument("--task-repeats", type=int, default=0, metavar="N",
+                        help="then time classify_chunk alone on each evaluation chunk, N rounds")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-predictions"))
     parser.add_argument("job_args", nargs="*", help="after --: the job's flags for every run")
     args = parser.parse_args(argv)
@@ -115,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(variant, json.dumps(record), flush=True)
     summary = {}
     for variant, records in runs.items():
+        if not records:
+            continue
         summary[variant] = {key: statistics.median(r[key] for r in records) for key in records[0]}
     base, bare = summary.get("none", {}).get("classify_s"), summary.get("none-top0", {}).get("classify_s")
     print(f"\n{'variant':<10} {'classify s':>10} {'x none':>7} {'x none-top0':>11} {'rows':>9} {'MiB':>7} {'load s':>7}")
@@ -135,6 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
                                  "times_s": times}
         print(f"\nmnist37.load(...).predictions of {rows:,} rows ({args.load_copies} copies of the brief run's "
               f"files): median {statistics.median(times):.3f} s of {', '.join(f'{t:.3f}' for t in times)}")
+    if args.task_repeats:
+        split = json.loads((work / "out-warmup" / "results.json").read_text())["config"]["eval_split"]
+        chunk_files = sorted((chunks / split).glob("*.arrow"))
+        medians = task_level(chunk_files, work / "out-warmup" / "prototypes.npy", work, args.task_repeats,
+                             args.variants)
+        report["task_level"] = medians
+        base = medians.get("none")
+        print(f"\nclassify_chunk alone, one thread, median s per chunk ({len(chunk_files)} chunks x "
+              f"{args.task_repeats} rounds): " + "; ".join(
+                  f"{v} {t:.3f}" + (f" ({t / base:.3f}x none)" if base else "") for v, t in medians.items()))
     (work / "predictions_benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
