@@ -5,7 +5,8 @@
     decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
     check_files        found = used + rejected per split and class; the bad-file policy
     prototypes         summed pixel sums / counts, once
-    classify (Ray)     one task per evaluation chunk: confusion matrices, boundary candidates
+    classify (Ray)     one task per evaluation chunk: confusion matrices, top-k hits, boundary
+                       candidates; each task writes its chunk's predictions file
     results_json       everything results.json holds, assembled here and nowhere else
 
 Each stage returns a typed record. `evaluate()` runs decode to classify on a connected Ray
@@ -301,7 +302,8 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
                   "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
                   "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids}
         if (c := classification.chunks.get(r.chunk_path)) is not None:
-            record |= {"classify_node_id": c.node_id, "classify_device": c.device, "classify_gpu_ids": c.gpu_ids}
+            record |= {"classify_node_id": c.node_id, "classify_device": c.device, "classify_gpu_ids": c.gpu_ids,
+                       "classify_elapsed_s": round(c.elapsed_s, 4)}
         return record
 
     return {
@@ -363,4 +365,4 @@ def predictions_json(classification: Classification, cfg: Config) -> dict:
     files = classification.predictions or []
     return {"columns": cfg.predictions, "top_k": classification.top_k, "folder": FOLDER,
             "rows": sum(f.rows for f in files), "num_bytes": sum(f.num_bytes for f in files),
-            "files": [f.record() for f in files]}
+            "write_s": round(sum(f.elapsed_s for f in files), 4), "files": [f.record() for f in files]}

@@ -240,6 +240,7 @@ def read(out: str | os.PathLike, listing: dict) -> pa.Table:
     """Every file results.json's `predictions` lists, in order, as one Table; each file's key
     checked against the listing (PredictionsError naming the file otherwise)."""
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
     folder = folder_of(out)
     files = listing["files"]
@@ -249,7 +250,15 @@ def read(out: str | os.PathLike, listing: dict) -> pa.Table:
         missing = next((f["name"] for f in files if not os.path.isfile(os.path.join(path, f["name"]))), None)
         if missing:
             raise PredictionsError(f"{folder}/{missing}: not found; results.json lists it")
-    dataset = ds.dataset(names, format="parquet", filesystem=fs)
+    try:
+        return _checked_table(ds.dataset(names, format="parquet", filesystem=fs), folder, files)
+    except FileNotFoundError:  # in an object store (a local folder's are named above)
+        missing = next(f["name"] for f, info in zip(files, fs.get_file_info(names))
+                       if info.type == pafs.FileType.NotFound)
+        raise PredictionsError(f"{folder}/{missing}: not found; results.json lists it") from None
+
+
+def _checked_table(dataset, folder: str, files: list[dict]) -> pa.Table:
     for fragment, f in zip(dataset.get_fragments(), files):
         found = (fragment.physical_schema.metadata or {}).get(KEY, b"").decode()
         if found != f["key"]:

@@ -150,7 +150,7 @@ def test_a_reused_folder_holds_this_runs_files_only(ray_local, folder, tmp_path)
                            chunk_dir=str(tmp_path / "chunks"))
     assert list((out / "predictions").iterdir()) == []
     assert off.results["predictions"] == {"columns": "none", "top_k": 0, "folder": "predictions", "rows": 0,
-                                          "num_bytes": 0, "files": []}
+                                          "num_bytes": 0, "write_s": 0, "files": []}
     with pytest.raises(mnist37.NoPredictions, match=r"out: this run wrote no per-image predictions \(predictions = "
                                                     r"none\); run it with predictions = brief or full"):
         off.predictions
@@ -164,6 +164,9 @@ def test_a_file_of_another_run_is_refused(ray_local, folder, tmp_path):
     with pytest.raises(PredictionsError, match=r"predictions/valid-000000\.parquet: written by another run than "
                                                r"results\.json describes"):
         mnist37.load(out).predictions
+    listing = mnist37.load(other).results["predictions"]
+    with pytest.raises(PredictionsError, match=r"other/predictions: 23 rows, but results\.json lists 24"):
+        read(other, listing | {"files": [f | {"rows": f["rows"] + 1} for f in listing["files"]]})
     (out / "predictions" / "valid-000000.parquet").unlink()
     with pytest.raises(PredictionsError, match=r"predictions/valid-000000\.parquet: not found; results\.json lists it"):
         mnist37.load(out).predictions
@@ -212,6 +215,10 @@ def test_an_object_store_prefix_gets_the_same_files(ray_local, folder, tmp_path)
                                   predictions="full", cache_dir=str(tmp_path / "cache"))
         listed = s3.client().list_objects_v2(Bucket="predictions", Prefix="runs/x/predictions/")
         table = stored.predictions
+        s3.client().delete_object(Bucket="predictions", Key="runs/x/predictions/valid-000001.parquet")
+        with pytest.raises(PredictionsError, match=r"s3://predictions/runs/x/predictions/valid-000001\.parquet: not "
+                                                   r"found; results\.json lists it"):
+            mnist37.load("s3://predictions/runs/x").predictions
     assert sorted(o["Key"] for o in listed["Contents"]) == [f"runs/x/predictions/valid-{i:06d}.parquet"
                                                              for i in range(4)]
     assert table.equals(local.predictions)

@@ -15,8 +15,12 @@ before the timed runs, so each timed run decodes nothing and its classify stage
     full        --predictions full  --top-k 5
 
 Printed: per variant the median classify seconds, the ratio to `none` (what writing predictions
-adds) and to `none-top0`, the predictions' rows and MiB, and the median seconds of
-`mnist37.load(out).predictions` in this process. `--load-copies K` then times `load` on K
+adds) and to `none-top0`, the predictions' rows and MiB, the median seconds of
+`mnist37.load(out).predictions` in this process, and the write share: the classify tasks'
+seconds building and publishing the files (results.json's `predictions.write_s`) over their
+whole seconds (`classify_elapsed_s`), both measured inside the same tasks, so a loaded
+machine moves them together. `--task-repeats N` then times `classify_chunk` alone in this
+process (CPU seconds, one thread) on each evaluation chunk, the variants taking turns. `--load-copies K` then times `load` on K
 copies of the last brief run's files listed in one results.json (K x the rows: 24 x 60,000 =
 1.44M rows), the size the issue names. Figures: this folder's README.md.
 """
@@ -86,7 +90,8 @@ def copies_of(out: Path, target: Path, copies: int) -> Path:
 def task_level(chunks: list[Path], prototypes_file: Path, work: Path, repeats: int, variants: list[str]) -> dict:
     """classify_chunk alone, in this process on one thread (as a Ray task runs it), per chunk,
     the variants taking turns: what predictions and top-k add to a task, without the job's
-    noise. Returns variant -> median seconds per chunk."""
+    noise: CPU seconds of this process (time.process_time), which the other processes on a
+    loaded machine move far less than wall seconds. Returns variant -> median CPU s per chunk."""
     import numpy as np
     import torch
 
@@ -105,10 +110,10 @@ def task_level(chunks: list[Path], prototypes_file: Path, work: Path, repeats: i
                 flags = VARIANTS[variant]
                 columns, k = flags[1], int(flags[3])
                 request = make_request(columns, work / "task-out", split, classes, ["l1", "l2"], k, prototypes, True)
-                clock = time.perf_counter()
+                clock = time.process_time()
                 classify_chunk(str(chunk), prototypes, ["l1", "l2"], "cpu", 4, None, True, k,
                                request and request.for_chunk(0))
-                seconds[variant].append(time.perf_counter() - clock)
+                seconds[variant].append(time.process_time() - clock)
     return {v: statistics.median(t) for v, t in seconds.items()}
 
 
@@ -137,8 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
                 out = work / f"out-{variant}"
                 results = run_job(args.data, out, chunks, address, [*args.job_args, *VARIANTS[variant]])
                 assert results["shards"]["files_decoded"] == 0, "a timed run decoded: chunks were not reused"
+                tasks_s = sum(s.get("classify_elapsed_s", 0) for s in results["shards"]["per_shard"])
                 record = {"classify_s": results["elapsed_s"]["classify"], "rows": results["predictions"]["rows"],
-                          "num_bytes": results["predictions"]["num_bytes"]}
+                          "num_bytes": results["predictions"]["num_bytes"],
+                          # the share of the classify tasks' own seconds spent on the predictions files,
+                          # both measured in the same tasks at the same moments: what the machine's
+                          # load does to one it does to the other
+                          "write_share": results["predictions"]["write_s"] / tasks_s}
                 if results["predictions"]["columns"] != "none":
                     record["load_s"], rows = time_load(out)
                     assert rows == record["rows"]
@@ -150,13 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         summary[variant] = {key: statistics.median(r[key] for r in records) for key in records[0]}
     base, bare = summary.get("none", {}).get("classify_s"), summary.get("none-top0", {}).get("classify_s")
-    print(f"\n{'variant':<10} {'classify s':>10} {'x none':>7} {'x none-top0':>11} {'rows':>9} {'MiB':>7} {'load s':>7}")
+    print(f"\n{'variant':<10} {'classify s':>10} {'x none':>7} {'x none-top0':>11} {'rows':>9} {'MiB':>7} "
+          f"{'load s':>7} {'write share':>11}")
     for variant, s in summary.items():
         ratio = f"{s['classify_s'] / base:.3f}" if base else "-"
         ratio0 = f"{s['classify_s'] / bare:.3f}" if bare else "-"
         load = f"{s['load_s']:.3f}" if "load_s" in s else "-"
         print(f"{variant:<10} {s['classify_s']:>10.2f} {ratio:>7} {ratio0:>11} {s['rows']:>9,.0f} "
-              f"{s['num_bytes'] / 2**20:>7.2f} {load:>7}")
+              f"{s['num_bytes'] / 2**20:>7.2f} {load:>7} {s['write_share']:>11.4f}")
     report = {"runs": runs, "summary": summary, "job_args": args.job_args, "repeats": args.repeats}
     if args.load_copies and "brief" in runs:
         many = copies_of(work / "out-brief", work / f"load-x{args.load_copies}", args.load_copies)
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
                              args.variants)
         report["task_level"] = medians
         base = medians.get("none")
-        print(f"\nclassify_chunk alone, one thread, median s per chunk ({len(chunk_files)} chunks x "
+        print(f"\nclassify_chunk alone, one thread, median CPU s per chunk ({len(chunk_files)} chunks x "
               f"{args.task_repeats} rounds): " + "; ".join(
                   f"{v} {t:.3f}" + (f" ({t / base:.3f}x none)" if base else "") for v, t in medians.items()))
     (work / "predictions_benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
