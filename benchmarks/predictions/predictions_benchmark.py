@@ -19,8 +19,9 @@ adds) and to `none-top0`, the predictions' rows and MiB, the median seconds of
 `mnist37.load(out).predictions` in this process, and the write share: the classify tasks'
 seconds building and publishing the files (results.json's `predictions.write_s`) over their
 whole seconds (`classify_elapsed_s`), both measured inside the same tasks, so a loaded
-machine moves them together. `--task-repeats N` then times `classify_chunk` alone in this
-process (CPU seconds, one thread) on each evaluation chunk, the variants taking turns. `--load-copies K` then times `load` on K
+machine moves them together. `--task-repeats N` then times a classify task's steps alone in
+this process (CPU seconds, one thread) on each evaluation chunk: classify_images without and
+with top-5, and writing the chunk's predictions file, brief and full. `--load-copies K` then times `load` on K
 copies of the last brief run's files listed in one results.json (K x the rows: 24 x 60,000 =
 1.44M rows), the size the issue names. Figures: this folder's README.md.
 """
@@ -87,34 +88,39 @@ def copies_of(out: Path, target: Path, copies: int) -> Path:
     return target
 
 
-def task_level(chunks: list[Path], prototypes_file: Path, work: Path, repeats: int, variants: list[str]) -> dict:
-    """classify_chunk alone, in this process on one thread (as a Ray task runs it), per chunk,
-    the variants taking turns: what predictions and top-k add to a task, without the job's
-    noise: CPU seconds of this process (time.process_time), which the other processes on a
-    loaded machine move far less than wall seconds. Returns variant -> median CPU s per chunk."""
+def task_level(chunks: list[Path], prototypes_file: Path, work: Path, repeats: int) -> dict:
+    """A classify task's steps alone, in this process on one thread (as a Ray task runs them),
+    in CPU seconds of this process (time.process_time: what other processes on a loaded machine
+    move far less than wall seconds), per evaluation chunk, `repeats` rounds: classify_images
+    without and with top-5, then the chunk's predictions file, brief and full (built and
+    published: predictions.write_chunk). Returns step -> median CPU seconds per chunk."""
     import numpy as np
     import torch
 
-    from mnist37.classify import classify_chunk
     from mnist37.chunks import read_chunk
-    from mnist37.predictions import make_request
+    from mnist37.classify import classify_images
+    from mnist37.predictions import make_request, write_chunk
 
     torch.set_num_threads(1)
     prototypes = np.load(prototypes_file)
     classes = [str(c) for c in range(len(prototypes))]
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
-    split = read_chunk(chunks[0]).split
+    seconds: dict[str, list[float]] = {"classify top-0": [], "classify top-5": [], "write brief": [], "write full": []}
     for round_ in range(repeats):
         for chunk in chunks:
-            for variant in (variants if round_ % 2 == 0 else variants[::-1]):
-                flags = VARIANTS[variant]
-                columns, k = flags[1], int(flags[3])
-                request = make_request(columns, work / "task-out", split, classes, ["l1", "l2"], k, prototypes, True)
+            read = read_chunk(str(chunk))
+            for k in ((0, 5) if round_ % 2 == 0 else (5, 0)):
                 clock = time.process_time()
-                classify_chunk(str(chunk), prototypes, ["l1", "l2"], "cpu", 4, None, True, k,
-                               request and request.for_chunk(0))
-                seconds[variant].append(time.process_time() - clock)
-    return {v: statistics.median(t) for v, t in seconds.items()}
+                done = classify_images(read.images, read.class_indices, prototypes, ["l1", "l2"], "cpu", k)
+                seconds[f"classify top-{k}"].append(time.process_time() - clock)
+                if k:
+                    found = done
+            arrays = [{m: t.numpy() for m, t in kind.items()} for kind in (found.predicted, found.distances, found.top_k)]
+            for columns in (("brief", "full") if round_ % 2 == 0 else ("full", "brief")):
+                request = make_request(columns, work / "task-out", read.split, classes, ["l1", "l2"], 5, prototypes, True)
+                clock = time.process_time()
+                write_chunk(request.for_chunk(0), "x", read.paths, np.asarray(read.class_indices), *arrays)
+                seconds[f"write {columns}"].append(time.process_time() - clock)
+    return {step: statistics.median(t) for step, t in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -182,13 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.task_repeats:
         split = json.loads((work / "out-warmup" / "results.json").read_text())["config"]["eval_split"]
         chunk_files = sorted((chunks / split).glob("*.arrow"))
-        medians = task_level(chunk_files, work / "out-warmup" / "prototypes.npy", work, args.task_repeats,
-                             args.variants)
+        medians = task_level(chunk_files, work / "out-warmup" / "prototypes.npy", work, args.task_repeats)
         report["task_level"] = medians
-        base = medians.get("none")
-        print(f"\nclassify_chunk alone, one thread, median CPU s per chunk ({len(chunk_files)} chunks x "
-              f"{args.task_repeats} rounds): " + "; ".join(
-                  f"{v} {t:.3f}" + (f" ({t / base:.3f}x none)" if base else "") for v, t in medians.items()))
+        base = medians["classify top-5"]
+        print(f"\na classify task's steps alone, one thread, median CPU s per chunk ({len(chunk_files)} chunks x "
+              f"{args.task_repeats} rounds), and as a share of classify top-5: " + "; ".join(
+                  f"{step} {t:.4f} ({t / base:.3f})" for step, t in medians.items()))
     (work / "predictions_benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
