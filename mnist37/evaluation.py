@@ -2,15 +2,17 @@
 
     locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.locate)
     plan     (Ray)     the sorted listing of both splits, the image shape, the shards (mnist37.plan)
-    decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
+    decode   (executor) one step per shard: Arrow chunk, counts, pixel sums, rejections
     check_files        found = used + rejected per split and class; the bad-file policy
     prototypes         summed pixel sums / counts, once
-    classify (Ray)     one task per evaluation chunk: confusion matrices, boundary candidates
+    classify (executor) one step per evaluation chunk: confusion matrices, boundary candidates
     results_json       everything results.json holds, assembled here and nowhere else
 
-Each stage returns a typed record. `evaluate()` runs decode to classify on a connected Ray
-(`ray.init()` is the caller's). The driver holds a small record per class folder and per
-shard, never file names or images.
+Each stage returns a typed record. `evaluate()` runs decode to classify through an executor
+that maps the per-shard steps (mnist37.steps) over shards: the job's is Ray's
+(mnist37.on_ray.tasks.RayExecutor, on a Ray the caller connected), the default runs them in
+this process. The driver holds a small record per class folder and per shard, never file
+names or images.
 """
 
 from __future__ import annotations
@@ -23,20 +25,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mnist37 import DatasetError, Mnist37Error, __version__, distributed
+from mnist37 import DatasetError, Mnist37Error, __version__
 from mnist37.config import Config
 from mnist37.png import BadFilesError
 from mnist37.sources.keys import combine_digests
-from mnist37.distributed import ClassifiedChunk
 from mnist37.examples import BoundaryExamples
 from mnist37.accuracy import accuracy_report
-from mnist37.paths import is_uri
+from mnist37.paths import is_uri, store
 from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
 from mnist37.prototypes import PixelSums
 from mnist37.report import EXAMPLE_CLASSES, many_classes, output_names
 from mnist37.memory import peak_rss_bytes
 from mnist37.shards import DecodedShard
+from mnist37.steps import (ClassifiedChunk, ClassifyRequest, DecodeRequest, InProcess, Placement,
+                           ShardExecutor)
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +57,39 @@ class Decoded:
     rejected: list[tuple[str, str]]  # (path, reason), sorted
     transport: str  # how evaluation chunks reach classify tasks
     elapsed_s: float
+    placements: dict[str, Placement] = field(default_factory=dict)  # by chunk path: where each shard was decoded
 
 
-def choose_transport(cfg: Config, chunk_dir: str) -> str:
+def choose_transport(cfg: Config, chunk_dir: str, num_nodes: int) -> str:
     """Chunks reach classify tasks through the object store on a multi-node cluster, unless
     the chunk store is a URI (shared storage) or the config says otherwise."""
     if cfg.chunk_transport != "auto":
         return cfg.chunk_transport
-    return "object_store" if distributed.num_nodes() > 1 and not is_uri(chunk_dir) else "filesystem"
+    return "object_store" if num_nodes > 1 and not is_uri(chunk_dir) else "filesystem"
 
 
-def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
-    """Run a decode task per shard; reduce training sums and per-class counts as they finish."""
+def decode_requests(planned: Plan) -> list[DecodeRequest]:
+    """One request per shard; training shards send back their pixel sums."""
+    settings = store()
+    return [DecodeRequest(shard, str(planned.root), str(planned.chunk_dir), planned.decoding,
+                          shard.split == planned.cfg.train_split, planned.archive, settings)
+            for shard in planned.shards]
+
+
+def decode(planned: Plan, executor: ShardExecutor, status: Status) -> Decoded:
+    """Run a decode step per shard; reduce training sums and per-class counts as they finish."""
     cfg, splits = planned.cfg, (planned.cfg.train_split, planned.cfg.eval_split)
     clock = time.perf_counter()
-    transport = choose_transport(cfg, planned.chunk_dir)
+    transport = choose_transport(cfg, planned.chunk_dir, executor.num_nodes())
     sums = PixelSums.zeros(len(planned.classes), planned.shape)
     counts = {split: np.zeros(len(planned.classes), dtype=np.int64) for split in splits}
     found = {split: np.zeros(len(planned.classes) + 1, dtype=np.int64) for split in splits}
-    done_shards, rejected = [], []
+    done_shards, rejected, placements = [], [], {}
     status.stage, status.shards_total = "decode", len(planned.shards)
     progress = Progress("decode", len(planned.shards), " shards")
-    for done in distributed.decode_shards(
-            planned.shards, planned.root, planned.chunk_dir, planned.decoding, cfg.train_split,
-            cfg.eval_split if transport == "object_store" else None, max_in_flight, planned.archive):
+    for done, placement in executor.decode(decode_requests(planned),
+                                           cfg.eval_split if transport == "object_store" else None):
+        placements[done.chunk_path] = placement
         status.shards_decoded += 1
         progress.update()
         counts[done.split] += done.counts
@@ -88,7 +100,8 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
             done = dataclasses.replace(done, pixel_sums=None)
         done_shards.append(done)
     done_shards.sort(key=lambda r: (splits.index(r.split), r.index))
-    return Decoded(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock)
+    return Decoded(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock,
+                   placements)
 
 
 # ---------------------------------------------------------------- check_files
@@ -173,20 +186,28 @@ class Classification:
     chunks: dict[str, ClassifiedChunk]  # by chunk path, without their example images
     examples: BoundaryExamples  # per metric and true class, nearest to and farthest from the boundary
     elapsed_s: float
+    placements: dict[str, Placement] = field(default_factory=dict)  # by chunk path: where each was classified
 
 
-def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_flight: int,
+def classify_requests(cfg: Config, chunks: list[DecodedShard]) -> list[ClassifyRequest]:
+    """One request per chunk: the chunk, what decode reported of it, and the config's classify settings."""
+    settings = store()
+    return [ClassifyRequest(r.chunk_path, r.checksum, tuple(cfg.metrics), cfg.device, cfg.report_examples,
+                            cfg.verify_chunks, settings) for r in chunks]
+
+
+def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, executor: ShardExecutor,
              status: Status) -> Classification:
-    """Run a classify task per evaluation chunk; sum their confusion matrices as they finish."""
+    """Run a classify step per evaluation chunk; sum their confusion matrices as they finish."""
     cfg, clock = planned.cfg, time.perf_counter()
     chunks = [r for r in decoding.shards if r.split == cfg.eval_split and r.num_images]
     confusions = {m: np.zeros((len(planned.classes),) * 2, dtype=np.int64) for m in cfg.metrics}
     examples = BoundaryExamples(cfg.report_examples)
-    classified = {}
+    classified, placements = {}, {}
     status.stage, status.chunks_total = "classify", len(chunks)
     progress = Progress("classify", len(chunks), " shards")
-    for done in distributed.classify_chunks(chunks, prototypes, cfg.metrics, cfg.device, cfg.gpus_per_task,
-                                            cfg.report_examples, max_in_flight, cfg.verify_chunks):
+    for done, placement in executor.classify(classify_requests(cfg, chunks), prototypes):
+        placements[done.chunk_path] = placement
         status.chunks_classified += 1
         progress.update()
         for metric, matrix in done.confusions.items():
@@ -197,7 +218,7 @@ def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_fl
             # worst so far, twice as many as it shows, so what the driver holds is bounded.
             examples.keep_worst(confusions, 2 * EXAMPLE_CLASSES)
         classified[done.chunk_path] = dataclasses.replace(done, examples={})
-    return Classification(confusions, classified, examples, time.perf_counter() - clock)
+    return Classification(confusions, classified, examples, time.perf_counter() - clock, placements)
 
 
 # ---------------------------------------------------------------- the whole evaluation
@@ -216,18 +237,18 @@ class Evaluation:
     elapsed_s: dict[str, float] = field(default_factory=dict)
 
 
-def evaluate(planned: Plan, status: Status | None = None) -> Evaluation:
-    """Decode, check the files, make the prototypes and classify, on the connected Ray."""
-    status = status or Status()
+def evaluate(planned: Plan, status: Status | None = None, executor: ShardExecutor | None = None) -> Evaluation:
+    """Decode, check the files, make the prototypes and classify, through `executor` (default:
+    in this process; the job's: mnist37.on_ray.tasks.RayExecutor)."""
+    status, executor = status or Status(), executor or InProcess()
     cfg = planned.cfg
-    max_in_flight = cfg.max_in_flight or distributed.default_max_in_flight()
-    decoding = decode(planned, max_in_flight, status)
+    decoding = decode(planned, executor, status)
     accounts = check_files(planned, decoding)
     clock = time.perf_counter()
     prototypes = decoding.sums.prototypes(planned.names, cfg.train_split)
     prototypes_s = time.perf_counter() - clock
-    classification = classify(planned, decoding, prototypes, max_in_flight, status)
-    return Evaluation(planned, decoding, accounts, prototypes, classification, distributed.cluster_info(),
+    classification = classify(planned, decoding, prototypes, executor, status)
+    return Evaluation(planned, decoding, accounts, prototypes, classification, executor.cluster_info(),
                       {"scan": planned.scan_s, "decode": decoding.elapsed_s, "prototypes": prototypes_s,
                        "classify": classification.elapsed_s})
 
@@ -244,6 +265,29 @@ def _summed(counts) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def _worker_peaks(decoding: Decoded, classification: Classification) -> dict[tuple[str, int], int]:
+    """(node, pid) -> the peak RSS of each process that ran a step (pids repeat across nodes)."""
+    peaks: dict[tuple[str, int], int] = {}
+    for r, where in [*((r, decoding.placements[r.chunk_path]) for r in decoding.shards),
+                     *((c, classification.placements[path]) for path, c in classification.chunks.items())]:
+        peaks[where.node_id, where.pid] = max(peaks.get((where.node_id, where.pid), 0), r.peak_rss_bytes)
+    return peaks
+
+
+def _per_shard(r: DecodedShard, decoding: Decoded, classification: Classification) -> dict:
+    """results.json's record of one shard: what decode found, where it was decoded and classified."""
+    decoded = decoding.placements[r.chunk_path]
+    record = {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
+              "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
+              "decode_node_id": decoded.node_id, "decode_elapsed_s": round(r.elapsed_s, 4),
+              "decode_gpu_ids": decoded.gpu_ids}
+    if (c := classification.chunks.get(r.chunk_path)) is not None:
+        classified = classification.placements[r.chunk_path]
+        record |= {"classify_node_id": classified.node_id, "classify_device": c.device,
+                   "classify_gpu_ids": classified.gpu_ids}
+    return record
+
+
 def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> dict:
     """Everything results.json holds (README: Output folder), from one run's records;
     `elapsed_s` adds the caller's timings (ray_init, total) to the stages'."""
@@ -252,19 +296,8 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
     splits = (cfg.train_split, cfg.eval_split)
     found = sum(r.num_files for r in decoding.shards)
     reused = sum(r.num_files for r in decoding.shards if r.reused)
-    worker_peaks = {}  # (node, pid) -> bytes: pids repeat across nodes
-    for r in [*decoding.shards, *classification.chunks.values()]:
-        worker_peaks[r.node_id, r.pid] = max(worker_peaks.get((r.node_id, r.pid), 0), r.peak_rss_bytes)
+    worker_peaks = _worker_peaks(decoding, classification)
     elapsed = {**ev.elapsed_s, **(elapsed_s or {})}
-
-    def per_shard(r: DecodedShard) -> dict:
-        record = {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
-                  "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
-                  "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids}
-        if (c := classification.chunks.get(r.chunk_path)) is not None:
-            record |= {"classify_node_id": c.node_id, "classify_device": c.device, "classify_gpu_ids": c.gpu_ids}
-        return record
-
     return {
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
@@ -287,7 +320,7 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
             "count": {split: sum(1 for r in decoding.shards if r.split == split) for split in splits},
             "files_decoded": found - reused,
             "files_reused": reused,
-            "per_shard": [per_shard(r) for r in decoding.shards],
+            "per_shard": [_per_shard(r, decoding, classification) for r in decoding.shards],
         },
         **outcome_json(classification, classes),
         "prototypes_sha256": hashlib.sha256(np.ascontiguousarray(ev.prototypes).tobytes()).hexdigest(),

@@ -77,7 +77,7 @@ def main(cfg: Config, status: Status | None = None, exiting: bool = False) -> di
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
     the input, the storage or the cluster. `exiting` (the command line): the process ends
     right after, with no exit handler run; once the outputs are written, a joined cluster is
-    then left without `ray.shutdown()` (`distributed.disconnect`). Without it (in-process:
+    then left without `ray.shutdown()` (`on_ray.session.disconnect`). Without it (in-process:
     `mnist37.evaluate`) nothing here ends the process: a stall or a lost head raises too, and
     a Ray the process already runs (`ray.init()` before the call) is used and left running."""
     # The driver's way to its object store, made once and handed to every task; put back when
@@ -100,8 +100,9 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     check_outputs(cfg)
     located = locate(cfg)
 
-    from mnist37.distributed import connect, disconnect, join_this_process, map_listings
     from mnist37.evaluation import evaluate, results_json
+    from mnist37.on_ray.session import connect, disconnect, join_this_process
+    from mnist37.on_ray.tasks import RayExecutor, map_listings
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
@@ -122,7 +123,7 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
         # Class folders are listed by Ray tasks, their file names left in Ray's object store:
         # the driver's memory does not grow with the number of files.
         planned = plan(located, map_listings)
-        evaluation = evaluate(planned, status)
+        evaluation = evaluate(planned, status, RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
         # Written while Ray still runs: stopping it is the one thing left after the results.
         results = results_json(evaluation, {"start": started_s, "ray_init": ray_init_s,
                                             "total": time.perf_counter() - clock})
@@ -203,7 +204,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         main(cfg, status, exiting=True)
         # The outputs are written and Ray stopped (or a joined cluster left as it is:
-        # distributed.disconnect, whose ray.shutdown() Ray's exit handler would call after
+        # on_ray.session.disconnect, whose ray.shutdown() Ray's exit handler would call after
         # all): nothing is left for an exit handler or the interpreter's teardown to do.
         return _ended_now(0)
     except Mnist37Error as e:

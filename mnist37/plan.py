@@ -134,7 +134,7 @@ def plan(located: Located, map_folders: FolderMap | None = None) -> Plan:
     clear what writers killed in earlier runs left in the chunk folder. Every class folder (or
     prefix) of both splits is listed by one `map_folders` call: the job passes one that runs a
     Ray task per folder and leaves the file names in Ray's object store
-    (distributed.map_listings), so the driver keeps per-folder and per-shard records only;
+    (on_ray.tasks.map_listings), so the driver keeps per-folder and per-shard records only;
     without it, here, one after another (jobs/gpu_check.py and the converter, which have no Ray)."""
     clock = time.perf_counter()
     cfg, root, classes = located.cfg, located.root, located.classes

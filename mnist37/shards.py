@@ -1,6 +1,6 @@
 """Shards into chunks: the per-shard decode step, one reuse check for every kind of shard.
 
-`decode_shard` is the whole per-shard step as a plain function; `mnist37.distributed` runs it
+`decode_shard` is the whole per-shard step as a plain function; `mnist37.on_ray.tasks` runs it
 as a Ray task. A shard is a run of listed files (`sources.folder.Shard`) or a piece of one
 container file (`sources.base.ContainerShard`); both answer the same three questions (`key`:
 what would its chunk be made from now; `read`: its images decoded, every file or record
@@ -57,10 +57,6 @@ class DecodedShard:
     discarded: str
     elapsed_s: float
     peak_rss_bytes: int = 0  # of the process that ran it
-    node_id: str = ""
-    pid: int = 0
-    gpu_ids: list = field(default_factory=list)  # GPUs Ray assigned to the task (none, by design)
-    chunk_ref: object = None  # Ray's ref to the chunk's bytes, when they travel through the object store
     # Container shards only (None / 0 for folder shards, whose listing the driver holds):
     rejected_per_class: np.ndarray | None = None  # int64 [C + 1], as `found`
     ignored: int = 0  # records of classes not selected

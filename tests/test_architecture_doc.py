@@ -285,7 +285,7 @@ def test_the_check_reads_what_the_doc_names():
     """The check sees the doc's names as the doc means them (so an empty list below means something)."""
     found = spans()
     texts = {s.text for s in found}
-    assert {"mnist37/distributed.py", "decode_shard", "prototypes.ClassSums", "FORMATS"} <= texts
+    assert {"mnist37/on_ray/session.py", "decode_shard", "prototypes.ClassSums", "FORMATS"} <= texts
     row = next(s for s in found if s.text == "decode_shard")
     assert row.row_modules == ["mnist37.shards"]
     assert next(s for s in found if s.text == "webdataset.py").line_paths[0] == "mnist37/sources/parquet.py"

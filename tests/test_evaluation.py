@@ -10,6 +10,7 @@ from mnist37.config import load
 from mnist37.evaluation import evaluate, results_json
 from mnist37.plan import plan
 from mnist37.locate import locate
+from mnist37.on_ray.tasks import RayExecutor
 
 pytestmark = pytest.mark.ray  # a local Ray
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.ray  # a local Ray
 def run(tmp_path, data, shard_size, **overrides):
     overrides.setdefault("out", str(tmp_path / f"out-{shard_size}"))
     cfg = load(data=str(data), shard_size=shard_size, **overrides)
-    evaluation = evaluate(plan(locate(cfg)))
+    evaluation = evaluate(plan(locate(cfg)), executor=RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
     return results_json(evaluation), evaluation.prototypes
 
 

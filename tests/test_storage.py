@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist37 import distributed
+from mnist37 import paths
+from mnist37.on_ray import tasks
 from mnist37.sources.archive import extract
 from mnist37.images import Decoding
 from mnist37.chunks import chunk_table, write_chunk
 from mnist37.sources.folder import list_split
 from mnist37.report import write_outputs
 from mnist37.sources.folder import make_shards
+from mnist37.steps import DecodeRequest
 from mnist37.storage import StorageError
 from tests.conftest import make_image_folder
 
@@ -92,7 +94,8 @@ def test_a_full_store_under_ray_tasks_arrives_as_the_one_line(ray_local, image_f
     with tmpfs(tmp_path / "store", "64k") as store:
         fill(store, leave_bytes=8192)
         with pytest.raises(StorageError) as error:
-            list(distributed.decode_shards(shards, image_folder, str(store), Decoding((8, 8)), "train", None, 2))
+            list(tasks.decode_shards([DecodeRequest(s, str(image_folder), str(store), Decoding((8, 8)), True, None,
+                                                         paths.store()) for s in shards], None, 2))
         assert type(error.value) is StorageError
         message = str(error.value)
         assert message.startswith(f"chunk store {store}: no space left on device (ENOSPC) "

@@ -301,7 +301,7 @@ def list_class_folder(root: Root, split: str, class_name: str,
 
 # Maps `list_class_folder` over argument tuples, returning each call's ClassListing with its
 # blocks, in order: in this process by default (one block per folder); in the job one Ray task
-# per class folder, its blocks left in Ray's object store (mnist37.distributed.map_listings).
+# per class folder, its blocks left in Ray's object store (mnist37.on_ray.tasks.map_listings).
 FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[ClassListing]]
 
 
