@@ -157,3 +157,18 @@ def test_cluster_info_names_the_nodes(ray_local):
     info = session.cluster_info()
     assert info["cluster_resources"]["CPU"] == ray_cpus_each()  # what the session's Ray was started with
     assert [n["node_id"] for n in info["nodes"]] == [ray.get_runtime_context().get_node_id()]
+
+
+def test_every_task_takes_one_request_record_and_at_most_five_arguments():
+    """The Ray boundary: each task's first parameter is a frozen request record, and no task
+    takes more than five (the classify task also takes the objects Ray fetches before it starts)."""
+    import dataclasses
+    import inspect
+    import typing
+
+    for function in (tasks._decode_task._function, tasks._decode_and_ship_task._function,
+                     tasks._classify_task._function, tasks._listed_in_blocks):
+        parameters = list(inspect.signature(function).parameters.values())
+        assert len(parameters) <= 5 and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters), function
+        record = typing.get_type_hints(function)[parameters[0].name]
+        assert dataclasses.is_dataclass(record) and record.__dataclass_params__.frozen, function
