@@ -32,7 +32,7 @@ from mnist37 import Mnist37Error
 from mnist37.chunks import chunk_bytes
 from mnist37.examples import Sides
 from mnist37.memory import peak_rss_bytes
-from mnist37.paths import StoreSettings, store, use_store
+from mnist37.storage.locations import StoreSettings, store, use_store
 from mnist37.processes import children_running, stop_descendants, stopped_by_signals
 from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
