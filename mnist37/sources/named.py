@@ -14,7 +14,6 @@ replaces the table's digest and size, it never loosens the check.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import http.client
