@@ -31,7 +31,7 @@ from mnist37.png import BadFilesError
 from mnist37.sources.keys import combine_digests
 from mnist37.examples import BoundaryExamples
 from mnist37.accuracy import accuracy_report
-from mnist37.paths import is_uri, store
+from mnist37.storage.locations import is_uri, store
 from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
 from mnist37.prototypes import PixelSums

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args
-from mnist37.paths import StoreSettings, is_uri, local_or_uri, use_store
+from mnist37.storage.locations import StoreSettings, is_uri, local_or_uri, use_store
 from mnist37.progress import Status
 
 if TYPE_CHECKING:
@@ -150,8 +150,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
 
 def check_outputs(cfg: Config) -> None:
     """StorageError (or LocationError) unless the output folder, and the chunk store when one
-    is given, can be written: a probe file written and removed (`storage.check_writable`)."""
-    from mnist37.storage import check_writable
+    is given, can be written: a probe file written and removed (`writes.check_writable`)."""
+    from mnist37.storage.writes import check_writable
 
     check_writable("output folder", cfg.out)
     if cfg.chunk_dir:
@@ -172,7 +172,7 @@ def process_age_s() -> float:
 def _clear_temporaries(planned: Plan | None) -> None:
     """Remove the temporaries of tasks that Ray stopped mid-write (after an error or an
     interrupt) now, not at the next run: a job that ends leaves no .partial in a local chunk
-    store. Only abandoned ones go (mnist37.partials), so other jobs' writers are safe."""
+    store. Only abandoned ones go (mnist37.storage.partials), so other jobs' writers are safe."""
     from mnist37.shards import clean_partials
 
     if planned is not None and not is_uri(planned.chunk_dir):
@@ -226,7 +226,7 @@ def _stopped_starting(status: Status, out: str, signum: int) -> NoReturn:
 def _stopped(status: int) -> int:
     """`status`, or the process ended now with it when a store request is still out: pyarrow's
     exit handler would wait for its answer (up to 3 x store_timeout_s) before the process ends."""
-    from mnist37.objects import unanswered
+    from mnist37.storage.retries import unanswered
 
     return _ended_now(status) if unanswered() else status
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from mnist37 import DatasetError
 from mnist37.config import Config, ConfigError
-from mnist37.paths import is_uri, open_location, under
+from mnist37.storage.locations import is_uri, open_location, under
 from mnist37.sources import archive, named
-from mnist37.sources.files import Root
+from mnist37.storage.files import Root
 from mnist37.sources.folder import check_split, class_folders, is_folder, subfolders
 
 def _find_prefix(data: str, train_split: str) -> str:

@@ -18,13 +18,13 @@ from pathlib import Path
 from mnist37 import DatasetError
 from mnist37.config import Config, ConfigError
 from mnist37.locate import Located
-from mnist37.paths import cache_home, is_uri
+from mnist37.storage.locations import cache_home, is_uri
 from mnist37.shards import clean_partials
 from mnist37.sources import format_module, plan_containers
 from mnist37.sources.archive import ArchiveObject, on_node
 from mnist37.images import Decoding, FirstImages
 from mnist37.sources.base import ContainerShard, FormatError
-from mnist37.sources.files import Root
+from mnist37.storage.files import Root
 from mnist37.sources.folder import FolderMap, Listing, Shard, first_images, header_sizes, list_splits, make_shards
 
 log = logging.getLogger(__name__)

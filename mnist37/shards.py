@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37 import Mnist37Error, partials
+from mnist37 import Mnist37Error
+from mnist37.storage import partials
 from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, join, read_chunk_metadata,
                             verify_chunk, write_chunk)
 from mnist37.memory import peak_rss_bytes, reuse_freed_memory
-from mnist37.paths import is_uri
+from mnist37.storage.locations import is_uri
 from mnist37.prototypes import ClassSums, pixel_sums
 from mnist37.images import Decoding
 from mnist37.sources.base import ContainerShard
@@ -71,7 +72,7 @@ def chunk_path(chunk_dir: str | Path, shard: Shard | ContainerShard) -> str:
 
 def clean_partials(chunk_dir: Path) -> int:
     """Remove the temporary chunks and listings that killed writers left in a local chunk
-    folder, never one a running writer holds (mnist37.partials); return how many."""
+    folder, never one a running writer holds (mnist37.storage.partials); return how many."""
     folders = [chunk_dir / ".listings", *(p for p in chunk_dir.glob("*") if p.is_dir())] if chunk_dir.is_dir() else []
     return sum(partials.clean(folder) for folder in folders)
 

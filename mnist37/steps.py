@@ -26,7 +26,7 @@ import numpy as np
 from mnist37.examples import Sides
 from mnist37.images import Decoding
 from mnist37.memory import peak_rss_bytes
-from mnist37.paths import StoreSettings
+from mnist37.storage.locations import StoreSettings
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
 from mnist37.sources.base import ContainerShard

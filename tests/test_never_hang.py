@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist37.paths import StoreMismatch, StoreSettings, open_location, use_store
+from mnist37.storage.locations import StoreMismatch, StoreSettings, open_location, use_store
 from mnist37.progress import Stalled, Watch
 
 from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes

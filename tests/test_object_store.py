@@ -13,8 +13,8 @@ import pytest
 
 from mnist37.sources.folder import list_class_folder
 from mnist37.chunks import chunk_table, read_chunk, write_chunk
-from mnist37.objects import read_objects
-from mnist37.storage import publish
+from mnist37.storage.objects import read_objects
+from mnist37.storage.writes import publish
 
 from tests.conftest import PROJECT_ROOT, make_image_folder, shared_ray_address
 from tests.s3server import FaultProxy, aws_env, serving

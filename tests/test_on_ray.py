@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from mnist37.on_ray import scheduling, session, tasks
-from mnist37.paths import store
+from mnist37.storage.locations import store
 from mnist37.png import DecodeError
 from mnist37.images import Decoding
 from mnist37.sources.folder import ClassFiles, list_split, list_splits, make_shards

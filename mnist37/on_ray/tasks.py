@@ -25,7 +25,7 @@ from mnist37.on_ray.probe import WAIT_STEP_S
 from mnist37.on_ray.scheduling import (_again, _cluster_failures, _get, _InFlight, _raise_cause, _record_node,
                                        bounded_map)
 from mnist37.on_ray.session import cluster_info, current, default_max_in_flight, has_gpus, num_nodes, watching
-from mnist37.paths import StoreSettings, store, use_store
+from mnist37.storage.locations import StoreSettings, store, use_store
 from mnist37.progress import Watch
 from mnist37.shards import DecodedShard
 from mnist37.sources.folder import ClassListing, Shard

@@ -65,7 +65,7 @@ def format_module(name: str) -> ModuleType:
 def containers(root, fmt: str, listed=None) -> dict[str, list[str]]:
     """split -> the container files of format `fmt` under `root` (sorted, relative to it).
     `listed` lists a folder (files.entries, or a memo of it)."""
-    from mnist37.sources.files import entries
+    from mnist37.storage.files import entries
 
     return format_module(fmt).containers(root, listed or entries)
 
@@ -76,7 +76,7 @@ def detect(root, fmt: str = "auto") -> str:
     object store: a request or a page per folder, not per format tried)."""
     if fmt != "auto":
         return fmt
-    from mnist37.sources.files import entries
+    from mnist37.storage.files import entries
 
     listed = functools.cache(entries)
     return next((name for name in DETECTED if containers(root, name, listed)), "folder")
@@ -85,8 +85,8 @@ def detect(root, fmt: str = "auto") -> str:
 def container_root(path):
     """A data root wrapped in one top folder (mnist/...) resolves to that folder (a folder per
     split needs two, and Hugging Face's `data/` folder belongs to the root above it)."""
-    from mnist37.paths import under
-    from mnist37.sources.files import entries
+    from mnist37.storage.locations import under
+    from mnist37.storage.files import entries
 
     files, inner = entries(path)
     if not files and len(inner) == 1 and inner[0] != "data" and detect(under(path, inner[0])) != "folder":

@@ -26,9 +26,9 @@ from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import Blobs
 from mnist37.sources import format_module
-from mnist37.sources.files import Root, stat
+from mnist37.storage.files import Root, stat
 from mnist37.sources.keys import container_key, shard_digest
-from mnist37.paths import under
+from mnist37.storage.locations import under
 
 
 class FormatError(Mnist37Error, ValueError):

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from mnist37 import DatasetError
-from mnist37.storage import publish
-from mnist37.paths import class_folder, is_uri, sample_path, under
+from mnist37.storage.writes import publish
+from mnist37.storage.locations import class_folder, is_uri, sample_path, under
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import DecodeError
 from mnist37.sources.base import ShardRead
-from mnist37.sources.files import Group, Root, file_stats, read_file, read_files
+from mnist37.storage.files import Group, Root, file_stats, read_file, read_files
 from mnist37.sources.keys import file_digest, files_key, listing_name
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray
 def subfolders(folder: Root) -> list[str]:
     """The subfolders of a folder (or the "folders" of a prefix in a store), sorted."""
     if isinstance(folder, str):
-        from mnist37.objects import subfolders
+        from mnist37.storage.objects import subfolders
         return subfolders(folder)
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
@@ -162,7 +162,7 @@ def subfolders(folder: Root) -> list[str]:
 def is_folder(folder: Root) -> bool:
     """Whether a folder (or a prefix in a store, holding any object) exists."""
     if isinstance(folder, str):
-        from mnist37.objects import check_folder
+        from mnist37.storage.objects import check_folder
         return check_folder(folder)
     return folder.is_dir()
 
@@ -282,7 +282,7 @@ def list_class_folder(root: Root, split: str, class_name: str,
     DatasetError, naming what is there instead, when the split or class folder is missing."""
     check_split(root, split, [class_name])
     if isinstance(root, str):
-        from mnist37.objects import list_objects
+        from mnist37.storage.objects import list_objects
 
         listed, stamps, folders = list_objects(under(root, split, class_name))
         names = np.array(listed, dtype=bytes) if listed else np.array([], dtype="S1")
@@ -491,7 +491,7 @@ def header_sizes(root: Root, paths: Sequence[str]) -> list[tuple[int, int]]:
     """(H, W) each file at `paths` declares in its header (images.header_size), for those that
     can be read and have one: what the planner compares before anything is decoded."""
     if is_uri(root):
-        from mnist37.objects import read_objects
+        from mnist37.storage.objects import read_objects
 
         contents = read_objects(root, list(paths))
     else:

@@ -9,6 +9,7 @@ writes each shard's part, `finish` joins a split's parts).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import mmap
@@ -21,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from mnist37.chunks import arrow_array, arrow_text
-from mnist37.objects import ObjectStoreError
-from mnist37.paths import is_uri
+from mnist37.storage.retries import ObjectStoreError
+from mnist37.storage.locations import is_uri
 from mnist37.images import Decoding, FirstImages, decode_image
 from mnist37.sources.base import (ContainerPlan, ContainerShard, FormatError, ShardRead, class_map,
                                   container_counts, record_path)
-from mnist37.sources.files import Root, entries, open_input, stat
+from mnist37.storage.files import Root, entries, open_input, stat
+from mnist37.storage.writes import publish
 from mnist37.sources.keys import shard_digest
 
 NAME = "idx"
@@ -202,7 +204,7 @@ class ShardWriter:
     def __init__(self, path, out, classes: list[str], shape: tuple[int, int], index: int):
         self.values, self.shape = [int(c) for c in classes], shape
         self.f = open(path, "wb", buffering=1 << 20)
-        self.labels = open(out.with_suffix(".labels"), "wb")  # beside the part, renamed with it by finish
+        self.labels = open(out.with_suffix(".labels"), "wb")  # beside the part, joined by finish
 
     def add(self, path: str, class_index: int, data: bytes) -> None:
         """Raises DecodeError for an image that does not decode to `shape` (left out)."""
@@ -214,6 +216,13 @@ class ShardWriter:
         self.labels.close()
 
 
+def _join(header: bytes, parts: list, out) -> None:
+    out.write(header)
+    for part in parts:
+        with open(part, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 22)
+
+
 def finish(dest, written, classes: list[str], splits, shape: tuple[int, int]) -> None:
     """Each split's IDX pair from its parts, in order: big-endian sizes after the magic."""
     for split in splits:
@@ -221,13 +230,8 @@ def finish(dest, written, classes: list[str], splits, shape: tuple[int, int]) ->
         n = sum(w.num_records for w in written if w.split == split)
         for name, magic, sizes, suffix in ((f"{split}-images-idx3-ubyte", IMAGES_MAGIC, (n, *shape), ".images"),
                                            (f"{split}-labels-idx1-ubyte", LABELS_MAGIC, (n,), ".labels")):
-            temp = dest / f".{name}.partial"
-            with open(temp, "wb") as out:
-                out.write(struct.pack(f">I{len(sizes)}I", magic, *sizes))
-                for part in parts:
-                    with open(part.with_suffix(suffix), "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 22)
-            os.replace(temp, dest / name)
+            publish(dest / name, functools.partial(_join, struct.pack(f">I{len(sizes)}I", magic, *sizes),
+                                                   [part.with_suffix(suffix) for part in parts]))
     shutil.rmtree(dest / "parts")
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 
 from mnist37.chunks import numbers, valid
-from mnist37.objects import ObjectStoreError
+from mnist37.storage.retries import ObjectStoreError
 from mnist37.png import Blobs
 from mnist37.images import Decoding
 from mnist37.sources import base
 from mnist37.sources.base import (ContainerPlan, ContainerShard, ShardRead, FormatError, Records, class_map, files_by_split,
                                   selected_classes)
-from mnist37.sources.files import Root, open_input
+from mnist37.storage.files import Root, open_input
 
 NAME = "parquet"
 EXTENSION = ".parquet"

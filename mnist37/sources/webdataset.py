@@ -22,7 +22,7 @@ from mnist37.images import Decoding
 from mnist37.sources import base
 from mnist37.sources.base import (ContainerPlan, ContainerShard, ShardRead, Records, class_map, files_by_split,
                                   selected_classes)
-from mnist37.sources.files import Root, open_input
+from mnist37.storage.files import Root, open_input
 from mnist37.sources.tar import TarCutShort
 
 NAME = "webdataset"

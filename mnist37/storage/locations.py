@@ -89,7 +89,7 @@ def sample_path(split: str, class_name: str, name: str) -> str:
 
 # Tries per object-store request that pyarrow (the AWS SDK) makes itself; each waits at most
 # StoreSettings.timeout_s for the store to accept the connection and to send each part of its
-# answer. objects.retrying adds a few tries of its own, within a total deadline per request.
+# answer. retries.retrying adds a few tries of its own, within a total deadline per request.
 STORE_ATTEMPTS = 3
 
 
