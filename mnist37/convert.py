@@ -5,9 +5,10 @@
 
 The job's own plan cuts the input (a PNG folder, Parquet, tar shards, IDX) into shards of
 `shard_size` images; each becomes one output file, written by one process of a pool through
-the target format's `ShardWriter` (mnist37.sources: `parquet`, `webdataset`, `idx`; every
-format whose table entry is convertible), named by its `output_name`, then completed by its
-`finish` (WebDataset's classes.txt; IDX joins each split's parts behind the headers).
+the target format's writer module (base.Sink: `parquet_writer`, `webdataset_writer`,
+`idx_writer`; every format whose table entry names a writer): its `ShardWriter`, named by its
+`output_name`, then completed by its `finish` (WebDataset's classes.txt; IDX joins each
+split's parts behind the headers).
 
 Encoded images are copied as they are (IDX pixels are encoded as PNG), so a PNG the job would
 reject is rejected the same way after conversion (to IDX, such a PNG is left out and reported).
@@ -32,8 +33,7 @@ from mnist37.config import Config
 from mnist37.locate import locate
 from mnist37.plan import plan
 from mnist37.png import DecodeError
-from mnist37.sources.base import ContainerShard
-from mnist37.sources.folder import Shard
+from mnist37.sources.base import Shard
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ class Written:
     ignored: int  # records of classes not selected
 
 
-def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, int], classes: list[str],
+def _write_shard(shard: Shard, root: Path, shape: tuple[int, int], classes: list[str],
                  target: str, partial: Path, name: str) -> Written:
     """One input shard into one output file at `partial/name`, through a temporary name."""
     out = partial / name
     temp = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, ignored, n = [], 0, 0
-    writer = sources.format_module(target).ShardWriter(temp, out, classes, shape, shard.index)
+    writer = sources.writer_module(target).ShardWriter(temp, out, classes, shape, shard.index)
     try:
         for path, c, data, reason in shard.records(root, shape):
             if c is None:
@@ -83,7 +83,7 @@ def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, in
 
 
 def _output_names(shards: list, target: str) -> list[str]:
-    output_name = sources.format_module(target).output_name
+    output_name = sources.writer_module(target).output_name
     totals: dict[str, int] = {}
     for s in shards:
         totals[s.split] = totals.get(s.split, 0) + 1
@@ -100,14 +100,14 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
     what was written: files, records, skipped records, seconds."""
     if target not in TARGETS:
         raise ConvertError(f"to: unknown output format {target!r}; expected one of {', '.join(TARGETS)}")
-    module = sources.format_module(target)
+    module = sources.writer_module(target)
     dest = Path(dest)
     if dest.exists():
         raise ConvertError(f"{dest} already exists; remove it or choose another destination")
     clock = time.perf_counter()
     planned = plan(locate(cfg))
     cfg = planned.cfg  # with the data set's splits and classes filled in
-    if (why := getattr(module, "check_classes", lambda classes: None)(planned.classes)) is not None:
+    if (why := module.check_classes(planned.classes)) is not None:
         raise ConvertError(f"to {target}: {why}")
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # a conversion killed earlier
@@ -117,8 +117,7 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
         futures = [pool.submit(_write_shard, shard, planned.root, planned.shape, planned.classes, target, partial,
                                name) for shard, name in zip(planned.shards, names)]
         written = [f.result() for f in futures]
-    if hasattr(module, "finish"):
-        module.finish(partial, written, planned.classes, (cfg.train_split, cfg.eval_split), planned.shape)
+    module.finish(partial, written, planned.classes, (cfg.train_split, cfg.eval_split), planned.shape)
     os.replace(partial, dest)
     skipped = sorted(r for w in written for r in w.skipped)
     for path, reason in skipped[:20]:

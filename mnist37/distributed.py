@@ -38,8 +38,8 @@ from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
 from mnist37.images import Decoding
-from mnist37.sources.base import ContainerShard
-from mnist37.sources.folder import ClassListing, Shard
+from mnist37.sources.base import Shard
+from mnist37.sources.folder_listing import ClassListing
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,14 @@ def _record_node() -> None:
                                      namespace=_WHERE)
 
 
-def _decode(shard: Shard | ContainerShard, root: str, chunk_dir: str, decoding: Decoding, with_sums: bool,
+def _decode(shard: Shard, root: str, chunk_dir: str, decoding: Decoding, with_sums: bool,
             archive: ArchiveObject | None = None, settings: StoreSettings | None = None) -> DecodedShard:
     _record_node()
     if settings is not None:  # the driver's way to its object store, whatever this node's environment says
         use_store(settings)
     if archive is not None:  # the root is its extraction, which this node may not have made yet
         archive.here()
-    if isinstance(shard, Shard):  # its file names are in the listing, in the object store
-        shard = shard.resolved(ray.get)
+    shard = shard.resolved(ray.get)  # what it left in the object store (a folder shard's file names)
     result = decode_shard(shard, root, chunk_dir, decoding, with_sums)
     context = ray.get_runtime_context()
     result.node_id, result.pid = context.get_node_id(), os.getpid()

@@ -1,4 +1,13 @@
-"""What every container source shares: its shards, its records, class maps and the bulk decode.
+"""The one protocol every source implements, the records it returns, and what container sources share.
+
+Every format, the folder included, is a module with the same three members (`Source`): its
+`NAME`, `check` (the splits and classes there, before any listing: a data problem is one line
+before Ray starts) and `plan` (a `PlanRequest` in, one `SourcePlan` out: the classes, the
+shards, what the first training images say and what a listing counted before any decode).
+Every shard, whatever its format, answers the same few questions (`Shard`): what its chunk
+would be made from now (`key`), its images decoded with every file or record accounted for
+(`read`), its records for the converter (`records`). The planner, the decode step, the Ray
+tasks, the accounting and the converter see only these.
 
 A container data set (Parquet, WebDataset tar shards, IDX: one module each in this package)
 is planned into `ContainerShard`s, each a piece of one container file decoded by one task into
@@ -6,7 +15,7 @@ one chunk. A format module reads a shard's records in bulk as columns (`Records`
 labels, encoded images in one buffer, problems), and `decode_records` decodes and counts them
 as the folder path does (images.decode_images): every record used, rejected
 (with its class when known and a reason) or ignored (a class not selected). Per record, little
-but the PNG decode is left.
+but the image decode is left.
 
 A record is named `<container path>:<key>`: the tar member key, the Parquet row, the IDX
 record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
@@ -14,18 +23,20 @@ record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from mnist37 import Mnist37Error
+from mnist37 import DatasetError, Mnist37Error
 from mnist37.chunks import arrow_array, arrow_text
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import Blobs
-from mnist37.sources import format_module
+from mnist37.sources import check_splits, format_module
 from mnist37.sources.files import Root, stat
 from mnist37.sources.keys import container_key, shard_digest
 from mnist37.paths import under
@@ -52,6 +63,126 @@ class ShardRead:
     records: dict | None = None
     conversions: dict[str, int] = field(default_factory=dict)  # "CMYK to RGB" -> images converted so
     notes: list[tuple[str, str]] = field(default_factory=list)  # (path, "JPEG data named .png")
+
+
+class Shard(Protocol):
+    """A piece of a data set decoded by one task into one chunk, whatever its format: a run of
+    listed files (folder.FolderShard) or a piece of one container file (`ContainerShard`)."""
+
+    split: str
+    index: int
+    classes: tuple[str, ...]  # selected classes, in index order
+    changed: str  # why a chunk with another key is decoded again (for the log)
+
+    @property
+    def name(self) -> str:
+        """Unique per split, shard size and position: the chunk's file name."""
+
+    def found(self) -> np.ndarray | None:
+        """int64 [C + 1]: files per class the plan knows before reading (a listing's), the last
+        slot records of no class; None when only reading the shard tells (its chunk records them)."""
+
+    def resolved(self, get: Callable) -> Shard:
+        """The shard with what it left in Ray's object store fetched by `get` (ray.get), in one call."""
+
+    def key(self, root: Root, decoding: Decoding) -> str:
+        """What its chunk would be made from now (mnist37.sources.keys). OSError when a file
+        cannot be stat'ed."""
+
+    def read(self, root: Root, decoding: Decoding) -> ShardRead:
+        """Its images decoded, every file or record accounted for."""
+
+    def records(self, root: Root, shape: tuple[int, int]):
+        """(path, class index or None, encoded bytes or None, reason) of each file or record,
+        for the converter: None as class index is a class not selected (ignored), -1 a record
+        without a usable class."""
+
+
+# Maps a function over argument tuples and returns each call's result, in order: in this
+# process by default (`in_process`); in the job one Ray task per call (mnist37.distributed).
+TaskMap = Callable[[Callable, Sequence[tuple]], Sequence]
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a format's `plan` is asked, the same record for every format."""
+
+    root: Root
+    splits: tuple[str, str]  # (training, evaluation)
+    classes: tuple[str, ...]  # as `check` resolved them (containers: maybe ("all",), resolved by `plan`)
+    shard_size: int  # images per shard (container shards are cut near it)
+    shape: tuple[int, int] | None = None  # (H, W) the config fixes (image_shape), else None
+    image_column: str = "image"
+    label_column: str = "label"
+    wanted: int = 1  # first training images that decode to look at (size, color); 0: none
+    sizes_unknown: bool = False  # no image size in the config: look for a data set of several sizes
+    keep_dir: Path | None = None  # where listings are kept for the next run (None: not kept)
+    map_tasks: TaskMap | None = None  # how listing tasks run; None: here, one after another
+
+    @property
+    def train_split(self) -> str:
+        return self.splits[0]
+
+
+@dataclass(frozen=True)
+class Listed:
+    """What listing a split found before any decode (formats that list their files: the folder)."""
+
+    found: np.ndarray  # int64 [C]: image files per class
+    ignored: np.ndarray  # int64 [C]: entries of each class that are not image files
+
+
+@dataclass(eq=False)
+class SourcePlan:
+    """What a format's `plan` returns, every format alike: the one plan record."""
+
+    format: str
+    classes: list[str]  # selected, in index order
+    shards: list[Shard]  # both splits, the training split's first
+    summary: str  # what was planned, for the log: "train 2 files, valid 1 files"
+    # What the first training images say (size, gray or color): None when none were looked at.
+    first: FirstImages | None = None
+    listed: dict[str, Listed] = field(default_factory=dict)  # per split, when a listing counted the files
+    listings_reused: int = 0  # listings an earlier run kept, unchanged since
+    # A format whose pixels are read as they are (IDX): why decode settings (channels, a
+    # resize) cannot apply; "" for formats of encoded images.
+    as_stored: str = ""
+
+
+class Source(Protocol):
+    """What every format's module has (mnist37.sources.FORMATS names them): the folder's and
+    the container formats' alike. Adding a format is a module with these and a table entry."""
+
+    NAME: str
+
+    @staticmethod
+    def check(root: Root, splits: Sequence[str], classes: Sequence[str]) -> list[str]:
+        """The classes in index order ("all" resolved where the layout names them), once every
+        split is there; DatasetError or FormatError naming what is there instead. Fast: no
+        listing of files, no decode."""
+
+    @staticmethod
+    def plan(request: PlanRequest) -> SourcePlan:
+        """The classes, the shards of both splits and what the first training images say."""
+
+
+class Sink(Protocol):
+    """What every writer module has (mnist37.sources.FORMATS' `writer`): how the converter
+    writes a format, one output file per shard, each through a temporary name."""
+
+    ShardWriter: type  # ShardWriter(path, out, classes, shape, index): add(path, class_index, data), close()
+
+    @staticmethod
+    def check_classes(classes: list[str]) -> str | None:
+        """Why the format cannot hold these classes, or None."""
+
+    @staticmethod
+    def output_name(split: str, index: int, total: int) -> str:
+        """The file a split's index-th of `total` shards is written to, relative to the destination."""
+
+    @staticmethod
+    def finish(dest: Path, written: list, classes: list[str], splits: Sequence[str], shape: tuple[int, int]) -> None:
+        """Whatever the data set needs once every shard is written (class names, headers)."""
 
 
 def text(name: bytes) -> str:
@@ -90,13 +221,16 @@ class ContainerShard:
     def __len__(self) -> int:
         return self.num_records
 
-    # A chunk of a container shard records how many records of each class it found: no
-    # listing on the driver knows that.
     changed = "written from other records (container files, range or settings differ)"
 
-    def expected_files(self) -> int | None:
-        """Records the shard holds, when known before reading (a tar's are not): None."""
+    def found(self) -> None:
+        """None: no listing on the driver counts a container's records per class; its chunk
+        records how many of each class it found."""
         return None
+
+    def resolved(self, get) -> ContainerShard:
+        """Itself: a container shard holds all it needs."""
+        return self
 
     def key(self, root: Root, decoding: Decoding) -> str:
         """What the chunk is made from (keys.container_key): the container files' (path, size,
@@ -126,15 +260,38 @@ class ContainerShard:
         return format_module(self.format).converter_records(self, root, shape)
 
 
-@dataclass(eq=False)
-class ContainerPlan:
-    format: str
-    classes: list[str]  # selected, in index order
-    shards: list[ContainerShard]
-    splits: dict[str, list[str]]  # split -> container files
-    # What the first training images say (size, gray or color), when the format's headers
-    # tell it (IDX); else the planner looks at them (mnist37.sources.plan_containers).
-    first: FirstImages | None = None
+def check_containers(root: Root, fmt: str, splits: Sequence[str], classes: Sequence[str]) -> list[str]:
+    """`Source.check` of a container format: every split has its files (sources.check_splits);
+    the classes as given ("all" is resolved by `plan`, from the headers)."""
+    check_splits(root, fmt, tuple(splits))
+    return list(classes)
+
+
+def container_plan(request: PlanRequest, fmt: str, classes: list[str], shards: list[ContainerShard],
+                   splits: dict[str, list[str]], first: FirstImages | None = None, as_stored: str = "") -> SourcePlan:
+    """A container format's SourcePlan; unless its headers said (`first`: IDX), what the first
+    `request.wanted` training images that decode say of size and color."""
+    if first is None and request.wanted:
+        first = first_images(request.root, [s for s in shards if s.split == request.train_split], request.wanted)
+    summary = ", ".join(f"{split} {len(files)} files" for split, files in splits.items())
+    return SourcePlan(fmt, list(classes), shards, summary, first, as_stored=as_stored)
+
+
+def check_sizes(root: Root, split: str, sizes: list[tuple[int, int]], expected: tuple[int, int]) -> None:
+    """DatasetError, naming the sizes found and --image-size, when the images looked at in
+    `split` (their (H, W) `sizes`) show a data set of several sizes: without image_size every
+    image must have the `expected` size, so most would be rejected after the whole decode.
+    A stray file of another size (at most one of those looked at, or under a quarter of them)
+    is left to the decode, which rejects and counts it."""
+    other = [size for size in sizes if size != expected]
+    if len(other) < 2 or 4 * len(other) < len(sizes):
+        return
+    found = list(dict.fromkeys(sizes))
+    shown = ", ".join(f"{h}x{w}" for h, w in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    what = f"images of different sizes ({shown}" if len(found) > 1 else f"images of {shown} (all"
+    raise DatasetError(f"{split}/ in {root}: {what} of {len(sizes)} looked at), where every image must have the "
+                       f"first training image's size ({expected[0]}x{expected[1]}) unless --image-size is given; "
+                       f"pass --image-size HxW (e.g. --image-size 64x64) to resize them all to one size")
 
 
 def class_map(declared_names: list[str] | None, classes: list[str], where: str,
@@ -225,8 +382,16 @@ def iter_records(shard: ContainerShard, root: Root, limit: int | None = None):
         yield Record(records.path(i), labels[i] if has_label else None, data, records.problems.get(i))
 
 
-def converter_records(records: Records, shard: ContainerShard):
-    """ContainerShard.records of a shard read as `Records` (Parquet, WebDataset)."""
+def read_shard(shard: ContainerShard, root: Root, decoding: Decoding) -> ShardRead:
+    """The `read_shard` of a format read as `Records` (Parquet, WebDataset): the shard's
+    records, read in bulk by its module's `read_records`, decoded and counted (`decode_records`)."""
+    return decode_records(format_module(shard.format).read_records(shard, root), shard, decoding)
+
+
+def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int]):
+    """The `converter_records` of a format read as `Records` (ContainerShard.records): the
+    encoded bytes as they are."""
+    records = format_module(shard.format).read_records(shard, root)
     for i, c in enumerate(record_classes(records.labels, records.has_label, shard).tolist()):
         path, problem = records.path(i), records.problems.get(i)
         if c == len(shard.classes):
