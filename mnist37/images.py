@@ -316,9 +316,6 @@ def _broken(data: bytes, kind: str | None, detail: str) -> str:
     return f"corrupt {kind or 'image'} ({detail})"
 
 
-# The fast paths and header readers of the codecs that have them (the table: CODECS).
-
-
 def _png_size(data: bytes) -> tuple[int, int] | None:
     header = png_header(data)
     return None if header is None else (header[1], header[0])

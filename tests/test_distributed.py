@@ -11,7 +11,8 @@ import ray
 from mnist37 import distributed
 from mnist37.png import DecodeError
 from mnist37.images import Decoding
-from mnist37.sources.folder import ClassFiles, list_split, list_splits, make_shards
+from mnist37.sources.folder import list_split, list_splits, make_shards
+from mnist37.sources.folder_listing import ClassFiles
 from tests.conftest import ray_cpus_each
 
 pytestmark = pytest.mark.ray  # a local Ray

@@ -15,13 +15,6 @@ from mnist37.images import Decoding, decode_image
 from mnist37.sources.idx import IMAGES_MAGIC, LABELS_MAGIC
 
 
-def check_classes(classes: list[str]) -> str | None:
-    """Why these classes cannot be IDX labels, or None."""
-    if not all(c.isdigit() and int(c) < 256 for c in classes):
-        return f"IDX labels are the class names as values 0..255, got classes {classes}"
-    return None
-
-
 def output_name(split: str, index: int, total: int) -> str:
     """The converter's name for a split's index-th part (`finish` joins a split's parts)."""
     return f"parts/{split}-{index:06d}.images"
@@ -44,6 +37,13 @@ class ShardWriter:
     def close(self) -> None:
         self.f.close()
         self.labels.close()
+
+
+def check_classes(classes: list[str]) -> str | None:
+    """Why these classes cannot be IDX labels, or None."""
+    if not all(c.isdigit() and int(c) < 256 for c in classes):
+        return f"IDX labels are the class names as values 0..255, got classes {classes}"
+    return None
 
 
 def finish(dest, written, classes: list[str], splits, shape: tuple[int, int]) -> None:

@@ -14,11 +14,6 @@ import pyarrow as pa
 ROW_GROUP_ROWS = 1024  # rows per row group the converter writes
 
 
-def check_classes(classes: list[str]) -> str | None:
-    """Any class names will do: they are stored as ClassLabel names."""
-    return None
-
-
 def output_name(split: str, index: int, total: int) -> str:
     """The converter's name for a split's index-th of `total` files (Hugging Face's layout)."""
     return f"data/{split}-{index:05d}-of-{total:05d}.parquet"
@@ -56,6 +51,11 @@ class ShardWriter:
         if self.batch or not self.rows:
             self._flush()
         self.writer.close()
+
+
+def check_classes(classes: list[str]) -> str | None:
+    """Any class names will do: they are stored as ClassLabel names."""
+    return None
 
 
 def finish(dest, written, classes: list[str], splits, shape) -> None:

@@ -12,11 +12,6 @@ from mnist37.sources import tar
 from mnist37.sources.webdataset import CLASSES_FILE
 
 
-def check_classes(classes: list[str]) -> str | None:
-    """Any class names will do: they go to classes.txt."""
-    return None
-
-
 def output_name(split: str, index: int, total: int) -> str:
     """The converter's name for a split's index-th tar shard."""
     return f"{split}-{index:06d}.tar"
@@ -37,6 +32,11 @@ class ShardWriter:
     def close(self) -> None:
         self.f.write(tar.END)
         self.f.close()
+
+
+def check_classes(classes: list[str]) -> str | None:
+    """Any class names will do: they go to classes.txt."""
+    return None
 
 
 def finish(dest, written, classes: list[str], splits, shape) -> None:
