@@ -2,9 +2,9 @@
 
 Which files are images is the sources' business (by extension: `EXTENSIONS`); which codec
 decodes one is decided here, by its bytes (`sniff`), from one table (`CODECS`: per format its
-signature, its file name extensions, its header size and its fast decoder, if any). A file whose bytes are another format
-than its name says is decoded by its bytes and noted (`Images.notes`). No I/O: the sources read
-the bytes, this module only judges and decodes them.
+signature, its file name extensions, its header size and its fast decoder, if any). A file
+whose bytes are another format than its name says is decoded by its bytes and noted
+(`Images.notes`). No I/O: the sources read the bytes, this module only judges and decodes them.
 
 Every image becomes what `Decoding` asks for, as Pillow makes it: one channel (`convert("L")`)
 or three (`convert("RGB")`: CMYK, palette, gray, gray with alpha, 16-bit included; alpha
@@ -378,8 +378,8 @@ CODECS = {codec.name: codec for codec in (
     Codec("TIFF", rb"II\*\x00|MM\x00\*", (".tif", ".tiff")),
 )}
 _NO_CODEC = Codec("", b"")  # bytes of no format in the table: Pillow judges them
-_SIGNATURE = re.compile(b"|".join(b"(?P<%s>%s)" % (c.name.encode(), c.signature) for c in CODECS.values() if c.signature),
-                        re.DOTALL)
+_SIGNATURE = re.compile(b"|".join(b"(?P<%s>%s)" % (c.name.encode(), c.signature)
+                                  for c in CODECS.values() if c.signature), re.DOTALL)
 # File name extensions of images (lower case): what a folder listing takes as an image file.
 EXTENSIONS = tuple(ext for codec in CODECS.values() for ext in codec.extensions)
 # The format each extension names.

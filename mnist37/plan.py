@@ -131,10 +131,12 @@ def plan(located: Located, map_tasks: TaskMap | None = None) -> Plan:
     # Listings are kept beside local chunks, so emptying the chunk folder (or reuse_chunks =
     # false) also means listing every folder afresh.
     keep_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None
-    planned = format_module(located.format).plan(PlanRequest(
-        root, (cfg.train_split, cfg.eval_split), tuple(located.classes), cfg.shard_size,
-        tuple(cfg.image_shape) or None, cfg.image_column, cfg.label_column, probes_wanted(cfg),
-        not cfg.image_size and not cfg.image_shape, keep_dir, map_tasks))
+    request = PlanRequest(root, (cfg.train_split, cfg.eval_split), tuple(located.classes), cfg.shard_size,
+                          shape=tuple(cfg.image_shape) or None, image_column=cfg.image_column,
+                          label_column=cfg.label_column, wanted=probes_wanted(cfg),
+                          sizes_unknown=not cfg.image_size and not cfg.image_shape, keep_dir=keep_dir,
+                          map_tasks=map_tasks)
+    planned = format_module(located.format).plan(request)
     log.info("%s: %s, %s, %d shards", root, located.format, planned.summary, len(planned.shards))
     decoding = decoding_for(cfg, planned.first)
     if planned.as_stored and (decoding.channels != 1 or decoding.resize):

@@ -98,8 +98,9 @@ class Shard(Protocol):
         without a usable class."""
 
 
-# Maps a function over argument tuples and returns each call's result, in order: in this
-# process by default (`in_process`); in the job one Ray task per call (mnist37.distributed).
+# Maps a function over argument tuples and returns each call's result, in order: how a format
+# runs its listing tasks (the job: one Ray task per call, distributed.map_listings; without
+# one, the format calls them here, one after another).
 TaskMap = Callable[[Callable, Sequence[tuple]], Sequence]
 
 
