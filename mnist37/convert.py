@@ -5,7 +5,7 @@
 
 The job's own plan cuts the input (a PNG folder, Parquet, tar shards, IDX) into shards of
 `shard_size` images; each becomes one output file, written by one process of a pool through
-the target format's writer module (base.Sink: `parquet_writer`, `webdataset_writer`,
+the target format's writer module (protocol.Sink: `parquet_writer`, `webdataset_writer`,
 `idx_writer`; every format whose table entry names a writer): its `ShardWriter`, named by its
 `output_name`, then completed by its `finish` (WebDataset's classes.txt; IDX joins each
 split's parts behind the headers).
@@ -33,7 +33,7 @@ from mnist37.config import Config
 from mnist37.locate import locate
 from mnist37.plan import plan
 from mnist37.png import DecodeError
-from mnist37.sources.base import Shard
+from mnist37.sources.protocol import Shard
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from mnist37.progress import REPORT_EVERY_S, Stalled, Watch
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
 from mnist37.images import Decoding
-from mnist37.sources.base import Shard
+from mnist37.sources.protocol import Shard
 from mnist37.sources.folder_listing import ClassListing
 
 log = logging.getLogger(__name__)

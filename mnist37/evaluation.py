@@ -37,7 +37,7 @@ from mnist37.prototypes import PixelSums
 from mnist37.report import EXAMPLE_CLASSES, many_classes, output_names
 from mnist37.memory import peak_rss_bytes
 from mnist37.shards import DecodedShard
-from mnist37.sources.base import Listed
+from mnist37.sources.protocol import Listed
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The plan: what a run decodes and where.
 
-`plan(located, map_tasks)` asks the data set's format for its plan (base.Source.plan: the
+`plan(located, map_tasks)` asks the data set's format for its plan (protocol.Source.plan: the
 classes, the shards of both splits, what the first training images say), then fixes how every
 image is decoded. The job lists a folder data set with Ray tasks, so the driver holds a few
 numbers per class folder and per shard whatever the number of files; without Ray
@@ -23,7 +23,8 @@ from mnist37.shards import clean_partials
 from mnist37.sources import format_module
 from mnist37.sources.archive import ArchiveObject, on_node
 from mnist37.images import Decoding, FirstImages
-from mnist37.sources.base import FormatError, Listed, PlanRequest, Shard, TaskMap
+from mnist37.sources.base import FormatError
+from mnist37.sources.protocol import Listed, PlanRequest, Shard, TaskMap
 from mnist37.sources.files import Root
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Plan:
     chunk_dir: str  # a local path or a pyarrow filesystem URI
     scan_s: float
     format: str  # a name in mnist37.sources.FORMATS
-    # Per split, what a listing counted before any decode (base.Listed; {} for formats that
+    # Per split, what a listing counted before any decode (protocol.Listed; {} for formats that
     # learn their counts by reading), and how many listings an earlier run kept.
     listed: dict[str, Listed] = field(default_factory=dict)
     listings_reused: int = 0
@@ -110,7 +111,7 @@ def decoding_for(cfg: Config, first: FirstImages | None) -> Decoding:
 
 
 def plan(located: Located, map_tasks: TaskMap | None = None) -> Plan:
-    """The plan of the located data set's format (base.Source.plan); how images are decoded
+    """The plan of the located data set's format (protocol.Source.plan); how images are decoded
     (size, channels); what writers killed in earlier runs left in the chunk folder, cleared.
     A folder data set's class folders (or prefixes) of both splits are listed by one
     `map_tasks` call: the job passes one that runs a Ray task per folder and leaves the file

@@ -1,7 +1,7 @@
 """Shards into chunks: the per-shard decode step, one reuse check for every kind of shard.
 
 `decode_shard` is the whole per-shard step as a plain function; `mnist37.distributed` runs it
-as a Ray task. A shard of any format answers the same questions (sources.base.Shard: `key`,
+as a Ray task. A shard of any format answers the same questions (sources.protocol.Shard: `key`,
 what would its chunk be made from now; `read`, its images decoded, every file or record
 accounted for; `found`, its files per class when the plan knows them) and decodes into the
 same chunks.
@@ -29,7 +29,7 @@ from mnist37.memory import peak_rss_bytes, reuse_freed_memory
 from mnist37.paths import is_uri
 from mnist37.prototypes import ClassSums, pixel_sums
 from mnist37.images import Decoding
-from mnist37.sources.base import Shard
+from mnist37.sources.protocol import Shard
 
 @dataclass
 class DecodedShard:

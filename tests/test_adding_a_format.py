@@ -27,7 +27,8 @@ import numpy as np
 
 from mnist37.images import FirstImages
 from mnist37.sources import base, check_splits
-from mnist37.sources.base import ContainerShard, ShardRead, container_counts, record_path
+from mnist37.sources.base import ContainerShard, container_counts, record_path
+from mnist37.sources.protocol import ShardRead
 from mnist37.sources.keys import shard_digest
 
 NAME = "npz"

@@ -21,7 +21,7 @@ Read from the source files (ast, nothing imported), what counts as a name in a b
   format"; in prose it may be an environment variable), and a bare lowercase one is not checked
   (config keys, values such as `auto` and fixtures such as `tmp_path` read the same);
 - in "Adding a format", calls resolve in the format modules the table names (`mnist37.sources.FORMATS`:
-  readers and writers) and `mnist37.sources.base` (the protocol), what that section describes:
+  readers and writers), `mnist37.sources.protocol` and `mnist37.sources.base`, what that section describes:
   `f()` names a function, and `f(a, b)` gives its parameters.
 
 Relative links (`[figures](figures.md#...)`) must point at files that exist, too.
@@ -205,10 +205,10 @@ def check_path(path: str) -> str | None:
 
 
 def format_modules() -> list[str]:
-    """The reader and writer modules the sources table names, and the protocol's module (what
+    """The reader and writer modules the sources table names, the protocol and base (what
     'Adding a format' describes)."""
     text = (PACKAGE / "sources" / "__init__.py").read_text()
-    names = set(re.findall(r'"(mnist37\.sources\.\w+)"', text)) | {"mnist37.sources.base"}
+    names = set(re.findall(r'"(mnist37\.sources\.\w+)"', text)) | {"mnist37.sources.base", "mnist37.sources.protocol"}
     return sorted(n for n in names if n in MODULES)
 
 

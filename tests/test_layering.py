@@ -91,22 +91,22 @@ def _parameters(function) -> list[str]:
 @pytest.mark.parametrize("name", ["folder", "parquet", "webdataset", "idx"])
 def test_every_format_in_the_table_implements_the_one_protocol(name):
     """The folder as much as the container formats: `check` and `plan` with the protocol's
-    parameters (base.Source); a detected format its `containers`; a convertible one a writer
-    module with base.Sink's members."""
+    parameters (protocol.Source); a detected format its `containers`; a convertible one a
+    writer module with protocol.Sink's members."""
     from mnist37 import sources
-    from mnist37.sources import base
+    from mnist37.sources import protocol
 
     module = sources.format_module(name)
     assert module.NAME == name
     for member in ("check", "plan"):
-        assert _parameters(getattr(module, member)) == _parameters(getattr(base.Source, member)), (module, member)
+        assert _parameters(getattr(module, member)) == _parameters(getattr(protocol.Source, member)), (module, member)
     if name in sources.DETECTED:
         for function in ("containers", "read_shard", "converter_records"):
             assert callable(getattr(module, function)), f"{module.__name__} has no {function}()"
     if sources.FORMATS[name].convertible:
         writer = sources.writer_module(name)
         for member in ("check_classes", "output_name", "finish"):
-            assert _parameters(getattr(writer, member)) == _parameters(getattr(base.Sink, member)), (writer, member)
+            assert _parameters(getattr(writer, member)) == _parameters(getattr(protocol.Sink, member)), (writer, member)
         assert callable(writer.ShardWriter.add) and callable(writer.ShardWriter.close)
         assert writer.__name__ != module.__name__  # writers live apart from readers
     assert set(sources.FORMATS) >= set(sources.DETECTED) | {sources.FALLBACK}

@@ -6,19 +6,19 @@ planner, the decode tasks, the converter and the benchmark all read this table; 
 tells formats apart. Adding a format is a new module in this package (and one for its
 writer) plus one entry here (docs/architecture.md: Adding a format).
 
-Every reader module, the folder's included, implements one protocol (base.Source):
+Every reader module, the folder's included, implements one protocol (protocol.Source):
 
 - `NAME`; `check(root, splits, classes)`: the splits and classes there, before Ray starts;
-- `plan(request)`: a `base.PlanRequest` in, one `base.SourcePlan` out (classes, shards of
+- `plan(request)`: a `protocol.PlanRequest` in, one `protocol.SourcePlan` out (classes, shards of
   both splits, what the first training images say, what a listing counted);
 
-and its shards one protocol (base.Shard: `key`, `read`, `records`, `found`, `resolved`). A
+and its shards one protocol (protocol.Shard: `key`, `read`, `records`, `found`, `resolved`). A
 container format (Parquet, WebDataset, IDX) also has `containers(root, listed)` (split -> its
 container files: what detection looks for), and `read_shard` / `converter_records` that its
 `base.ContainerShard`s dispatch to; Parquet and WebDataset read their records in bulk
 (`read_records`: `base.Records`) and leave the rest to base.
 
-A writer module (base.Sink) has `check_classes(classes)`, `output_name(split, index,
+A writer module (protocol.Sink) has `check_classes(classes)`, `output_name(split, index,
 total)`, `ShardWriter(temp, out, classes, shape, index)` with `add(path, class_index, data)`
 and `close()`, and `finish(dest, written, classes, splits, shape)`.
 
@@ -38,10 +38,10 @@ from types import ModuleType
 @dataclass(frozen=True)
 class Format:
     name: str  # the `format` config key's value
-    module: str  # what reads it (base.Source)
+    module: str  # what reads it (protocol.Source)
     layout: str  # its file names, as --help and the docs say them
     short: str  # the benchmark's variant prefix (tar-cold, parquet-cold, ...)
-    writer: str | None = None  # what writes it (base.Sink); None: the converter does not
+    writer: str | None = None  # what writes it (protocol.Sink); None: the converter does not
 
     @property
     def convertible(self) -> bool:
@@ -66,12 +66,12 @@ TARGETS = tuple(name for name, f in FORMATS.items() if f.convertible)
 
 
 def format_module(name: str) -> ModuleType:
-    """The module that reads format `name` (base.Source; imported on first use)."""
+    """The module that reads format `name` (protocol.Source; imported on first use)."""
     return importlib.import_module(FORMATS[name].module)
 
 
 def writer_module(name: str) -> ModuleType:
-    """The module that writes format `name` (base.Sink; imported on first use)."""
+    """The module that writes format `name` (protocol.Sink; imported on first use)."""
     return importlib.import_module(FORMATS[name].writer)
 
 

@@ -1,6 +1,6 @@
 """ImageFolder data sets: `<root>/<split>/<class>/<name>.png`, listed and read file by file.
 
-The folder format's module (base.Source: `check`, `plan`). The label of a sample is its class
+The folder format's module (protocol.Source: `check`, `plan`). The label of a sample is its class
 folder; class indices follow the order of `classes` in the config. Each class folder is listed
 once (sorted, bytewise), by a task of its own in the job; a local folder's listing is kept for
 the next run while the folder is unchanged (its records: mnist37.sources.folder_listing). A
@@ -27,10 +27,11 @@ from mnist37.paths import class_folder, is_uri, under
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import DecodeError
-from mnist37.sources.base import Listed, PlanRequest, ShardRead, SourcePlan, check_sizes
+from mnist37.sources.base import check_sizes
 from mnist37.sources.files import Group, Root, file_stats, is_folder, read_file, read_files, subfolders
 from mnist37.sources.folder_listing import HEAD_NAMES, ClassFiles, ClassListing, Listing, relative_paths
 from mnist37.sources.keys import file_digest, files_key, listing_name
+from mnist37.sources.protocol import Listed, PlanRequest, ShardRead, SourcePlan
 
 log = logging.getLogger(__name__)
 

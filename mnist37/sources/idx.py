@@ -22,10 +22,11 @@ from mnist37.chunks import arrow_array, arrow_text
 from mnist37.objects import ObjectStoreError
 from mnist37.paths import is_uri
 from mnist37.images import Decoding, FirstImages
-from mnist37.sources.base import (ContainerShard, FormatError, PlanRequest, ShardRead, SourcePlan, check_containers,
-                                  check_splits, class_map, container_counts, container_plan, record_path)
+from mnist37.sources.base import (ContainerShard, FormatError, check_containers, check_splits, class_map,
+                                  container_counts, container_plan, record_path)
 from mnist37.sources.files import Root, entries, open_input, stat
 from mnist37.sources.keys import shard_digest
+from mnist37.sources.protocol import PlanRequest, ShardRead, SourcePlan
 
 NAME = "idx"
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801

@@ -19,9 +19,10 @@ from mnist37.chunks import numbers, valid
 from mnist37.objects import ObjectStoreError
 from mnist37.png import Blobs
 from mnist37.sources import base
-from mnist37.sources.base import (ContainerShard, FormatError, PlanRequest, Records, SourcePlan, check_splits,
-                                  class_map, container_plan, files_by_split, selected_classes)
+from mnist37.sources.base import (ContainerShard, FormatError, Records, check_splits, class_map, container_plan,
+                                  files_by_split, selected_classes)
 from mnist37.sources.files import Root, open_input
+from mnist37.sources.protocol import PlanRequest, SourcePlan
 
 NAME = "parquet"
 EXTENSION = ".parquet"

@@ -19,9 +19,10 @@ from mnist37.png import Blobs
 from mnist37.sources import tar
 from mnist37 import images
 from mnist37.sources import base
-from mnist37.sources.base import (ContainerShard, PlanRequest, Records, SourcePlan, check_splits, class_map,
-                                  container_plan, files_by_split, selected_classes)
+from mnist37.sources.base import (ContainerShard, Records, check_splits, class_map, container_plan, files_by_split,
+                                  selected_classes)
 from mnist37.sources.files import Root, open_input
+from mnist37.sources.protocol import PlanRequest, SourcePlan
 from mnist37.sources.tar import TarCutShort
 
 NAME = "webdataset"
