@@ -5,9 +5,10 @@
 
 The job's own plan cuts the input (a PNG folder, Parquet, tar shards, IDX) into shards of
 `shard_size` images; each becomes one output file, written by one process of a pool through
-the target format's `ShardWriter` (mnist37.sources: `parquet`, `webdataset`, `idx`; every
-format whose table entry is convertible), named by its `output_name`, then completed by its
-`finish` (WebDataset's classes.txt; IDX joins each split's parts behind the headers).
+the target format's writer module (protocol.Sink: `parquet_writer`, `webdataset_writer`,
+`idx_writer`; every format whose table entry names a writer): its `ShardWriter`, named by its
+`output_name`, then completed by its `finish` (WebDataset's classes.txt; IDX joins each
+split's parts behind the headers).
 
 Encoded images are copied as they are (IDX pixels are encoded as PNG), so a PNG the job would
 reject is rejected the same way after conversion (to IDX, such a PNG is left out and reported).
@@ -31,8 +32,7 @@ from mnist37.config import Config
 from mnist37.locate import locate
 from mnist37.plan import plan
 from mnist37.png import DecodeError
-from mnist37.sources.base import ContainerShard
-from mnist37.sources.folder import Shard
+from mnist37.sources.protocol import Shard
 from mnist37.storage import partials
 from mnist37.storage.writes import publish_folder
 
@@ -55,13 +55,13 @@ class Written:
     ignored: int  # records of classes not selected
 
 
-def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, int], classes: list[str],
+def _write_shard(shard: Shard, root: Path, shape: tuple[int, int], classes: list[str],
                  target: str, staging: Path, name: str) -> Written:
     """One input shard into one output file at `staging/name` (the folder is published whole)."""
     out = staging / name
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, ignored, n = [], 0, 0
-    writer = sources.format_module(target).ShardWriter(out, out, classes, shape, shard.index)
+    writer = sources.writer_module(target).ShardWriter(out, out, classes, shape, shard.index)
     try:
         for path, c, data, reason in shard.records(root, shape):
             if c is None:
@@ -82,7 +82,7 @@ def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, in
 
 
 def _output_names(shards: list, target: str) -> list[str]:
-    output_name = sources.format_module(target).output_name
+    output_name = sources.writer_module(target).output_name
     totals: dict[str, int] = {}
     for s in shards:
         totals[s.split] = totals.get(s.split, 0) + 1
@@ -99,14 +99,14 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
     what was written: files, records, skipped records, seconds."""
     if target not in TARGETS:
         raise ConvertError(f"to: unknown output format {target!r}; expected one of {', '.join(TARGETS)}")
-    module = sources.format_module(target)
+    module = sources.writer_module(target)
     dest = Path(dest)
     if dest.exists():
         raise ConvertError(f"{dest} already exists; remove it or choose another destination")
     clock = time.perf_counter()
     planned = plan(locate(cfg))
     cfg = planned.cfg  # with the data set's splits and classes filled in
-    if (why := getattr(module, "check_classes", lambda classes: None)(planned.classes)) is not None:
+    if (why := module.check_classes(planned.classes)) is not None:
         raise ConvertError(f"to {target}: {why}")
     partials.clean(dest.parent, partials.partials_of(dest.name))  # conversions killed earlier
     names = _output_names(planned.shards, target)
@@ -115,8 +115,7 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
             futures = [pool.submit(_write_shard, shard, planned.root, planned.shape, planned.classes, target,
                                    staging, name) for shard, name in zip(planned.shards, names)]
             written = [f.result() for f in futures]
-            if hasattr(module, "finish"):
-                module.finish(staging, written, planned.classes, (cfg.train_split, cfg.eval_split), planned.shape)
+            module.finish(staging, written, planned.classes, (cfg.train_split, cfg.eval_split), planned.shape)
     except FileExistsError:  # made meanwhile
         raise ConvertError(f"{dest} already exists; remove it or choose another destination") from None
     skipped = sorted(r for w in written for r in w.skipped)

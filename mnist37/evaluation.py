@@ -40,6 +40,7 @@ from mnist37.memory import peak_rss_bytes
 from mnist37.shards import DecodedShard
 from mnist37.steps import (ClassifiedChunk, ClassifyRequest, DecodeRequest, InProcess, Placement,
                            ShardExecutor)
+from mnist37.sources.protocol import Listed
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,7 @@ def check_files(planned: Plan, decoding: Decoded) -> dict:
     used + rejected everywhere (no image goes missing); then the bad-file policy and the
     classes left with no training images. Returns the accounts for results.json."""
     cfg = planned.cfg
-    if planned.format == "folder":
-        accounts = folder_accounts(planned, decoding)
-    else:  # no listing on the driver: the tasks counted the records
-        accounts = record_accounts(planned.names, (cfg.train_split, cfg.eval_split), decoding.shards)
+    accounts = file_accounts(planned.names, (cfg.train_split, cfg.eval_split), decoding.shards, planned.listed)
     refused = sum(a["rejected"] for per_class in accounts.values() for a in per_class.values())
     if refused != len(decoding.rejected):
         raise Mnist37Error(f"{refused} image files were not used but {len(decoding.rejected)} rejections were reported")
@@ -132,28 +130,14 @@ def check_files(planned: Plan, decoding: Decoded) -> dict:
     return accounts
 
 
-def folder_accounts(planned: Plan, decoding: Decoded) -> dict:
-    """The files table of a folder data set: found per class from the driver's listing, which
-    must equal what the decode tasks were given."""
-    accounts = {}
-    for split, listing in planned.listings.items():
-        listed = listing.counts()
-        used, given = decoding.counts[split], decoding.found[split]
-        accounts[split] = {}
-        for index, name in enumerate(planned.names):
-            if given[index] != listed[index]:
-                raise Mnist37Error(f"{split}/{name}/: {listed[index]} image files listed but {given[index]} "
-                                   "reached the decode tasks")
-            accounts[split][name] = {"found": int(listed[index]), "used": int(used[index]),
-                                     "rejected": int(given[index] - used[index]), "ignored": listing.ignored[index]}
-    return accounts
-
-
-def record_accounts(classes: list[str], splits: tuple[str, ...], shards: list[DecodedShard]) -> dict:
-    """The files table of a container data set, from what the decode tasks found: per split
-    and class, records found, used, rejected; records of classes not selected are `ignored`
-    under "(other classes)", records whose class could not be read are found and rejected
-    under "(no class)". Raises Mnist37Error unless found = used + rejected everywhere."""
+def file_accounts(classes: list[str], splits: tuple[str, ...], shards: list[DecodedShard],
+                  listed: dict[str, Listed]) -> dict:
+    """The files table, every format alike: per split and class, files (records) found, used,
+    rejected, from what the decode tasks found; entries a listing passed over (not image
+    files) are `ignored` under their class, records of classes not selected under "(other
+    classes)", and records whose class could not be read are found and rejected under "(no
+    class)". Raises Mnist37Error unless found = used + rejected everywhere, and, where a
+    listing counted the files before (`listed`), every file it listed reached the tasks."""
     accounts = {}
     for split in splits:
         found = np.zeros(len(classes) + 1, dtype=np.int64)
@@ -166,12 +150,19 @@ def record_accounts(classes: list[str], splits: tuple[str, ...], shards: list[De
                 used[:-1] += r.counts
                 refused += r.rejected_per_class
                 ignored += r.ignored
+        known = listed.get(split)
+        passed_over = known.ignored.tolist() if known is not None else [0] * len(classes)
         accounts[split] = {}
-        for name, f, u, x in zip([*classes, "(no class)"], found.tolist(), used.tolist(), refused.tolist()):
+        for i, (name, f, u, x) in enumerate(zip([*classes, "(no class)"], found.tolist(), used.tolist(),
+                                                refused.tolist())):
+            if known is not None and i < len(classes) and f != known.found[i]:
+                raise Mnist37Error(f"{split}/{name}/: {known.found[i]} image files listed but {f} "
+                                   "reached the decode tasks")
             if f != u + x:
                 raise Mnist37Error(f"{split}/{name}: {f} records found but {u} used and {x} rejected")
             if name != "(no class)" or f:
-                accounts[split][name] = {"found": f, "used": u, "rejected": x, "ignored": 0}
+                accounts[split][name] = {"found": f, "used": u, "rejected": x,
+                                         "ignored": passed_over[i] if i < len(classes) else 0}
         if ignored:
             accounts[split]["(other classes)"] = {"found": 0, "used": 0, "rejected": 0, "ignored": ignored}
     return accounts
@@ -302,7 +293,7 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
         "data": {"source": str(cfg.data), "root": str(planned.root), "format": planned.format,
-                 "folder_listings_reused": sum(listing.reused for listing in planned.listings.values()),
+                 "folder_listings_reused": planned.listings_reused,
                  "fingerprint": f"{combine_digests(*(r.digest for r in decoding.shards)):032x}"},
         "classes": list(classes),
         "image_shape": list(planned.shape),

@@ -29,8 +29,7 @@ from mnist37.memory import peak_rss_bytes
 from mnist37.storage.locations import StoreSettings
 from mnist37.shards import DecodedShard, decode_shard
 from mnist37.sources.archive import ArchiveObject
-from mnist37.sources.base import ContainerShard
-from mnist37.sources.folder import Shard
+from mnist37.sources.protocol import Shard
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 class DecodeRequest:
     """One shard to decode into its chunk (or to reuse the chunk of)."""
 
-    shard: Shard | ContainerShard
+    shard: Shard
     root: str
     chunk_dir: str
     decoding: Decoding

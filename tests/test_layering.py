@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -84,18 +85,52 @@ def under_any(names: set[str], packages: set[str]) -> bool:
     return any(under(n, packages) for n in names)
 
 
+def _parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
 @pytest.mark.parametrize("name", ["folder", "parquet", "webdataset", "idx"])
-def test_every_format_in_the_table_has_its_module(name):
+def test_every_format_in_the_table_implements_the_one_protocol(name):
+    """The folder as much as the container formats: `check` and `plan` with the protocol's
+    parameters (protocol.Source); a detected format its `containers`; a convertible one a
+    writer module with protocol.Sink's members."""
     from mnist37 import sources
+    from mnist37.sources import protocol
 
     module = sources.format_module(name)
     assert module.NAME == name
-    if name == "folder":
-        return  # listed, not planned from headers (mnist37.plan)
-    for function in ("containers", "plan", "read_shard", "converter_records", "output_name"):
-        assert callable(getattr(module, function)), f"{module.__name__} has no {function}()"
-    assert hasattr(module, "ShardWriter")
-    assert set(sources.FORMATS) >= set(sources.DETECTED) and set(sources.TARGETS) <= set(sources.FORMATS)
+    for member in ("check", "plan"):
+        assert _parameters(getattr(module, member)) == _parameters(getattr(protocol.Source, member)), (module, member)
+    if name in sources.DETECTED:
+        for function in ("containers", "read_shard", "converter_records"):
+            assert callable(getattr(module, function)), f"{module.__name__} has no {function}()"
+    if sources.FORMATS[name].convertible:
+        writer = sources.writer_module(name)
+        for member in ("check_classes", "output_name", "finish"):
+            assert _parameters(getattr(writer, member)) == _parameters(getattr(protocol.Sink, member)), (writer, member)
+        assert callable(writer.ShardWriter.add) and callable(writer.ShardWriter.close)
+        assert writer.__name__ != module.__name__  # writers live apart from readers
+    assert set(sources.FORMATS) >= set(sources.DETECTED) | {sources.FALLBACK}
+    assert set(sources.TARGETS) <= set(sources.FORMATS)
+
+
+def names_a_format(path: Path, formats: set[str]) -> list[str]:
+    """Where `path` names a format of the table in a string (`fmt != "folder"`, `{"idx": ...}`)."""
+    return [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and node.value in formats]
+
+
+def test_only_the_sources_tell_formats_apart():
+    """Outside mnist37/sources/, no module names a format of the table or compares format
+    names: a format (the folder too) is reached through the table and its protocol alone."""
+    from mnist37 import sources
+
+    formats = set(sources.FORMATS)
+    found = [hit for name, path in modules().items() if not under(name, {"mnist37.sources"})
+             for hit in names_a_format(path, formats)]
+    assert not found, "\n".join(found)
+    # What the walk looks for, it finds: the table names every format.
+    assert len(names_a_format(modules()["mnist37.sources"], formats)) >= len(formats)
 
 
 def test_the_config_format_choices_are_the_table():

@@ -12,7 +12,8 @@ from mnist37.on_ray import scheduling, session, tasks
 from mnist37.storage.locations import store
 from mnist37.png import DecodeError
 from mnist37.images import Decoding
-from mnist37.sources.folder import ClassFiles, list_split, list_splits, make_shards
+from mnist37.sources.folder import list_split, list_splits, make_shards
+from mnist37.sources.folder_listing import ClassFiles
 from mnist37.steps import DecodeRequest
 from tests.conftest import ray_cpus_each
 

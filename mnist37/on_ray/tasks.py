@@ -28,7 +28,7 @@ from mnist37.on_ray.session import cluster_info, current, default_max_in_flight,
 from mnist37.storage.locations import StoreSettings, store, use_store
 from mnist37.progress import Watch
 from mnist37.shards import DecodedShard
-from mnist37.sources.folder import ClassListing, Shard
+from mnist37.sources.folder_listing import ClassListing
 from mnist37.steps import ClassifiedChunk, ClassifyRequest, DecodeRequest, Placement, classify, decode
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ def _decode(request: DecodeRequest) -> tuple[DecodedShard, Placement]:
     _record_node()
     if request.settings is not None:  # the driver's way to its object store, whatever this node's environment says
         use_store(request.settings)
-    if isinstance(request.shard, Shard):  # its file names are in the listing, in the object store
-        request = dataclasses.replace(request, shard=request.shard.resolved(ray.get))
+    # what it left in the object store (a folder shard's file names)
+    request = dataclasses.replace(request, shard=request.shard.resolved(ray.get))
     return decode(request), _placement()
 
 

@@ -129,6 +129,22 @@ def entries(folder: Root) -> tuple[list[str], list[str]]:
             sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory))
 
 
+def subfolders(folder: Root) -> list[str]:
+    """The subfolders of a folder (or the "folders" of a prefix in a store), sorted."""
+    if isinstance(folder, str):
+        from mnist37.storage.objects import subfolders
+        return subfolders(folder)
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def is_folder(folder: Root) -> bool:
+    """Whether a folder (or a prefix in a store, holding any object) exists."""
+    if isinstance(folder, str):
+        from mnist37.storage.objects import check_folder
+        return check_folder(folder)
+    return folder.is_dir()
+
+
 def read_reason(error: OSError) -> str:
     """Why a listed file could not be read, in words."""
     if isinstance(error, FileNotFoundError):
