@@ -2,7 +2,7 @@
 
 The data comes in through the sources layer (`mnist37.sources`: one module per format, one
 table of formats); the numeric core (PNG decode, Arrow chunks, pixel sums, prototypes,
-distances, confusion) lives in plain modules; `mnist37.distributed` is the one module that
+distances, confusion) lives in plain modules; `mnist37.on_ray` is the one package that
 turns it into Ray tasks. docs/architecture.md walks through the layout.
 
 From Python (docs/api.md): `mnist37.evaluate(data, out=None, **config)` runs the job in this

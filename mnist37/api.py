@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from mnist37 import Mnist37Error
-from mnist37.paths import is_uri
+from mnist37.storage.locations import is_uri
 
 
 class ResultsNotFound(Mnist37Error, FileNotFoundError):
@@ -155,7 +155,7 @@ def _img(prototype: np.ndarray, title: str, scale: int = 2) -> str:
 def _read(out: str, names: list[str]) -> list[bytes]:
     """The bytes of the files `names` under a local folder or an object-store prefix."""
     if is_uri(out) and not out.startswith("file://"):
-        from mnist37.objects import read_objects
+        from mnist37.storage.objects import read_objects
 
         found = read_objects(out, names)
         missing = [name for name, data in zip(names, found) if isinstance(data, OSError)]

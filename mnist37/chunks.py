@@ -38,9 +38,9 @@ import xxhash
 
 from mnist37 import Mnist37Error
 from mnist37.prototypes import ClassSums
-from mnist37.objects import retrying
-from mnist37.paths import open_location
-from mnist37.storage import publish, writing
+from mnist37.storage.retries import retrying
+from mnist37.storage.locations import open_location
+from mnist37.storage.writes import publish, writing
 
 # 2: chunks carry mnist37.checksum; a chunk of version 1 is decoded again.
 SCHEMA_VERSION = "2"
@@ -280,7 +280,7 @@ def _filesystem(location: str | Path) -> tuple[pafs.FileSystem | None, str]:
 def write_chunk(location: str | Path, table: pa.Table, store: str | Path | None = None) -> int:
     """Write `table` as an Arrow IPC file at `location`, atomically; return its size in bytes.
 
-    Published through `storage.publish`: locally a temporary beside the final name, flushed to
+    Published through `writes.publish`: locally a temporary beside the final name, flushed to
     disk and renamed into place, so a reader never sees a partly written chunk and a killed
     writer leaves only a temporary file; in an object store, one object uploaded whole, each
     try through the store's retries. A failed write (a full or read-only store) leaves no

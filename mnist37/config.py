@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist37 import Mnist37Error, sources
-from mnist37.paths import secret_part
+from mnist37.storage.locations import secret_part
 
 METRICS = ("l1", "l2")
 DEVICES = ("auto", "cpu", "cuda")

@@ -5,23 +5,23 @@
 
 The job's own plan cuts the input (a PNG folder, Parquet, tar shards, IDX) into shards of
 `shard_size` images; each becomes one output file, written by one process of a pool through
-the target format's `ShardWriter` (mnist37.sources: `parquet`, `webdataset`, `idx`; every
-format whose table entry is convertible), named by its `output_name`, then completed by its
-`finish` (WebDataset's classes.txt; IDX joins each split's parts behind the headers).
+the target format's writer module (protocol.Sink: `parquet_writer`, `webdataset_writer`,
+`idx_writer`; every format whose table entry names a writer): its `ShardWriter`, named by its
+`output_name`, then completed by its `finish` (WebDataset's classes.txt; IDX joins each
+split's parts behind the headers).
 
 Encoded images are copied as they are (IDX pixels are encoded as PNG), so a PNG the job would
 reject is rejected the same way after conversion (to IDX, such a PNG is left out and reported).
 Records without a usable class (a label out of range, an unreadable file) are left out and
-reported. Everything is written into `<dest>.partial/`, each file under a temporary name
-renamed into place, and the folder is renamed to `<dest>` once every file is there: a killed
-conversion leaves nothing to trust.
+reported. Everything is written into a temporary folder beside `<dest>`, flushed to disk and
+renamed to `<dest>` once every file is there (`writes.publish_folder`): a killed conversion
+leaves nothing to trust, and the next one removes what it left.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,8 +32,9 @@ from mnist37.config import Config
 from mnist37.locate import locate
 from mnist37.plan import plan
 from mnist37.png import DecodeError
-from mnist37.sources.base import ContainerShard
-from mnist37.sources.folder import Shard
+from mnist37.sources.protocol import Shard
+from mnist37.storage import partials
+from mnist37.storage.writes import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,13 @@ class Written:
     ignored: int  # records of classes not selected
 
 
-def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, int], classes: list[str],
-                 target: str, partial: Path, name: str) -> Written:
-    """One input shard into one output file at `partial/name`, through a temporary name."""
-    out = partial / name
-    temp = out.with_name(f".{out.name}.partial")
+def _write_shard(shard: Shard, root: Path, shape: tuple[int, int], classes: list[str],
+                 target: str, staging: Path, name: str) -> Written:
+    """One input shard into one output file at `staging/name` (the folder is published whole)."""
+    out = staging / name
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, ignored, n = [], 0, 0
-    writer = sources.format_module(target).ShardWriter(temp, out, classes, shape, shard.index)
+    writer = sources.writer_module(target).ShardWriter(out, out, classes, shape, shard.index)
     try:
         for path, c, data, reason in shard.records(root, shape):
             if c is None:
@@ -78,12 +78,11 @@ def _write_shard(shard: Shard | ContainerShard, root: Path, shape: tuple[int, in
             n += 1
     finally:
         writer.close()
-    os.replace(temp, out)
     return Written(shard.split, name, n, skipped, ignored)
 
 
 def _output_names(shards: list, target: str) -> list[str]:
-    output_name = sources.format_module(target).output_name
+    output_name = sources.writer_module(target).output_name
     totals: dict[str, int] = {}
     for s in shards:
         totals[s.split] = totals.get(s.split, 0) + 1
@@ -100,26 +99,25 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
     what was written: files, records, skipped records, seconds."""
     if target not in TARGETS:
         raise ConvertError(f"to: unknown output format {target!r}; expected one of {', '.join(TARGETS)}")
-    module = sources.format_module(target)
+    module = sources.writer_module(target)
     dest = Path(dest)
     if dest.exists():
         raise ConvertError(f"{dest} already exists; remove it or choose another destination")
     clock = time.perf_counter()
     planned = plan(locate(cfg))
     cfg = planned.cfg  # with the data set's splits and classes filled in
-    if (why := getattr(module, "check_classes", lambda classes: None)(planned.classes)) is not None:
+    if (why := module.check_classes(planned.classes)) is not None:
         raise ConvertError(f"to {target}: {why}")
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a conversion killed earlier
-    partial.mkdir(parents=True)
+    partials.clean(dest.parent, partials.partials_of(dest.name))  # conversions killed earlier
     names = _output_names(planned.shards, target)
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        futures = [pool.submit(_write_shard, shard, planned.root, planned.shape, planned.classes, target, partial,
-                               name) for shard, name in zip(planned.shards, names)]
-        written = [f.result() for f in futures]
-    if hasattr(module, "finish"):
-        module.finish(partial, written, planned.classes, (cfg.train_split, cfg.eval_split), planned.shape)
-    os.replace(partial, dest)
+    try:
+        with publish_folder(dest) as staging, ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+            futures = [pool.submit(_write_shard, shard, planned.root, planned.shape, planned.classes, target,
+                                   staging, name) for shard, name in zip(planned.shards, names)]
+            written = [f.result() for f in futures]
+            module.finish(staging, written, planned.classes, (cfg.train_split, cfg.eval_split), planned.shape)
+    except FileExistsError:  # made meanwhile
+        raise ConvertError(f"{dest} already exists; remove it or choose another destination") from None
     skipped = sorted(r for w in written for r in w.skipped)
     for path, reason in skipped[:20]:
         log.warning("left out %s: %s", path, reason)

@@ -2,16 +2,18 @@
 
     locate   (no Ray)  the data root, the named data set's splits and classes (mnist37.locate)
     plan     (Ray)     the sorted listing of both splits, the image shape, the shards (mnist37.plan)
-    decode   (Ray)     one task per shard: Arrow chunk, counts, pixel sums, rejections
+    decode   (executor) one step per shard: Arrow chunk, counts, pixel sums, rejections
     check_files        found = used + rejected per split and class; the bad-file policy
     prototypes         summed pixel sums / counts, once
-    classify (Ray)     one task per evaluation chunk: confusion matrices, top-k hits, boundary
-                       candidates; each task writes its chunk's predictions file
+    classify (executor) one step per evaluation chunk: confusion matrices, top-k hits, boundary
+                       candidates; each step writes its chunk's predictions file
     results_json       everything results.json holds, assembled here and nowhere else
 
-Each stage returns a typed record. `evaluate()` runs decode to classify on a connected Ray
-(`ray.init()` is the caller's). The driver holds a small record per class folder and per
-shard, never file names or images.
+Each stage returns a typed record. `evaluate()` runs decode to classify through an executor
+that maps the per-shard steps (mnist37.steps) over shards: the job's is Ray's
+(mnist37.on_ray.tasks.RayExecutor, on a Ray the caller connected), the default runs them in
+this process. The driver holds a small record per class folder and per shard, never file
+names or images.
 """
 
 from __future__ import annotations
@@ -24,21 +26,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mnist37 import DatasetError, Mnist37Error, __version__, distributed
+from mnist37 import DatasetError, Mnist37Error, __version__
 from mnist37.config import DEFAULT_TOP_K, TOP_K_MIN_CLASSES, Config, ConfigError
 from mnist37.predictions import FOLDER, PredictionsFile, PredictionsRequest, make_request, publish_returned, remove_stale
 from mnist37.png import BadFilesError
 from mnist37.sources.keys import combine_digests
-from mnist37.distributed import ClassifiedChunk
 from mnist37.examples import BoundaryExamples
 from mnist37.accuracy import accuracy_report, top_k_report
-from mnist37.paths import is_uri
+from mnist37.storage.locations import is_uri, store
 from mnist37.plan import Plan
 from mnist37.progress import Progress, Status
 from mnist37.prototypes import PixelSums
 from mnist37.report import EXAMPLE_CLASSES, many_classes, output_names
 from mnist37.memory import peak_rss_bytes
 from mnist37.shards import DecodedShard
+from mnist37.steps import (ClassifiedChunk, ClassifyRequest, DecodeRequest, InProcess, Placement,
+                           ShardExecutor)
+from mnist37.sources.protocol import Listed
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +60,39 @@ class Decoded:
     rejected: list[tuple[str, str]]  # (path, reason), sorted
     transport: str  # how evaluation chunks reach classify tasks
     elapsed_s: float
+    placements: dict[str, Placement] = field(default_factory=dict)  # by chunk path: where each shard was decoded
 
 
-def choose_transport(cfg: Config, chunk_dir: str) -> str:
+def choose_transport(cfg: Config, chunk_dir: str, num_nodes: int) -> str:
     """Chunks reach classify tasks through the object store on a multi-node cluster, unless
     the chunk store is a URI (shared storage) or the config says otherwise."""
     if cfg.chunk_transport != "auto":
         return cfg.chunk_transport
-    return "object_store" if distributed.num_nodes() > 1 and not is_uri(chunk_dir) else "filesystem"
+    return "object_store" if num_nodes > 1 and not is_uri(chunk_dir) else "filesystem"
 
 
-def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
-    """Run a decode task per shard; reduce training sums and per-class counts as they finish."""
+def decode_requests(planned: Plan) -> list[DecodeRequest]:
+    """One request per shard; training shards send back their pixel sums."""
+    settings = store()
+    return [DecodeRequest(shard, str(planned.root), str(planned.chunk_dir), planned.decoding,
+                          shard.split == planned.cfg.train_split, planned.archive, settings)
+            for shard in planned.shards]
+
+
+def decode(planned: Plan, executor: ShardExecutor, status: Status) -> Decoded:
+    """Run a decode step per shard; reduce training sums and per-class counts as they finish."""
     cfg, splits = planned.cfg, (planned.cfg.train_split, planned.cfg.eval_split)
     clock = time.perf_counter()
-    transport = choose_transport(cfg, planned.chunk_dir)
+    transport = choose_transport(cfg, planned.chunk_dir, executor.num_nodes())
     sums = PixelSums.zeros(len(planned.classes), planned.shape)
     counts = {split: np.zeros(len(planned.classes), dtype=np.int64) for split in splits}
     found = {split: np.zeros(len(planned.classes) + 1, dtype=np.int64) for split in splits}
-    done_shards, rejected = [], []
+    done_shards, rejected, placements = [], [], {}
     status.stage, status.shards_total = "decode", len(planned.shards)
     progress = Progress("decode", len(planned.shards), " shards")
-    for done in distributed.decode_shards(
-            planned.shards, planned.root, planned.chunk_dir, planned.decoding, cfg.train_split,
-            cfg.eval_split if transport == "object_store" else None, max_in_flight, planned.archive):
+    for done, placement in executor.decode(decode_requests(planned),
+                                           cfg.eval_split if transport == "object_store" else None):
+        placements[done.chunk_path] = placement
         status.shards_decoded += 1
         progress.update()
         counts[done.split] += done.counts
@@ -90,7 +103,8 @@ def decode(planned: Plan, max_in_flight: int, status: Status) -> Decoded:
             done = dataclasses.replace(done, pixel_sums=None)
         done_shards.append(done)
     done_shards.sort(key=lambda r: (splits.index(r.split), r.index))
-    return Decoded(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock)
+    return Decoded(done_shards, sums, counts, found, sorted(rejected), transport, time.perf_counter() - clock,
+                   placements)
 
 
 # ---------------------------------------------------------------- check_files
@@ -101,10 +115,7 @@ def check_files(planned: Plan, decoding: Decoded) -> dict:
     used + rejected everywhere (no image goes missing); then the bad-file policy and the
     classes left with no training images. Returns the accounts for results.json."""
     cfg = planned.cfg
-    if planned.format == "folder":
-        accounts = folder_accounts(planned, decoding)
-    else:  # no listing on the driver: the tasks counted the records
-        accounts = record_accounts(planned.names, (cfg.train_split, cfg.eval_split), decoding.shards)
+    accounts = file_accounts(planned.names, (cfg.train_split, cfg.eval_split), decoding.shards, planned.listed)
     refused = sum(a["rejected"] for per_class in accounts.values() for a in per_class.values())
     if refused != len(decoding.rejected):
         raise Mnist37Error(f"{refused} image files were not used but {len(decoding.rejected)} rejections were reported")
@@ -121,28 +132,14 @@ def check_files(planned: Plan, decoding: Decoded) -> dict:
     return accounts
 
 
-def folder_accounts(planned: Plan, decoding: Decoded) -> dict:
-    """The files table of a folder data set: found per class from the driver's listing, which
-    must equal what the decode tasks were given."""
-    accounts = {}
-    for split, listing in planned.listings.items():
-        listed = listing.counts()
-        used, given = decoding.counts[split], decoding.found[split]
-        accounts[split] = {}
-        for index, name in enumerate(planned.names):
-            if given[index] != listed[index]:
-                raise Mnist37Error(f"{split}/{name}/: {listed[index]} image files listed but {given[index]} "
-                                   "reached the decode tasks")
-            accounts[split][name] = {"found": int(listed[index]), "used": int(used[index]),
-                                     "rejected": int(given[index] - used[index]), "ignored": listing.ignored[index]}
-    return accounts
-
-
-def record_accounts(classes: list[str], splits: tuple[str, ...], shards: list[DecodedShard]) -> dict:
-    """The files table of a container data set, from what the decode tasks found: per split
-    and class, records found, used, rejected; records of classes not selected are `ignored`
-    under "(other classes)", records whose class could not be read are found and rejected
-    under "(no class)". Raises Mnist37Error unless found = used + rejected everywhere."""
+def file_accounts(classes: list[str], splits: tuple[str, ...], shards: list[DecodedShard],
+                  listed: dict[str, Listed]) -> dict:
+    """The files table, every format alike: per split and class, files (records) found, used,
+    rejected, from what the decode tasks found; entries a listing passed over (not image
+    files) are `ignored` under their class, records of classes not selected under "(other
+    classes)", and records whose class could not be read are found and rejected under "(no
+    class)". Raises Mnist37Error unless found = used + rejected everywhere, and, where a
+    listing counted the files before (`listed`), every file it listed reached the tasks."""
     accounts = {}
     for split in splits:
         found = np.zeros(len(classes) + 1, dtype=np.int64)
@@ -155,12 +152,19 @@ def record_accounts(classes: list[str], splits: tuple[str, ...], shards: list[De
                 used[:-1] += r.counts
                 refused += r.rejected_per_class
                 ignored += r.ignored
+        known = listed.get(split)
+        passed_over = known.ignored.tolist() if known is not None else [0] * len(classes)
         accounts[split] = {}
-        for name, f, u, x in zip([*classes, "(no class)"], found.tolist(), used.tolist(), refused.tolist()):
+        for i, (name, f, u, x) in enumerate(zip([*classes, "(no class)"], found.tolist(), used.tolist(),
+                                                refused.tolist())):
+            if known is not None and i < len(classes) and f != known.found[i]:
+                raise Mnist37Error(f"{split}/{name}/: {known.found[i]} image files listed but {f} "
+                                   "reached the decode tasks")
             if f != u + x:
                 raise Mnist37Error(f"{split}/{name}: {f} records found but {u} used and {x} rejected")
             if name != "(no class)" or f:
-                accounts[split][name] = {"found": f, "used": u, "rejected": x, "ignored": 0}
+                accounts[split][name] = {"found": f, "used": u, "rejected": x,
+                                         "ignored": passed_over[i] if i < len(classes) else 0}
         if ignored:
             accounts[split]["(other classes)"] = {"found": 0, "used": 0, "rejected": 0, "ignored": ignored}
     return accounts
@@ -175,6 +179,7 @@ class Classification:
     chunks: dict[str, ClassifiedChunk]  # by chunk path, without their example images
     examples: BoundaryExamples  # per metric and true class, nearest to and farthest from the boundary
     elapsed_s: float
+    placements: dict[str, Placement] = field(default_factory=dict)  # by chunk path: where each was classified
     top_k: int = 0  # k of the top-k accuracy; 0: off
     top_k_hits: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> int64 [C]: true class in the top k
     # The predictions files written, in evaluation order (None: predictions = "none")
@@ -193,33 +198,44 @@ def resolve_top_k(top_k: int, num_classes: int) -> int:
     return top_k
 
 
-def predictions_request(planned: Plan, prototypes: np.ndarray, top_k: int) -> PredictionsRequest | None:
-    """What each classify task needs to write its chunk's predictions (None: predictions off).
-    Tasks publish the files themselves where every node reaches the output location (an
-    object-store prefix, or a Ray of one node); elsewhere they send them to the driver."""
+def predictions_request(planned: Plan, prototypes: np.ndarray, top_k: int,
+                        executor: ShardExecutor) -> PredictionsRequest | None:
+    """What each classify step needs to write its chunk's predictions (None: predictions off).
+    Steps publish the files themselves where every node reaches the output location (an
+    object-store prefix, or one node); elsewhere they send them to the driver."""
     cfg = planned.cfg
     remote_out = is_uri(cfg.out) and not cfg.out.startswith("file://")
     return make_request(cfg.predictions, cfg.out, cfg.eval_split, planned.names, cfg.metrics, top_k, prototypes,
-                        tasks_publish=remote_out or distributed.num_nodes() == 1)
+                        tasks_publish=remote_out or executor.num_nodes() == 1)
 
 
-def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_flight: int,
+def classify_requests(cfg: Config, chunks: list[DecodedShard], top_k: int = 0,
+                      predictions: PredictionsRequest | None = None) -> list[ClassifyRequest]:
+    """One request per chunk: the chunk, what decode reported of it, and the config's classify
+    settings; with `predictions`, the chunk's predictions file (named by its shard index)."""
+    settings = store()
+    return [ClassifyRequest(r.chunk_path, r.checksum, tuple(cfg.metrics), cfg.device, cfg.report_examples,
+                            cfg.verify_chunks, settings, top_k, predictions and predictions.for_chunk(r.index))
+            for r in chunks]
+
+
+def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, executor: ShardExecutor,
              status: Status, top_k: int = 0) -> Classification:
-    """Run a classify task per evaluation chunk; sum their confusion matrices and top-k hits as
-    they finish. With predictions on, each task writes its chunk's file (or the driver writes
-    what a task sent back), and the files of an earlier run into the same folder go."""
+    """Run a classify step per evaluation chunk; sum their confusion matrices and top-k hits as
+    they finish. With predictions on, each step writes its chunk's file (or the driver writes
+    what a step sent back), and the files of an earlier run into the same folder go."""
     cfg, clock = planned.cfg, time.perf_counter()
     chunks = [r for r in decoding.shards if r.split == cfg.eval_split and r.num_images]
     confusions = {m: np.zeros((len(planned.classes),) * 2, dtype=np.int64) for m in cfg.metrics}
     hits = {m: np.zeros(len(planned.classes), dtype=np.int64) for m in cfg.metrics} if top_k else {}
-    request = predictions_request(planned, prototypes, top_k)
+    request = predictions_request(planned, prototypes, top_k, executor)
     written = {}
     examples = BoundaryExamples(cfg.report_examples)
-    classified = {}
+    classified, placements = {}, {}
     status.stage, status.chunks_total = "classify", len(chunks)
     progress = Progress("classify", len(chunks), " shards")
-    for done in distributed.classify_chunks(chunks, prototypes, cfg.metrics, cfg.device, cfg.gpus_per_task,
-                                            cfg.report_examples, max_in_flight, cfg.verify_chunks, top_k, request):
+    for done, placement in executor.classify(classify_requests(cfg, chunks, top_k, request), prototypes):
+        placements[done.chunk_path] = placement
         status.chunks_classified += 1
         progress.update()
         for metric, matrix in done.confusions.items():
@@ -236,7 +252,8 @@ def classify(planned: Plan, decoding: Decoded, prototypes: np.ndarray, max_in_fl
         classified[done.chunk_path] = dataclasses.replace(done, examples={}, predictions=None)
     files = [written[r.chunk_path] for r in chunks] if request is not None else None
     remove_stale(cfg.out, [f.name for f in files or []])
-    return Classification(confusions, classified, examples, time.perf_counter() - clock, top_k, hits, files)
+    return Classification(confusions, classified, examples, time.perf_counter() - clock, placements, top_k, hits,
+                          files)
 
 
 # ---------------------------------------------------------------- the whole evaluation
@@ -255,19 +272,19 @@ class Evaluation:
     elapsed_s: dict[str, float] = field(default_factory=dict)
 
 
-def evaluate(planned: Plan, status: Status | None = None) -> Evaluation:
-    """Decode, check the files, make the prototypes and classify, on the connected Ray."""
-    status = status or Status()
+def evaluate(planned: Plan, status: Status | None = None, executor: ShardExecutor | None = None) -> Evaluation:
+    """Decode, check the files, make the prototypes and classify, through `executor` (default:
+    in this process; the job's: mnist37.on_ray.tasks.RayExecutor)."""
+    status, executor = status or Status(), executor or InProcess()
     cfg = planned.cfg
-    max_in_flight = cfg.max_in_flight or distributed.default_max_in_flight()
     top_k = resolve_top_k(cfg.top_k, len(planned.names))  # before the work: a k too large is one line at once
-    decoding = decode(planned, max_in_flight, status)
+    decoding = decode(planned, executor, status)
     accounts = check_files(planned, decoding)
     clock = time.perf_counter()
     prototypes = decoding.sums.prototypes(planned.names, cfg.train_split)
     prototypes_s = time.perf_counter() - clock
-    classification = classify(planned, decoding, prototypes, max_in_flight, status, top_k)
-    return Evaluation(planned, decoding, accounts, prototypes, classification, distributed.cluster_info(),
+    classification = classify(planned, decoding, prototypes, executor, status, top_k)
+    return Evaluation(planned, decoding, accounts, prototypes, classification, executor.cluster_info(),
                       {"scan": planned.scan_s, "decode": decoding.elapsed_s, "prototypes": prototypes_s,
                        "classify": classification.elapsed_s})
 
@@ -284,6 +301,29 @@ def _summed(counts) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def _worker_peaks(decoding: Decoded, classification: Classification) -> dict[tuple[str, int], int]:
+    """(node, pid) -> the peak RSS of each process that ran a step (pids repeat across nodes)."""
+    peaks: dict[tuple[str, int], int] = {}
+    for r, where in [*((r, decoding.placements[r.chunk_path]) for r in decoding.shards),
+                     *((c, classification.placements[path]) for path, c in classification.chunks.items())]:
+        peaks[where.node_id, where.pid] = max(peaks.get((where.node_id, where.pid), 0), r.peak_rss_bytes)
+    return peaks
+
+
+def _per_shard(r: DecodedShard, decoding: Decoded, classification: Classification) -> dict:
+    """results.json's record of one shard: what decode found, where it was decoded and classified."""
+    decoded = decoding.placements[r.chunk_path]
+    record = {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
+              "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
+              "decode_node_id": decoded.node_id, "decode_elapsed_s": round(r.elapsed_s, 4),
+              "decode_gpu_ids": decoded.gpu_ids}
+    if (c := classification.chunks.get(r.chunk_path)) is not None:
+        classified = classification.placements[r.chunk_path]
+        record |= {"classify_node_id": classified.node_id, "classify_device": c.device,
+                   "classify_gpu_ids": classified.gpu_ids, "classify_elapsed_s": round(c.elapsed_s, 4)}
+    return record
+
+
 def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> dict:
     """Everything results.json holds (README: Output folder), from one run's records;
     `elapsed_s` adds the caller's timings (ray_init, total) to the stages'."""
@@ -292,25 +332,13 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
     splits = (cfg.train_split, cfg.eval_split)
     found = sum(r.num_files for r in decoding.shards)
     reused = sum(r.num_files for r in decoding.shards if r.reused)
-    worker_peaks = {}  # (node, pid) -> bytes: pids repeat across nodes
-    for r in [*decoding.shards, *classification.chunks.values()]:
-        worker_peaks[r.node_id, r.pid] = max(worker_peaks.get((r.node_id, r.pid), 0), r.peak_rss_bytes)
+    worker_peaks = _worker_peaks(decoding, classification)
     elapsed = {**ev.elapsed_s, **(elapsed_s or {})}
-
-    def per_shard(r: DecodedShard) -> dict:
-        record = {"split": r.split, "index": r.index, "num_files": r.num_files, "num_images": r.num_images,
-                  "rejected": len(r.rejected), "num_bytes": r.num_bytes, "digest": r.digest, "reused": r.reused,
-                  "decode_node_id": r.node_id, "decode_elapsed_s": round(r.elapsed_s, 4), "decode_gpu_ids": r.gpu_ids}
-        if (c := classification.chunks.get(r.chunk_path)) is not None:
-            record |= {"classify_node_id": c.node_id, "classify_device": c.device, "classify_gpu_ids": c.gpu_ids,
-                       "classify_elapsed_s": round(c.elapsed_s, 4)}
-        return record
-
     return {
         "mnist37_version": __version__,
         "config": cfg.to_dict(),
         "data": {"source": str(cfg.data), "root": str(planned.root), "format": planned.format,
-                 "folder_listings_reused": sum(listing.reused for listing in planned.listings.values()),
+                 "folder_listings_reused": planned.listings_reused,
                  "fingerprint": f"{combine_digests(*(r.digest for r in decoding.shards)):032x}"},
         "classes": list(classes),
         "image_shape": list(planned.shape),
@@ -328,7 +356,7 @@ def results_json(ev: Evaluation, elapsed_s: dict[str, float] | None = None) -> d
             "count": {split: sum(1 for r in decoding.shards if r.split == split) for split in splits},
             "files_decoded": found - reused,
             "files_reused": reused,
-            "per_shard": [per_shard(r) for r in decoding.shards],
+            "per_shard": [_per_shard(r, decoding, classification) for r in decoding.shards],
         },
         **outcome_json(classification, classes),
         "predictions": predictions_json(classification, cfg),

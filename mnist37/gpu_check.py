@@ -2,9 +2,9 @@
 
 What jobs/gpu_check.py runs, in one process and without Ray (a lent GPU machine has PyTorch,
 PyArrow, Pillow and NumPy, but no Ray and no pyspng): a data set is planned, decoded into Arrow
-chunks by `decode_shard` (a process pool stands in for Ray's decode tasks), reduced to
-prototypes, and its evaluation chunks classified by `classify_images`, the function every
-classify task calls, once per device. The two devices' predictions are compared image by image.
+chunks by the job's own decode stage (`evaluation.decode`, a process pool in place of Ray's
+tasks: `steps.InProcess`), reduced to prototypes, and its evaluation chunks classified by
+`classify_images`, the function every classify task calls, once per device. The two devices' predictions are compared image by image.
 
 Why predictions may differ at all: both devices start from the same float32 pixel differences
 (mnist37.classify.scaled_pixels) but sum them in another order (on a GPU all classes in one
@@ -29,27 +29,26 @@ with no table of expected figures to fall out of date.
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mnist37 import png
+from mnist37 import evaluation, png
 from mnist37.chunks import read_chunk
 from mnist37.classify import PIXEL_VALUES, classify_images, resolve_device
 from mnist37.config import Config
 from mnist37.png import BadFilesError
 from mnist37.locate import locate
 from mnist37.plan import plan
-from mnist37.prototypes import PixelSums, prototypes as mean_images
-from mnist37.shards import decode_shard
+from mnist37.progress import Status
+from mnist37.prototypes import prototypes as mean_images
 from mnist37.sources.keys import combine_digests
+from mnist37.steps import InProcess
 
 # float32's and float64's unit roundoff.
 UNIT_ROUNDOFF = {np.float32: 2.0 ** -24, np.float64: 2.0 ** -53}
@@ -157,8 +156,9 @@ class Timing:
 
 
 def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
-    """Plan `cfg`'s data, decode every shard into `cfg.chunk_dir` with `decode_shard` in up to
-    `workers` processes, and reduce the training sums to prototypes.
+    """Plan `cfg`'s data, decode every shard into `cfg.chunk_dir` through the evaluation's own
+    decode stage, its steps in up to `workers` processes (`steps.InProcess`), and reduce the
+    training sums to prototypes.
 
     The pool forks: call this before anything touches CUDA (a forked child cannot use a CUDA
     context, and these children need none)."""
@@ -168,25 +168,17 @@ def decode_set(name: str, cfg: Config, workers: int) -> DecodedSet:
     cfg = planned.cfg  # with the data set's splits and classes filled in
     clock = time.perf_counter()
     workers = max(1, min(workers, len(planned.shards)))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(decode_shard, shard, planned.root, planned.chunk_dir, planned.decoding,
-                               shard.split == cfg.train_split) for shard in planned.shards]
-        decoded = [f.result() for f in futures]
-    rejected = sorted(r for d in decoded for r in d.rejected)
-    if rejected:
-        raise BadFilesError(rejected, sum(d.num_files for d in decoded))
-    sums = PixelSums.zeros(len(planned.classes), planned.shape)
-    for d in decoded:
-        if d.split == cfg.train_split:
-            sums.add(d.pixel_sums)
-    counts = {split: sum(d.counts for d in decoded if d.split == split) for split in (cfg.train_split, cfg.eval_split)}
-    prototypes = sums.prototypes(planned.classes, cfg.train_split)
-    chunks = {split: [d.chunk_path for d in sorted(decoded, key=lambda d: d.index) if d.split == split and d.num_images]
+    decoded = evaluation.decode(planned, InProcess(workers), Status())  # shards sorted by (split, index)
+    if decoded.rejected:
+        raise BadFilesError(decoded.rejected, sum(d.num_files for d in decoded.shards))
+    prototypes = decoded.sums.prototypes(planned.classes, cfg.train_split)
+    chunks = {split: [d.chunk_path for d in decoded.shards if d.split == split and d.num_images]
               for split in (cfg.train_split, cfg.eval_split)}
-    fingerprint = f"{combine_digests(*(d.digest for d in decoded)):032x}"
+    fingerprint = f"{combine_digests(*(d.digest for d in decoded.shards)):032x}"
     return DecodedSet(name, cfg, fingerprint, planned.classes, prototypes,
-                      {split: int(c.sum()) for split, c in counts.items()}, chunks[cfg.eval_split],
-                      chunks[cfg.train_split], len(decoded), workers, planned.scan_s, time.perf_counter() - clock)
+                      {split: int(c.sum()) for split, c in decoded.counts.items()}, chunks[cfg.eval_split],
+                      chunks[cfg.train_split], len(decoded.shards), workers, planned.scan_s,
+                      time.perf_counter() - clock)
 
 
 def color_copy(sample_root: Path, dest: Path, per_class: int = 600) -> Path:

@@ -1,9 +1,10 @@
 """The image codec: encoded images of any common format to uint8 arrays, told apart by their bytes.
 
 Which files are images is the sources' business (by extension: `EXTENSIONS`); which codec
-decodes one is decided here, by its bytes (`sniff`). A file whose bytes are another format
-than its name says is decoded by its bytes and noted (`Images.notes`). No I/O: the sources read
-the bytes, this module only judges and decodes them.
+decodes one is decided here, by its bytes (`sniff`), from one table (`CODECS`: per format its
+signature, its file name extensions, its header size and its fast decoder, if any). A file
+whose bytes are another format than its name says is decoded by its bytes and noted
+(`Images.notes`). No I/O: the sources read the bytes, this module only judges and decodes them.
 
 Every image becomes what `Decoding` asks for, as Pillow makes it: one channel (`convert("L")`)
 or three (`convert("RGB")`: CMYK, palette, gray, gray with alpha, 16-bit included; alpha
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import struct
 import warnings
 from collections import Counter
@@ -47,13 +49,6 @@ except ImportError:
 
 from mnist37.png import MAX_IMAGE_PIXELS, Blobs, DecodeError, decode_png, decode_pngs, decode_settings, png_header
 
-# File name extensions of images (lower case): what a folder listing takes as an image file.
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# The format each extension names, as Pillow names formats.
-NAMED = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
-         ".tif": "TIFF", ".tiff": "TIFF"}
-# Pillow formats decoded (MPO: a JPEG with extra frames, as some cameras write).
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
 # Resize filters by the name --resize-filter takes.
 FILTERS = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
@@ -62,8 +57,6 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _MODE_NAMES = {"RGB": "RGB", "RGBA": "RGBA", "P": "palette", "PA": "palette with alpha", "LA": "grayscale with alpha",
                "1": "1-bit", "I": "32-bit grayscale", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
                "I;16L": "16-bit grayscale", "CMYK": "CMYK", "YCbCr": "YCbCr", "L": "8-bit grayscale", "F": "float"}
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 @dataclass(frozen=True)
@@ -114,11 +107,16 @@ class Images:
 
 
 def sniff(data: bytes | memoryview) -> str | None:
-    """The image format `data` starts like, as Pillow names it, or None."""
-    head = bytes(data[:12])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), None)
+    """The image format `data` starts like (a name in CODECS, as Pillow names formats), or None."""
+    match = _SIGNATURE.match(bytes(data[:12]))
+    return match.lastgroup if match else None
+
+
+def member_extension(data: bytes) -> str:
+    """The extension (without the dot) a file of these bytes is named by: its format's first
+    in CODECS; "png" for bytes of no format there."""
+    codec = CODECS.get(sniff(data))
+    return codec.extensions[0][1:] if codec is not None and codec.extensions else "png"
 
 
 def named_format(path: str) -> str | None:
@@ -147,21 +145,12 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def declared_size(data: bytes, kind: str | None) -> tuple[int, int] | None:
-    """(H, W) an image's header declares, read without decoding (PNG, JPEG), or None."""
-    if kind == "PNG" and (header := png_header(data)) is not None:
-        return header[1], header[0]
-    if kind == "JPEG":
-        return jpeg_size(bytes(data[:1 << 16]))
-    return None
-
-
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(H, W) an image's header declares, no pixel decoded (PNG and JPEG from their headers,
     other formats from Pillow's lazy open, which reads only the header); None for bytes that
     are not a readable image (the decode judges those)."""
-    kind = sniff(data)
-    if (size := declared_size(data, kind)) is not None:
+    codec = CODECS.get(sniff(data), _NO_CODEC)
+    if codec.size is not None and (size := codec.size(data)) is not None:
         return size
     try:
         with warnings.catch_warnings():
@@ -186,7 +175,7 @@ def _check_size(path: str, size: tuple[int, int], decoding: Decoding) -> None:
 
 @contextlib.contextmanager
 def _opened(data: bytes, path: str, kind: str | None) -> Iterator[Image.Image]:
-    """The image Pillow opens from `data` (a format of FORMATS), closed after the block; any
+    """The image Pillow opens from `data` (a format of CODECS), closed after the block; any
     failure inside, Pillow's or ours, becomes one DecodeError naming `path` and why (`kind`,
     the format the bytes start like, names a broken one)."""
     try:
@@ -194,7 +183,7 @@ def _opened(data: bytes, path: str, kind: str | None) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not warned
             image = Image.open(io.BytesIO(data))
         with image:
-            if image.format not in FORMATS:
+            if image.format not in CODECS:
                 raise DecodeError(path, f"not a supported image ({image.format} data)")
             yield image
     except UnidentifiedImageError:
@@ -214,14 +203,17 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
     if not data:
         raise DecodeError(path, "empty file (0 bytes)")
     kind = sniff(data)
-    if kind == "JPEG" and simplejpeg is not None and (done := _jpeg(data, path, decoding)) is not None:
+    codec = CODECS.get(kind, _NO_CODEC)
+    if codec.decode is not None and (done := codec.decode(data, path, decoding)) is not None:
         return done
-    if (size := declared_size(data, kind)) is not None:
+    if codec.size is not None and (size := codec.size(data)) is not None:
         _check_size(path, size, decoding)
-    if kind == "PNG" and decoding.channels == 1 and not decoding.resize:
-        header = png_header(data)
-        if header is not None and header[2:] == (8, 0):  # 8-bit gray: the PNG path (libspng, else Pillow)
-            return decode_png(data, path, decoding.shape, decoding.convert), None
+    return _pillow(data, path, kind, decoding)
+
+
+def _pillow(data: bytes, path: str, kind: str | None, decoding: Decoding) -> tuple[np.ndarray, str | None]:
+    """`decode_image` by Pillow, whose judgement is the one reported: conversion to the run's
+    channels, the draft of a format that has one, the resize."""
     target = "L" if decoding.channels == 1 else "RGB"
     size = (decoding.shape[1], decoding.shape[0])  # (W, H), as Pillow says sizes
     with _opened(data, path, kind) as image:
@@ -231,7 +223,7 @@ def decode_image(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray
             if not decoding.convert:
                 raise DecodeError(path, f"expected 8-bit grayscale, found {_MODE_NAMES.get(mode, mode)}")
             conversion = f"{_MODE_NAMES.get(mode, mode)} to {'8-bit grayscale' if target == 'L' else 'RGB'}"
-        if decoding.drafts and image.format in ("JPEG", "MPO") and (drafted := image.draft(target, size)):
+        if decoding.drafts and CODECS[image.format].draft and (drafted := image.draft(target, size)):
             box = drafted[1]  # the part of the scaled image the whole original maps to
         if image.mode != target:
             converted = image.convert(target)
@@ -253,7 +245,9 @@ def _jpeg(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray, str |
     """A JPEG through simplejpeg, in the run's layout, with its conversion (as `decode_image`),
     its declared size checked first (from the header libjpeg-turbo reads: no parse of our
     own); None where Pillow must do it (other components, a header or data libjpeg-turbo
-    refuses or would have to recover from)."""
+    refuses or would have to recover from; or without simplejpeg)."""
+    if simplejpeg is None:
+        return None
     try:
         height, width, components, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -316,12 +310,80 @@ def _jpeg_draft(data: bytes, size: tuple[int, int], components: str,
 
 def _broken(data: bytes, kind: str | None, detail: str) -> str:
     """An image that starts as a format but does not decode: cut short, or corrupt."""
-    if kind == "PNG":
-        return "truncated PNG" if b"IEND" not in data[-12:] or "truncated" in detail.lower() else \
-            f"corrupt PNG ({detail})"
-    if kind == "JPEG" and ("truncated" in detail.lower() or not bytes(data[-2:]) == b"\xff\xd9"):
-        return "truncated JPEG"
+    truncated = CODECS.get(kind, _NO_CODEC).truncated
+    if truncated is not None and truncated(data, detail):
+        return f"truncated {kind}"
     return f"corrupt {kind or 'image'} ({detail})"
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    header = png_header(data)
+    return None if header is None else (header[1], header[0])
+
+
+def _png(data: bytes, path: str, decoding: Decoding) -> tuple[np.ndarray, None] | None:
+    """An 8-bit gray PNG of the run's one channel and size through the PNG codec (mnist37.png:
+    libspng, else Pillow), its declared size checked first; None where Pillow must do it."""
+    header = png_header(data)
+    if header is None:
+        return None
+    _check_size(path, (header[1], header[0]), decoding)
+    if decoding.channels == 1 and not decoding.resize and header[2:] == (8, 0):
+        return decode_png(data, path, decoding.shape, decoding.convert), None
+    return None
+
+
+def _png_probe(data: bytes, path: str) -> tuple[int, int] | None:
+    """(H, W) of an 8-bit gray PNG, judged by the PNG path (as it will be decoded); None for others."""
+    header = png_header(data)
+    return decode_png(data, path).shape if header is not None and header[2:] == (8, 0) else None
+
+
+def _png_truncated(data: bytes, detail: str) -> bool:
+    return b"IEND" not in data[-12:] or "truncated" in detail.lower()
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    return jpeg_size(bytes(data[:1 << 16]))
+
+
+def _jpeg_truncated(data: bytes, detail: str) -> bool:
+    return "truncated" in detail.lower() or not bytes(data[-2:]) == b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one image format is told apart and decoded: an entry of CODECS. Pillow decodes
+    every format of the table; a codec's `decode` is its fast path, tried first."""
+
+    name: str  # the format, as Pillow names it
+    signature: bytes  # a regular expression its bytes start with; b"": not told by its bytes
+    extensions: tuple[str, ...] = ()  # its file name extensions (lower case), the first the one files are named by
+    size: Callable[[bytes], tuple[int, int] | None] | None = None  # (H, W) from the header alone, else None
+    # The fast path: (pixels, conversion), or None to leave the image to Pillow; checks the size first.
+    decode: Callable[[bytes, str, Decoding], tuple[np.ndarray, str | None] | None] | None = None
+    probe: Callable[[bytes, str], tuple[int, int] | None] | None = None  # (H, W) of a gray image its fast path judges
+    truncated: Callable[[bytes, str], bool] | None = None  # bytes that failed to decode were cut short
+    draft: bool = False  # Pillow's draft (DCT scaling) applies to it
+
+
+# Every image format decoded, in the order its extensions are listed and its signature tried.
+CODECS = {codec.name: codec for codec in (
+    Codec("PNG", rb"\x89PNG\r\n\x1a\n", (".png",), _png_size, _png, _png_probe, _png_truncated),
+    Codec("JPEG", rb"\xff\xd8\xff", (".jpg", ".jpeg"), _jpeg_size, _jpeg, truncated=_jpeg_truncated, draft=True),
+    Codec("MPO", b"", draft=True),  # a JPEG with extra frames, as some cameras write: sniffed as JPEG
+    Codec("WEBP", rb"RIFF.{4}WEBP", (".webp",)),
+    Codec("BMP", rb"BM", (".bmp",)),
+    Codec("GIF", rb"GIF8[79]a", (".gif",)),
+    Codec("TIFF", rb"II\*\x00|MM\x00\*", (".tif", ".tiff")),
+)}
+_NO_CODEC = Codec("", b"")  # bytes of no format in the table: Pillow judges them
+_SIGNATURE = re.compile(b"|".join(b"(?P<%s>%s)" % (c.name.encode(), c.signature)
+                                  for c in CODECS.values() if c.signature), re.DOTALL)
+# File name extensions of images (lower case): what a folder listing takes as an image file.
+EXTENSIONS = tuple(ext for codec in CODECS.values() for ext in codec.extensions)
+# The format each extension names.
+NAMED = {ext: codec.name for codec in CODECS.values() for ext in codec.extensions}
 
 
 def decode_images(data: Sequence[bytes] | Blobs, path: Callable[[int], str], decoding: Decoding,
@@ -385,9 +447,9 @@ def probe(data: bytes, path: str) -> tuple[tuple[int, int], bool]:
     if not data:
         raise DecodeError(path, "empty file (0 bytes)")
     kind = sniff(data)
-    header = png_header(data) if kind == "PNG" else None
-    if header is not None and header[2:] == (8, 0):  # 8-bit gray PNG: the PNG path judges it
-        return decode_png(data, path).shape, False
+    codec = CODECS.get(kind, _NO_CODEC)
+    if codec.probe is not None and (size := codec.probe(data, path)) is not None:
+        return size, False
     with _opened(data, path, kind) as image:
         if image.width * image.height > MAX_IMAGE_PIXELS or not image.width or not image.height:
             raise DecodeError(path, f"declares {image.height}x{image.width} pixels; not decoded")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mnist37 import Mnist37Error
 from mnist37.config import Config, build_parser, from_args
-from mnist37.paths import StoreSettings, is_uri, local_or_uri, use_store
+from mnist37.storage.locations import StoreSettings, is_uri, local_or_uri, use_store
 from mnist37.progress import Status
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def main(cfg: Config, status: Status | None = None, exiting: bool = False) -> di
     """Run the job; return results.json's contents. Raises Mnist37Error for a problem with
     the input, the storage or the cluster. `exiting` (the command line): the process ends
     right after, with no exit handler run; once the outputs are written, a joined cluster is
-    then left without `ray.shutdown()` (`distributed.disconnect`). Without it (in-process:
+    then left without `ray.shutdown()` (`on_ray.session.disconnect`). Without it (in-process:
     `mnist37.evaluate`) nothing here ends the process: a stall or a lost head raises too, and
     a Ray the process already runs (`ray.init()` before the call) is used and left running."""
     # The driver's way to its object store, made once and handed to every task; put back when
@@ -100,8 +100,9 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     check_outputs(cfg)
     located = locate(cfg)
 
-    from mnist37.distributed import connect, disconnect, join_this_process, map_listings
     from mnist37.evaluation import evaluate, results_json
+    from mnist37.on_ray.session import connect, disconnect, join_this_process
+    from mnist37.on_ray.tasks import RayExecutor, map_listings
     from mnist37.plan import plan
     from mnist37.report import write_outputs
 
@@ -122,7 +123,7 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
         # Class folders are listed by Ray tasks, their file names left in Ray's object store:
         # the driver's memory does not grow with the number of files.
         planned = plan(located, map_listings)
-        evaluation = evaluate(planned, status)
+        evaluation = evaluate(planned, status, RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
         # Written while Ray still runs: stopping it is the one thing left after the results.
         results = results_json(evaluation, {"start": started_s, "ray_init": ray_init_s,
                                             "total": time.perf_counter() - clock})
@@ -149,8 +150,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
 
 def check_outputs(cfg: Config) -> None:
     """StorageError (or LocationError) unless the output folder, and the chunk store when one
-    is given, can be written: a probe file written and removed (`storage.check_writable`)."""
-    from mnist37.storage import check_writable
+    is given, can be written: a probe file written and removed (`writes.check_writable`)."""
+    from mnist37.storage.writes import check_writable
 
     check_writable("output folder", cfg.out)
     if cfg.chunk_dir:
@@ -171,7 +172,7 @@ def process_age_s() -> float:
 def _clear_temporaries(planned: Plan | None) -> None:
     """Remove the temporaries of tasks that Ray stopped mid-write (after an error or an
     interrupt) now, not at the next run: a job that ends leaves no .partial in a local chunk
-    store. Only abandoned ones go (mnist37.partials), so other jobs' writers are safe."""
+    store. Only abandoned ones go (mnist37.storage.partials), so other jobs' writers are safe."""
     from mnist37.shards import clean_partials
 
     if planned is not None and not is_uri(planned.chunk_dir):
@@ -203,7 +204,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         main(cfg, status, exiting=True)
         # The outputs are written and Ray stopped (or a joined cluster left as it is:
-        # distributed.disconnect, whose ray.shutdown() Ray's exit handler would call after
+        # on_ray.session.disconnect, whose ray.shutdown() Ray's exit handler would call after
         # all): nothing is left for an exit handler or the interpreter's teardown to do.
         return _ended_now(0)
     except Mnist37Error as e:
@@ -225,7 +226,7 @@ def _stopped_starting(status: Status, out: str, signum: int) -> NoReturn:
 def _stopped(status: int) -> int:
     """`status`, or the process ended now with it when a store request is still out: pyarrow's
     exit handler would wait for its answer (up to 3 x store_timeout_s) before the process ends."""
-    from mnist37.objects import unanswered
+    from mnist37.storage.retries import unanswered
 
     return _ended_now(status) if unanswered() else status
 

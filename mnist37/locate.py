@@ -14,10 +14,9 @@ from pathlib import Path
 
 from mnist37 import DatasetError
 from mnist37.config import Config, ConfigError
-from mnist37.paths import is_uri, open_location, under
+from mnist37.storage.locations import is_uri, open_location, under
 from mnist37.sources import archive, named
-from mnist37.sources.files import Root
-from mnist37.sources.folder import check_split, class_folders, is_folder, subfolders
+from mnist37.storage.files import Root, is_folder, subfolders
 
 def _find_prefix(data: str, train_split: str) -> str:
     """`find_root` for a URI: the prefix holding `<split>/` prefixes, or the single prefix
@@ -71,9 +70,9 @@ class Located:
     """The data set found, with its splits and classes resolved into the config."""
 
     cfg: Config  # train_split, eval_split and classes filled in
-    root: Root  # the folder (or object store prefix) holding <split>/<class>/ folders, or a container format's files
-    classes: list[str]  # in index order ("all" expanded for folders; containers resolve it in plan)
-    format: str = "folder"  # a name in mnist37.sources.FORMATS
+    root: Root  # the folder (or object store prefix) holding the data set's splits
+    classes: list[str]  # in index order (`check` of its format: "all" expanded where the layout names them)
+    format: str  # a name in mnist37.sources.FORMATS
     # The archive object the root was extracted from: tasks on other nodes extract it there too.
     archive: archive.ArchiveObject | None = None
 
@@ -91,14 +90,9 @@ def locate(cfg: Config) -> Located:
     source = archive.object_source(cfg.data, cfg.cache_dir or None)
     from mnist37 import sources
 
-    # Local or in an object store alike: the files (objects) under the root tell the format.
-    inner = sources.container_root(root)
-    fmt = sources.detect(inner, cfg.format)
-    if fmt != "folder":
-        root = inner
-        sources.check_splits(root, fmt, (cfg.train_split, cfg.eval_split))
-        return Located(cfg, root, list(cfg.classes), fmt, source)
-    classes = class_folders(root, cfg.train_split) if cfg.classes == ["all"] else list(cfg.classes)
-    for split in (cfg.train_split, cfg.eval_split):
-        check_split(root, split, classes)
-    return Located(cfg, root, classes, archive=source)
+    # Local or in an object store alike: the files (objects) under the root tell the format;
+    # a container data set wrapped in one top folder is found inside it.
+    root = sources.container_root(root)
+    fmt = sources.detect(root, cfg.format)
+    classes = sources.format_module(fmt).check(root, (cfg.train_split, cfg.eval_split), cfg.classes)
+    return Located(cfg, root, classes, fmt, source)

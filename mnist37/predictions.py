@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 
 from mnist37 import Mnist37Error, __version__
 from mnist37.chunks import arrow_array, arrow_strings
-from mnist37.paths import is_uri, open_location
-from mnist37.storage import publish, writing
+from mnist37.storage.locations import is_uri, open_location
+from mnist37.storage.writes import publish, writing
 
 log = logging.getLogger(__name__)
 

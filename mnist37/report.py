@@ -25,7 +25,7 @@ from PIL import Image
 from mnist37.accuracy import ranked
 from mnist37.examples import SIDES, BoundaryExamples
 from mnist37.prototypes import PIXEL_MAX
-from mnist37.storage import publish, writing
+from mnist37.storage.writes import publish, writing
 
 # Prototypes are as small as the images (28x28 for MNIST): the side-by-side sheet is enlarged
 # this many times to be seen.
@@ -164,7 +164,7 @@ def write_outputs(out: Path | str, results: dict, prototypes: np.ndarray, exampl
     INLINE_CLASSES classes). `results` is written as it is (results_json made it); `confusions`
     default to its inline ones.
 
-    Each file is published whole (`storage.publish`: a temporary flushed to disk, then renamed
+    Each file is published whole (`writes.publish`: a temporary flushed to disk, then renamed
     into place), so a reader sees an old file or a whole new one, after a crash too; a folder
     with results.json is complete. A folder that is full or
     read-only raises StorageError naming it, the file and the errno, and leaves no partial file.

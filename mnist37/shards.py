@@ -1,10 +1,10 @@
 """Shards into chunks: the per-shard decode step, one reuse check for every kind of shard.
 
-`decode_shard` is the whole per-shard step as a plain function; `mnist37.distributed` runs it
-as a Ray task. A shard is a run of listed files (`sources.folder.Shard`) or a piece of one
-container file (`sources.base.ContainerShard`); both answer the same three questions (`key`:
-what would its chunk be made from now; `read`: its images decoded, every file or record
-accounted for; `expected_files`) and decode into the same chunks.
+`decode_shard` is the whole per-shard step as a plain function; `mnist37.on_ray.tasks` runs it
+as a Ray task. A shard of any format answers the same questions (sources.protocol.Shard: `key`,
+what would its chunk be made from now; `read`, its images decoded, every file or record
+accounted for; `found`, its files per class when the plan knows them) and decodes into the
+same chunks.
 
 A shard whose chunk already exists with the same key is not decoded again (`reusable`): its
 counts, pixel sums and digest come from the chunk's metadata, once the whole chunk is verified
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist37 import Mnist37Error, partials
+from mnist37 import Mnist37Error
+from mnist37.storage import partials
 from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, join, read_chunk_metadata,
                             verify_chunk, write_chunk)
 from mnist37.memory import peak_rss_bytes, reuse_freed_memory
-from mnist37.paths import is_uri
+from mnist37.storage.locations import is_uri
 from mnist37.prototypes import ClassSums, pixel_sums
 from mnist37.images import Decoding
-from mnist37.sources.base import ContainerShard
-from mnist37.sources.folder import Shard
+from mnist37.sources.protocol import Shard
 
 @dataclass
 class DecodedShard:
@@ -57,30 +57,25 @@ class DecodedShard:
     discarded: str
     elapsed_s: float
     peak_rss_bytes: int = 0  # of the process that ran it
-    node_id: str = ""
-    pid: int = 0
-    gpu_ids: list = field(default_factory=list)  # GPUs Ray assigned to the task (none, by design)
-    chunk_ref: object = None  # Ray's ref to the chunk's bytes, when they travel through the object store
-    # Container shards only (None / 0 for folder shards, whose listing the driver holds):
-    rejected_per_class: np.ndarray | None = None  # int64 [C + 1], as `found`
-    ignored: int = 0  # records of classes not selected
+    rejected_per_class: np.ndarray | None = None  # int64 [C + 1], as `found`: found = counts + rejected
+    ignored: int = 0  # records of classes not selected (container formats)
     conversions: dict[str, int] = field(default_factory=dict)  # "CMYK to RGB" -> images converted so
     notes: list[tuple[str, str]] = field(default_factory=list)  # (path, "JPEG data named .png")
 
 
-def chunk_path(chunk_dir: str | Path, shard: Shard | ContainerShard) -> str:
+def chunk_path(chunk_dir: str | Path, shard: Shard) -> str:
     """Where the shard's chunk lives: a path, or a URI when `chunk_dir` is one."""
     return join(chunk_dir, shard.split, f"{shard.name}.arrow")
 
 
 def clean_partials(chunk_dir: Path) -> int:
     """Remove the temporary chunks and listings that killed writers left in a local chunk
-    folder, never one a running writer holds (mnist37.partials); return how many."""
+    folder, never one a running writer holds (mnist37.storage.partials); return how many."""
     folders = [chunk_dir / ".listings", *(p for p in chunk_dir.glob("*") if p.is_dir())] if chunk_dir.is_dir() else []
     return sum(partials.clean(folder) for folder in folders)
 
 
-def reusable(path: str, shard: Shard | ContainerShard, key: Callable[[], str], verify: bool = True,
+def reusable(path: str, shard: Shard, key: Callable[[], str], verify: bool = True,
              shape: tuple[int, ...] | None = None) -> tuple[dict | None, str]:
     """(the chunk's reuse record, "") if the chunk at `path` is intact and was written from
     exactly what `key()` says the shard is made from now; else (None, why not), the reason ""
@@ -101,7 +96,8 @@ def reusable(path: str, shard: Shard | ContainerShard, key: Callable[[], str], v
         return None, (f"{path}: chunk of another data set (split {found[0]}, classes {list(found[1])}, "
                       f"{'x'.join(map(str, found[2]))}; expected split {expected[0]}, classes "
                       f"{list(expected[1])}, {'x'.join(map(str, expected[2]))})")
-    files = shard.expected_files()
+    known = shard.found()  # a chunk must account for every file the plan knows of, or record what it found
+    files = None if known is None else int(known.sum())
     if files is not None and (meta["num_images"] + len(meta["rejected"]) != files
                               or len(meta["counts"]) != len(shard.classes)):
         return None, (f"{path}: chunk records {meta['num_images']} images and {len(meta['rejected'])} rejected "
@@ -112,7 +108,7 @@ def reusable(path: str, shard: Shard | ContainerShard, key: Callable[[], str], v
         if isinstance(e, Mnist37Error):  # a store's refusal stops the job, as it is
             raise
         return None, ""  # a file is gone or unreadable: decoding it reports which
-    if now != meta["files_key"] or (isinstance(shard, ContainerShard) and not meta.get("records")):
+    if now != meta["files_key"] or (known is None and not meta.get("records")):
         return None, f"{path}: {shard.changed}"
     try:
         if verify:
@@ -122,7 +118,7 @@ def reusable(path: str, shard: Shard | ContainerShard, key: Callable[[], str], v
     return meta, ""
 
 
-def decode_shard(shard: Shard | ContainerShard, root: str | Path, chunk_dir: str | Path, decoding: Decoding,
+def decode_shard(shard: Shard, root: str | Path, chunk_dir: str | Path, decoding: Decoding,
                  with_sums: bool) -> DecodedShard:
     """Decode a shard's images into its Arrow chunk (or reuse a still-valid one), count images
     per class and, when `with_sums`, return their per-class pixel sums.
@@ -148,15 +144,17 @@ def decode_shard(shard: Shard | ContainerShard, root: str | Path, chunk_dir: str
         if read.records is not None:
             record["records"] = read.records
         meta = _write(path, chunk_dir, read.images, read.class_indices, read.paths, shard, record)
-    records = meta.get("records")
+    records = meta.get("records")  # what the shard's records were, where no plan knew them before reading
     found = np.array(records["found"], dtype=np.int64) if records else shard.found()
+    refused = (np.array(records["rejected_per_class"], dtype=np.int64) if records
+               else found - np.append(meta["counts"], 0))
     return DecodedShard(
         split=shard.split, index=shard.index, chunk_path=path, num_files=int(found.sum()), found=found,
         num_images=int(meta["counts"].sum()), rejected=[tuple(r) for r in meta["rejected"]],
         num_bytes=meta["num_bytes"], digest=meta["digest"], checksum=meta["checksum"], counts=meta["counts"],
         pixel_sums=meta["pixel_sums"] if with_sums else None, reused=meta.get("reused", False), discarded=discarded,
         elapsed_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
-        rejected_per_class=np.array(records["rejected_per_class"], dtype=np.int64) if records else None,
+        rejected_per_class=refused,
         ignored=records["ignored"] if records else 0,
         conversions=dict(meta.get("conversions") or {}), notes=[tuple(n) for n in meta.get("notes") or []],
     )

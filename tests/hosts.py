@@ -71,7 +71,7 @@ DETECTION = {
     "RAY_grpc_client_keepalive_timeout_ms": "2000",
 }
 # Ray's own detection settings: what a cluster users start with `ray start` has (the job
-# recovers from a lost host as soon as Ray declares it dead: mnist37.distributed._InFlight).
+# recovers from a lost host as soon as Ray declares it dead: mnist37.on_ray.scheduling._InFlight).
 RAY_DEFAULTS: dict[str, str] = {}
 
 

@@ -20,9 +20,9 @@ Read from the source files (ast, nothing imported), what counts as a name in a b
   CamelCase name is defined somewhere in the package (and an UPPER_CASE one too in "Adding a
   format"; in prose it may be an environment variable), and a bare lowercase one is not checked
   (config keys, values such as `auto` and fixtures such as `tmp_path` read the same);
-- in "Adding a format", calls resolve in the container format modules (`mnist37.sources.FORMATS`
-  but the folder), the protocol that section describes: `f()` names a function, and
-  `f(a, b)` gives its parameters.
+- in "Adding a format", calls resolve in the format modules the table names (`mnist37.sources.FORMATS`:
+  readers and writers), `mnist37.sources.protocol` and `mnist37.sources.base`, what that section describes:
+  `f()` names a function, and `f(a, b)` gives its parameters.
 
 Relative links (`[figures](figures.md#...)`) must point at files that exist, too.
 """
@@ -204,11 +204,12 @@ def check_path(path: str) -> str | None:
     return None if where.exists() else f"{path}: no such file or folder"
 
 
-def container_formats() -> list[str]:
-    """The format modules of the sources table but the folder (the protocol 'Adding a format' describes)."""
+def format_modules() -> list[str]:
+    """The reader and writer modules the sources table names, the protocol and base (what
+    'Adding a format' describes)."""
     text = (PACKAGE / "sources" / "__init__.py").read_text()
-    names = set(re.findall(r'Format\("(\w+)"', text)) - {"folder"}
-    return sorted(f"mnist37.sources.{n}" for n in names if f"mnist37.sources.{n}" in MODULES)
+    names = set(re.findall(r'"(mnist37\.sources\.\w+)"', text)) | {"mnist37.sources.base", "mnist37.sources.protocol"}
+    return sorted(n for n in names if n in MODULES)
 
 
 def check_call(name: str, args: str, context: list[str]) -> str | None:
@@ -244,7 +245,7 @@ def check_call(name: str, args: str, context: list[str]) -> str | None:
 
 def problems() -> list[str]:
     found = []
-    formats = container_formats()
+    formats = format_modules()
     for span in spans():
         text = span.text
         problem = None
@@ -285,11 +286,12 @@ def test_the_check_reads_what_the_doc_names():
     """The check sees the doc's names as the doc means them (so an empty list below means something)."""
     found = spans()
     texts = {s.text for s in found}
-    assert {"mnist37/distributed.py", "decode_shard", "prototypes.ClassSums", "FORMATS"} <= texts
+    assert {"mnist37/on_ray/session.py", "decode_shard", "prototypes.ClassSums", "FORMATS"} <= texts
     row = next(s for s in found if s.text == "decode_shard")
     assert row.row_modules == ["mnist37.shards"]
     assert next(s for s in found if s.text == "webdataset.py").line_paths[0] == "mnist37/sources/parquet.py"
-    assert len(container_formats()) >= 3 and "mnist37.sources.folder" not in container_formats()
+    assert {"mnist37.sources.folder", "mnist37.sources.parquet", "mnist37.sources.parquet_writer",
+            "mnist37.sources.base"} <= set(format_modules())
     assert "stall_timeout_s" in CONFIG_KEYS
 
 
@@ -307,12 +309,10 @@ def test_a_dotted_name_resolves_where_it_is_defined(dotted, expected):
 def test_a_call_is_held_to_its_parameters():
     parquet = ["mnist37.sources.parquet"]
     assert check_call("containers", "root, listed", parquet) is None
-    with_convert = "root, splits, train_split, classes, shard_size, shape, convert, image_column, label_column"
-    assert check_call("plan", with_convert, parquet) == (
-        f"plan({with_convert}): its parameters are "
-        "(root, splits, train_split, classes, shard_size, shape, image_column, label_column)")
+    assert check_call("plan", "root, splits, train_split", parquet) == (
+        "plan(root, splits, train_split): its parameters are (request)")
     assert check_call("first_images", "root, shards, wanted", ["mnist37.sources.base"]) is None  # defaults left out
-    assert check_call("add", "path, class_index, data", parquet) is None  # ShardWriter's method
+    assert check_call("add", "path, class_index, data", ["mnist37.sources.parquet_writer"]) is None  # ShardWriter's
     assert check_call("nothing_here", "", parquet) == "nothing_here(...): defined in none of mnist37.sources.parquet"
 
 

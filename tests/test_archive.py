@@ -1,10 +1,14 @@
 import io
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import pytest
 
 from mnist37.sources.archive import ArchiveError, extract
-from tests.conftest import make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder
+from tests.test_storage import assert_flushed_then_published, disk_events  # noqa: F401 (a fixture)
 
 
 def make_tgz(path, folder, arcname="ds"):
@@ -99,3 +103,42 @@ def test_not_an_archive_and_truncated_archive(tmp_path):
 def test_missing_archive(tmp_path):
     with pytest.raises(ArchiveError, match=r"nope.tgz: archive not found"):
         extract(tmp_path / "nope.tgz", tmp_path / "cache")
+
+
+def test_an_extraction_is_on_disk_before_it_is_published(tmp_path, disk_events):
+    """Every extracted file and folder is fsync'd before the folder is renamed into place (a
+    crash right after the rename must not leave empty files in a folder later runs trust)."""
+    folder = make_image_folder(tmp_path / "src", {"train": {"3": 2, "7": 2}})
+    target = extract(make_tgz(tmp_path / "ds.tgz", folder), tmp_path / "cache")
+    assert_flushed_then_published(disk_events, target)
+
+
+HALF_EXTRACTED = textwrap.dedent("""
+    import sys
+    from mnist37.sources import archive
+
+    write = archive._write_members
+    def half_then_hold(tar, members, staging):  # the real writes, then a pause to be killed in
+        write(tar, members[: len(members) // 2], staging)
+        print("holding", flush=True)
+        sys.stdin.readline()
+    archive._write_members = half_then_hold
+    archive.extract(sys.argv[1], sys.argv[2])
+""")
+
+
+def test_an_extraction_killed_part_way_is_never_used_and_is_cleaned(tmp_path):
+    folder = make_image_folder(tmp_path / "src", {"train": {"3": 6, "7": 6}})
+    archive, cache = make_tgz(tmp_path / "ds.tgz", folder), tmp_path / "cache"
+    killed = subprocess.Popen([sys.executable, "-c", HALF_EXTRACTED, str(archive), str(cache)], cwd=PROJECT_ROOT,
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout.readline() == "holding\n"
+    finally:
+        killed.kill()
+        killed.wait()
+    (left,) = (cache / "extracted").iterdir()
+    assert left.name.endswith(".partial") and any(left.rglob("*.png"))  # half an extraction, under a temporary
+    target = extract(archive, cache)
+    assert [p.name for p in (cache / "extracted").iterdir()] == [target.name]  # the killed one's is gone
+    assert sorted(p.name for p in (target / "ds" / "train" / "7").iterdir()) == [f"{i}.png" for i in range(6)]

@@ -333,7 +333,7 @@ def ray_workers(session: int) -> dict[int, str]:
 
 def test_a_job_leaves_a_cluster_at_once_and_none_of_its_workers_behind(three_nodes, data, baseline, tmp_path):
     """The command line leaves a joined cluster without ray.shutdown() once the outputs are
-    written (mnist37.distributed.disconnect): its output is whole, and the raylets stop every
+    written (mnist37.on_ray.session.disconnect): its output is whole, and the raylets stop every
     worker they started for the job, as for any driver that exits."""
     session = three_nodes.process.pid
     before = ray_workers(session).keys()

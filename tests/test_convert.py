@@ -15,6 +15,7 @@ from mnist37.config import load
 from mnist37.convert import ConvertError, convert
 from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.test_formats import assert_same_figures, folder_records, run, write_idx
+from tests.test_storage import assert_flushed_then_published, disk_events  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -79,4 +80,24 @@ def test_the_job(folder, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "121 records in 3 files" in run.stdout
     assert json.loads(run.stdout[:run.stdout.rindex("}") + 1])["classes"] == ["3", "7", "9"]
-    assert not (tmp_path / "out.partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".", "out"))] == ["out"]  # no temporary left
+
+
+def test_a_conversion_is_on_disk_before_it_is_published(folder, tmp_path, disk_events):
+    dest = tmp_path / "out"
+    convert(load(data=str(folder), shard_size=50, chunk_dir=str(tmp_path / "c")), dest, "webdataset", workers=1)
+    assert (dest / "classes.txt").exists()
+    assert_flushed_then_published(disk_events, dest)
+
+
+def test_a_killed_conversions_folder_is_removed_by_the_next(folder, tmp_path):
+    from tests.test_partials import writer
+
+    dest = tmp_path / "out"
+    left = writer(tmp_path / ".out.4242-dead1234.partial")  # a converter's temporary, its writer killed
+    left.kill()
+    left.wait()
+    mine = tmp_path / ".mine.partial"
+    mine.write_text("a user's own file, not a converter's")
+    convert(load(data=str(folder), shard_size=50, chunk_dir=str(tmp_path / "c")), dest, "parquet", workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".mine.partial"]

@@ -4,23 +4,29 @@ import hashlib
 import http.server
 import json
 import re
+import subprocess
+import sys
 import tarfile
+import textwrap
 import threading
+import time
 
 import pytest
 
 from mnist37.sources import named as datasets
 from mnist37.sources.named import Dataset, DownloadError, download, sha256_of
-from tests.conftest import make_image_folder
+from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.test_evaluate_job import run_job
+from tests.test_storage import assert_flushed_then_published, disk_events  # noqa: F401 (a fixture)
 
 
 class Server:
     """Serves files from a dict {path: bytes}; `cut` paths announce their full length but
-    send only half and close."""
+    send only half and close; `held` paths send half, then the rest once `release` is set."""
 
-    def __init__(self, files: dict[str, bytes], cut: set[str] = frozenset()):
-        self.files, self.cut, self.hits = files, cut, []
+    def __init__(self, files: dict[str, bytes], cut: set[str] = frozenset(), held: set[str] = frozenset()):
+        self.files, self.cut, self.held, self.hits = files, cut, held, []
+        self.release = threading.Event()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -33,6 +39,11 @@ class Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if self.path in outer.held:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    outer.release.wait(60)
+                    data = data[len(data) // 2:]
                 self.wfile.write(data[: len(data) // 2] if self.path in outer.cut else data)
 
             def log_message(self, *args):
@@ -92,8 +103,50 @@ def test_a_truncated_response_is_not_trusted_later(archive, tmp_path):
         server.close()
 
 
+def test_a_download_is_on_disk_before_it_is_published(archive, tmp_path, disk_events):
+    server = Server({"/tiny.tgz": archive})
+    try:
+        path = download(checks_for(archive, f"{server.url}/tiny.tgz"), tmp_path / "cache")
+    finally:
+        server.close()
+    assert_flushed_then_published(disk_events, path)
+
+
+DOWNLOADER = textwrap.dedent("""
+    import sys
+    from mnist37.sources.named import Dataset, download
+    url, size, digest, cache = sys.argv[1:]
+    download(Dataset("tiny", url, int(size), digest, "train", "valid", ("3", "7")), cache)
+""")
+
+
+def test_a_download_killed_part_way_is_never_used_and_is_cleaned(tmp_path):
+    archive = bytes(range(256)) * 2048  # 512 KiB: the first half is written before the pause
+    server = Server({"/tiny.tgz": archive}, held={"/tiny.tgz"})
+    cache, dataset = tmp_path / "cache", checks_for(archive, f"{server.url}/tiny.tgz")
+    try:
+        killed = subprocess.Popen([sys.executable, "-c", DOWNLOADER, dataset.url, str(dataset.num_bytes),
+                                   dataset.sha256, str(cache)], cwd=PROJECT_ROOT)
+        try:
+            deadline = time.monotonic() + 60  # until part of the archive is in its temporary
+            while not [p for p in (cache / "downloads").glob(".tiny.tgz.*") if p.stat().st_size >= 1 << 17]:
+                assert time.monotonic() < deadline and killed.poll() is None
+                time.sleep(0.05)
+        finally:
+            killed.kill()
+            killed.wait()
+        (left,) = (cache / "downloads").iterdir()
+        assert left.name.endswith(".partial")  # never under the final name
+        server.held = set()
+        assert download(dataset, cache).read_bytes() == archive
+        assert [p.name for p in (cache / "downloads").iterdir()] == ["tiny.tgz"]  # the killed one's is gone
+    finally:
+        server.release.set()
+        server.close()
+
+
 def test_a_full_cache_is_not_a_failed_download(archive, tmp_path):
-    from mnist37.storage import StorageError
+    from mnist37.storage.writes import StorageError
     from tests.test_storage import fill, tmpfs
 
     server = Server({"/tiny.tgz": archive})

@@ -10,6 +10,7 @@ from mnist37.config import load
 from mnist37.evaluation import evaluate, results_json
 from mnist37.plan import plan
 from mnist37.locate import locate
+from mnist37.on_ray.tasks import RayExecutor
 
 pytestmark = pytest.mark.ray  # a local Ray
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.ray  # a local Ray
 def run(tmp_path, data, shard_size, **overrides):
     overrides.setdefault("out", str(tmp_path / f"out-{shard_size}"))
     cfg = load(data=str(data), shard_size=shard_size, **overrides)
-    evaluation = evaluate(plan(locate(cfg)))
+    evaluation = evaluate(plan(locate(cfg)), executor=RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
     return results_json(evaluation), evaluation.prototypes
 
 
@@ -72,3 +73,39 @@ def test_mnist_sample_shard_invariance_and_counts(ray_local, mnist_sample_tgz, c
                for split in ("train", "valid")}
     assert results["counts"] == on_disk
     assert sum(sum(c.values()) for c in results["counts"].values()) == 14434
+
+
+
+def run_here(tmp_path, data, name: str, executor=None):
+    """(results, prototypes, evaluation) of the stages run through `executor` (default: in this
+    process), decoding into a chunk store of their own."""
+    cfg = load(data=str(data), shard_size=19, out=str(tmp_path / "out"), chunk_dir=str(tmp_path / f"chunks-{name}"))
+    evaluation = evaluate(plan(locate(cfg)), executor=executor)
+    assert not any(r.reused for r in evaluation.decoding.shards)
+    return results_json(evaluation), evaluation.prototypes, evaluation
+
+
+def test_in_process_the_stages_run_in_this_process_or_in_forked_ones(image_folder, tmp_path):
+    """Without Ray, the same stages (mnist37.steps.InProcess): decode steps in this process or
+    in forked ones, to the same figures; where each step ran comes back beside its record."""
+    from mnist37.steps import InProcess
+
+    serial, forked = (run_here(tmp_path, image_folder, name, executor)
+                      for name, executor in (("serial", None), ("forked", InProcess(workers=3))))
+    assert_same_evaluation([serial[:2], forked[:2]])
+    assert serial[0]["counts"] == {"train": {"3": 64, "7": 64}, "valid": {"3": 12, "7": 12}}
+    assert {s["decode_node_id"] for s in serial[0]["shards"]["per_shard"]} == {""}  # no Ray node
+    assert {p.pid for p in serial[2].decoding.placements.values()} == {os.getpid()}
+    assert serial[0]["memory"]["workers"] == 1  # every step in this process
+    assert forked[0]["memory"]["workers"] > 1  # decode steps in forked processes, classify here
+
+
+def test_on_ray_and_in_process_the_same_stages_give_the_same_evaluation(ray_local, image_folder, tmp_path):
+    cfg = load(data=str(image_folder))
+    on_ray = run_here(tmp_path, image_folder, "ray", RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
+    assert_same_evaluation([on_ray[:2], run_here(tmp_path, image_folder, "here")[:2]])
+    placements = on_ray[2].decoding.placements
+    assert {p.node_id for p in placements.values()} == {ray_local.get_runtime_context().get_node_id()}
+    assert all(p.pid != os.getpid() for p in placements.values())  # Ray's workers
+    assert set(on_ray[2].classification.placements) == {r.chunk_path for r in on_ray[2].decoding.shards
+                                                        if r.split == "valid"}

@@ -22,6 +22,7 @@ from mnist37.evaluation import results_json
 from mnist37.locate import locate
 from mnist37.plan import plan as plan_located
 from mnist37.sources import detect
+from mnist37.on_ray.tasks import RayExecutor
 from mnist37.sources.base import FormatError
 from tests.conftest import PROJECT_ROOT, make_image_folder
 
@@ -32,7 +33,7 @@ def plan(cfg):
 
 def evaluate(cfg):
     """(results, prototypes, example images) of the whole evaluation on the connected Ray."""
-    done = evaluate_plan(plan(cfg))
+    done = evaluate_plan(plan(cfg), executor=RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
     return results_json(done), done.prototypes, done.classification.examples.images()
 
 

@@ -128,7 +128,7 @@ def test_the_wheel_runs_the_job_on_mnist_sample_exactly(venv, mnist_sample_tgz, 
     files = json.loads(listing.read_text())
     assert files["__main__"] == str(target / "job.py")
     assert files["mnist37.sources"] == str(target / "sources" / "__init__.py")
-    assert {"mnist37.sources.archive", "mnist37.distributed", "mnist37.evaluation"} <= set(files)
+    assert {"mnist37.sources.archive", "mnist37.on_ray.tasks", "mnist37.evaluation"} <= set(files)
     assert all(Path(f).is_relative_to(target) for f in files.values()), files
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from mnist37 import DatasetError
 from mnist37.config import load
 from mnist37.locate import locate
-from mnist37.plan import SIZE_PROBES, plan
-from mnist37.sources.folder import header_sizes, list_split
+from mnist37.plan import plan
+from mnist37.sources.folder import SIZE_PROBES, header_sizes, list_split
 from tests.test_evaluate_job import run_job
 
 CLASSES = [f"n{1440764 + 37 * i:08d}" for i in range(6)]

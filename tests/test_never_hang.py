@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist37.paths import StoreMismatch, StoreSettings, open_location, use_store
+from mnist37.storage.locations import StoreMismatch, StoreSettings, open_location, use_store
 from mnist37.progress import Stalled, Watch
 
 from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes
@@ -75,7 +75,7 @@ def test_watch_never_stops_a_slow_job_that_moves():
 def test_a_head_that_stops_accepting_connections_is_lost_within_the_limit():
     """HeadWatch on a real listening socket: never lost while it accepts; once it is closed,
     `on_lost` is called from the watching thread, after the limit and not long after it."""
-    from mnist37.distributed import HeadWatch
+    from mnist37.on_ray.session import HeadWatch
 
     server = socket.create_server(("127.0.0.1", 0))
     lost: list[float] = []

@@ -13,8 +13,8 @@ import pytest
 
 from mnist37.sources.folder import list_class_folder
 from mnist37.chunks import chunk_table, read_chunk, write_chunk
-from mnist37.objects import read_objects
-from mnist37.storage import publish
+from mnist37.storage.objects import read_objects
+from mnist37.storage.writes import publish
 
 from tests.conftest import PROJECT_ROOT, make_image_folder, shared_ray_address
 from tests.s3server import FaultProxy, aws_env, serving
@@ -95,7 +95,7 @@ def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, s3_ray, 
 _ON_ANOTHER_NODE = """
 import json, shutil, sys
 import ray
-from mnist37 import distributed
+from mnist37.on_ray.tasks import RayExecutor, map_listings
 from mnist37.config import load
 from mnist37.evaluation import evaluate
 from mnist37.locate import locate
@@ -107,7 +107,7 @@ extraction = located.root.parent
 assert located.archive is not None and extraction.parent.name == "extracted", located.root
 shutil.rmtree(extraction)
 ray.init(address=sys.argv[3], configure_logging=False)
-evaluation = evaluate(plan(located, distributed.map_listings))
+evaluation = evaluate(plan(located, map_listings), executor=RayExecutor())
 print(json.dumps({"counts": {s: c.tolist() for s, c in evaluation.decoding.counts.items()},
                   "extracted_again": (located.root / "train").is_dir()}))
 """

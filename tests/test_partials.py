@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from mnist37 import partials
+from mnist37.storage import partials
 from mnist37.sources.archive import extract
 from mnist37.config import load
 from mnist37.plan import plan
@@ -18,7 +18,7 @@ from tests.conftest import PROJECT_ROOT, make_image_folder
 
 WRITER = textwrap.dedent("""
     import sys
-    from mnist37.partials import claimed
+    from mnist37.storage.partials import claimed
     with claimed(sys.argv[1]):
         open(sys.argv[1], "wb").write(b"half a chunk")
         print("holding", flush=True)
@@ -74,14 +74,20 @@ def test_an_extraction_killed_part_way_is_cleared_by_the_next(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="ds")
     target = extract(archive, tmp_path / "cache")
-    stale = target.parent / f".{target.name}-dead1234"
+    stale = target.parent / f".{target.name}.4242-dead1234.partial"
     (stale / "ds" / "train").mkdir(parents=True)  # a staging folder whose extractor was killed
     target.rename(target.with_name(target.name + "-moved"))  # force a fresh extraction
     assert extract(archive, tmp_path / "cache") == target and not stale.exists()
 
 
-@pytest.mark.parametrize("name", ["x.arrow", "listing.npz"])
-def test_temporary_names_carry_the_writer(name):
+@pytest.mark.parametrize("name", ["x.arrow", "listing.npz", "mnist_sample-0123[4]"])
+def test_temporary_names_carry_the_writer_and_are_unique(tmp_path, name):
     import os
+    import re
 
-    assert partials.partial_name(name) == f".{name}.{os.getpid()}.partial"
+    names = {partials.partial_name(name) for _ in range(100)}
+    assert len(names) == 100  # threads of one process writing the same file never share a temporary
+    assert all(re.fullmatch(rf"\.{re.escape(name)}\.{os.getpid()}-[0-9a-f]{{8}}\.partial", n) for n in names)
+    for n in [*names, f".{name}.x.1-abcdabcd.partial", f".{name}-other.1-abcdabcd.partial"]:
+        (tmp_path / n).touch()
+    assert sorted(p.name for p in tmp_path.glob(partials.partials_of(name))) == sorted(names)

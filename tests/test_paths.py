@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from mnist37.config import LOCATIONS, ConfigError, load
-from mnist37.paths import LocationError, cache_home, class_folder, is_uri, open_location, sample_path, secret_part
+from mnist37.storage.locations import LocationError, cache_home, class_folder, is_uri, open_location, sample_path, secret_part
 
 
 def test_cache_home_follows_config_then_environment(monkeypatch, tmp_path):

@@ -18,6 +18,7 @@ import mnist37
 from mnist37.config import ConfigError, load
 from mnist37.evaluation import evaluate as evaluate_plan
 from mnist37.evaluation import results_json
+from mnist37.on_ray.tasks import RayExecutor
 from mnist37.predictions import PredictionsError, chunk_table, make_request, read
 from tests.conftest import make_image_folder
 from tests.test_formats import plan, write_hf_parquet, write_idx, write_webdataset
@@ -69,7 +70,7 @@ def run(tmp_path, data, name, out=None, **overrides):
     out = out or tmp_path / f"out-{name}"
     cfg = load(data=str(data), out=str(out), chunk_dir=str(tmp_path / f"chunks-{name}"),
                cache_dir=str(tmp_path / "cache"), **overrides)
-    results = results_json(evaluate_plan(plan(cfg)))
+    results = results_json(evaluate_plan(plan(cfg), executor=RayExecutor(cfg.max_in_flight, cfg.gpus_per_task)))
     return results, read(out, results["predictions"])
 
 

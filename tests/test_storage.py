@@ -4,11 +4,13 @@ what was being written and the errno, and leave no partial file; freeing space i
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -17,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist37 import distributed
+from mnist37.storage import locations
+from mnist37.on_ray import tasks
 from mnist37.sources.archive import extract
 from mnist37.images import Decoding
 from mnist37.chunks import chunk_table, write_chunk
 from mnist37.sources.folder import list_split
 from mnist37.report import write_outputs
 from mnist37.sources.folder import make_shards
-from mnist37.storage import StorageError
+from mnist37.steps import DecodeRequest
+from mnist37.storage.writes import StorageError, publish, publish_folder
 from tests.conftest import make_image_folder
 
 
@@ -92,7 +96,8 @@ def test_a_full_store_under_ray_tasks_arrives_as_the_one_line(ray_local, image_f
     with tmpfs(tmp_path / "store", "64k") as store:
         fill(store, leave_bytes=8192)
         with pytest.raises(StorageError) as error:
-            list(distributed.decode_shards(shards, image_folder, str(store), Decoding((8, 8)), "train", None, 2))
+            list(tasks.decode_shards([DecodeRequest(s, str(image_folder), str(store), Decoding((8, 8)), True, None,
+                                                         locations.store()) for s in shards], None, 2))
         assert type(error.value) is StorageError
         message = str(error.value)
         assert message.startswith(f"chunk store {store}: no space left on device (ENOSPC) "
@@ -173,29 +178,39 @@ def test_an_output_folder_that_refuses_writes_keeps_what_was_there(tmp_path, how
 
 @pytest.fixture
 def disk_events(monkeypatch) -> list[tuple[str, str]]:
-    """Every os.fsync (of the real file or folder its descriptor names) and os.replace, in
-    order, as they happen: the calls still run."""
+    """Every os.fsync (of the real file or folder its descriptor names), os.sync, and os.replace
+    or os.rename (Path.rename's too), in order, as they happen: the calls still run."""
     events: list[tuple[str, str]] = []
-    fsync, replace = os.fsync, os.replace
+    fsync, sync, replace, rename = os.fsync, os.sync, os.replace, os.rename
+
+    def recorded_sync():
+        events.append(("sync", ""))
+        return sync()
 
     def recorded_fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return fsync(fd)
 
-    def recorded_replace(source, destination):
-        events.append(("replace", f"{os.fspath(source)} -> {os.fspath(destination)}"))
-        return replace(source, destination)
+    def recorded(call):
+        def moved(source, destination, *args, **kwargs):
+            events.append(("replace", f"{os.fspath(source)} -> {os.fspath(destination)}"))
+            return call(source, destination, *args, **kwargs)
+        return moved
 
     monkeypatch.setattr(os, "fsync", recorded_fsync)
-    monkeypatch.setattr(os, "replace", recorded_replace)
+    monkeypatch.setattr(os, "sync", recorded_sync)
+    monkeypatch.setattr(os, "replace", recorded(replace))
+    monkeypatch.setattr(os, "rename", recorded(rename))
     return events
 
 
 def assert_flushed_then_published(events: list[tuple[str, str]], final: Path) -> None:
-    """The temporary of `final` was fsync'd, renamed onto it, and then its folder fsync'd."""
+    """The temporary of `final`, beside it, was flushed to disk (a file fsync'd; a folder, with
+    all it holds, by os.sync), renamed onto it, and then its folder fsync'd."""
     (renamed,) = [i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith(f" -> {final}")]
     temporary = events[renamed][1].split(" -> ")[0]
-    assert ("fsync", temporary) in events[:renamed], events
+    assert Path(temporary).parent == final.parent and Path(temporary).name.endswith(".partial"), temporary
+    assert (("sync", "") if final.is_dir() else ("fsync", temporary)) in events[:renamed], events
     assert ("fsync", str(final.parent)) in events[renamed + 1:], events
 
 
@@ -225,3 +240,84 @@ def test_a_kept_listing_is_on_disk_before_it_is_published(tmp_path, disk_events,
     assert len(names) == 3 and not reused and not_kept == ""
     (kept,) = reuse.iterdir()
     assert_flushed_then_published(disk_events, kept)
+
+
+# Every writer publishes through mnist37.storage.writes: outside the storage package no module
+# moves a file into place or makes a temporary of its own for a final file.
+PACKAGE = Path(__file__).resolve().parent.parent / "mnist37"
+MOVES = {"os.replace", "os.rename", "os.renames", "shutil.move", "tempfile.mkstemp", "tempfile.NamedTemporaryFile"}
+TEMPORARY_NAMES = {"partial_name", "claimed"}  # the storage layer's own temporaries
+TEMPORARY_WORDS = (".partial", ".tmp")
+
+
+def own_publishing(source: str) -> list[str]:
+    """What in `source` moves a file into place or makes a temporary for one, by line:
+    os.replace/os.rename/shutil.move, any `x.rename(y)` or `x.replace(y)` (a Path's),
+    tempfile's named temporaries (and `mkdtemp(dir=...)`, a temporary beside a target), the
+    storage layer's temporary names, and a name spelled with `.partial` or `.tmp`."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            call = f"{ast.unparse(node.func.value)}.{node.func.attr}"
+            path_move = node.func.attr in {"rename", "replace"} and len(node.args) == 1 and not node.keywords
+            beside = call == "tempfile.mkdtemp" and any(k.arg == "dir" for k in node.keywords)
+            if call in MOVES or beside or (path_move and not call.startswith("dataclasses.")):
+                found.append(f"{node.lineno}: {call}()")
+        elif isinstance(node, ast.Name | ast.Attribute | ast.alias):
+            name = {ast.Name: "id", ast.Attribute: "attr", ast.alias: "name"}[type(node)]
+            if getattr(node, name) in TEMPORARY_NAMES:
+                found.append(f"{getattr(node, 'lineno', '?')}: {getattr(node, name)}")
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+              and any(word in node.value for word in TEMPORARY_WORDS)):
+            found.append(f"{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_module_outside_storage_publishes_a_file_its_own_way():
+    offenders = {str(path.relative_to(PACKAGE)): found for path in sorted(PACKAGE.rglob("*.py"))
+                 if "storage" not in path.relative_to(PACKAGE).parts and (found := own_publishing(path.read_text()))}
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("line", [
+    "os.replace(temp, out)", "os.rename(a, b)", "staging.rename(target)", "Path(a).replace(b)", "shutil.move(a, b)",
+    "tempfile.mkdtemp(prefix='.x-', dir=target.parent)", "tempfile.NamedTemporaryFile(delete=False)",
+    "partial = final.with_name(partials.partial_name(final.name))", "from mnist37.storage.partials import claimed",
+    "temp = dest / f'.{name}.partial'"])
+def test_the_check_sees_each_way_of_publishing_alone(line):
+    assert own_publishing(line) != []
+
+
+@pytest.mark.parametrize("line", ["text.replace('a', 'b')", "dataclasses.replace(done, examples={})",
+                                  "tempfile.mkdtemp(prefix='mnist37-')", "publish(out / name, write)"])
+def test_the_check_leaves_other_calls_alone(line):
+    assert own_publishing(line) == []
+
+
+def test_a_folder_published_first_by_another_writer_stays_as_it_is(tmp_path):
+    target = tmp_path / "x"
+    with pytest.raises(FileExistsError, match=rf"already published by another writer: '{re.escape(str(target))}'"):
+        with publish_folder(target) as staging:
+            (staging / "mine").write_text("mine")
+            target.mkdir()
+            (target / "theirs").write_text("theirs")
+    assert os.listdir(tmp_path) == ["x"] and os.listdir(target) == ["theirs"]
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_failed_write_publishes_nothing_and_leaves_no_temporary(tmp_path, folder):
+    def half(f):
+        f.write(b"half")
+        raise ValueError("cut short")
+
+    with pytest.raises(ValueError, match="cut short"):
+        if folder:
+            with publish_folder(tmp_path / "x") as staging:
+                half(open(staging / "a", "wb"))
+        else:
+            publish(tmp_path / "x", half)
+    assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""What flushing a chunk to disk costs: `mnist37.chunks.write_chunk` (storage.publish: the
+"""What flushing a chunk to disk costs: `mnist37.chunks.write_chunk` (writes.publish: the
 temporary fsync'd, renamed, its folder fsync'd) against the write it replaced (pa.OSFile and a
 rename, nothing flushed), on real chunks of 8192 28x28 images (6.4 MB), rounds alternating.
 
@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from mnist37.chunks import chunk_table, write_chunk
-from mnist37.partials import claimed, partial_name
+from mnist37.storage.partials import claimed, partial_name
 
 
 def unflushed(path: Path, table: pa.Table) -> int:
-    """The write before storage.publish (commit 0af93a2): no fsync."""
+    """The write before writes.publish (commit 0af93a2): no fsync."""
     partial = path.with_name(partial_name(path.name))
     os.makedirs(path.parent, exist_ok=True)
     with claimed(partial):

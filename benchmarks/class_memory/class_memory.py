@@ -11,8 +11,8 @@ tar -x -C /tmp/mnist37-0af93a2`), runs in fresh processes, so each peak is its o
 - worker: `shards.decode_shard` (the decode task's body) on every training shard in turn, then its result
   pickled as Ray returns it to the driver; once decoding (fresh), once reusing the chunks it
   wrote (the footer read and verified);
-- driver (when every training shard was decoded): `evaluation.decode` and the prototypes, as the job runs them, with the Ray map
-  replaced by the workers' pickled results read from disk (one at a time, as they finish).
+- driver (when every training shard was decoded): `evaluation.decode` and the prototypes, as the job runs them, with the executor's
+  decode map replaced by the workers' pickled results read from disk (one at a time, as they finish).
 
 Peak RSS is the process's VmHWM (/proc/self/status). Every figure is printed per tree, side by
 side. Needs Linux and the tree's dependencies (this venv's); runs without Ray's cluster.
@@ -91,7 +91,7 @@ def worker(args) -> dict:
 
 def driver(args) -> dict:
     """The job's driver stages decode (the reduce) and prototypes, fed the pickled results."""
-    from mnist37 import distributed, evaluation
+    from mnist37 import evaluation
     from mnist37.progress import Status
 
     plan = planned(args.data, args.chunks, args.shard_size, args.size)
@@ -102,9 +102,24 @@ def driver(args) -> dict:
             with open(path, "rb") as f:
                 yield pickle.load(f)
 
-    distributed.decode_shards = results  # the Ray map, replaced by what the workers sent
-    clock = time.perf_counter()
-    decoding = evaluation.decode(plan, 2, Status())
+    try:
+        from mnist37.steps import Placement
+    except ImportError:  # a tree from before mnist37.steps: its Ray map was distributed.decode_shards
+        from mnist37 import distributed
+
+        distributed.decode_shards = results  # the Ray map, replaced by what the workers sent
+        clock = time.perf_counter()
+        decoding = evaluation.decode(plan, 2, Status())
+    else:
+        class Replayed:  # the executor's decode map, replaced by what the workers sent
+            def num_nodes(self) -> int:
+                return 1
+
+            def decode(self, requests, ship_split):
+                return ((done, Placement()) for done in results())
+
+        clock = time.perf_counter()
+        decoding = evaluation.decode(plan, Replayed(), Status())
     prototypes = decoding.sums.prototypes(plan.names, "train")
     return {"peak_rss_bytes": vm_hwm_bytes(), "shards": len(files), "prototypes_bytes": prototypes.nbytes,
             "elapsed_s": time.perf_counter() - clock}

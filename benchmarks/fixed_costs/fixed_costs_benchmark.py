@@ -9,17 +9,17 @@ theirs):
 
 - `python`: the interpreter up to a script's first line (the process's age there);
 - `import ray`, then `import driver`: the job's driver modules on top (mnist37.job,
-  mnist37.distributed: what the driver imports before it connects);
-- `ray.init`: `mnist37.distributed.connect`, the job's own call;
+  mnist37.on_ray.session and .tasks: what the driver imports before it connects);
+- `ray.init`: `mnist37.on_ray.session.connect`, the job's own call;
 - `workers`: from submitting one task per CPU until each has begun (the median), each on a
   worker process of its own that this job's first task starts (Ray starts a job's workers
   for it);
 - `worker age`: each such worker's age when its first task began (its interpreter, Ray's
   worker set-up, registering with the raylet), the median;
 - first-task imports in those fresh workers, per module, in the order the job's tasks first
-  need them (the listing and decode tasks: mnist37.distributed and what it brings; the
+  need them (the listing and decode tasks: mnist37.on_ray.tasks and what it brings; the
   classify task: torch through mnist37.classify); medians over the workers;
-- `ray.shutdown`: `mnist37.distributed.disconnect`, the job's own call (for a Ray of its own:
+- `ray.shutdown`: `mnist37.on_ray.session.disconnect`, the job's own call (for a Ray of its own:
   every process stopped);
 - `exit`: from then to the process's end, seen from here.
 
@@ -39,8 +39,8 @@ import time
 _FIRST_LINE = time.clock_gettime(time.CLOCK_BOOTTIME)
 
 # What the job's tasks import the first time a worker runs them, in that order: the listing
-# and decode tasks unpickle functions of mnist37.distributed; the classify task imports torch.
-WORKER_IMPORTS = ("numpy", "pyarrow", "PIL.Image", "simplejpeg", "mnist37.distributed", "torch", "mnist37.classify")
+# and decode tasks unpickle functions of mnist37.on_ray.tasks; the classify task imports torch.
+WORKER_IMPORTS = ("numpy", "pyarrow", "PIL.Image", "simplejpeg", "mnist37.on_ray.tasks", "torch", "mnist37.classify")
 
 
 def _age_s(at: float) -> float:
@@ -74,7 +74,8 @@ def probe(address: str) -> dict:
     figures["import ray"] = time.perf_counter() - clock
     clock = time.perf_counter()
     import mnist37.job  # noqa: F401
-    from mnist37.distributed import connect, disconnect
+    import mnist37.on_ray.tasks  # noqa: F401
+    from mnist37.on_ray.session import connect, disconnect
     figures["import driver"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

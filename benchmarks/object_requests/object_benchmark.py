@@ -1,5 +1,5 @@
 """Objects per second read from an S3-compatible server on loopback, at several numbers of
-requests in flight: what chose mnist37.objects.REQUESTS_IN_FLIGHT.
+requests in flight: what chose mnist37.storage.objects.REQUESTS_IN_FLIGHT.
 
     python benchmarks/object_requests/object_benchmark.py                       # moto on 127.0.0.1, 2,000 MNIST-sized objects
     python benchmarks/object_requests/object_benchmark.py --objects 4000 --requests 1 4 16 64
@@ -43,7 +43,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT))  # mnist37 and tests/ of this checkout
 
 from benchmarks.support.processes import fresh_process  # noqa: E402
-from mnist37.objects import REQUESTS_IN_FLIGHT, list_objects, read_objects  # noqa: E402
+from mnist37.storage.objects import REQUESTS_IN_FLIGHT, list_objects, read_objects  # noqa: E402
 
 
 def start_server(objects: int, size: int) -> tuple[object, str]:

@@ -1,8 +1,8 @@
 """Safe, cached extraction of .tgz / .tar.gz data sets.
 
 An archive is extracted once into `<cache>/extracted/<name>-<sha256 prefix>/`: first into a
-temporary folder beside it, then renamed into place, so an interrupted extraction never leaves
-a folder that a later run trusts. Members that are links, devices, absolute paths or paths
+temporary folder beside it, flushed to disk, then renamed into place (`writes.publish_folder`),
+so an interrupted extraction never leaves a folder that a later run trusts. Members that are links, devices, absolute paths or paths
 with `..` are refused before anything is written.
 
 An archive in an object store (`s3://bucket/mnist_sample.tgz`, an `ArchiveObject`) is copied
@@ -20,14 +20,14 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from mnist37 import Mnist37Error, partials
-from mnist37.paths import cache_home
-from mnist37.storage import StorageError, writing
+from mnist37 import Mnist37Error
+from mnist37.storage import partials
+from mnist37.storage.locations import cache_home
+from mnist37.storage.writes import StorageError, publish, publish_folder, writing
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,23 @@ def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], staging
             os.utime(path, (member.mtime, member.mtime))
 
 
+def _extract_into(archive: Path, staging: Path, cache: Path, where: str) -> None:
+    """Every member of `archive`, checked first, written under `staging`."""
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                check_member(archive, member)
+            # A failed write into the cache (full, read-only) has an errno; a damaged
+            # archive raises TarError, EOFError, zlib.error or an OSError without one.
+            with writing("cache", cache, where):
+                _write_members(tar, members, staging)
+    except StorageError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise ArchiveError(f"{archive}: not a readable .tgz/.tar archive ({e})") from None
+
+
 def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Extract `archive` into the cache (once) and return the extraction folder."""
     archive = Path(archive)
@@ -109,31 +126,12 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     where = f"extracting {archive.name} into {target.relative_to(cache)}"
     with writing("cache", cache, where):
         target.parent.mkdir(parents=True, exist_ok=True)
-        partials.clean(target.parent, f".{target.name}-*")  # extractions killed part way
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with partials.claimed(staging):
-            try:
-                with tarfile.open(archive, mode="r:*") as tar:
-                    members = tar.getmembers()
-                    for member in members:
-                        check_member(archive, member)
-                    # A failed write into the cache (full, read-only) has an errno; a damaged
-                    # archive raises TarError, EOFError, zlib.error or an OSError without one.
-                    with writing("cache", cache, where):
-                        _write_members(tar, members, staging)
-            except StorageError:
-                raise
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                raise ArchiveError(f"{archive}: not a readable .tgz/.tar archive ({e})") from None
-            try:
-                staging.rename(target)
-            except OSError:
-                if not target.is_dir():  # another run finished the same extraction first: use theirs
-                    with writing("cache", cache, where):
-                        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        partials.clean(target.parent, partials.partials_of(target.name))  # extractions killed part way
+        try:
+            with publish_folder(target) as staging:
+                _extract_into(archive, staging, cache, where)
+        except FileExistsError:  # another run finished the same extraction first: use theirs
+            pass
     log.info("extracted %s to %s", archive.name, target)
     return target
 
@@ -153,7 +151,7 @@ class ArchiveObject:
 
 def object_source(data: str | Path, cache_dir: str | Path | None = None) -> ArchiveObject | None:
     """`data` as an ArchiveObject when it is an archive in an object store, else None."""
-    from mnist37.paths import is_uri, open_location
+    from mnist37.storage.locations import is_uri, open_location
 
     if not is_uri(data) or not is_archive(data) or open_location(data)[0] is None:
         return None
@@ -174,12 +172,13 @@ def _extracted_object(uri: str, cache_dir: str | None) -> Path:
 
 def fetch(uri: str, cache_dir: str | Path | None = None) -> Path:
     """A local copy of the archive object at `uri`, in `<cache>/downloads/objects/`, named by
-    its URI, size and modification time, so a changed object is fetched again. Written to a
-    temporary name and renamed; a store that refuses is ObjectStoreError naming the object."""
+    its URI, size and modification time, so a changed object is fetched again. Published
+    (`writes.publish`: a temporary flushed to disk, then renamed); a store that refuses is
+    ObjectStoreError naming the object."""
     import pyarrow.fs as pafs
 
-    from mnist37.objects import ObjectStoreError, retrying
-    from mnist37.paths import open_location
+    from mnist37.storage.retries import ObjectStoreError, retrying
+    from mnist37.storage.locations import open_location
 
     fs, path = open_location(uri)
     info = retrying(uri, lambda: fs.get_file_info(path))
@@ -193,22 +192,20 @@ def fetch(uri: str, cache_dir: str | Path | None = None) -> Path:
     if local.is_file() and local.stat().st_size == info.size:
         return local
     where = f"fetching {uri} into {local.relative_to(cache)}"
+
+    def copy(out) -> None:
+        with fs.open_input_stream(path) as source:
+            while block := source.read(1 << 22):
+                out.write(block)
+        if out.tell() != info.size:
+            raise ObjectStoreError(f"{uri}: read {out.tell()} bytes, the store lists {info.size}")
+
+    def fetch_once() -> int:
+        with writing("cache", cache, where):
+            return publish(local, copy)
     with writing("cache", cache, where):
         local.parent.mkdir(parents=True, exist_ok=True)
         partials.clean(local.parent)  # copies killed part way
-    partial = local.with_name(partials.partial_name(local.name))
-
-    def copy() -> None:
-        with fs.open_input_stream(path) as source, writing("cache", cache, where), open(partial, "wb") as out:
-            while block := source.read(1 << 22):
-                out.write(block)
-    try:
-        with partials.claimed(partial):  # under a lock until renamed: partials.clean leaves it alone
-            retrying(uri, copy)
-            if partial.stat().st_size != info.size:
-                raise ObjectStoreError(f"{uri}: read {partial.stat().st_size} bytes, the store lists {info.size}")
-            os.replace(partial, local)
-    finally:
-        partial.unlink(missing_ok=True)
+    retrying(uri, fetch_once)
     log.info("fetched %s (%d bytes) to %s", uri, info.size, local)
     return local

@@ -1,12 +1,13 @@
-"""What every container source shares: its shards, its records, class maps and the bulk decode.
+"""What container sources share: their shards, their records, class maps and the bulk decode.
 
+The protocol every format implements, the folder's included, is mnist37.sources.protocol.
 A container data set (Parquet, WebDataset tar shards, IDX: one module each in this package)
 is planned into `ContainerShard`s, each a piece of one container file decoded by one task into
 one chunk. A format module reads a shard's records in bulk as columns (`Records`: keys,
 labels, encoded images in one buffer, problems), and `decode_records` decodes and counts them
 as the folder path does (images.decode_images): every record used, rejected
 (with its class when known and a reason) or ignored (a class not selected). Per record, little
-but the PNG decode is left.
+but the image decode is left.
 
 A record is named `<container path>:<key>`: the tar member key, the Parquet row, the IDX
 record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
@@ -14,44 +15,27 @@ record index (`train-00000-of-00001.parquet:17`, `train-000000.tar:000042`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from mnist37 import Mnist37Error
+from mnist37 import DatasetError, Mnist37Error
 from mnist37.chunks import arrow_array, arrow_text
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import Blobs
-from mnist37.sources import format_module
-from mnist37.sources.files import Root, stat
+from mnist37.sources import check_splits, format_module
+from mnist37.storage.files import Root, stat
 from mnist37.sources.keys import container_key, shard_digest
-from mnist37.paths import under
+from mnist37.sources.protocol import PlanRequest, ShardRead, SourcePlan
+from mnist37.storage.locations import under
 
 
 class FormatError(Mnist37Error, ValueError):
     """A container file that is not what its format says (one line: the file and what is wrong)."""
-
-
-@dataclass
-class ShardRead:
-    """A shard's images, decoded, with every file or record accounted for: what its chunk holds
-    and records. Folder and container shards alike."""
-
-    images: np.ndarray  # uint8 [K, H, W]: the images used, in order
-    class_indices: np.ndarray  # int32 [K], into the selected classes
-    paths: list[str] | pa.StringArray  # [K]
-    rejected: list[tuple[str, str]]  # (path, reason) of every file or record left out, in order
-    digest: str  # content digest (mnist37.sources.keys)
-    files_key: str  # what the chunk is made from (mnist37.sources.keys)
-    # Containers only (a folder's listing on the driver knows its counts): "found" and
-    # "rejected_per_class" (int [C + 1], the last slot a class that could not be read) and
-    # "ignored" (records of classes not selected).
-    records: dict | None = None
-    conversions: dict[str, int] = field(default_factory=dict)  # "CMYK to RGB" -> images converted so
-    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, "JPEG data named .png")
 
 
 def text(name: bytes) -> str:
@@ -90,13 +74,16 @@ class ContainerShard:
     def __len__(self) -> int:
         return self.num_records
 
-    # A chunk of a container shard records how many records of each class it found: no
-    # listing on the driver knows that.
     changed = "written from other records (container files, range or settings differ)"
 
-    def expected_files(self) -> int | None:
-        """Records the shard holds, when known before reading (a tar's are not): None."""
+    def found(self) -> None:
+        """None: no listing on the driver counts a container's records per class; its chunk
+        records how many of each class it found."""
         return None
+
+    def resolved(self, get) -> ContainerShard:
+        """Itself: a container shard holds all it needs."""
+        return self
 
     def key(self, root: Root, decoding: Decoding) -> str:
         """What the chunk is made from (keys.container_key): the container files' (path, size,
@@ -126,15 +113,38 @@ class ContainerShard:
         return format_module(self.format).converter_records(self, root, shape)
 
 
-@dataclass(eq=False)
-class ContainerPlan:
-    format: str
-    classes: list[str]  # selected, in index order
-    shards: list[ContainerShard]
-    splits: dict[str, list[str]]  # split -> container files
-    # What the first training images say (size, gray or color), when the format's headers
-    # tell it (IDX); else the planner looks at them (mnist37.sources.plan_containers).
-    first: FirstImages | None = None
+def check_containers(root: Root, fmt: str, splits: Sequence[str], classes: Sequence[str]) -> list[str]:
+    """`Source.check` of a container format: every split has its files (sources.check_splits);
+    the classes as given ("all" is resolved by `plan`, from the headers)."""
+    check_splits(root, fmt, tuple(splits))
+    return list(classes)
+
+
+def container_plan(request: PlanRequest, fmt: str, classes: list[str], shards: list[ContainerShard],
+                   splits: dict[str, list[str]], first: FirstImages | None = None, as_stored: str = "") -> SourcePlan:
+    """A container format's SourcePlan; unless its headers said (`first`: IDX), what the first
+    `request.wanted` training images that decode say of size and color."""
+    if first is None and request.wanted:
+        first = first_images(request.root, [s for s in shards if s.split == request.train_split], request.wanted)
+    summary = ", ".join(f"{split} {len(files)} files" for split, files in splits.items())
+    return SourcePlan(fmt, list(classes), shards, summary, first, as_stored=as_stored)
+
+
+def check_sizes(root: Root, split: str, sizes: list[tuple[int, int]], expected: tuple[int, int]) -> None:
+    """DatasetError, naming the sizes found and --image-size, when the images looked at in
+    `split` (their (H, W) `sizes`) show a data set of several sizes: without image_size every
+    image must have the `expected` size, so most would be rejected after the whole decode.
+    A stray file of another size (at most one of those looked at, or under a quarter of them)
+    is left to the decode, which rejects and counts it."""
+    other = [size for size in sizes if size != expected]
+    if len(other) < 2 or 4 * len(other) < len(sizes):
+        return
+    found = list(dict.fromkeys(sizes))
+    shown = ", ".join(f"{h}x{w}" for h, w in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    what = f"images of different sizes ({shown}" if len(found) > 1 else f"images of {shown} (all"
+    raise DatasetError(f"{split}/ in {root}: {what} of {len(sizes)} looked at), where every image must have the "
+                       f"first training image's size ({expected[0]}x{expected[1]}) unless --image-size is given; "
+                       f"pass --image-size HxW (e.g. --image-size 64x64) to resize them all to one size")
 
 
 def class_map(declared_names: list[str] | None, classes: list[str], where: str,
@@ -225,8 +235,16 @@ def iter_records(shard: ContainerShard, root: Root, limit: int | None = None):
         yield Record(records.path(i), labels[i] if has_label else None, data, records.problems.get(i))
 
 
-def converter_records(records: Records, shard: ContainerShard):
-    """ContainerShard.records of a shard read as `Records` (Parquet, WebDataset)."""
+def read_shard(shard: ContainerShard, root: Root, decoding: Decoding) -> ShardRead:
+    """The `read_shard` of a format read as `Records` (Parquet, WebDataset): the shard's
+    records, read in bulk by its module's `read_records`, decoded and counted (`decode_records`)."""
+    return decode_records(format_module(shard.format).read_records(shard, root), shard, decoding)
+
+
+def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int]):
+    """The `converter_records` of a format read as `Records` (ContainerShard.records): the
+    encoded bytes as they are."""
+    records = format_module(shard.format).read_records(shard, root)
     for i, c in enumerate(record_classes(records.labels, records.has_label, shard).tolist()):
         path, problem = records.path(i), records.problems.get(i)
         if c == len(shard.classes):

@@ -1,10 +1,11 @@
 """ImageFolder data sets: `<root>/<split>/<class>/<name>.png`, listed and read file by file.
 
-The label of a sample is its class folder; class indices follow the order of `classes` in the
-config. Each class folder is listed once (sorted, bytewise), by a task of its own in the job;
-a local folder's listing is kept for the next run while the folder is unchanged. A split's
-listing is cut into `Shard`s of `shard_size` files; a shard's files are read in one loop
-(files.read_files, local or objects alike) and decoded together (images.decode_images).
+The folder format's module (protocol.Source: `check`, `plan`). The label of a sample is its class
+folder; class indices follow the order of `classes` in the config. Each class folder is listed
+once (sorted, bytewise), by a task of its own in the job; a local folder's listing is kept for
+the next run while the folder is unchanged (its records: mnist37.sources.folder_listing). A
+split's listing is cut into `FolderShard`s of `shard_size` files; a shard's files are read in
+one loop (files.read_files, local or objects alike) and decoded together (images.decode_images).
 """
 
 from __future__ import annotations
@@ -21,151 +22,26 @@ from pathlib import Path
 import numpy as np
 
 from mnist37 import DatasetError
-from mnist37.storage import publish
-from mnist37.paths import class_folder, is_uri, sample_path, under
+from mnist37.storage.writes import publish
+from mnist37.storage.locations import class_folder, is_uri, under
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import DecodeError
-from mnist37.sources.base import ShardRead
-from mnist37.sources.files import Group, Root, file_stats, read_file, read_files
+from mnist37.sources.base import check_sizes
+from mnist37.storage.files import Group, Root, file_stats, is_folder, read_file, read_files, subfolders
+from mnist37.sources.folder_listing import HEAD_NAMES, ClassFiles, ClassListing, Listing, relative_paths
 from mnist37.sources.keys import file_digest, files_key, listing_name
+from mnist37.sources.protocol import Listed, PlanRequest, ShardRead, SourcePlan
 
 log = logging.getLogger(__name__)
 
 NAME = "folder"
 IMAGE_EXTENSIONS = tuple(ext.encode() for ext in images.EXTENSIONS)  # any case
-
-@dataclass(eq=False)
-class ClassFiles:
-    """One class folder's images, sorted: the names (one fixed-width bytes array, not a
-    Python object per file) and, for objects in a store, what the listing said of each. In a
-    job these stay in Ray's object store, where the listing task left them: decode tasks read
-    their shard's slice, the driver never holds them."""
-
-    names: np.ndarray  # bytes 'S' [N]: file names within the class folder, bytewise sorted
-    # int64 [N, 2]: (size, modification time in ns) of each object as the store listed it; only
-    # for data in an object store, where it stands in for the stat a decode task would make.
-    stamps: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @staticmethod
-    def concatenate(parts: Sequence[ClassFiles]) -> ClassFiles:
-        if len(parts) == 1:
-            return parts[0]
-        return ClassFiles(np.concatenate([p.names for p in parts]),
-                          None if parts[0].stamps is None else np.concatenate([p.stamps for p in parts]))
-
-    def blocks(self, size: int) -> list[ClassFiles]:
-        """These files in consecutive pieces of `size` (the last may be shorter)."""
-        return [ClassFiles(self.names[a:a + size], None if self.stamps is None else self.stamps[a:a + size])
-                for a in range(0, len(self), size)]
-
-
-@dataclass(eq=False)
-class ClassListing:
-    """What the driver keeps of one class folder's listing: a few numbers, the first names
-    (to find the image shape) and its files in blocks of `block_size`: in a job, refs to
-    blocks in Ray's object store, so a decode task fetches the one or two its shard needs."""
-
-    split: str
-    class_name: str
-    count: int  # image files listed
-    ignored: int  # entries that are not image files (labels.csv, .DS_Store, folders)
-    reused: bool  # the listing an earlier run kept, unchanged since
-    head: np.ndarray  # bytes 'S' [<= HEAD_NAMES]: the first names
-    blocks: list = field(default_factory=list)  # ClassFiles, or Ray's ObjectRefs to them
-    block_size: int = 0  # files per block (the last block may hold fewer)
-    # Why the listing could not be kept for the next run; logged by the driver, not the task
-    # (a worker's lines reach the driver's stderr from Ray's log thread, at any moment).
-    not_kept: str = ""
-
-    def files(self) -> ClassFiles:
-        """All the folder's files; in-process only (the blocks are here, not refs)."""
-        return ClassFiles.concatenate(self.blocks)
-
-
-# First names of each class folder the driver keeps, to find the image shape from.
-HEAD_NAMES = 100
-
-
-@dataclass(eq=False)
-class Listing:
-    """The sorted images of one split: its class folders' listings, in class order. Sample i
-    of the split is sample i of the class folders laid end to end."""
-
-    split: str
-    classes: tuple[str, ...]
-    folders: list[ClassListing]  # one per class, in class order
-
-    def __len__(self) -> int:
-        return sum(f.count for f in self.folders)
-
-    @property
-    def ignored(self) -> list[int]:
-        return [f.ignored for f in self.folders]
-
-    @property
-    def reused(self) -> int:
-        """Class folders whose listing an earlier run kept, unchanged since."""
-        return sum(f.reused for f in self.folders)
-
-    def counts(self) -> np.ndarray:
-        """int64 [C]: image files listed per class."""
-        return np.array([f.count for f in self.folders], dtype=np.int64)
-
-    def head_paths(self, limit: int) -> list[str]:
-        """'/'-separated paths of up to `limit` first images, in listing order."""
-        paths = [sample_path(self.split, f.class_name, os.fsdecode(n)) for f in self.folders for n in f.head.tolist()]
-        return paths[:limit]
-
-    def spread_paths(self, limit: int) -> list[str]:
-        """'/'-separated paths of up to `limit` images spread over the class folders: the
-        first image of up to `limit` evenly spaced folders, then their second, and so on
-        (from the first names the driver keeps: nothing is listed or fetched)."""
-        folders = [f for f in self.folders if len(f.head)]
-        picked = [folders[i] for i in sorted(set(np.linspace(0, len(folders) - 1, min(limit, len(folders)))
-                                                 .round().astype(int).tolist()))] if folders else []
-        paths = []
-        for depth in range(max((len(f.head) for f in picked), default=0)):
-            for f in picked:
-                if depth < len(f.head) and len(paths) < limit:
-                    paths.append(sample_path(self.split, f.class_name, os.fsdecode(f.head[depth])))
-        return paths
-
-    # In-process only (the files are here, not refs): the whole split as arrays.
-    @property
-    def class_indices(self) -> np.ndarray:
-        """int32 [N]: the class of each image."""
-        return np.repeat(np.arange(len(self.folders), dtype=np.int32), [f.count for f in self.folders])
-
-    def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
-        """'/'-separated paths relative to the data root: "train/3/10.png"."""
-        names = np.concatenate([f.files().names for f in self.folders])
-        return relative_paths(self.split, self.classes, self.class_indices[start:stop], names[start:stop])
-
-
-def relative_paths(split: str, classes: Sequence[str], class_indices: np.ndarray, names: np.ndarray) -> list[str]:
-    """'/'-separated paths, relative to the data root, of listed images."""
-    return [sample_path(split, classes[c], os.fsdecode(n)) for c, n in zip(class_indices.tolist(), names.tolist())]
-
-
-def subfolders(folder: Root) -> list[str]:
-    """The subfolders of a folder (or the "folders" of a prefix in a store), sorted."""
-    if isinstance(folder, str):
-        from mnist37.objects import subfolders
-        return subfolders(folder)
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
-
-
-def is_folder(folder: Root) -> bool:
-    """Whether a folder (or a prefix in a store, holding any object) exists."""
-    if isinstance(folder, str):
-        from mnist37.objects import check_folder
-        return check_folder(folder)
-    return folder.is_dir()
-
+# Training files tried, in order, for the image shape when the config does not give it.
+SHAPE_PROBES = 100
+# Files of each split whose headers are read, spread over its class folders, when no
+# image_size is given: images of several sizes are then said to be so before any is decoded.
+SIZE_PROBES = 12
 
 _BATCH = 65536
 # What a kept listing took for images: one that took others (older versions: .png alone) is not reused.
@@ -282,7 +158,7 @@ def list_class_folder(root: Root, split: str, class_name: str,
     DatasetError, naming what is there instead, when the split or class folder is missing."""
     check_split(root, split, [class_name])
     if isinstance(root, str):
-        from mnist37.objects import list_objects
+        from mnist37.storage.objects import list_objects
 
         listed, stamps, folders = list_objects(under(root, split, class_name))
         names = np.array(listed, dtype=bytes) if listed else np.array([], dtype="S1")
@@ -301,7 +177,7 @@ def list_class_folder(root: Root, split: str, class_name: str,
 
 # Maps `list_class_folder` over argument tuples, returning each call's ClassListing with its
 # blocks, in order: in this process by default (one block per folder); in the job one Ray task
-# per class folder, its blocks left in Ray's object store (mnist37.distributed.map_listings).
+# per class folder, its blocks left in Ray's object store (mnist37.on_ray.tasks.map_listings).
 FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[ClassListing]]
 
 
@@ -343,6 +219,35 @@ def list_split(root: Root, split: str, classes: Sequence[str], reuse_dir: Path |
     return list_splits(root, [split], classes, reuse_dir)[split]
 
 
+def check(root: Root, splits: Sequence[str], classes: Sequence[str]) -> list[str]:
+    """Every split has a folder for every class (`check_split`); classes = all is every class
+    folder of the training split, the first of `splits` (`class_folders`)."""
+    classes = class_folders(root, splits[0]) if list(classes) == ["all"] else list(classes)
+    for split in splits:
+        check_split(root, split, classes)
+    return classes
+
+
+def plan(request: PlanRequest) -> SourcePlan:
+    """Both splits listed (`list_splits`: every class folder by one `request.map_tasks` call),
+    the first training images looked at and, without an image size, the headers of a few files
+    of each split (a data set of several sizes is refused before any decode); shards of
+    `shard_size` files, in listing order."""
+    root, classes = request.root, list(request.classes)
+    listings = list_splits(root, request.splits, classes, request.keep_dir, request.map_tasks)
+    wanted, train = request.wanted, listings[request.train_split]
+    first = first_images(root, train.head_paths(SHAPE_PROBES), wanted) if wanted else None
+    if request.sizes_unknown:
+        for listing in listings.values():
+            check_sizes(root, listing.split, header_sizes(root, listing.spread_paths(SIZE_PROBES)), first.shape)
+    shards = [shard for listing in listings.values() for shard in make_shards(listing, request.shard_size)]
+    summary = ", ".join(f"{split} {len(listing)} images" for split, listing in listings.items())
+    listed = {split: Listed(listing.counts(), np.array(listing.ignored, dtype=np.int64))
+              for split, listing in listings.items()}
+    return SourcePlan(NAME, classes, shards, f"{summary}, shards of up to {request.shard_size} images", first,
+                      listed, sum(listing.reused for listing in listings.values()))
+
+
 @dataclass(eq=False)
 class Run:
     """Files [start, stop) of the listing blocks `files` of one class folder, laid end to end:
@@ -364,7 +269,7 @@ class Run:
 
 
 @dataclass(eq=False)
-class Shard:
+class FolderShard:
     """`shard_size` consecutive images of a split's listing (the last shard may be shorter).
 
     The driver's record of a shard is a few numbers per class folder it touches (`runs`), not
@@ -392,7 +297,7 @@ class Shard:
             found[r.class_index] += len(r)
         return found
 
-    def resolved(self, get) -> Shard:
+    def resolved(self, get) -> FolderShard:
         """This shard with each run's files fetched and cut to the run: `get` turns the
         blocks that are refs into ClassFiles (ray.get), in one call."""
         refs = [b for r in self.runs for b in r.files if not isinstance(b, ClassFiles)]
@@ -427,10 +332,6 @@ class Shard:
     # A chunk of a folder shard is reused only when the files are the same, as they are now.
     changed = "written from other files (names, sizes or modification times differ)"
 
-    def expected_files(self) -> int | None:
-        """Files the shard holds: a chunk must account for each of them."""
-        return len(self)
-
     def key(self, root: Root, decoding: Decoding) -> str:
         """What the chunk is made from now (`groups_key`). Raises OSError when a local file
         cannot be stat'ed."""
@@ -456,7 +357,7 @@ class Shard:
                 for r in self.runs]
 
 
-def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
+def make_shards(listing: Listing, shard_size: int) -> list[FolderShard]:
     """Consecutive runs of `shard_size` images (the last may be shorter), in listing order,
     each a few (class folder, blocks, start, stop) runs: cut from the class folders' counts
     alone, each run naming only the listing blocks it reads."""
@@ -469,7 +370,7 @@ def make_shards(listing: Listing, shard_size: int) -> list[Shard]:
                 a, b, size = max(start, low) - low, min(stop, high) - low, folder.block_size
                 first, last = a // size, (b - 1) // size
                 runs.append(Run(c, folder.blocks[first:last + 1], a - first * size, b - first * size))
-        shards.append(Shard(listing.split, index, shard_size, listing.classes, runs))
+        shards.append(FolderShard(listing.split, index, shard_size, listing.classes, runs))
     return shards
 
 
@@ -491,7 +392,7 @@ def header_sizes(root: Root, paths: Sequence[str]) -> list[tuple[int, int]]:
     """(H, W) each file at `paths` declares in its header (images.header_size), for those that
     can be read and have one: what the planner compares before anything is decoded."""
     if is_uri(root):
-        from mnist37.objects import read_objects
+        from mnist37.storage.objects import read_objects
 
         contents = read_objects(root, list(paths))
     else:

@@ -2,8 +2,7 @@
 
 Class names are the label values as text ("0".."9"); pixels are read as they are (no
 decoding). A shard is a range of records; a local plain file's pixels are mapped, not read.
-The converter writes this layout (decoded pixels behind big-endian headers: `ShardWriter`
-writes each shard's part, `finish` joins a split's parts).
+The converter writes this layout (mnist37.sources.idx_writer).
 """
 
 from __future__ import annotations
@@ -14,20 +13,20 @@ import io
 import mmap
 import os
 import re
-import shutil
 import struct
 
 import numpy as np
 import pyarrow as pa
 
 from mnist37.chunks import arrow_array, arrow_text
-from mnist37.objects import ObjectStoreError
-from mnist37.paths import is_uri
-from mnist37.images import Decoding, FirstImages, decode_image
-from mnist37.sources.base import (ContainerPlan, ContainerShard, FormatError, ShardRead, class_map,
-                                  container_counts, record_path)
-from mnist37.sources.files import Root, entries, open_input, stat
+from mnist37.storage.retries import ObjectStoreError
+from mnist37.storage.locations import is_uri
+from mnist37.images import Decoding, FirstImages
+from mnist37.sources.base import (ContainerShard, FormatError, check_containers, check_splits, class_map,
+                                  container_counts, container_plan, record_path)
+from mnist37.storage.files import Root, entries, open_input, stat
 from mnist37.sources.keys import shard_digest
+from mnist37.sources.protocol import PlanRequest, ShardRead, SourcePlan
 
 NAME = "idx"
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
@@ -113,10 +112,20 @@ def _read(root: Root, path: str, offset: int, size: int) -> bytes | memoryview:
         return f.read(size)
 
 
-def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str], shard_size: int,
-         shape: tuple[int, int] | None, image_column: str, label_column: str) -> ContainerPlan:
+def check(root: Root, splits, classes) -> list[str]:
+    """Every split has its images file (base.check_containers)."""
+    return check_containers(root, NAME, splits, classes)
+
+
+# Why decode settings do not apply to IDX data (SourcePlan.as_stored).
+AS_STORED = "IDX images are read as they are (gray, their own size)"
+
+
+def plan(request: PlanRequest) -> SourcePlan:
     """Both splits' headers checked against each other and the file sizes; shards of
     `shard_size` records; classes = all takes the label values of the training split."""
+    root, shape, classes = request.root, request.shape, list(request.classes)
+    splits = check_splits(root, NAME, request.splits)
     pairs = {}
     for split, files in splits.items():
         images = files[0]
@@ -132,18 +141,19 @@ def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: li
     if len(shapes) > 1:
         raise FormatError(f"{root}: IDX splits differ in image shape: {sorted(shapes)}")
     if classes == ["all"]:
-        images, labels, n, _ = pairs[train_split]
+        images, labels, n, _ = pairs[request.train_split]
         values = _read(root, labels, 8, n)
         classes = [str(v) for v in np.unique(np.frombuffer(values, dtype=np.uint8))]
-    mapping = class_map(None, classes, f"{root}/{pairs[train_split][1]}")
+    mapping = class_map(None, classes, f"{root}/{pairs[request.train_split][1]}")
     mapping = np.concatenate([mapping, np.full(256 - len(mapping), -1, dtype=np.int32)])
     shards = []
     for split, (images, labels, n, _) in pairs.items():
-        for index, start in enumerate(range(0, n, shard_size)):
-            stop = min(start + shard_size, n)
-            shards.append(ContainerShard(split, index, shard_size, tuple(classes), NAME, images, start, stop,
+        for index, start in enumerate(range(0, n, request.shard_size)):
+            stop = min(start + request.shard_size, n)
+            shards.append(ContainerShard(split, index, request.shard_size, tuple(classes), NAME, images, start, stop,
                                          mapping, 256, labels_source=labels, num_records=stop - start))
-    return ContainerPlan(NAME, list(classes), shards, splits, FirstImages(shapes.pop(), 1, 0))  # gray, as stored
+    return container_plan(request, NAME, classes, shards, splits, FirstImages(shapes.pop(), 1, 0),  # gray, as stored
+                          AS_STORED)
 
 
 def read_idx(shard: ContainerShard, root: Root, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
@@ -188,58 +198,3 @@ def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int])
         out = io.BytesIO()
         Image.fromarray(image).save(out, format="PNG")
         yield record_path(shard.source, shard.start + i), c, out.getvalue(), None
-
-
-def output_name(split: str, index: int, total: int) -> str:
-    """The converter's name for a split's index-th part (`finish` joins a split's parts)."""
-    return f"parts/{split}-{index:06d}.images"
-
-
-class ShardWriter:
-    """One shard's part of a split: its decoded pixels, and its label values beside them
-    (`.labels`). Class names must be label values 0..255."""
-
-    def __init__(self, path, out, classes: list[str], shape: tuple[int, int], index: int):
-        self.values, self.shape = [int(c) for c in classes], shape
-        self.f = open(path, "wb", buffering=1 << 20)
-        self.labels = open(out.with_suffix(".labels"), "wb")  # beside the part, renamed with it by finish
-
-    def add(self, path: str, class_index: int, data: bytes) -> None:
-        """Raises DecodeError for an image that does not decode to `shape` (left out)."""
-        self.f.write(decode_image(data, path, Decoding(self.shape))[0].tobytes())
-        self.labels.write(bytes([self.values[class_index]]))
-
-    def close(self) -> None:
-        self.f.close()
-        self.labels.close()
-
-
-def finish(dest, written, classes: list[str], splits, shape: tuple[int, int]) -> None:
-    """Each split's IDX pair from its parts, in order: big-endian sizes after the magic."""
-    for split in splits:
-        parts = [dest / w.path for w in written if w.split == split]
-        n = sum(w.num_records for w in written if w.split == split)
-        for name, magic, sizes, suffix in ((f"{split}-images-idx3-ubyte", IMAGES_MAGIC, (n, *shape), ".images"),
-                                           (f"{split}-labels-idx1-ubyte", LABELS_MAGIC, (n,), ".labels")):
-            temp = dest / f".{name}.partial"
-            with open(temp, "wb") as out:
-                out.write(struct.pack(f">I{len(sizes)}I", magic, *sizes))
-                for part in parts:
-                    with open(part.with_suffix(suffix), "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 22)
-            os.replace(temp, dest / name)
-    shutil.rmtree(dest / "parts")
-
-
-def check_decoding(decoding: Decoding) -> str | None:
-    """Why IDX data cannot be decoded so, or None: its pixels are read as they are."""
-    if decoding.channels != 1 or decoding.resize:
-        return "IDX images are read as they are (gray, their own size): channels = rgb and image_size do not apply"
-    return None
-
-
-def check_classes(classes: list[str]) -> str | None:
-    """Why these classes cannot be IDX labels, or None."""
-    if not all(c.isdigit() and int(c) < 256 for c in classes):
-        return f"IDX labels are the class names as values 0..255, got classes {classes}"
-    return None

@@ -1,10 +1,11 @@
 """Named data sets: fastai's public MNIST archives, downloaded once into the cache and verified.
 
 `--data mnist_sample` (the default), `--data mnist` and `--data mnist_tiny` name the archives
-fastai's `URLs` table names. A download goes to `.<name>.<pid>.partial`, is checked against the
-SHA-256 of the whole archive (and its size, for a plainer line when a mirror serves another
-file), and only then renamed to its final name: a cut, corrupted or altered download is never
-trusted by a later run, and a file already in the cache is checked again at each use.
+fastai's `URLs` table names. A download is published (`writes.publish`): written to a
+temporary, checked against the SHA-256 of the whole archive (and its size, for a plainer line
+when a mirror serves another file), flushed to disk, and only then renamed to its final name: a
+cut, corrupted or altered download is never trusted by a later run, and a file already in the
+cache is checked again at each use.
 `$MNIST37_URL_BASE`, when set, replaces the folder of every URL (a mirror, or a test server).
 `$MNIST37_SHA256_<NAME>` (`MNIST37_SHA256_MNIST_SAMPLE=<64 hex digits>`) pins another whole-file
 digest for that data set: a mirror's own copy, or fastai's file should it ever change; the pin
@@ -13,7 +14,6 @@ replaces the table's digest and size, it never loosens the check.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import http.client
@@ -24,10 +24,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist37 import Mnist37Error, partials
-from mnist37.paths import cache_home, secret_part
+from mnist37 import Mnist37Error
+from mnist37.storage import partials
+from mnist37.storage.locations import cache_home, secret_part
 from mnist37.progress import Progress
-from mnist37.storage import StorageError, writing
+from mnist37.storage.writes import StorageError, publish, writing
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +120,41 @@ def expected(dataset: Dataset) -> tuple[str, int | None]:
 def verify(path: Path, dataset: Dataset) -> None:
     """Raise DownloadError unless the whole file at `path` has the expected SHA-256 (and, for
     the table's digest, the archive's size)."""
+    check(dataset, path.stat().st_size, sha256_of(path))
+
+
+def check(dataset: Dataset, size: int, found: str) -> None:
+    """Raise DownloadError unless a file of `size` bytes and SHA-256 `found` is `dataset`'s."""
     digest, num_bytes = expected(dataset)
-    size = path.stat().st_size
     if num_bytes is not None and size != num_bytes:
         raise DownloadError(f"{dataset.name}: downloaded {size:,} bytes, expected {num_bytes:,}")
-    found = sha256_of(path)
     if found != digest:
         whose = f"pinned by {pin_variable(dataset)}" if num_bytes is None else "fastai's archive"
         raise DownloadError(f"{dataset.name}: checksum mismatch (SHA-256 of the whole file {found}, "
                             f"expected {digest}, {whose})")
+
+
+class _Cut(Mnist37Error):
+    """The network failed while a download was saved (its cause); not an OSError, so `writing`
+    leaves it to `download`."""
+
+
+def _save(response, dataset: Dataset, name: str, out) -> None:
+    """Copy `response` into `out`, then raise DownloadError unless it verifies (`check`)."""
+    progress = Progress(f"downloading {name}", response.length or dataset.num_bytes, " bytes")
+    digest, size = hashlib.sha256(), 0
+    while True:
+        try:
+            block = response.read(_CHUNK)
+        except (http.client.HTTPException, OSError) as e:
+            raise _Cut() from e
+        if not block:
+            break
+        out.write(block)
+        digest.update(block)
+        size += len(block)
+        progress.update(len(block))
+    check(dataset, size, digest.hexdigest())
 
 
 def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: float = 30) -> Path:
@@ -144,7 +171,6 @@ def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: f
         except DownloadError as e:  # changed since it was verified: fetch it again
             log.warning("%s; downloading it again", e)
             final.unlink()
-    partial = final.with_name(partials.partial_name(final.name))
     hint = f"download a copy yourself and pass it with --data /path/to/{final.name}"
     # Only the writes are in `writing`: a network error (ECONNRESET) has an errno too.
     saving = functools.partial(writing, "cache", cache, f"downloading {final.relative_to(cache)}")
@@ -152,25 +178,12 @@ def download(dataset: Dataset, cache_dir: str | Path | None = None, timeout_s: f
         with saving():
             folder.mkdir(parents=True, exist_ok=True)
             partials.clean(folder)  # downloads killed part way
-        with partials.claimed(partial):  # under a lock until renamed: partials.clean leaves it alone
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                with saving():
-                    out = partial.open("wb", buffering=0)  # unbuffered: a full disk fails the write, not close()
-                with out:
-                    progress = Progress(f"downloading {final.name}", response.length or dataset.num_bytes, " bytes")
-                    while block := response.read(_CHUNK):
-                        with saving():
-                            out.write(block)
-                        progress.update(len(block))
-            verify(partial, dataset)
-            with saving():
-                os.replace(partial, final)
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, saving():
+            publish(final, functools.partial(_save, response, dataset, final.name))  # verified before it is renamed
     except StorageError:
-        with contextlib.suppress(OSError):  # never made, or a read-only folder
-            partial.unlink()
         raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        partial.unlink(missing_ok=True)
+    except (_Cut, urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        e = e.__cause__ if isinstance(e, _Cut) else e
         if isinstance(e, DownloadError):
             raise DownloadError(f"{e}; {hint}") from None
         reason = getattr(e, "reason", None) or e

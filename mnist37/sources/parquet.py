@@ -4,7 +4,7 @@ An `image` column (struct of `bytes`, `path`, or plain binary) and an integer `l
 (`image_column`, `label_column` name others); class names from the `huggingface` schema
 metadata (the label's ClassLabel `names`). A shard is a run of row groups, planned from the
 files' footers alone; its image bytes are the column's own Arrow buffers (no object per row).
-The converter writes this layout (`ShardWriter`), row groups of ROW_GROUP_ROWS rows.
+The converter writes this layout (mnist37.sources.parquet_writer).
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ import numpy as np
 import pyarrow as pa
 
 from mnist37.chunks import numbers, valid
-from mnist37.objects import ObjectStoreError
+from mnist37.storage.retries import ObjectStoreError
 from mnist37.png import Blobs
-from mnist37.images import Decoding
 from mnist37.sources import base
-from mnist37.sources.base import (ContainerPlan, ContainerShard, ShardRead, FormatError, Records, class_map, files_by_split,
-                                  selected_classes)
-from mnist37.sources.files import Root, open_input
+from mnist37.sources.base import (ContainerShard, FormatError, Records, check_splits, class_map, container_plan,
+                                  files_by_split, selected_classes)
+from mnist37.storage.files import Root, open_input
+from mnist37.sources.protocol import PlanRequest, SourcePlan
 
 NAME = "parquet"
 EXTENSION = ".parquet"
 SPLIT_FILE = re.compile(r"^(?P<split>.+?)(-\d+-of-\d+)?\.parquet$")
-ROW_GROUP_ROWS = 1024  # rows per row group the converter writes
 
 
 def containers(root: Root, listed) -> dict[str, list[str]]:
@@ -35,28 +34,34 @@ def containers(root: Root, listed) -> dict[str, list[str]]:
     return files_by_split(root, listed, EXTENSION, SPLIT_FILE, ("", "data"))
 
 
-def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str], shard_size: int,
-         shape: tuple[int, int] | None, image_column: str, label_column: str) -> ContainerPlan:
+def check(root: Root, splits, classes) -> list[str]:
+    """Every split has its Parquet files (base.check_containers)."""
+    return base.check_containers(root, NAME, splits, classes)
+
+
+def plan(request: PlanRequest) -> SourcePlan:
     """Classes from the first training file's ClassLabel names, shards of whole row groups
     near `shard_size` rows."""
-    names, declared = _names(root, splits[train_split][0], label_column)
-    where = f"{root}/{splits[train_split][0]}"
-    classes = selected_classes(names, classes, where, "no ClassLabel names")
+    root, splits = request.root, check_splits(request.root, NAME, request.splits)
+    first_file, columns = splits[request.train_split][0], (request.image_column, request.label_column)
+    names, declared = _names(root, first_file, request.label_column)
+    where = f"{root}/{first_file}"
+    classes = selected_classes(names, list(request.classes), where, "no ClassLabel names")
     mapping = class_map(names, classes, where)
     shards = []
     for split, files in splits.items():
         index = 0
         for source in files:
-            rows = _row_groups(root, source, image_column, label_column)
+            rows = _row_groups(root, source, *columns)
             start = taken = 0
             for group, n in enumerate(rows):
                 taken += n
-                if taken >= shard_size or group == len(rows) - 1:
-                    shards.append(ContainerShard(split, index, shard_size, tuple(classes), NAME, source, start,
-                                                 group + 1, mapping, declared, image_column=image_column,
-                                                 label_column=label_column, num_records=taken))
+                if taken >= request.shard_size or group == len(rows) - 1:
+                    shards.append(ContainerShard(split, index, request.shard_size, tuple(classes), NAME, source, start,
+                                                 group + 1, mapping, declared, image_column=columns[0],
+                                                 label_column=columns[1], num_records=taken))
                     index, start, taken = index + 1, group + 1, 0
-    return ContainerPlan(NAME, list(classes), shards, splits)
+    return container_plan(request, NAME, classes, shards, splits)
 
 
 def _footer(root: Root, source: str):
@@ -150,52 +155,5 @@ def _label_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return numbers(column).astype(np.int64), valid(column)
 
 
-def read_shard(shard: ContainerShard, root: Root, decoding: Decoding) -> ShardRead:
-    """The shard's records, decoded and counted (base.decode_records)."""
-    return base.decode_records(read_records(shard, root), shard, decoding)
-
-
-def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int]):
-    """The converter's records (ContainerShard.records): the encoded bytes as they are."""
-    return base.converter_records(read_records(shard, root), shard)
-
-
-def output_name(split: str, index: int, total: int) -> str:
-    """The converter's name for a split's index-th of `total` files (Hugging Face's layout)."""
-    return f"data/{split}-{index:05d}-of-{total:05d}.parquet"
-
-
-class ShardWriter:
-    """One Parquet file of encoded images and labels, written a row group at a time: an `image`
-    column (struct of `bytes`, `path`), an int64 `label`, the class names as the label's
-    ClassLabel `names` in the `huggingface` schema metadata, as `datasets` writes them."""
-
-    def __init__(self, path, out, classes: list[str], shape: tuple[int, int], index: int):
-        import pyarrow.parquet as pq
-
-        features = {"image": {"_type": "Image"}, "label": {"names": list(classes), "_type": "ClassLabel"}}
-        self.schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                                 ("label", pa.int64())],
-                                metadata={"huggingface": json.dumps({"info": {"features": features}})})
-        self.writer, self.batch, self.rows = pq.ParquetWriter(path, self.schema), [], 0
-
-    def add(self, path: str, class_index: int, data: bytes) -> None:
-        self.batch.append((path, class_index, data))
-        self.rows += 1
-        if len(self.batch) == ROW_GROUP_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        batch = self.batch
-        self.writer.write_table(pa.table({
-            "image": pa.StructArray.from_arrays([pa.array([b for _, _, b in batch], pa.binary()),
-                                                 pa.array([p for p, _, _ in batch], pa.string())],
-                                                names=["bytes", "path"]),
-            "label": pa.array([c for _, c, _ in batch], pa.int64())}, schema=self.schema),
-            row_group_size=ROW_GROUP_ROWS)
-        self.batch = []
-
-    def close(self) -> None:
-        if self.batch or not self.rows:
-            self._flush()
-        self.writer.close()
+# The shard decoded, and its records as the converter copies them: from `read_records`.
+read_shard, converter_records = base.read_shard, base.converter_records

@@ -108,6 +108,35 @@ def _plain_members(buf: bytes, pos: int, window: int) -> tuple[int, np.ndarray, 
     return end, names, data
 
 
+def _one_member(f, source: str, buf: bytes, pos: int, long_name: bytes | None) -> tuple[bytes, int, bytes, int, bytes]:
+    """The member whose header is at `pos` of `buf`, read on its own (what `_plain_members`
+    leaves): (the buffer, refilled from `f` when the member reaches past it; the position after
+    the member; its name, `long_name` when an earlier header gave it; its typeflag; its
+    contents). TarCutShort when the stream ends inside it, FormatError for a size that does not
+    parse."""
+    name = long_name
+    if name is None:
+        end = buf.find(b"\0", pos, pos + 100)
+        name = buf[pos:end if end >= 0 else pos + 100]
+        if buf[pos + 345] != 0 and buf[pos + 257:pos + 262] == b"ustar":
+            name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
+    try:
+        size = int(buf[pos + 124:pos + 135], 8) if buf[pos + 135] == 0 else _octal(buf[pos + 124:pos + 136])
+    except ValueError:
+        raise FormatError(f"{source}: corrupt tar header (member {text(name)!r}: size "
+                          f"{buf[pos + 124:pos + 136]!r} is not a number)") from None
+    kind = buf[pos + 156]
+    start = pos + BLOCK
+    end = start + (size + BLOCK - 1) // BLOCK * BLOCK
+    if end > len(buf):
+        buf = buf[pos:] + f.read(max(_READ_BLOCK, end - len(buf)))
+        start, end = start - pos, end - pos
+        if start + size > len(buf):
+            raise TarCutShort(source, f"truncated tar ({text(name)} cut short: {max(len(buf) - start, 0)} of "
+                                      f"{size} bytes)", name)
+    return buf, end, name, kind, buf[start:start + size]
+
+
 def members(f, source: str, limit: int | None = None) -> TarMembers:
     """Every regular file of a tar stream, in order; a stream that ends inside a member or a
     header (TarCutShort) or a header that does not parse (FormatError) ends the members there
@@ -144,27 +173,8 @@ def members(f, source: str, limit: int | None = None) -> TarMembers:
                 continue
             if buf[pos] == 0 and buf[pos:pos + BLOCK] == _ZERO_BLOCK:
                 break  # end-of-archive marker
-            name = long_name
-            if name is None:
-                end = buf.find(b"\0", pos, pos + 100)
-                name = buf[pos:end if end >= 0 else pos + 100]
-                if buf[pos + 345] != 0 and buf[pos + 257:pos + 262] == b"ustar":
-                    name = buf[pos + 345:pos + 500].split(b"\0", 1)[0] + b"/" + name
-            try:
-                size = int(buf[pos + 124:pos + 135], 8) if buf[pos + 135] == 0 else _octal(buf[pos + 124:pos + 136])
-            except ValueError:
-                raise FormatError(f"{source}: corrupt tar header (member {text(name)!r}: size "
-                                  f"{buf[pos + 124:pos + 136]!r} is not a number)") from None
-            kind = buf[pos + 156]
-            start = pos + BLOCK
-            end = start + (size + BLOCK - 1) // BLOCK * BLOCK
-            if end > len(buf):
-                buf = buf[pos:] + f.read(max(_READ_BLOCK, end - len(buf)))
-                start, end, pos = start - pos, end - pos, 0
-                if start + size > len(buf):
-                    raise TarCutShort(source, f"truncated tar ({text(name)} cut short: {max(len(buf) - start, 0)} of "
-                                              f"{size} bytes)", name)
-            member, pos, long_name, wait = buf[start:start + size], end, None, max(wait - 1, 0)
+            buf, pos, name, kind, member = _one_member(f, source, buf, pos, long_name)
+            long_name, wait = None, max(wait - 1, 0)
             if kind in _REGULAR:
                 names.append(np.array([name], dtype="S"))
                 data.append(member)

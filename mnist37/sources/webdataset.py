@@ -6,7 +6,7 @@ its bytes.
 `.cls` holds the class index as text; class names come from `classes.txt` beside the shards
 (one a line, index order), else the indices as text. A shard is one tar file, read as a stream
 (mnist37.sources.tar); a record is a run of members sharing a key. The converter writes this
-layout (`ShardWriter`, then `finish` writes `classes.txt`).
+layout (mnist37.sources.webdataset_writer).
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ import numpy as np
 from mnist37.png import Blobs
 from mnist37.sources import tar
 from mnist37 import images
-from mnist37.images import Decoding
 from mnist37.sources import base
-from mnist37.sources.base import (ContainerPlan, ContainerShard, ShardRead, Records, class_map, files_by_split,
+from mnist37.sources.base import (ContainerShard, Records, check_splits, class_map, container_plan, files_by_split,
                                   selected_classes)
-from mnist37.sources.files import Root, open_input
+from mnist37.storage.files import Root, open_input
+from mnist37.sources.protocol import PlanRequest, SourcePlan
 from mnist37.sources.tar import TarCutShort
 
 NAME = "webdataset"
 EXTENSION = ".tar"
 SPLIT_FILE = re.compile(r"^(?P<split>.+?)-[^-]*\.tar$")
 CLASSES_FILE = "classes.txt"  # class names, one a line, in index order
-# The member extension the converter names an image by, from its bytes' format.
-_MEMBER_EXTENSION = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 # Member extensions that hold an image (lower case; decoded by their bytes, mnist37.images).
 IMAGE_MEMBERS = np.array([ext[1:].encode() for ext in images.EXTENSIONS])
 
@@ -40,15 +38,20 @@ def containers(root: Root, listed) -> dict[str, list[str]]:
     return files_by_split(root, listed, EXTENSION, SPLIT_FILE)
 
 
-def plan(root: Root, splits: dict[str, list[str]], train_split: str, classes: list[str], shard_size: int,
-         shape: tuple[int, int] | None, image_column: str, label_column: str) -> ContainerPlan:
+def check(root: Root, splits, classes) -> list[str]:
+    """Every split has its tar shards (base.check_containers)."""
+    return base.check_containers(root, NAME, splits, classes)
+
+
+def plan(request: PlanRequest) -> SourcePlan:
     """Classes from classes.txt, one shard per tar file."""
+    root, splits = request.root, check_splits(request.root, NAME, request.splits)
     names, declared = _names(root)
-    classes = selected_classes(names, classes, str(root), "no " + CLASSES_FILE)
+    classes = selected_classes(names, list(request.classes), str(root), "no " + CLASSES_FILE)
     mapping = class_map(names, classes, str(root))
-    shards = [ContainerShard(split, index, shard_size, tuple(classes), NAME, source, 0, -1, mapping, declared)
+    shards = [ContainerShard(split, index, request.shard_size, tuple(classes), NAME, source, 0, -1, mapping, declared)
               for split, files in splits.items() for index, source in enumerate(files)]
-    return ContainerPlan(NAME, list(classes), shards, splits)
+    return container_plan(request, NAME, classes, shards, splits)
 
 
 def _names(root: Root) -> tuple[list[str] | None, int]:
@@ -144,39 +147,5 @@ def _labels(texts: list[bytes | None], problems: dict[int, str]) -> tuple[np.nda
     return labels, has_label
 
 
-def read_shard(shard: ContainerShard, root: Root, decoding: Decoding) -> ShardRead:
-    """The shard's records, decoded and counted (base.decode_records)."""
-    return base.decode_records(read_records(shard, root), shard, decoding)
-
-
-def converter_records(shard: ContainerShard, root: Root, shape: tuple[int, int]):
-    """The converter's records (ContainerShard.records): the encoded bytes as they are."""
-    return base.converter_records(read_records(shard, root), shard)
-
-
-def output_name(split: str, index: int, total: int) -> str:
-    """The converter's name for a split's index-th tar shard."""
-    return f"{split}-{index:06d}.tar"
-
-
-class ShardWriter:
-    """One tar shard: members `<shard>_<n>.cls` (the class index as text) and the image as it
-    came, named by its bytes' format (`<shard>_<n>.png`, `.jpg`, `.webp`, ...)."""
-
-    def __init__(self, path, out, classes: list[str], shape: tuple[int, int], index: int):
-        self.f, self.index, self.rows = open(path, "wb", buffering=1 << 20), index, 0
-
-    def add(self, path: str, class_index: int, data: bytes) -> None:
-        key = f"{self.index:06d}_{self.rows:07d}"
-        tar.write_member(self.f, f"{key}.cls", str(class_index).encode())
-        tar.write_member(self.f, f"{key}.{_MEMBER_EXTENSION.get(images.sniff(data), 'png')}", data)
-        self.rows += 1
-
-    def close(self) -> None:
-        self.f.write(tar.END)
-        self.f.close()
-
-
-def finish(dest, written, classes: list[str], splits, shape) -> None:
-    """The class names beside the shards, one a line, in index order."""
-    (dest / CLASSES_FILE).write_text("".join(c + "\n" for c in classes))
+# The shard decoded, and its records as the converter copies them: from `read_records`.
+read_shard, converter_records = base.read_shard, base.converter_records

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,14 @@ SUFFIX = ".partial"
 
 
 def partial_name(name: str) -> str:
-    """The temporary a process writes `name` through: `.name.<pid>.partial`."""
-    return f".{name}.{os.getpid()}{SUFFIX}"
+    """A new temporary name to write `name` through: `.name.<pid>-<8 hex digits>.partial`,
+    unique also between threads of one process writing the same name."""
+    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+
+
+def partials_of(name: str) -> str:
+    """The pattern (for `clean`) of the temporaries written for `name`, and of nothing else."""
+    return f".{glob.escape(name)}.[0-9]*-????????{SUFFIX}"
 
 
 @contextlib.contextmanager

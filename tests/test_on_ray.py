@@ -1,4 +1,4 @@
-"""The Ray layer on a real local Ray: bounded submission, errors from tasks, node records."""
+"""The Ray layer (mnist37.on_ray) on a real local Ray: bounded submission, errors from tasks, placements."""
 
 import os
 import shutil
@@ -8,13 +8,23 @@ import numpy as np
 import pytest
 import ray
 
-from mnist37 import distributed
+from mnist37.on_ray import scheduling, session, tasks
+from mnist37.storage.locations import store
 from mnist37.png import DecodeError
 from mnist37.images import Decoding
-from mnist37.sources.folder import ClassFiles, list_split, list_splits, make_shards
+from mnist37.sources.folder import list_split, list_splits, make_shards
+from mnist37.sources.folder_listing import ClassFiles
+from mnist37.steps import DecodeRequest
 from tests.conftest import ray_cpus_each
 
 pytestmark = pytest.mark.ray  # a local Ray
+
+
+def decoded(shards, root, chunk_dir, max_in_flight: int) -> list:
+    """(record, placement) of each shard, decoded by Ray's decode tasks (8x8 images, train sums)."""
+    requests = [DecodeRequest(s, str(root), str(chunk_dir), Decoding((8, 8)), s.split == "train", None, store())
+                for s in shards]
+    return list(tasks.decode_shards(requests, None, max_in_flight))
 
 
 @ray.remote(num_cpus=1)
@@ -32,14 +42,14 @@ def test_bounded_map_returns_every_result_and_bounds_the_window(ray_local, max_i
         submitted[0] += 1
         return _slow_square.remote(x)
 
-    for result in distributed.bounded_map(submit, range(20), max_in_flight):
+    for result in scheduling.bounded_map(submit, range(20), max_in_flight):
         received.append(result)
     assert sorted(received) == [x * x for x in range(20)]
 
 
 @ray.remote(num_cpus=0)
 def _gated(x: int, gate: str) -> int:
-    distributed._record_node()
+    scheduling._record_node()
     while not os.path.exists(gate):
         time.sleep(0.02)
     return x
@@ -51,16 +61,16 @@ def test_a_lost_nodes_tasks_are_submitted_again_and_each_item_counts_once(ray_lo
     the watch's lines say what the job waits for, and the first result of each item is the one
     counted. The loss is told as Session.check_nodes tells it, of this Ray's one node (a node
     really cut off mid-job: tests/test_hosts.py)."""
-    monkeypatch.setattr(distributed, "_session", distributed.Session())  # no node alive: the one here is lost
+    monkeypatch.setattr(session, "_session", session.Session())  # no node alive: the one here is lost
     gate, node = tmp_path / "go", ray.get_runtime_context().get_node_id()
     submitted = []
 
     def submit(x, again=0):
         submitted.append((x, again))
-        return _gated.options(**distributed._again(again)).remote(x, str(gate))
+        return _gated.options(**scheduling._again(again)).remote(x, str(gate))
 
-    watch = distributed.watching("decode", 3, " shards")
-    flight = distributed._InFlight(submit, watch)
+    watch = session.watching("decode", 3, " shards")
+    flight = scheduling._InFlight(submit, watch)
     for index in range(3):
         flight.add(index, index * 10)
     deadline = time.monotonic() + 60
@@ -81,15 +91,16 @@ def test_a_lost_nodes_tasks_are_submitted_again_and_each_item_counts_once(ray_lo
 
 
 def test_default_window_is_twice_the_cpus(ray_local):
-    assert distributed.default_max_in_flight() == 2 * int(ray.cluster_resources()["CPU"])
+    assert session.default_max_in_flight() == 2 * int(ray.cluster_resources()["CPU"])
 
 
 def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
-    done = list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 4))
+    placed = decoded(shards, image_folder, tmp_path, 4)
+    done = [d for d, _ in placed]
     assert sorted(d.index for d in done) == list(range(13))
-    assert all(d.node_id == ray.get_runtime_context().get_node_id() for d in done)
-    assert all(d.pid > 0 and d.peak_rss_bytes > 0 for d in done)
+    assert all(where.node_id == ray.get_runtime_context().get_node_id() for _, where in placed)
+    assert all(where.pid > 0 and where.gpu_ids == [] and d.peak_rss_bytes > 0 for d, where in placed)
     assert all(d.pixel_sums is not None for d in done)
     total = np.sum([d.counts for d in done], axis=0)
     assert total.tolist() == [64, 64]
@@ -100,9 +111,9 @@ def test_decode_shards_on_ray(ray_local, image_folder, tmp_path):
 
 
 def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(distributed, "LISTING_BLOCK", 25)  # the driver tells the listing tasks
+    monkeypatch.setattr(tasks, "LISTING_BLOCK", 25)  # the driver tells the listing tasks
     here = list_splits(image_folder, ["train", "valid"], ["3", "7"])
-    listed = list_splits(image_folder, ["train", "valid"], ["3", "7"], map_folders=distributed.map_listings)
+    listed = list_splits(image_folder, ["train", "valid"], ["3", "7"], map_folders=tasks.map_listings)
     # The driver holds counts, the first names and refs to blocks of names, not the names.
     for split in ("train", "valid"):
         assert listed[split].counts().tolist() == here[split].counts().tolist()
@@ -122,7 +133,7 @@ def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image
     assert [(r.class_index, r.start, r.stop) for r in shards[6].runs] == [(0, 60 % block, 64 - 60 // block * block),
                                                                         (1, 0, 6)]
     assert all(isinstance(b, ClassFiles) for r in shards[6].resolved(ray.get).runs for b in r.files)
-    done = list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 4))
+    done = [d for d, _ in decoded(shards, image_folder, tmp_path, 4)]
     assert sorted(d.index for d in done) == list(range(13))
     assert np.sum([d.counts for d in done], axis=0).tolist() == [64, 64]
 
@@ -131,19 +142,34 @@ def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_p
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     shutil.rmtree(image_folder / "train" / "7")  # gone between listing and decoding
     with pytest.raises(DecodeError) as error:
-        list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 2))
+        [d for d, _ in decoded(shards, image_folder, tmp_path, 2)]
     assert str(error.value) == "train/7/: cannot open folder (No such file or directory)"  # one line, no traceback
 
 
 def test_bad_files_come_back_as_rejections(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     (image_folder / shards[4].paths[2]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    done = list(distributed.decode_shards(shards, image_folder, tmp_path, Decoding((8, 8)), "train", None, 2))
+    done = [d for d, _ in decoded(shards, image_folder, tmp_path, 2)]
     assert [r for d in done for r in d.rejected] == [(shards[4].paths[2], "truncated PNG")]
     assert sum(d.num_images for d in done) == 127
 
 
 def test_cluster_info_names_the_nodes(ray_local):
-    info = distributed.cluster_info()
+    info = session.cluster_info()
     assert info["cluster_resources"]["CPU"] == ray_cpus_each()  # what the session's Ray was started with
     assert [n["node_id"] for n in info["nodes"]] == [ray.get_runtime_context().get_node_id()]
+
+
+def test_every_task_takes_one_request_record_and_at_most_five_arguments():
+    """The Ray boundary: each task's first parameter is a frozen request record, and no task
+    takes more than five (the classify task also takes the objects Ray fetches before it starts)."""
+    import dataclasses
+    import inspect
+    import typing
+
+    for function in (tasks._decode_task._function, tasks._decode_and_ship_task._function,
+                     tasks._classify_task._function, tasks._listed_in_blocks):
+        parameters = list(inspect.signature(function).parameters.values())
+        assert len(parameters) <= 5 and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters), function
+        record = typing.get_type_hints(function)[parameters[0].name]
+        assert dataclasses.is_dataclass(record) and record.__dataclass_params__.frozen, function

@@ -1,10 +1,10 @@
 """Reading a data set's files: local files and objects in a store, through one set of functions.
 
 A data root is a local folder or the URI of a prefix in an object store (`s3://bucket/prefix`,
-any location `pyarrow.fs` opens: `paths.open_location`). Its files are listed (`entries`),
+any location `pyarrow.fs` opens: `locations.open_location`). Its files are listed (`entries`),
 stat'ed (`stat`), opened (`open_input`) and read in bulk (`read_files`) here and nowhere
 else; the sources see only relative paths, bytes and readable binary files. An object is read
-by ranged requests, each retried as `objects.retrying` retries (throttling, 5xx, dropped
+by ranged requests, each retried as `retries.retrying` retries (throttling, 5xx, dropped
 connections), by whichever node runs the task that reads it.
 
 Local files are read with `os.open`/`os.read` relative to an open folder descriptor, the
@@ -23,8 +23,8 @@ from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 
-from mnist37.objects import retrying
-from mnist37.paths import is_uri, open_location, under
+from mnist37.storage.retries import retrying
+from mnist37.storage.locations import is_uri, open_location, under
 from mnist37.png import DecodeError
 
 # A data root: a local folder, or the URI of a prefix in an object store (s3://bucket/prefix).
@@ -47,7 +47,7 @@ def open_input(root: Root, path: str):
 class ObjectInput(io.RawIOBase):
     """An object opened for reading (a pyarrow RandomAccessFile) as a Python binary file: each
     read is one ranged request at the file's position (what pyarrow's S3 input does for a
-    stream too), retried as `objects.retrying` retries. A ranged request names its range, so a
+    stream too), retried as `retries.retrying` retries. A ranged request names its range, so a
     read that failed is simply asked again: a tar read front to back survives a 503 or a
     dropped connection between or within its reads."""
 
@@ -129,6 +129,22 @@ def entries(folder: Root) -> tuple[list[str], list[str]]:
             sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory))
 
 
+def subfolders(folder: Root) -> list[str]:
+    """The subfolders of a folder (or the "folders" of a prefix in a store), sorted."""
+    if isinstance(folder, str):
+        from mnist37.storage.objects import subfolders
+        return subfolders(folder)
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def is_folder(folder: Root) -> bool:
+    """Whether a folder (or a prefix in a store, holding any object) exists."""
+    if isinstance(folder, str):
+        from mnist37.storage.objects import check_folder
+        return check_folder(folder)
+    return folder.is_dir()
+
+
 def read_reason(error: OSError) -> str:
     """Why a listed file could not be read, in words."""
     if isinstance(error, FileNotFoundError):
@@ -169,7 +185,7 @@ def read_file(root: str | os.PathLike, path: str) -> bytes:
     """One file's bytes; an unreadable file raises DecodeError with the reason. A root in an
     object store (a URI) is read from there (a store that refuses raises ObjectStoreError)."""
     if "://" in os.fspath(root):
-        from mnist37.objects import read_objects
+        from mnist37.storage.objects import read_objects
         data = read_objects(os.fspath(root), [path])[0]
         if isinstance(data, OSError):
             raise DecodeError(path, read_reason(data))
@@ -221,7 +237,7 @@ def read_files(root: Root, groups: Sequence[Group], stamps: np.ndarray | None = 
 def _contents(root: Root, groups: Sequence[Group], stamps: np.ndarray | None):
     """(path, bytes or the OSError that stopped the read, (size, mtime ns)) of each file."""
     if is_uri(root):
-        from mnist37.objects import read_objects
+        from mnist37.storage.objects import read_objects
 
         paths = [f"{folder}/{os.fsdecode(name)}" if folder else os.fsdecode(name)
                  for folder, names in groups for name in names]

@@ -1,5 +1,6 @@
-"""Folders mnist37 writes to (the chunk store, the cache, the output folder) and the one way a
-write to them fails: a full, read-only or forbidden folder is one line naming the folder, what
+"""Writes: the one way mnist37 publishes a file (`publish`, local paths and URIs alike) or a
+folder (`publish_folder`) atomically, through a temporary beside it, and the one way a write to
+the folders it writes to (the chunk store, the cache, the output folder) fails: a full, read-only or forbidden folder is one line naming the folder, what
 was being written and the errno, never a traceback.
 
     chunk store /x/chunks: no space left on device (ENOSPC) while writing valid/valid-8192-000003.arrow
@@ -10,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from mnist37 import Mnist37Error
-from mnist37.partials import claimed, partial_name
+from mnist37.storage.partials import claimed, partial_name
 
 
 class StorageError(Mnist37Error, OSError):
@@ -50,40 +52,84 @@ def publish(location: str | os.PathLike, write: Callable[[IO[bytes]], object]) -
     """Write a file at `location` (a local path, or a URI of an object store) with `write(file)`,
     atomically: a reader finds the old file, the whole new one, or none, and so does a later
     run after a crash or a power cut. Return its size in bytes. The one way mnist37 publishes a
-    file it writes (chunks, outputs, kept listings).
+    file it writes (chunks, outputs, kept listings, downloads, converted data sets).
 
-    Local: written to `.<name>.<pid>.partial` beside it, under a lock while it is written (so
-    `partials.clean` leaves it alone), flushed to disk (`os.fsync`), renamed into place, and the
-    folder flushed too, so the rename itself survives a crash; a failed write (a full disk)
-    leaves no temporary behind, and the OSError goes to the caller (see `writing`).
+    Local: written to a temporary beside it (`partials.partial_name`), under a lock while it is
+    written (so `partials.clean` leaves it alone), flushed to disk (`os.fsync`), renamed into
+    place, and the folder flushed too, so the rename itself survives a crash; a failed write (a
+    full disk, or an exception raised by `write`) leaves no temporary behind, and the error goes
+    to the caller (see `writing`).
 
     URI: uploaded whole, the object appearing only when its upload completes, each try through
-    `objects.retrying` (`write` is called again for each): a store that keeps refusing is an
+    `retries.retrying` (`write` is called again for each): a store that keeps refusing is an
     ObjectStoreError naming `location`."""
-    from mnist37.paths import open_location
+    from mnist37.storage.locations import open_location
 
     fs, path = open_location(location)
     if fs is not None:
-        from mnist37.objects import write_object
+        from mnist37.storage.objects import write_object
 
         return write_object(os.fspath(location), write)
-    parent, _, name = path.rpartition("/")
+    with _staged(path, folder=False) as partial, open(partial, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+@contextlib.contextmanager
+def publish_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty folder to fill, published at `path` (local) when the block ends without an
+    error: a reader finds no folder or the whole one, and so does a later run after a crash
+    (extracted archives, converted data sets). Everything in it is flushed to disk before the
+    rename, the parent folder after it. An error in the block removes it; a killed writer's is
+    removed by `partials.clean` (its lock is free). Raises FileExistsError naming `path` when a
+    folder is already there (another writer published it first), leaving that one as it is."""
+    with _staged(os.fspath(path), folder=True) as staging:
+        yield Path(staging)
+        _flush_tree(staging)
+
+
+@contextlib.contextmanager
+def _staged(path: str, folder: bool) -> Iterator[str]:
+    """The one temporary of every local write: a file (or folder) named by
+    `partials.partial_name`, beside `path`, held under a lock while the block runs, renamed to
+    `path` when it ends without an error (the parent folder flushed after), removed otherwise."""
+    parent, name = os.path.split(path)
     parent = parent or "."
     partial = os.path.join(parent, partial_name(name))
     try:
         os.makedirs(parent, exist_ok=True)
+        if folder:
+            os.mkdir(partial)
         with claimed(partial):
-            with open(partial, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-                size = f.tell()
-            os.replace(partial, path)
+            yield partial
+            if not folder:
+                os.replace(partial, path)
+            elif not _renamed(partial, path):
+                raise FileExistsError(errno.EEXIST, "already published by another writer", path)
         _flush_folder(parent)
     finally:
         with contextlib.suppress(OSError):  # gone (renamed), or never made (read-only folder)
-            os.unlink(partial)
-    return size
+            shutil.rmtree(partial) if folder else os.unlink(partial)
+
+
+def _renamed(folder: str, path: str) -> bool:
+    """Rename `folder` to `path` unless a folder is there already (False)."""
+    try:
+        os.rename(folder, path)  # replaces an empty folder only
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(path):
+            return False
+        raise
+
+
+def _flush_tree(folder: str) -> None:
+    """Flush a folder's files and folders to disk: one `os.sync` (sync(2) returns once the
+    data is written), not an fsync per file, which made extracting mnist_sample three times as
+    slow again (benchmarks/chunk_writes/README.md, "Flushing an extracted archive")."""
+    os.sync()
 
 
 def _flush_folder(folder: str) -> None:
@@ -103,14 +149,14 @@ def check_writable(folder_kind: str, location: str | os.PathLike) -> None:
     can be written under `location` and removed again: before the work starts, so an output
     folder or chunk store that cannot take the results stops the job in one line at once, not
     after the evaluation. A store: a small probe object put and deleted, each request
-    through `objects.retrying`. Local: a probe file written and removed in the folder; a folder not there yet is left
+    through `retries.retrying`. Local: a probe file written and removed in the folder; a folder not there yet is left
     uncreated (the job creates it when it writes): a probe folder is made and removed in its
     nearest existing parent instead.
 
         output folder s3://images/runs/x: bucket not found (...) while checking it can be written
         output folder /data/runs/x: read-only file system (EROFS) while creating it
     """
-    from mnist37.paths import open_location
+    from mnist37.storage.locations import open_location
 
     fs, path = open_location(location)
     if fs is None:
@@ -127,7 +173,8 @@ def check_writable(folder_kind: str, location: str | os.PathLike) -> None:
             probe.mkdir()
             probe.rmdir()
         return
-    from mnist37.objects import ObjectStoreError, retrying, write_object
+    from mnist37.storage.retries import ObjectStoreError, retrying
+    from mnist37.storage.objects import write_object
 
     probe = f"{os.fspath(location).rstrip('/')}/{PROBE_NAME}"
     try:

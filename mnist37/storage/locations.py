@@ -89,7 +89,7 @@ def sample_path(split: str, class_name: str, name: str) -> str:
 
 # Tries per object-store request that pyarrow (the AWS SDK) makes itself; each waits at most
 # StoreSettings.timeout_s for the store to accept the connection and to send each part of its
-# answer. objects.retrying adds a few tries of its own, within a total deadline per request.
+# answer. retries.retrying adds a few tries of its own, within a total deadline per request.
 STORE_ATTEMPTS = 3
 
 
@@ -97,7 +97,7 @@ STORE_ATTEMPTS = 3
 class StoreSettings:
     """How this job reaches its object store: made once on the driver, from its environment
     and config (`from_environment`), and handed to every task with its arguments
-    (`mnist37.distributed`), so a task on any node reaches the store the driver reached,
+    (`mnist37.on_ray.tasks`), so a task on any node reaches the store the driver reached,
     whatever that node's own environment says. Credentials are not in it: each node keeps
     its own (AWS_ACCESS_KEY_ID, ~/.aws, an instance or pod role), never copied by the job.
     Options given in a URI (`s3://b/p?endpoint_override=...&region=...`) travel in the URI."""
