@@ -391,6 +391,6 @@ def predictions_json(classification: Classification, cfg: Config) -> dict:
     """results.json's `predictions`: the columns written, the folder and every file (name,
     rows, bytes, key) in evaluation order; `files` empty when predictions are off."""
     files = classification.predictions or []
-    return {"columns": cfg.predictions, "top_k": classification.top_k, "folder": FOLDER,
+    return {"columns": cfg.predictions, "top_k": classification.top_k, "location": FOLDER,
             "rows": sum(f.rows for f in files), "num_bytes": sum(f.num_bytes for f in files),
             "write_s": round(sum(f.elapsed_s for f in files), 4), "files": [f.record() for f in files]}

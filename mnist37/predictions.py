@@ -251,7 +251,7 @@ def read(out: str | os.PathLike, listing: dict) -> pa.Table:
         if missing:
             raise PredictionsError(f"{folder}/{missing}: not found; results.json lists it")
     try:
-        return _checked_table(ds.dataset(names, format="parquet", filesystem=fs), folder, files)
+        return _checked_table(ds.dataset(names, format=ds.ParquetFileFormat(), filesystem=fs), folder, files)
     except FileNotFoundError:  # in an object store (a local folder's are named above)
         missing = next(f["name"] for f, info in zip(files, fs.get_file_info(names))
                        if info.type == pafs.FileType.NotFound)

@@ -150,7 +150,7 @@ def test_a_reused_folder_holds_this_runs_files_only(ray_local, folder, tmp_path)
     off = mnist37.evaluate(folder, out=out, classes=CLASSES, predictions="none", cache_dir=str(tmp_path / "cache"),
                            chunk_dir=str(tmp_path / "chunks"))
     assert list((out / "predictions").iterdir()) == []
-    assert off.results["predictions"] == {"columns": "none", "top_k": 0, "folder": "predictions", "rows": 0,
+    assert off.results["predictions"] == {"columns": "none", "top_k": 0, "location": "predictions", "rows": 0,
                                           "num_bytes": 0, "write_s": 0, "files": []}
     with pytest.raises(mnist37.NoPredictions, match=r"out: this run wrote no per-image predictions \(predictions = "
                                                     r"none\); run it with predictions = brief or full"):
