@@ -120,3 +120,17 @@ def test_equal_prototypes_rank_by_class_order():
         expected = ranks(float64_sums(images, protos, "l1"), true) < 2
         np.testing.assert_array_equal(done.top_k["l1"].numpy(), expected)
     assert not done.top_k["l1"].numpy()[ranks(float64_sums(images, protos, "l1"), np.full(len(images), 1)) == 1].any()
+
+
+@pytest.mark.cuda  # skipped where no CUDA device is visible (tests/conftest.py)
+@pytest.mark.parametrize("metric", ["l1", "l2"])
+def test_cuda_top_k_is_the_cpu_one(metric):
+    images, _, protos = problem(n=2048, num_classes=1000, shape=(16, 16, 3), seed=1)
+    labels = np.argsort(float64_sums(images, protos, metric), axis=1, kind="stable")[np.arange(len(images)),
+                                                                                    np.arange(len(images)) % 10]
+    crowd_images, crowd_protos = crowded(np.random.default_rng(4), (16, 16, 3))
+    crowd_labels = np.zeros(len(crowd_images), dtype=np.int64)
+    for imgs, ps, true in ((images, protos, labels), (crowd_images, crowd_protos, crowd_labels)):
+        cpu = classify_images(imgs, true, ps, [metric], "cpu", top_k=5)
+        cuda = classify_images(imgs, true, ps, [metric], "cuda", top_k=5)
+        np.testing.assert_array_equal(cuda.top_k[metric].cpu().numpy(), cpu.top_k[metric].numpy())
