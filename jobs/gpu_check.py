@@ -128,13 +128,15 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mnist37-gpu-check-") as chunk_dir:
         common = {"cache_dir": args.cache_dir, "reuse_chunks": False}
         sample = load(None, data=args.sample, chunk_dir=f"{chunk_dir}/mnist_sample", **common)
+        # Decoding forks worker processes: it runs before anything touches CUDA. The real data
+        # sets first, so that bad input stops the check before the color copy is made.
+        sets = {name: decoded_sets.decode_set(name, cfg, args.workers) for name, cfg in (
+            ("mnist", load(PROJECT_ROOT / "configs" / "mnist.toml", data=args.data, chunk_dir=f"{chunk_dir}/mnist",
+                           **common)),
+            ("mnist_sample", sample))}
         color = decoded_sets.color_copy(Path(locate(sample).root), Path(chunk_dir) / "color-data")
-        configs = {"mnist": load(PROJECT_ROOT / "configs" / "mnist.toml", data=args.data,
-                                 chunk_dir=f"{chunk_dir}/mnist", **common),
-                   "mnist_sample": sample,
-                   "color": load(None, data=str(color), channels="rgb", chunk_dir=f"{chunk_dir}/color", **common)}
-        # Decoding forks worker processes: it runs before anything touches CUDA.
-        sets = {name: decoded_sets.decode_set(name, cfg, args.workers) for name, cfg in configs.items()}
+        sets["color"] = decoded_sets.decode_set(
+            "color", load(None, data=str(color), channels="rgb", chunk_dir=f"{chunk_dir}/color", **common), args.workers)
         for data in sets.values():
             print(f"{data.name}: decoded {' + '.join(f'{s} {n:,}' for s, n in data.counts.items())} images "
                   f"({len(data.classes)} classes, {data.num_shards} shards) in {data.decode_s:.2f} s "
