@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import tomllib
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,20 @@ CHUNK_TRANSPORTS = ("auto", "filesystem", "object_store")
 NON_GRAYSCALE = ("reject", "convert")
 CHANNELS = ("auto", "gray", "rgb")
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box")
-FORMATS = ("auto", *sources.FORMATS)
+
+
+class _FormatChoices(Sequence):
+    """The format key's choices: "auto" and the sources table's formats, read at each use, so a
+    format added to the table (mnist37.sources.FORMATS) is a choice without a change here."""
+
+    def __getitem__(self, i):
+        return ("auto", *sources.FORMATS)[i]
+
+    def __len__(self) -> int:
+        return 1 + len(sources.FORMATS)
+
+
+FORMATS = _FormatChoices()
 # The keys that name a location (a path or a URI): none may carry a credential.
 LOCATIONS = ("data", "out", "chunk_dir", "cache_dir")
 
