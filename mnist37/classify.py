@@ -26,6 +26,7 @@ from mnist37.chunks import Source, read_chunk
 from mnist37.examples import Example, Sides
 from mnist37.memory import reuse_freed_memory
 from mnist37.prototypes import PIXEL_MAX
+from mnist37.threads import run_spread, threads_for
 
 # Images per step on a GPU; the working set is a few float64 [BATCH_IMAGES, C] matrices
 # (the sums, their bounds) and torch.cdist's and the matrix product's outputs.
@@ -33,6 +34,8 @@ BATCH_IMAGES = 8192
 # Images per step on the CPU: the float32 pixel values [CPU_BATCH_IMAGES, H*W] that torch.cdist
 # reads stay small (3.2 MB for 28x28 images), and so do the [CPU_BATCH_IMAGES, C] sums.
 CPU_BATCH_IMAGES = 1024
+# Images per thread, at least, where a CPU chunk is spread over threads (cpu_batches).
+THREAD_IMAGES = 128
 
 
 class DeviceError(Mnist37Error, RuntimeError):
@@ -388,6 +391,29 @@ def device_batches(pixels: torch.Tensor, device: torch.device, size: int) -> Ite
     compute.wait_stream(copier)
 
 
+def cpu_batches(pixels: torch.Tensor, prototypes: torch.Tensor, true: torch.Tensor, metrics: Sequence[str]
+                ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """`(start, {metric: nearest_with_distances of the batch})` for CPU batches of up to
+    CPU_BATCH_IMAGES, in order. Where torch runs one thread (a Ray task's: OMP_NUM_THREADS=1)
+    and this process may use more CPUs, the batches are cut smaller to go round a few threads
+    (mnist37.threads: torch's kernels release the GIL), so that a chunk classified alone (one
+    evaluation chunk, or the last) does not leave the node's other cores idle."""
+    threads = threads_for(len(pixels), THREAD_IMAGES) if torch.get_num_threads() == 1 else 1
+    size = max(1, min(CPU_BATCH_IMAGES, -(-len(pixels) // threads)))
+    starts = list(range(0, len(pixels), size))
+    found: dict[int, dict] = {}
+
+    def classify_some(indices: Sequence[int]) -> None:
+        for k in indices:
+            batch = pixels[starts[k]:starts[k] + size]
+            found[starts[k]] = {m: nearest_with_distances(batch, prototypes, true[starts[k]:starts[k] + len(batch)], m)
+                                for m in metrics}
+
+    run_spread(classify_some, len(starts), min(threads, len(starts)))
+    for start in starts:
+        yield start, found[start]
+
+
 def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: np.ndarray,
                     metrics: Sequence[str], device: str = "auto") -> Classified:
     """Confusion matrices per metric for `uint8 [N, H, W]` images, and every misclassified one.
@@ -405,9 +431,14 @@ def classify_images(images: np.ndarray, class_indices: np.ndarray, prototypes: n
     true = torch.from_numpy(np.asarray(class_indices, dtype=np.int64)).to(dev)
     parts = {m: [] for m in metrics}
     guesses = {m: [] for m in metrics}
-    for start, batch in device_batches(pixels, dev, CPU_BATCH_IMAGES if dev.type == "cpu" else BATCH_IMAGES):
-        for metric in metrics:
-            guess, dist = nearest_with_distances(batch, protos, true[start:start + len(batch)], metric)
+    if dev.type == "cpu":
+        batches = cpu_batches(pixels, protos, true, metrics)
+    else:
+        batches = ((start, {m: nearest_with_distances(batch, protos, true[start:start + len(batch)], m)
+                            for m in metrics})
+                   for start, batch in device_batches(pixels, dev, BATCH_IMAGES))
+    for _, done in batches:
+        for metric, (guess, dist) in done.items():
             guesses[metric].append(guess)
             parts[metric].append(dist)
     confusions, wrong, predicted, found = {}, {}, {}, {}

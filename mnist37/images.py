@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,12 @@ except ImportError:
     simplejpeg = None
 
 from mnist37.png import MAX_IMAGE_PIXELS, Blobs, DecodeError, decode_png, decode_pngs, decode_settings, png_header
+from mnist37.threads import run_spread, threads_for
+
+# Images per decode thread, at least: fewer are decoded in the calling thread.
+THREAD_IMAGES = 64
+# warnings.catch_warnings swaps the process's warning filters: one decode thread at a time.
+_FILTERS = threading.Lock()
 
 # File name extensions of images (lower case): what a folder listing takes as an image file.
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -190,7 +197,7 @@ def _opened(data: bytes, path: str, kind: str | None) -> Iterator[Image.Image]:
     failure inside, Pillow's or ours, becomes one DecodeError naming `path` and why (`kind`,
     the format the bytes start like, names a broken one)."""
     try:
-        with warnings.catch_warnings():
+        with _FILTERS, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not warned
             image = Image.open(io.BytesIO(data))
         with image:
@@ -333,11 +340,13 @@ def decode_images(data: Sequence[bytes] | Blobs, path: Callable[[int], str], dec
     One channel at the expected size goes the PNG fast paths first (png.decode_pngs: plain PNGs
     in bulk, libspng), which hand every other image to `decode_image`."""
     conversions: Counter = Counter()
+    counting = threading.Lock()
 
     def general(i: int) -> np.ndarray:
         pixels, conversion = decode_image(data[i], path(i), decoding)
         if conversion is not None:
-            conversions[conversion] += 1
+            with counting:
+                conversions[conversion] += 1
         return pixels
 
     if decoding.channels == 1 and not decoding.resize:
@@ -345,12 +354,19 @@ def decode_images(data: Sequence[bytes] | Blobs, path: Callable[[int], str], dec
     else:
         images = np.empty((len(data), *decoding.array_shape), dtype=np.uint8)
         kept, reasons = np.zeros(len(data), dtype=bool), {}
-        for i in range(len(data)):
-            try:
-                images[i] = general(i)
-                kept[i] = True
-            except DecodeError as e:
-                reasons[i] = e.reason
+
+        def decode_some(indices: Sequence[int]) -> None:
+            for i in indices:
+                try:
+                    images[i] = general(i)
+                    kept[i] = True
+                except DecodeError as e:
+                    reasons[i] = e.reason
+
+        # Resized and color images cost milliseconds each in codecs that release the GIL: a
+        # shard is spread over the node's idle cores (mnist37.threads).
+        run_spread(decode_some, len(data), threads_for(len(data), THREAD_IMAGES))
+        reasons = dict(sorted(reasons.items()))
         if reasons:
             images = images[kept]
     return Images(images, kept, reasons, conversions, _notes(data, names) if names is not None else {})

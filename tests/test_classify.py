@@ -82,6 +82,35 @@ def test_batches_do_not_change_the_result(monkeypatch):
             np.testing.assert_array_equal(confusions[metric], results[0][1][metric])
 
 
+def test_a_chunk_on_threads_classifies_as_in_one_batch(monkeypatch):
+    """With torch on one thread (a Ray task's), a CPU chunk is cut into batches that go round
+    a few threads (cpu_batches): predictions equal the float64 argmin and the one-batch run,
+    misclassified rows and margins are the same, in row order."""
+    from mnist37 import threads
+
+    images, labels, protos = problem(n=900, num_classes=40, shape=(3, 8, 8), seed=5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(threads, "MAX_THREADS", 1)
+        alone = classify_images(images, labels, protos, ["l1", "l2"], "cpu")
+        monkeypatch.setattr(threads, "MAX_THREADS", 3)
+        monkeypatch.setattr(threads, "usable_cpus", lambda: 3)
+        spread = classify_images(images, labels, protos, ["l1", "l2"], "cpu")
+    finally:
+        torch.set_num_threads(before)
+    x = images.reshape(len(images), -1).astype(np.float64)[:, None] / 255 - \
+        protos.reshape(len(protos), -1).astype(np.float64)[None]
+    for metric, sums in (("l1", np.abs(x).sum(-1)), ("l2", (x ** 2).sum(-1))):
+        np.testing.assert_array_equal(spread.predicted[metric].numpy(), sums.argmin(axis=1))
+        np.testing.assert_array_equal(spread.predicted[metric].numpy(), alone.predicted[metric].numpy())
+        np.testing.assert_array_equal(spread.confusions[metric], alone.confusions[metric])
+        np.testing.assert_array_equal(spread.misclassified[metric].rows, alone.misclassified[metric].rows)
+        np.testing.assert_allclose(spread.misclassified[metric].margins, alone.misclassified[metric].margins,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(spread.distances[metric].numpy(), alone.distances[metric].numpy(), rtol=1e-5)
+
+
 def test_ties_go_to_the_earlier_class():
     images, labels, protos = problem(num_classes=2)
     protos[1] = protos[0]

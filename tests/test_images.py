@@ -177,6 +177,31 @@ def test_conversions_are_counted_per_kind_and_misnamed_files_noted(corpus):
     assert done.notes == {names.index("train/dog/b-jpeg-named.png"): "JPEG data named .png"}
 
 
+def test_a_shard_decoded_on_threads_is_the_shard_decoded_in_order(corpus, monkeypatch):
+    """decode_images spreads a shard over threads (mnist37.threads): the same pixels, the same
+    rejections in file order, the same conversion counts as one thread, with every format of
+    the corpus and bad files among them."""
+    from mnist37 import images, threads
+
+    names = [path for path, _ in files(corpus, "train")] * 4
+    data = [(corpus / n).read_bytes() for n in names]
+    for i in range(3, len(data), 17):
+        data[i] = data[i][:150]  # truncated
+    decoding = Decoding((9, 7), convert=True, channels=3, resize=True)
+    monkeypatch.setattr(threads, "MAX_THREADS", 1)
+    alone = decode_images(data, names.__getitem__, decoding, names)
+    monkeypatch.setattr(threads, "MAX_THREADS", 4)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(images, "THREAD_IMAGES", 8)
+    spread = decode_images(data, names.__getitem__, decoding, names)
+    assert len(alone.reasons) == len(range(3, len(data), 17)) and list(alone.reasons) == sorted(alone.reasons)
+    assert list(spread.reasons.items()) == list(alone.reasons.items())
+    np.testing.assert_array_equal(spread.images, alone.images)
+    np.testing.assert_array_equal(spread.kept, alone.kept)
+    assert spread.conversions == alone.conversions and sum(alone.conversions.values()) > 0
+    assert spread.notes == alone.notes
+
+
 def jpeg_with_size(height: int, width: int) -> bytes:
     """A real small JPEG whose frame header (SOF) is made to declare height x width."""
     data = bytearray(encoded(pattern(0, 5), "JPEG", quality=90))
