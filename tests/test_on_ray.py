@@ -147,8 +147,8 @@ def test_listing_tasks_each_list_a_run_of_folders(ray_local, tmp_path, monkeypat
     classes = [f"c{i}" for i in range(7)]
     root = make_image_folder(tmp_path / "data", {split: {c: 3 + 5 * i for i, c in enumerate(classes)}
                                                  for split in ("train", "valid")})
-    monkeypatch.setattr(distributed, "LISTING_TASKS_PER_CPU", 1)
-    monkeypatch.setattr(distributed, "LISTING_BLOCK", 4)
+    monkeypatch.setattr(tasks, "LISTING_TASKS_PER_CPU", 1)
+    monkeypatch.setattr(tasks, "LISTING_BLOCK", 4)
     here = list_splits(root, ["train", "valid"], classes)
     listed = list_splits(root, ["train", "valid"], classes, map_folders=tasks.map_listings)
     assert int(ray.cluster_resources()["CPU"]) < 2 * len(classes)  # so tasks list several folders each

@@ -1,7 +1,7 @@
 """Do the decode's and classify's kernels release the GIL? A pure-Python thread counts while the
 main thread makes one long call of each (a 3000x3000 JPEG decode, a resize to 64x64, a
 2000x500x4096 cdist p=1): a count that goes on at its rate alone means the call released the GIL,
-so mnist37/threads.py's threads can run in parallel.
+so threads within a task (tried for issue 33, not kept) could run in parallel.
 
     python benchmarks/many_classes/gil_probe.py
 """
