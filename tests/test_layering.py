@@ -136,5 +136,5 @@ def test_only_the_sources_tell_formats_apart():
 def test_the_config_format_choices_are_the_table():
     from mnist37 import config, sources
 
-    assert config.FORMATS == ("auto", *sources.FORMATS)
+    assert tuple(config.FORMATS) == ("auto", *sources.FORMATS)
     importlib.import_module("mnist37.sources")  # cheap: the format modules load when used
