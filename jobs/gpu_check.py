@@ -4,10 +4,11 @@ One process, no Ray (a lent GPU machine has none): decodes full MNIST and mnist_
 Arrow chunks with mnist37's own decode step (and a color copy of mnist_sample's images, made at
 run time, in three channels), classifies each evaluation split with
 `classify_images` (what every classify task calls) on the CPU and on CUDA, compares every
-prediction (a difference passes only as a proven float32 tie, mnist37/gpu_check.py), checks
+prediction (a difference passes only as a proven float32 tie, tests/gpu_agreement.py), checks
 each device's predictions, hence its accuracies, against an independent NumPy float64
 computation on the same decoded images, then times classification from host memory (pinned for
-the GPU, so the copy is included and overlapped) for a range of batch sizes.
+the GPU, so the copy is included and overlapped) for a range of batch sizes
+(benchmarks/gpu_throughput/).
 
     python3 jobs/gpu_check.py --data .devdata/mnist_png.tgz --sample .devdata/mnist_sample.tgz
 
@@ -18,6 +19,10 @@ a proven tie (between the devices, or from the NumPy reference), or a distance i
 the exact one than float32's error bound; `error: ...` and 1 for bad input.
 `--synthetic-classes 1000` adds a data set of that many classes made in memory (the check's
 hook for class counts the real data sets lack).
+
+A lab tool, not installed with mnist37: its correctness half is the test support
+tests/decoded_sets.py and tests/gpu_agreement.py (the CUDA tests run the same checks:
+tests/test_gpu_agreement.py), its throughput half the study benchmarks/gpu_throughput/.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,17 +42,15 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import torch  # noqa: E402
 
-from mnist37 import Mnist37Error  # noqa: E402
-from mnist37 import gpu_check as check  # noqa: E402
+from benchmarks.gpu_throughput import gpu_throughput  # noqa: E402
+from benchmarks.support.cli import exit_status  # noqa: E402
+from mnist37 import png  # noqa: E402
+from mnist37.accuracy import accuracy_report  # noqa: E402
 from mnist37.config import HelpFormatter, load  # noqa: E402
 from mnist37.locate import locate  # noqa: E402
-from mnist37.accuracy import accuracy_report  # noqa: E402
 from mnist37.report import format_table  # noqa: E402
-
-GPU_BATCHES = [8192, 32768, 131072, 524288, 1048576]
-CPU_BATCHES = [8192, 32768, 131072]
-PAGEABLE_BATCHES = [131072]
-GOAL = 10_000_000  # images/s on one H100, copy included (issue 14)
+from tests import decoded_sets  # noqa: E402
+from tests.gpu_agreement import verify  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,37 +58,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="full MNIST: mnist_png.tgz (or its folder) (required)")
     parser.add_argument("--sample", required=True, help="fastai's mnist_sample.tgz (or its folder) (required)")
     parser.add_argument("--cache-dir", default="", help="where archives are extracted (default: mnist37's cache)")
-    parser.add_argument("--batches", type=int, nargs="+", default=GPU_BATCHES, help="GPU throughput batch sizes")
-    parser.add_argument("--cpu-batches", type=int, nargs="+", default=CPU_BATCHES, help="CPU throughput batch sizes")
-    parser.add_argument("--pageable-batches", type=int, nargs="*", default=PAGEABLE_BATCHES,
-                        help="GPU throughput batch sizes from pageable host memory (staged through pinned buffers)")
-    parser.add_argument("--reps", type=int, default=3, help="timed calls per batch size (the median is shown)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
+    gpu_throughput.add_flags(parser)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
     parser.add_argument("--cpu-only", action="store_true",
                         help="run the CPU half alone, also where CUDA is (without CUDA and this flag: exit 1)")
     parser.add_argument("--synthetic-classes", type=int, nargs="*", default=[], metavar="C",
                         help="add a data set made in memory of C classes, for each C (e.g. 1000), checked the same way")
     args = parser.parse_args(argv)
-    for name in ("batches", "cpu_batches", "pageable_batches"):
-        if any(b < 1 for b in getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')}: expected positive numbers of images")
+    gpu_throughput.check_flags(parser, args)
     if any(c < 2 for c in args.synthetic_classes):
         parser.error("--synthetic-classes: expected at least 2 classes")
-    if args.reps < 1 or args.warmup < 0 or args.workers < 1:
-        parser.error("--reps and --workers: expected at least 1; --warmup: at least 0")
+    if args.workers < 1:
+        parser.error("--workers: expected at least 1")
     return args
 
 
-def check_data_set(data: check.DecodedSet, devices: list[str]) -> tuple[list[str], dict, dict]:
+def check_data_set(data: decoded_sets.DecodedSet, devices: list[str]) -> tuple[list[str], dict, dict]:
     """Classify the data set's evaluation chunks on each device, print the accuracies, how each
     device's predictions compare with the NumPy float64 reference, how far its distances are
     from the exact ones and (with two devices) every prediction that differs; return the
     failures, each device's predictions (metric -> int64 [N]) and the images at float32 ties
     (metric -> bool [N])."""
     cfg = data.cfg
-    split = check.eval_split(data)
-    outcomes = {device: check.classify_set(data, device) for device in devices}
+    split = decoded_sets.eval_split(data)
+    outcomes = {device: decoded_sets.classify_set(data, device) for device in devices}
     print(f"\n{data.name}: {cfg.eval_split} split, {len(split.images):,} images, "
           + ", ".join(f"{o.device} {o.elapsed_s:.3f} s" for o in outcomes.values()))
     for device, outcome in outcomes.items():
@@ -93,90 +90,28 @@ def check_data_set(data: check.DecodedSet, devices: list[str]) -> tuple[list[str
             "classes": data.classes, "config": {"eval_split": cfg.eval_split},
             "counts": {cfg.eval_split: dict(zip(data.classes, counts))},
             "metrics": {m: accuracy_report(c, data.classes) for m, c in outcome.confusions.items()}}))
-    return check_outcomes(data.name, data.classes, cfg.metrics, data.prototypes, check.read_split(data.train_chunks),
-                          split, outcomes)
+    verdict = verify(data.name, data.classes, cfg.metrics, data.prototypes,
+                     decoded_sets.read_split(data.train_chunks), split, outcomes)
+    print("\n".join("  " + line for line in verdict.findings))
+    return verdict.failures, {device: o.predicted for device, o in outcomes.items()}, verdict.near
 
 
 def check_synthetic(num_classes: int, metrics: list[str], devices: list[str]) -> list[str]:
     """A data set of `num_classes` classes made in memory, classified on each device and
     checked as the decoded ones are; return the failures."""
-    train, split, prototypes = check.synthetic_problem(num_classes)
-    outcomes = {device: check.classify_split(split, prototypes, metrics, device) for device in devices}
+    train, split, prototypes = decoded_sets.synthetic_problem(num_classes)
+    outcomes = {device: decoded_sets.classify_split(split, prototypes, metrics, device) for device in devices}
     name = f"synthetic {num_classes} classes"
     print(f"\n{name}: train {len(train.images):,}, evaluation {len(split.images):,} images "
           f"{'x'.join(map(str, split.images.shape[1:]))}, " + ", ".join(f"{o.device} {o.elapsed_s:.3f} s"
                                                                          for o in outcomes.values()))
-    return check_outcomes(name, [str(c) for c in range(num_classes)], metrics, prototypes, train, split, outcomes)[0]
+    verdict = verify(name, [str(c) for c in range(num_classes)], metrics, prototypes, train, split, outcomes)
+    print("\n".join("  " + line for line in verdict.findings))
+    return verdict.failures
 
 
-def check_outcomes(name: str, classes: list[str], metrics: list[str], prototypes, train: check.EvalSplit,
-                   split: check.EvalSplit, outcomes: dict) -> tuple[list[str], dict, dict]:
-    """Each device's outcome against the NumPy reference and the exact distances, and (with
-    two devices) against each other; print each finding; return what check_data_set returns."""
-    failures = []
-    references = check.reference(train, split, len(classes), metrics)
-    for outcome in outcomes.values():
-        for a in check.agree(outcome, references, split):
-            print("  " + check.format_agreement(a, split, classes, outcome, references))
-            if not a.ok:
-                failures.append(f"{name} {a.device} {a.metric}: {len(a.wrong)} predictions differ from the NumPy "
-                                "float64 reference beyond a tie")
-    exact = {m: check.exact_distances(split.images, prototypes, m) for m in metrics}
-    for outcome in outcomes.values():
-        for e in check.exactness(outcome, exact, split.images[0].size):
-            print("  " + check.format_exactness(e))
-            if not e.ok:
-                failures.append(f"{name} {e.device} {e.metric} distances off by {e.worst:.2f} "
-                                "times float32's error bound")
-    if len(outcomes) == 2:
-        comparison = check.compare(outcomes["cpu"], outcomes["cuda"], split, exact)
-        for metric, ulps in comparison.max_ulps.items():
-            differing = sum(d.metric == metric for d in comparison.differences)
-            said = f"{differing} predictions differ" if differing else "predictions identical"
-            print(f"  cpu vs cuda, {metric}: {said} on {comparison.num_images:,} images; "
-                  f"distances at most {ulps} ulps apart")
-        for d in comparison.differences:
-            print("    " + check.format_difference(d, classes))
-        if not comparison.ok:
-            failures.append(f"{name}: {sum(not d.tie for d in comparison.differences)} predictions "
-                            "differ between cpu and cuda beyond a proven float32 tie")
-    near = {m: check.near_ties(e, split.images[0].size) for m, e in exact.items()}
-    return failures, {device: o.predicted for device, o in outcomes.items()}, near
-
-
-def measure_throughput(args: argparse.Namespace, data: check.DecodedSet, predictions: dict, near: dict) -> list[str]:
-    """Time classify_images on the data set's evaluation split repeated to each batch size, on
-    the CPU and (when `predictions` has it) CUDA; print the table; return the failures."""
-    split, failures, cuda = check.eval_split(data), [], "cuda" in predictions
-    height, width = split.images.shape[1:]
-    print(f"\nthroughput: classify_images, {len(data.classes)} classes, {' + '.join(data.cfg.metrics)}, "
-          f"{height}x{width} uint8 images ({data.cfg.eval_split} split repeated), host memory to confusion "
-          f"matrices on the host; each call's predictions checked against the device's above; median of "
-          f"{args.reps} after {args.warmup} warm-up", flush=True)
-    plans = [("cpu", "pageable", b) for b in args.cpu_batches]
-    if cuda:
-        plans += [("cuda", "pinned", b) for b in args.batches]
-        plans += [("cuda", "pageable", b) for b in args.pageable_batches]
-    images = {memory: check.tiled(split, max(b for _, m, b in plans if m == memory), pinned=memory == "pinned")
-              for memory in {m for _, m, _ in plans}}
-    print(check.format_timings([], height * width))
-    timings = []
-    for device, memory, batch in plans:
-        pixels, labels = images[memory]
-        timings.append(check.throughput(pixels, labels, data.prototypes, device, batch, args.reps, args.warmup,
-                                        predictions[device], near))
-        print(check.format_timings(timings[-1:], height * width).splitlines()[-1], flush=True)
-        if timings[-1].wrong_calls:
-            failures.append(f"throughput {device} {memory} {batch:,}: predictions wrong in "
-                            f"{timings[-1].wrong_calls} calls")
-    if cuda:
-        pinned = images["pinned"][0]
-        print(f"host-to-device copy alone, {len(pinned):,} pinned images: "
-              f"{check.copy_gbps(pinned, args.reps):.1f} GB/s")
-        best = max(t.images_per_s for t in timings if t.device == "cuda")
-        print(f"best GPU throughput {best:,.0f} images/s: {'meets' if best >= GOAL else 'BELOW'} "
-              f"the goal of {GOAL:,} images/s, copy included")
-    return failures
+def decoder_name() -> str:
+    return "libspng (pyspng) for 8-bit grayscale, else Pillow" if png.pyspng else "Pillow (no pyspng)"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -188,17 +123,20 @@ def main(args: argparse.Namespace) -> int:
               "path here (--cpu-only runs its CPU half alone)", file=sys.stderr)
         return 1
     print(f"mnist37 GPU check: Python {platform.python_version()}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, no Ray; PNG decoder: {check.decoder_name()}", flush=True)
-    with check.temporary_chunk_dir() as chunk_dir:
+          f"{os.cpu_count()} CPUs, no Ray; PNG decoder: {decoder_name()}", flush=True)
+    # Chunks are decoded afresh into a folder removed at the end: the check measures decoding.
+    with tempfile.TemporaryDirectory(prefix="mnist37-gpu-check-") as chunk_dir:
         common = {"cache_dir": args.cache_dir, "reuse_chunks": False}
         sample = load(None, data=args.sample, chunk_dir=f"{chunk_dir}/mnist_sample", **common)
-        color = check.color_copy(Path(locate(sample).root), Path(chunk_dir) / "color-data")
-        configs = {"mnist": load(PROJECT_ROOT / "configs" / "mnist.toml", data=args.data,
-                                 chunk_dir=f"{chunk_dir}/mnist", **common),
-                   "mnist_sample": sample,
-                   "color": load(None, data=str(color), channels="rgb", chunk_dir=f"{chunk_dir}/color", **common)}
-        # Decoding forks worker processes: it runs before anything touches CUDA.
-        sets = {name: check.decode_set(name, cfg, args.workers) for name, cfg in configs.items()}
+        # Decoding forks worker processes: it runs before anything touches CUDA. The real data
+        # sets first, so that bad input stops the check before the color copy is made.
+        sets = {name: decoded_sets.decode_set(name, cfg, args.workers) for name, cfg in (
+            ("mnist", load(PROJECT_ROOT / "configs" / "mnist.toml", data=args.data, chunk_dir=f"{chunk_dir}/mnist",
+                           **common)),
+            ("mnist_sample", sample))}
+        color = decoded_sets.color_copy(Path(locate(sample).root), Path(chunk_dir) / "color-data")
+        sets["color"] = decoded_sets.decode_set(
+            "color", load(None, data=str(color), channels="rgb", chunk_dir=f"{chunk_dir}/color", **common), args.workers)
         for data in sets.values():
             print(f"{data.name}: decoded {' + '.join(f'{s} {n:,}' for s, n in data.counts.items())} images "
                   f"({len(data.classes)} classes, {data.num_shards} shards) in {data.decode_s:.2f} s "
@@ -218,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
             failures += found
         for num_classes in args.synthetic_classes:
             failures += check_synthetic(num_classes, sets["mnist"].cfg.metrics, devices)
-        failures += measure_throughput(args, sets["mnist"], predictions["mnist"], near["mnist"])
+        failures += gpu_throughput.measure_throughput(args, sets["mnist"], predictions["mnist"], near["mnist"])
     verdict = "GPU check" if cuda else "CPU half"
     print(f"\n{verdict} {'FAILED: ' + '; '.join(failures) if failures else 'passed'} "
           f"in {time.perf_counter() - clock:.1f} s")
@@ -227,8 +165,4 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    try:
-        sys.exit(main(arguments))
-    except Mnist37Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(exit_status(lambda: main(arguments)))

@@ -3,19 +3,23 @@
 Columns: `image` (pyarrow's canonical `arrow.fixed_shape_tensor`, uint8, one image's shape:
 [H, W] for gray, [3, H, W] for color, dimensions named C, H, W), `class_index` (int32, index
 into the class list), `path` (relative to the data root).
-Schema metadata: `mnist37.classes` (JSON list of class names), `mnist37.image_shape` (JSON,
+Schema metadata: the data set's classes as `mnist37.num_classes` and `mnist37.classes_digest`
+(classes_digest of the JSON list of class names) with `mnist37.held` (JSON [[class index, name,
+images], ...] of the classes the chunk holds), so that a footer grows with the classes a shard
+holds, not with the data set's (chunks written before held `mnist37.classes`, the JSON list of
+every name, and `mnist37.counts`, a count per class: they are read as well), `mnist37.image_shape` (JSON,
 one image's shape, as the tensor's: [H, W] or [3, H, W], so the channel count is in the schema
 and a chunk of another channel count is never misread), `mnist37.split`, `mnist37.num_images`,
 and what lets a later run reuse the chunk without decoding again: `mnist37.files_key` (paths,
-sizes, modification times, decode settings), `mnist37.digest` (content), `mnist37.counts`
-(JSON, per class) and `mnist37.pixel_sums` (int64 [k, *image shape], little-endian bytes:
+sizes, modification times, decode settings), `mnist37.digest` (content) and `mnist37.pixel_sums` (int64 [k, *image shape], little-endian bytes:
 one row per class with images, in class order, so its size grows with the classes the shard
 holds, not with the data set's; chunks written before held a row for every class, zeros for
 those without images, and are read as well), `mnist37.rejected` (JSON [path, reason] of the shard's files left out), where any,
 `mnist37.conversions` (JSON {kind: images}) and `mnist37.notes` (JSON [path, note]: a file's
 bytes of another format than its name) and, for container shards, `mnist37.records` (JSON:
 `found` and `rejected_per_class` per class plus one for records of unreadable class,
-`ignored`). The metadata is in the file's footer, so it is read without touching the images.
+`ignored`; per-class lists as {"length": n, "at": {index: value}} of their nonzero entries). The
+metadata is in the file's footer, so it is read without touching the images.
 
 `mnist37.checksum` covers everything a later run trusts: every other metadata entry (the reuse
 record included), the pixels, the class indices and the paths. Reading a chunk verifies it, so
@@ -24,6 +28,7 @@ a chunk damaged after it was written (bit rot, a bad copy, another tool) is neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -70,7 +75,7 @@ class Chunk:
     images: np.ndarray  # uint8 [N, H, W] or [N, 3, H, W], read-only view of the memory-mapped file
     class_indices: np.ndarray  # int32 [N]
     paths: list[str]
-    classes: list[str]
+    classes: dict[int, str]  # class index -> name, of the classes the chunk holds
     split: str
 
     def __len__(self) -> int:
@@ -175,9 +180,14 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
     tensor_type = (pa.fixed_shape_tensor(pa.uint8(), shape) if len(shape) == 2
                    else pa.fixed_shape_tensor(pa.uint8(), shape, dim_names=["C", "H", "W"]))
     storage = pa.FixedSizeListArray.from_arrays(arrow_array(images.reshape(-1)), int(np.prod(shape)))
+    held, counts = np.unique(np.asarray(class_indices, dtype=np.int64), return_counts=True)
+    if len(held) and not 0 <= held[0] <= held[-1] < len(classes):
+        raise ValueError(f"class indices {held[0]}..{held[-1]} for {len(classes)} classes")
     metadata = {
         "mnist37.schema_version": SCHEMA_VERSION,
-        "mnist37.classes": json.dumps(list(classes)),
+        "mnist37.num_classes": str(len(classes)),
+        "mnist37.classes_digest": classes_digest(classes),
+        "mnist37.held": json.dumps([[c, classes[c], n] for c, n in zip(held.tolist(), counts.tolist())]),
         "mnist37.image_shape": json.dumps(shape),
         "mnist37.split": split,
         "mnist37.num_images": str(len(images)),
@@ -187,15 +197,17 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
         if sums.classes.tolist() != np.flatnonzero(reuse["counts"]).tolist():
             raise ValueError(f"pixel sums of classes {sums.classes.tolist()}, but images of classes "
                              f"{np.flatnonzero(reuse['counts']).tolist()}")
+        if np.asarray(reuse["counts"])[held].tolist() != counts.tolist() or len(sums.classes) != len(held):
+            raise ValueError(f"counts {np.asarray(reuse['counts']).tolist()} are not those of the class indices")
         metadata.update({
             "mnist37.files_key": reuse["files_key"],
             "mnist37.digest": reuse["digest"],
-            "mnist37.counts": json.dumps(np.asarray(reuse["counts"]).tolist()),
             "mnist37.pixel_sums": np.ascontiguousarray(sums.sums, dtype="<i8").tobytes(),
             "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
         })
         if reuse.get("records") is not None:  # container shards: what the task found per class
-            metadata["mnist37.records"] = json.dumps(reuse["records"])
+            metadata["mnist37.records"] = json.dumps(
+                {k: _sparse(v) if k in _PER_CLASS_RECORDS else v for k, v in reuse["records"].items()})
         if reuse.get("conversions"):  # images converted to the run's channels, per kind
             metadata["mnist37.conversions"] = json.dumps(reuse["conversions"])
         if reuse.get("notes"):  # files whose bytes are another format than their names say
@@ -210,6 +222,49 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
         schema=schema,
     )
     return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table, metadata)})
+
+
+def classes_digest(classes: Sequence[str]) -> str:
+    """What a footer records of the data set's class list (`mnist37.classes_digest`): 32 hex
+    digits of blake2b over its JSON, so that a chunk of another class list is told apart
+    without the footer holding every name."""
+    return hashlib.blake2b(json.dumps(list(classes)).encode(), digest_size=16).hexdigest()
+
+
+# `mnist37.records` entries that hold a value per class (and one for records of no class).
+_PER_CLASS_RECORDS = ("found", "rejected_per_class")
+
+
+def _sparse(values: Sequence[int]) -> dict:
+    """A per-class list as its length and its nonzero entries: a footer does not grow with C."""
+    return {"length": len(values), "at": {str(i): int(v) for i, v in enumerate(values) if v}}
+
+
+def _dense(value: list | dict) -> list[int]:
+    """`_sparse` undone; a list (chunks written before) as it is."""
+    if isinstance(value, list):
+        return value
+    dense = [0] * int(value["length"])
+    for i, v in value["at"].items():
+        dense[int(i)] = int(v)
+    return dense
+
+
+def _classes(meta: dict) -> tuple[str, int, dict[int, str], np.ndarray]:
+    """(classes_digest, number of classes, {index: name} of the classes held, int64 [C] images
+    per class) from a footer of either layout: `mnist37.held` or, in chunks written before,
+    `mnist37.classes` (every name) and `mnist37.counts` (a reuse record's, else from the class
+    indices' names: the held classes are then the ones with a count)."""
+    if b"mnist37.classes" in meta:  # the older layout
+        classes = json.loads(meta[b"mnist37.classes"])
+        counts = np.array(json.loads(meta.get(b"mnist37.counts", b"null")) or [0] * len(classes), dtype=np.int64)
+        held = {c: classes[c] for c in (np.flatnonzero(counts).tolist() if counts.any() else range(len(classes)))}
+        return classes_digest(classes), len(classes), held, counts
+    held = json.loads(meta[b"mnist37.held"])
+    counts = np.zeros(int(meta[b"mnist37.num_classes"]), dtype=np.int64)
+    for c, _, n in held:
+        counts[c] = n
+    return meta[b"mnist37.classes_digest"].decode(), len(counts), {c: name for c, name, _ in held}, counts
 
 
 def checksummed_bytes(table: pa.Table, metadata: dict | None = None) -> Iterator[memoryview | bytes]:
@@ -359,21 +414,25 @@ def read_chunk_metadata(path: str | Path) -> dict:
     if b"mnist37.files_key" not in meta:
         raise ChunkError(f"{path}: chunk has no reuse record")
     try:
-        counts = np.array(json.loads(meta[b"mnist37.counts"]), dtype=np.int64)
+        digest, num_classes, held, counts = _classes(meta)
         shape = tuple(json.loads(meta[b"mnist37.image_shape"]))
+        records = json.loads(meta[b"mnist37.records"]) if b"mnist37.records" in meta else None
         return {
             "num_images": int(meta[b"mnist37.num_images"]),
             "num_bytes": _size(path),
             "files_key": meta[b"mnist37.files_key"].decode(),
             "digest": meta[b"mnist37.digest"].decode(),
             "checksum": meta[CHECKSUM_KEY].decode(),
-            "classes": json.loads(meta[b"mnist37.classes"]),
+            "classes_digest": digest,  # of the data set's class list (classes_digest)
+            "num_classes": num_classes,
+            "held_classes": held,  # class index -> name, of the classes with images here
             "split": meta[b"mnist37.split"].decode(),
             "image_shape": shape,
             "counts": counts,
             "pixel_sums": _class_sums(meta[b"mnist37.pixel_sums"], counts, shape),
             "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
-            "records": json.loads(meta[b"mnist37.records"]) if b"mnist37.records" in meta else None,
+            "records": None if records is None else {k: _dense(v) if k in _PER_CLASS_RECORDS else v
+                                                     for k, v in records.items()},
             "conversions": json.loads(meta.get(b"mnist37.conversions", b"{}")),
             "notes": [tuple(n) for n in json.loads(meta.get(b"mnist37.notes", b"[]"))],
         }
@@ -448,6 +507,6 @@ def read_chunk(source: Source, expected_checksum: str | None = None, verify: boo
         images=pixels,
         class_indices=numbers(table.column("class_index")),
         paths=table.column("path").to_pylist(),
-        classes=json.loads(meta[b"mnist37.classes"]),
+        classes=_classes(meta)[2],
         split=meta[b"mnist37.split"].decode(),
     )

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import tomllib
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,20 @@ CHUNK_TRANSPORTS = ("auto", "filesystem", "object_store")
 NON_GRAYSCALE = ("reject", "convert")
 CHANNELS = ("auto", "gray", "rgb")
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box")
-FORMATS = ("auto", *sources.FORMATS)
+
+
+class _FormatChoices(Sequence):
+    """The format key's choices: "auto" and the sources table's formats, read at each use, so a
+    format added to the table (mnist37.sources.FORMATS) is a choice without a change here."""
+
+    def __getitem__(self, i):
+        return ("auto", *sources.FORMATS)[i]
+
+    def __len__(self) -> int:
+        return 1 + len(sources.FORMATS)
+
+
+FORMATS = _FormatChoices()
 PREDICTIONS = ("none", "brief", "full")
 # top_k = -1 (auto): top-DEFAULT_TOP_K accuracy with at least TOP_K_MIN_CLASSES classes, else none
 # (ImageNet's top-5 among 1,000 classes; among 2 or 3 it says little). docs/output.md says why.
@@ -60,6 +73,11 @@ def _flag(group: str, help: str, *, choices: tuple[str, ...] = (), metavar: str 
     values it allows (checked by `validate`, shown by --help), the name of its value, and
     what an empty default means."""
     return {"group": group, "help": help, "choices": choices, "metavar": metavar, "empty": empty}
+
+
+def _list_flag(group: str, help: str, *, metavar: str, empty: str) -> list:
+    """A list field, empty by default (what that means: `empty`), with its command line."""
+    return field(default_factory=list, metadata=_flag(group, help, metavar=metavar, empty=empty))
 
 
 @dataclass
@@ -121,9 +139,9 @@ class Config:
     # Class folder names, in the order used for indices and confusion rows; ["all"] takes every
     # class folder of the training split, sorted. Empty: a named data set's own (mnist: all),
     # else ["3", "7"], fastbook's pair.
-    classes: list[str] = field(default_factory=list, metadata=_flag(
+    classes: list[str] = _list_flag(
         DATA, "class folder names, in confusion-row order; all: every class of the training split",
-        metavar="CLASS", empty="all for mnist, else 3 7"))
+        metavar="CLASS", empty="all for mnist, else 3 7")
     # What a file that cannot be used does to the job: "error" stops it before any accuracy
     # is computed and lists every such file; "skip" leaves them out and lists them in
     # results.json. Either way files found = images used + files rejected.
@@ -144,14 +162,14 @@ class Config:
         DECODING, "channels every image is converted to; auto: as most of the first training images",
         choices=CHANNELS))
     # [H, W] every image must have, others rejected; empty takes the first training image's.
-    image_shape: list[int] = field(default_factory=list, metadata=_flag(
+    image_shape: list[int] = _list_flag(
         DECODING, "H W every image must have (others rejected; see --image-size to resize)", metavar="N",
-        empty="the first training image's"))
+        empty="the first training image's")
     # [H, W] every image is resized to, after conversion, with Image.resize((W, H), filter);
     # exclusive with image_shape (which rejects other sizes instead).
-    image_size: list[int] = field(default_factory=list, metadata=_flag(
+    image_size: list[int] = _list_flag(
         DECODING, "H W (or HxW) every image is resized to, after conversion (Pillow's Image.resize)",
-        metavar="N", empty="no resizing"))
+        metavar="N", empty="no resizing")
     resize_filter: str = field(default="bilinear", metadata=_flag(
         DECODING, "the filter --image-size resizes with", choices=RESIZE_FILTERS))
     # With image_size: decode each JPEG for its target size through libjpeg-turbo's DCT
@@ -164,9 +182,9 @@ class Config:
     # Names of the classes of label-only formats (IDX, WebDataset .cls without classes.txt,
     # numbered class folders), in label order: a list, or "@file" with one name per line.
     # Tables, report.html and results.json show them.
-    class_names: list[str] = field(default_factory=list, metadata=_flag(
+    class_names: list[str] = _list_flag(
         CLASSIFY, "names of label values 0, 1, ...: a comma list, or @FILE with one a line",
-        metavar="NAME", empty="the class names the data set has"))
+        metavar="NAME", empty="the class names the data set has")
     # Images per shard, i.e. per Ray task and per Arrow chunk. 8192 MNIST images are ~100 ms
     # of decode, so Ray's few ms per task stay ~2-4% and the last task ends soon after the
     # rest. Measured when it was chosen (commit a4e781f, before chunk reuse by listing and
@@ -315,16 +333,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"store_timeout_s: expected a positive number of seconds, got {cfg.store_timeout_s}")
     if not 0 < cfg.gpus_per_task <= 1:
         raise ConfigError(f"gpus_per_task: expected a fraction in (0, 1], got {cfg.gpus_per_task}")
-    if cfg.chunk_transport not in CHUNK_TRANSPORTS:
-        raise ConfigError(f"chunk_transport: unknown transport {cfg.chunk_transport!r}; "
-                          f"expected one of {', '.join(CHUNK_TRANSPORTS)}")
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"format: unknown format {cfg.format!r}; expected one of {', '.join(FORMATS)}")
-    if cfg.on_bad_file not in ON_BAD_FILE:
-        raise ConfigError(f"on_bad_file: unknown policy {cfg.on_bad_file!r}; expected one of {', '.join(ON_BAD_FILE)}")
-    if cfg.non_grayscale not in NON_GRAYSCALE:
-        raise ConfigError(f"non_grayscale: unknown policy {cfg.non_grayscale!r}; "
-                          f"expected one of {', '.join(NON_GRAYSCALE)}")
+    if cfg.top_k < -1:
+        raise ConfigError(f"top_k: expected a positive k, 0 (none) or -1 (auto), got {cfg.top_k}")
+    # A key of a fixed set of values (its flag's choices), and what its error calls the value.
+    for key, kind in (("chunk_transport", "transport"), ("format", "format"), ("on_bad_file", "policy"),
+                      ("non_grayscale", "policy"), ("channels", "channels"), ("resize_filter", "filter"),
+                      ("device", "device"), ("predictions", "choice")):
+        allowed, value = _fields()[key].metadata["choices"], getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
     if cfg.image_shape and (len(cfg.image_shape) != 2 or min(cfg.image_shape) <= 0):
         raise ConfigError(f"image_shape: expected two positive sizes [H, W] (or none), got {cfg.image_shape}")
     if cfg.image_size and (len(cfg.image_size) != 2 or min(cfg.image_size) <= 0):
@@ -334,17 +351,6 @@ def validate(cfg: Config) -> None:
                           "sizes), not both")
     if cfg.jpeg_draft and not cfg.image_size:
         raise ConfigError("jpeg_draft: decodes JPEGs for the size they are resized to; give image_size too")
-    if cfg.channels not in CHANNELS:
-        raise ConfigError(f"channels: unknown channels {cfg.channels!r}; expected one of {', '.join(CHANNELS)}")
-    if cfg.resize_filter not in RESIZE_FILTERS:
-        raise ConfigError(f"resize_filter: unknown filter {cfg.resize_filter!r}; "
-                          f"expected one of {', '.join(RESIZE_FILTERS)}")
-    if cfg.predictions not in PREDICTIONS:
-        raise ConfigError(f"predictions: unknown choice {cfg.predictions!r}; expected one of {', '.join(PREDICTIONS)}")
-    if cfg.top_k < -1:
-        raise ConfigError(f"top_k: expected a positive k, 0 (none) or -1 (auto), got {cfg.top_k}")
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"device: unknown device {cfg.device!r}; expected one of {', '.join(DEVICES)}")
     if not cfg.metrics:
         raise ConfigError(f"metrics: expected at least one of {', '.join(METRICS)}")
     for metric in cfg.metrics:

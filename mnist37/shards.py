@@ -24,8 +24,8 @@ import numpy as np
 
 from mnist37 import Mnist37Error
 from mnist37.storage import partials
-from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, join, read_chunk_metadata,
-                            verify_chunk, write_chunk)
+from mnist37.chunks import (CHECKSUM_KEY, ChunkError, ChunkNotFoundError, chunk_table, classes_digest, join,
+                            read_chunk_metadata, verify_chunk, write_chunk)
 from mnist37.memory import peak_rss_bytes, reuse_freed_memory
 from mnist37.storage.locations import is_uri
 from mnist37.prototypes import ClassSums, pixel_sums
@@ -90,12 +90,15 @@ def reusable(path: str, shard: Shard, key: Callable[[], str], verify: bool = Tru
         return None, str(e)
     except OSError as e:  # an unreadable store: decoding writes the chunk again, or says why not
         return None, f"{path}: cannot read chunk ({e})"
-    found = (meta["split"], tuple(meta["classes"]), tuple(meta["image_shape"]))
-    expected = (shard.split, tuple(shard.classes), tuple(shape or meta["image_shape"]))
+    found = (meta["split"], meta["classes_digest"], tuple(meta["image_shape"]))
+    expected = (shard.split, classes_digest(shard.classes), tuple(shape or meta["image_shape"]))
     if found != expected:
-        return None, (f"{path}: chunk of another data set (split {found[0]}, classes {list(found[1])}, "
+        # The footer names the classes it holds (of how many): not every class of its data set.
+        held = list(meta["held_classes"].values())
+        of = f" of {meta['num_classes']}" if len(held) < meta["num_classes"] else ""
+        return None, (f"{path}: chunk of another data set (split {found[0]}, classes {held}{of}, "
                       f"{'x'.join(map(str, found[2]))}; expected split {expected[0]}, classes "
-                      f"{list(expected[1])}, {'x'.join(map(str, expected[2]))})")
+                      f"{list(shard.classes)}, {'x'.join(map(str, expected[2]))})")
     known = shard.found()  # a chunk must account for every file the plan knows of, or record what it found
     files = None if known is None else int(known.sum())
     if files is not None and (meta["num_images"] + len(meta["rejected"]) != files

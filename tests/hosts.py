@@ -377,6 +377,26 @@ class RayCluster:
         self._wait_started(self._start(host, self.env), timeout_s)
         self.wait_for_nodes(1 + len(self.workers), timeout_s)
 
+    def remove_worker(self, host: Host, timeout_s: float = 60) -> None:
+        """A worker host that was cut off leaves for good, as a machine shut down does: its link
+        mended, SIGTERM to its `ray start --block` and what it started (the raylet then tells
+        the GCS it is leaving: the node is dead at once, not after Ray's health checks), then,
+        once the GCS counts the node dead (or after `timeout_s`), every process of the host
+        stopped by id."""
+        node = next((n for n, address in self.alive_nodes().items() if address == host.address), None)
+        host.mend()
+        process = self.nodes.pop(host.name, None)
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while node is not None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                if node not in self.alive_nodes():
+                    break
+            time.sleep(0.2)
+        host.stop_all()
+
     def stop(self) -> None:
         for host in self.network.hosts.values():  # their files (Ray's logs) stay till a start
             host.stop_all()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mnist37 import config, sources
+from mnist37 import sources
 from mnist37.config import load
 from mnist37.evaluation import file_accounts
 from mnist37.locate import locate
@@ -96,7 +96,6 @@ def toy_format(tmp_path, monkeypatch):
     (tmp_path / "mnist37_toy_npz.py").write_text(TOY_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(sources.FORMATS, "npz", sources.Format("npz", "mnist37_toy_npz", "<split>.npz", "npz"))
-    monkeypatch.setattr(config, "FORMATS", ("auto", *sources.FORMATS))  # the format key's choices, read at import
 
 
 def test_a_new_format_is_one_module_and_one_table_entry(tmp_path, toy_format):

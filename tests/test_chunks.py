@@ -24,7 +24,8 @@ def test_schema_is_canonical_fixed_shape_tensor_with_metadata():
     assert image_type.extension_name == "arrow.fixed_shape_tensor"
     assert image_type.value_type == pa.uint8() and image_type.shape == [4, 5]
     meta = table.schema.metadata
-    assert json.loads(meta[b"mnist37.classes"]) == ["3", "7"]
+    assert json.loads(meta[b"mnist37.held"]) == [[0, "3", 5], [1, "7", 5]]
+    assert meta[b"mnist37.num_classes"] == b"2" and b"mnist37.classes" not in meta
     assert json.loads(meta[b"mnist37.image_shape"]) == [4, 5]
     assert meta[b"mnist37.split"] == b"train"
 
@@ -40,7 +41,7 @@ def test_round_trip_through_a_file_is_zero_copy(tmp_path):
     assert not chunk.images.flags.writeable
     np.testing.assert_array_equal(chunk.images, images)
     assert chunk.class_indices.tolist() == labels and chunk.paths == paths
-    assert (chunk.classes, chunk.split, len(chunk)) == (["3", "7"], "train", 10)
+    assert (chunk.classes, chunk.split, len(chunk)) == ({0: "3", 1: "7"}, "train", 10)
 
 
 def test_plain_pyarrow_reads_the_tensor_column(tmp_path):
@@ -154,6 +155,45 @@ def test_the_footer_keeps_sums_only_for_the_classes_with_images(tmp_path):
     np.testing.assert_array_equal(old.sums, read.sums)
 
 
+def test_the_footer_grows_with_the_classes_held_not_with_the_data_sets(tmp_path):
+    """The same 5 classes of 10 or of 1,000 (names of one length): footers of the same size,
+    naming only the 5; container records hold their nonzero counts. A chunk of the earlier
+    layout (every class named, a count per class) reads as the same record."""
+    images = np.random.default_rng(2).integers(0, 256, (12, 4, 5), dtype=np.uint8)
+    labels = [3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 9, 9]
+    paths = [f"train/{label}/{i}.png" for i, label in enumerate(labels)]
+    sizes, metas = [], []
+    for num_classes in (10, 1000):
+        classes = [f"n{c:08d}" for c in range(num_classes)]
+        counts = np.bincount(labels, minlength=num_classes)
+        found = np.concatenate([counts, [1]])
+        record = {**reuse_record(counts, pixel_sums(images, labels)),
+                  "records": {"found": found.tolist(), "rejected_per_class": (found - np.append(counts, 0)).tolist(),
+                              "ignored": 0}}
+        table = chunk_table(images, labels, paths, classes, "train", reuse=record)
+        sizes.append(sum(len(k) + len(v) for k, v in table.schema.metadata.items()))
+        write_chunk(tmp_path / f"{num_classes}.arrow", table)
+        metas.append(read_chunk_metadata(tmp_path / f"{num_classes}.arrow"))
+        assert metas[-1]["counts"].tolist() == counts.tolist()
+        assert metas[-1]["held_classes"] == {c: classes[c] for c in (3, 4, 5, 6, 9)}
+        assert metas[-1]["records"]["found"] == found.tolist()
+        assert (metas[-1]["num_classes"], read_chunk(tmp_path / f"{num_classes}.arrow").classes) == (
+            num_classes, {c: classes[c] for c in (3, 4, 5, 6, 9)})
+    assert abs(sizes[1] - sizes[0]) < 16, sizes  # only digits of the class count and a digest differ
+    # The earlier layout, as chunks written before it hold it
+    classes = [f"n{c:08d}" for c in range(1000)]
+    counts = np.bincount(labels, minlength=1000)
+    table = chunk_table(images, labels, paths, classes, "train", reuse=reuse_record(counts, pixel_sums(images, labels)))
+    meta = {k: v for k, v in table.schema.metadata.items()
+            if k not in (b"mnist37.held", b"mnist37.num_classes", b"mnist37.classes_digest")}
+    meta |= {b"mnist37.classes": json.dumps(classes).encode(), b"mnist37.counts": json.dumps(counts.tolist()).encode()}
+    write_chunk(tmp_path / "old.arrow", table.replace_schema_metadata(meta))
+    old = read_chunk_metadata(tmp_path / "old.arrow")
+    for key in ("classes_digest", "num_classes", "held_classes"):
+        assert old[key] == metas[1][key], key
+    assert old["counts"].tolist() == counts.tolist()
+
+
 def test_a_footer_with_sums_of_another_size_does_not_parse(tmp_path):
     images, labels, paths, _ = sample_table()
     labels = np.array(labels)
@@ -214,8 +254,8 @@ def test_damaged_pixels_or_footer_are_refused_wherever_the_chunk_comes_from(tmp_
                                              rf"\({stored} in its footer, xxh3_128:[0-9a-f]{{32}} computed\)"):
             read_chunk(source)
     data = bytearray(path.read_bytes())
-    at = data.rfind(b"[5, 5]")  # the counts in the footer (the schema at the start has them too)
-    data[at + 1:at + 2] = b"6"
+    at = data.rfind(b'[0, "3", 5]')  # the counts in the footer (the schema at the start has them too)
+    data[at + 9:at + 10] = b"6"
     (tmp_path / "footer.arrow").write_bytes(data)
     assert read_chunk_metadata(tmp_path / "footer.arrow")["counts"].tolist() == [6, 5]  # it still parses
     with pytest.raises(ChunkError, match=r"footer.arrow: contents do not match the checksum"):

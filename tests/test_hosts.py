@@ -269,7 +269,8 @@ def cut_and_finish(cluster, store, baseline, share_s, tmp_path, name: str, momen
     host dead (it had work left there), so the lost node is gone from results.json's nodes,
     the job said so while it waited, and it ended within `share_s` + RECOVERY_S of the moment
     the head's GCS reported the node dead (polled on the dashboard's state API). `restart`:
-    the cut host joins again afterwards."""
+    the cut host joins again afterwards; else it leaves the cluster for good (its Ray stopped,
+    so the next test need not wait for Ray's health checks to declare it dead)."""
     job = start_job(cluster, cluster.head, name, tmp_path)
     try:
         host = moment(job)
@@ -304,6 +305,8 @@ def cut_and_finish(cluster, store, baseline, share_s, tmp_path, name: str, momen
         job.stop(timeout_s=5)
         if restart:  # for the tests after this one
             cluster.restart_worker(host)
+        else:
+            cluster.remove_worker(host)
 
 
 def pause(job: hosts.Process) -> None:
@@ -373,8 +376,8 @@ def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, share_s, t
 def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
     """The job's driver on a worker host (the one the last test left alive), the head cut
     off mid-decode: the GCS is unreachable."""
-    worker = next(w for w in cluster.workers if not w.is_cut)
-    cluster.wait_for_nodes(2)  # the head and that worker: the cut one declared dead, if it was not yet
+    worker = next(w for w in cluster.workers if not w.is_cut and w.name in cluster.nodes)
+    cluster.wait_for_nodes(2)  # the head and that worker: the one removed is gone
     job = start_job(cluster, worker, "cut-head", tmp_path)
     try:
         wait_until(lambda: any(chunks_on(h, "cut-head") for h in cluster.network.hosts.values()), "first chunk", job)

@@ -21,20 +21,11 @@ import pytest
 
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import FASTBOOK_L1
-from tests.wheel import (build_sdist, build_wheel, clean_copy, clean_env, fresh_venv, install_wheel, sdist_names,
-                         site_packages, tree_modules, wheel_names)
+from tests.wheel import clean_env, fresh_venv, install_wheel, sdist_names, site_packages, tree_modules, wheel_names
 
 # What users run, and nothing else: the benchmark and the studies are lab tools, run from a
 # checkout (jobs/benchmark.py, benchmarks/), not installed.
 SCRIPTS = ("mnist37-evaluate", "mnist37-convert")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A clean copy of the checkout, and the wheel and sdist built from it: (copy, wheel, sdist)."""
-    source = clean_copy(tmp_path_factory.mktemp("clean"))
-    dist = tmp_path_factory.mktemp("dist")
-    return source, build_wheel(source, dist), build_sdist(source, dist)
 
 
 def test_the_wheel_holds_every_module_of_the_tree_and_nothing_else(built):

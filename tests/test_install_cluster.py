@@ -20,7 +20,7 @@ from mnist37 import __version__
 from tests.conftest import PROJECT_ROOT, ray_cpus_each
 from tests.test_cluster import RAY, free_port, stop_group
 from tests.test_evaluate_job import FASTBOOK_L1
-from tests.wheel import build_wheel, clean_copy, clean_env, fresh_venv
+from tests.wheel import clean_env, fresh_venv
 
 CONFIGS = PROJECT_ROOT / "configs"
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
@@ -101,11 +101,12 @@ def submit(address: str, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.ray
-def test_ray_job_submit_ships_the_wheel_to_a_cluster_without_mnist37(bare_head, mnist_sample_tgz, cache_dir,
+def test_ray_job_submit_ships_the_wheel_to_a_cluster_without_mnist37(bare_head, built, mnist_sample_tgz, cache_dir,
                                                                     tmp_path):
     address, _, temp = bare_head
     folder = tmp_path / "submit"  # what the user submits from: dist/ with the wheel, no mnist37/
-    wheel = build_wheel(clean_copy(tmp_path / "clean"), folder / "dist")
+    (folder / "dist").mkdir(parents=True)
+    wheel = Path(shutil.copy2(built[1], folder / "dist"))  # `pip wheel` of a clean copy (tests/conftest.py)
     assert wheel.name == WHEEL_NAME and not (folder / "mnist37").exists()
 
     without = submit(address, folder, "--", "python", "-c", "import mnist37")

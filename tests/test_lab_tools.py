@@ -18,7 +18,7 @@ from tests.conftest import PROJECT_ROOT
 STUDIES = sorted(p for p in (PROJECT_ROOT / "benchmarks").iterdir()
                  if p.is_dir() and p.name not in ("__pycache__", "support"))
 # The tests of the lab tools themselves; no other module of tests/ imports benchmarks/.
-LAB_TOOL_TESTS = {"test_lab_tools.py", "test_benchmark_job.py"}
+LAB_TOOL_TESTS = {"test_lab_tools.py", "test_benchmark_job.py", "test_gpu_check.py"}
 
 
 def imported_modules(path) -> set[str]:
@@ -39,8 +39,10 @@ def test_the_package_imports_no_lab_tool_test_support_or_entry_point():
 
 
 def test_the_package_holds_no_lab_tool():
-    """The benchmark and the replicator moved to benchmarks/, their test helpers to tests/."""
-    assert not {"benchmark.py", "replicate.py"} & {p.name for p in (PROJECT_ROOT / "mnist37").iterdir()}
+    """The benchmark, the replicator and the GPU check moved out: the studies to benchmarks/, the
+    GPU check's correctness half and the test helpers to tests/."""
+    lab_tools = {"benchmark.py", "replicate.py", "gpu_check.py"}
+    assert not lab_tools & {p.name for p in (PROJECT_ROOT / "mnist37").iterdir()}
 
 
 def test_the_tests_import_lab_tools_only_to_test_them():

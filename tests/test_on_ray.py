@@ -138,6 +138,28 @@ def test_listing_tasks_leave_the_file_names_in_the_object_store(ray_local, image
     assert np.sum([d.counts for d in done], axis=0).tolist() == [64, 64]
 
 
+def test_listing_tasks_each_list_a_run_of_folders(ray_local, tmp_path, monkeypatch):
+    """Fewer listing tasks than folders (one per CPU here, LISTING_TASKS_PER_CPU): each task
+    lists a run of folders, a folder's names in several blocks; every folder comes back in
+    order with its own blocks, as listed in this process."""
+    from tests.conftest import make_image_folder
+
+    classes = [f"c{i}" for i in range(7)]
+    root = make_image_folder(tmp_path / "data", {split: {c: 3 + 5 * i for i, c in enumerate(classes)}
+                                                 for split in ("train", "valid")})
+    monkeypatch.setattr(tasks, "LISTING_TASKS_PER_CPU", 1)
+    monkeypatch.setattr(tasks, "LISTING_BLOCK", 4)
+    here = list_splits(root, ["train", "valid"], classes)
+    listed = list_splits(root, ["train", "valid"], classes, map_folders=tasks.map_listings)
+    assert int(ray.cluster_resources()["CPU"]) < 2 * len(classes)  # so tasks list several folders each
+    for split in ("train", "valid"):
+        assert [f.class_name for f in listed[split].folders] == classes
+        assert listed[split].counts().tolist() == here[split].counts().tolist()
+        assert [len(f.blocks) for f in listed[split].folders] == [-(-(3 + 5 * i) // 4) for i in range(7)]
+        fetched = [ClassFiles.concatenate(ray.get(f.blocks)).names.tolist() for f in listed[split].folders]
+        assert fetched == [f.files().names.tolist() for f in here[split].folders]
+
+
 def test_a_data_error_in_a_task_arrives_as_itself(ray_local, image_folder, tmp_path):
     shards = make_shards(list_split(image_folder, "train", ["3", "7"]), 10)
     shutil.rmtree(image_folder / "train" / "7")  # gone between listing and decoding

@@ -220,12 +220,13 @@ def flip_pixels(path: Path, images: np.ndarray, count: int) -> None:
 
 
 def edit_footer_counts(path: Path) -> None:
-    """Change a digit of the counts in the footer's JSON: the footer still parses. (Counts that
-    read like the image shape, [8, 8], would change that instead.)"""
-    counts = json.dumps(read_chunk_metadata(path)["counts"].tolist()).encode()
+    """Change a digit of the counts in the footer's JSON (`mnist37.held`: [[index, name,
+    images], ...]): the footer still parses."""
+    meta = read_chunk_metadata(path)
+    held = json.dumps([[c, name, int(meta["counts"][c])] for c, name in meta["held_classes"].items()]).encode()
     data = bytearray(path.read_bytes())
-    at = data.rfind(counts) + 1
-    data[at:at + 1] = b"9" if data[at:at + 1] != b"9" else b"8"
+    at = data.rfind(held) + held.index(b"]")  # just after the first class's count
+    data[at - 1:at] = b"9" if data[at - 1:at] != b"9" else b"8"
     path.write_bytes(data)
 
 

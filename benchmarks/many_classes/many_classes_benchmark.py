@@ -12,6 +12,8 @@ first; Ray Data and the loop keep nothing), in turn, `--repeats` rounds, medians
 - `job`: `python jobs/evaluate.py --data D --classes all --channels rgb --image-size HxW
   --train-split train --eval-split val --ray-address local` (its own Ray);
 - `job-draft`: the same with `--jpeg-draft true`;
+- `job-base`: `job` run from another checkout (`--baseline PATH`, e.g. `git archive` of the
+  commit compared against): before and after in the same run, alternating;
 - `loop`: every file opened with Pillow, `convert("RGB")`, `resize((W, H), BILINEAR)`, summed
   per class in float64; prototypes `(sums / counts / 255)` as float32 (the job's); each val
   image's l1 (mean |x/255 - p|) and l2 (root mean square) to every prototype in float64;
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imagenet_like  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[2]
-VARIANTS = ("loop", "job", "ray-data", "loop-draft", "job-draft")
+VARIANTS = ("loop", "job", "ray-data", "loop-draft", "job-draft", "job-base")
 
 LOOP = r"""
 import json, os, sys
@@ -123,9 +125,9 @@ print(json.dumps({"correct": correct}))
 """
 
 
-def timed(argv: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+def timed(argv: list[str], env: dict, cwd: Path = PROJECT) -> tuple[float, subprocess.CompletedProcess]:
     clock = time.perf_counter()
-    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=PROJECT)
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
     return time.perf_counter() - clock, run
 
 
@@ -133,15 +135,18 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def job(args, root: Path, env: dict, draft: bool) -> tuple[float, dict]:
-    name = "job-draft" if draft else "job"
+def job(args, root: Path, env: dict, draft: bool, checkout: Path | None = None) -> tuple[float, dict]:
+    """The job from this checkout, or from `checkout` (its code first on PYTHONPATH)."""
+    name = "job-base" if checkout else "job-draft" if draft else "job"
+    if checkout:
+        env = {**env, "PYTHONPATH": str(checkout)}
     chunks, out = args.work / f"chunks-{name}", args.work / f"out-{name}"
     shutil.rmtree(chunks, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     argv = [sys.executable, "jobs/evaluate.py", "--data", str(root), "--classes", "all", "--channels", "rgb",
             "--image-size", f"{args.image_size}x{args.image_size}", "--train-split", "train", "--eval-split", "val",
             "--ray-address", "local", "--chunk-dir", str(chunks), "--out", str(out)]
-    wall, run = timed(argv + (["--jpeg-draft", "true"] if draft else []), env)
+    wall, run = timed(argv + (["--jpeg-draft", "true"] if draft else []), env, checkout or PROJECT)
     if run.returncode != 0:
         raise RuntimeError(f"{name} failed ({run.returncode}):\n{run.stderr[-3000:]}")
     results = json.loads((out / "results.json").read_text())
@@ -172,7 +177,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--work", type=Path, default=Path("/dev/shm/many-classes"))
     parser.add_argument("--json", type=Path, default=None, help="figures (default: WORK/many_classes.json)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of the code to compare with: the job-base variant")
     args = parser.parse_args()
+    if "job-base" in args.variants and args.baseline is None:
+        parser.error("job-base runs the job of --baseline PATH (a checkout); give it")
 
     spec = imagenet_like.spec_from(args)
     clock = time.perf_counter()
@@ -188,17 +197,21 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for round_ in range(args.repeats):
         for variant in args.variants:
-            if variant in ("job", "job-draft"):
-                wall, figures = job(args, root, env, variant == "job-draft")
+            load = os.getloadavg()[0]
+            if variant in ("job", "job-draft", "job-base"):
+                wall, figures = job(args, root, env, variant == "job-draft",
+                                    args.baseline.resolve() if variant == "job-base" else None)
             elif variant in ("loop", "loop-draft"):
                 wall, figures = script(LOOP, variant, [str(root), size, size, "1" if variant == "loop-draft" else "0"],
                                        env)
             else:
                 wall, figures = script(RAY_DATA, variant, [str(root), size, size], env)
-            runs[variant].append({"wall_s": wall, **figures})
+            runs[variant].append({"wall_s": wall, "load_average_1min": load, **figures})
             correct = {m: sum(v) for m, v in figures["correct"].items()}
-            print(f"round {round_ + 1} {variant:<10} {wall:8.1f} s  correct {correct} of {spec.classes * spec.val}",
-                  flush=True)
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in figures.get("elapsed_s", {}).items()
+                               if isinstance(v, (int, float)))
+            print(f"round {round_ + 1} {variant:<10} {wall:8.1f} s  correct {correct} of {spec.classes * spec.val}"
+                  f"  (load average {load:.1f} before){'  stages (s): ' + stages if stages else ''}", flush=True)
 
     loop = statistics.median(r["wall_s"] for r in runs["loop"]) if runs.get("loop") else None
     print(f"\n{files:,} JPEGs, {spec.classes} classes, to {args.image_size}x{args.image_size}; "
@@ -209,12 +222,15 @@ def main() -> None:
         last = rs[-1]["correct"]
         print(f"{variant:<11} {wall:>8.1f} {f'{wall / loop:.3f}' if loop else '-':>7} {sum(last['l1']):>11} "
               f"{sum(last['l2']):>11}")
-    for group in (("loop", "job", "ray-data"), ("loop-draft", "job-draft")):
+    if "job" in runs and "job-base" in runs:
+        ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(runs["job"], runs["job-base"])]
+        print(f"job-base / job per round: {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
+    for group in (("loop", "job", "ray-data", "job-base"), ("loop-draft", "job-draft")):
         present = [v for v in group if v in runs]
         if len(present) > 1:
             same = len({json.dumps(r["correct"]) for v in present for r in runs[v]}) == 1
             print(f"{' = '.join(present)}: the same correct images per class and metric: {same}")
-    for variant in ("job", "job-draft"):
+    for variant in ("job", "job-draft", "job-base"):
         if variant in runs:
             r = runs[variant][-1]
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["elapsed_s"].items() if isinstance(v, (int, float)))

@@ -43,9 +43,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's root: benchmarks, tests, mnist37
 
 import mnist37  # noqa: E402
+from benchmarks.support.cli import exit_status  # noqa: E402
 from benchmarks.support.processes import fresh_process  # noqa: E402
 from benchmarks.support.replicate import replicate  # noqa: E402
-from mnist37 import Mnist37Error, sources  # noqa: E402
+from mnist37 import sources  # noqa: E402
 from mnist37.locate import find_root  # noqa: E402
 from tests.ray_heads import running_cluster  # noqa: E402
 
@@ -366,12 +367,7 @@ def main(args: argparse.Namespace) -> dict:
 def run(argv: list[str] | None = None) -> int:
     """The command line: returns the exit status (1 with one line for a data problem)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        main(parse_args(argv))
-        return 0
-    except Mnist37Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_status(lambda: main(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -82,31 +82,39 @@ def _classify_task(request: ClassifyRequest, chunk: str | pa.Buffer,
 # Names (and stamps) per listing block in Ray's object store: a decode task of an 8,192-image
 # shard fetches one or two blocks of its class folder, ~1-2 MB, never the whole listing.
 LISTING_BLOCK = 65536
+# Listing tasks per CPU of the cluster: each lists a run of class folders, so that 2,000 folders
+# cost a few tasks, not 2,000 (8.8 s of scan on 2 cores at 1,000 classes; benchmarks/many_classes).
+LISTING_TASKS_PER_CPU = 4
 
 
 @dataclass(frozen=True)
 class ListingRequest:
-    """One class folder (or prefix) to list: `function(*arguments)` returns (ClassListing, ClassFiles)."""
+    """A run of class folders (or prefixes) to list: `function(*a)` for each `a` of `batch`
+    returns (ClassListing, ClassFiles)."""
 
     function: Callable
-    arguments: tuple
+    batch: tuple  # argument tuples, one per folder
     block_size: int  # names (and stamps) per block
     settings: StoreSettings  # the driver's way to its object store
 
 
 def _listed_in_blocks(request: ListingRequest):
-    """A listing task: the folder's summary first, then its files in blocks, each its own object."""
+    """A listing task over a run of folders: for each, (its summary, how many blocks follow),
+    then its files in blocks, each its own object."""
     _record_node()
     use_store(request.settings)
-    summary, files = request.function(*request.arguments)
-    yield summary
-    for block in files.blocks(request.block_size):
-        yield block
+    for arguments in request.batch:
+        summary, files = request.function(*arguments)
+        blocks = files.blocks(request.block_size)
+        yield summary, len(blocks)
+        for block in blocks:  # not `yield from`: Ray's streaming generator would call the list's send()
+            yield block
 
 
 def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
     """`function(*a)` for each argument tuple, a function that returns (ClassListing,
-    ClassFiles): each call a Ray task, all at once, with a progress line as they finish. How
+    ClassFiles): in runs of consecutive tuples, each run a Ray task (LISTING_TASKS_PER_CPU per
+    CPU of the cluster), all at once, with a progress line as they finish. How
     the job lists class folders and prefixes (mnist37.sources.folder.FolderMap), on whichever nodes
     have a free CPU. Only the summaries come to the driver; the files stay in Ray's object
     store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
@@ -115,29 +123,41 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
 
     task = ray.remote(num_cpus=1, num_returns="streaming", scheduling_strategy="SPREAD", **_RETRIES)(_listed_in_blocks)
     settings = store()
+    tasks = min(len(arguments), LISTING_TASKS_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1))))
+    starts = np.linspace(0, len(arguments), tasks + 1).round().astype(int).tolist() if arguments else [0]
     watch = watching("list", len(arguments), " class folders")
     with _cluster_failures(watch):
-        flight = _InFlight(lambda a, again=0: task.options(**_again(again)).remote(
-            ListingRequest(function, a, LISTING_BLOCK, settings)), watch, end=lambda generator: generator.completed())
+        flight = _InFlight(lambda b, again=0: task.options(**_again(again)).remote(
+            ListingRequest(function, b, LISTING_BLOCK, settings)), watch, end=lambda generator: generator.completed())
         progress = Progress("list", len(arguments), " class folders")
         listed: dict[int, ClassListing] = {}
         try:
-            for index, argument in enumerate(arguments):
-                flight.add(index, argument)
+            for index, (a, b) in enumerate(zip(starts, starts[1:])):
+                flight.add(index, tuple(arguments[a:b]))
             while flight:
                 i, generator = flight.next()
                 refs = list(generator)  # the task has ended: every ref is there
-                _copy_here(refs[1:], watch)
-                summary = _get(refs[0], watch)
-                summary.blocks, summary.block_size = refs[1:], LISTING_BLOCK
-                listed[i] = summary
-                watch.finished()
-                progress.update()
+                listed.update(_listings(refs, range(starts[i], starts[i + 1]), watch))
+                watch.finished(starts[i + 1] - starts[i])
+                progress.update(starts[i + 1] - starts[i])
             current().check_nodes(watch, 0, force=True)
             flight.forget()
         except ray.exceptions.RayTaskError as e:
             _raise_cause(e, flight.handles())
     return [listed[i] for i in range(len(arguments))]
+
+
+def _listings(refs: list[ray.ObjectRef], indices: range, watch: Watch) -> dict[int, ClassListing]:
+    """The listings of one listing task's run of folders, from its refs in the order it yielded
+    them: (summary, blocks) of a folder, its blocks, the next folder's (summary, blocks), ..."""
+    at, listed, blocks = 0, {}, []
+    for k in indices:
+        (summary, count), at = _get(refs[at], watch), at + 1
+        summary.blocks, summary.block_size, at = refs[at:at + count], LISTING_BLOCK, at + count
+        listed[k] = summary
+        blocks.extend(summary.blocks)
+    _copy_here(blocks, watch)
+    return listed
 
 
 def _copy_here(refs: list[ray.ObjectRef], watch: Watch) -> None:
