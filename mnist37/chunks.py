@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import xxhash
 
 from mnist37 import Mnist37Error
+from mnist37.arrays import arrow_array, arrow_strings, numbers
 from mnist37.prototypes import ClassSums
 from mnist37.storage.retries import retrying
 from mnist37.storage.locations import open_location
@@ -82,85 +83,6 @@ class Chunk:
         return len(self.class_indices)
 
 
-def arrow_array(values: np.ndarray) -> pa.Array:
-    """A 1-D NumPy array as an Arrow array: numbers without a copy, fixed-width bytes ('S') as
-    binary, each up to its first NUL. What pa.array() gives, without its
-    look for pandas objects, which imports pandas where it is installed: ~0.4 s of every Ray
-    worker's first task here."""
-    values = np.ascontiguousarray(values)
-    if values.dtype.kind in "iuf":
-        return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
-    if values.dtype.kind != "S":
-        raise TypeError(f"arrow_array: numbers or 'S' bytes, not {values.dtype}")
-    width = values.dtype.itemsize
-    chars = values.view(np.uint8).reshape(len(values), width)
-    nul = chars == 0  # each value ends at its first NUL, as pa.array() reads it
-    lengths = np.where(nul.any(axis=1), nul.argmax(axis=1), width)
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    data = chars[np.arange(width) < lengths[:, None]]
-    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-def numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """An integer, floating point or boolean Arrow column as NumPy (a view of its buffer where
-    it is one chunk of numbers); nulls read as 0 (False). What to_numpy() gives, without the
-    pandas import it makes (see `arrow_array`)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    kind = column.type
-    if pa.types.is_boolean(kind):
-        dtype = np.dtype(bool)
-    elif pa.types.is_integer(kind):
-        dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
-    elif pa.types.is_floating(kind):
-        dtype = np.dtype(f"f{kind.bit_width // 8}")
-    else:
-        raise TypeError(f"numbers: a column of numbers, not {kind}")
-    parts = []
-    for chunk in chunks:
-        validity, data = chunk.buffers()[:2]
-        if dtype == bool:
-            values = _bits(data, chunk.offset, len(chunk))
-        else:
-            values = np.frombuffer(data, dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
-        if chunk.null_count:
-            values = np.where(_bits(validity, chunk.offset, len(chunk)), values, dtype.type(0))
-        parts.append(values)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
-
-
-def valid(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """bool [N]: where `column` is not null (is_valid(), without pandas: see `arrow_array`)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [_bits(chunk.buffers()[0], chunk.offset, len(chunk)) if chunk.null_count else np.ones(len(chunk), dtype=bool)
-             for chunk in chunks]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=bool)
-
-
-def _bits(buffer: pa.Buffer, offset: int, count: int) -> np.ndarray:
-    """bool [count]: an Arrow bitmap's bits from `offset` (least significant bit first)."""
-    return np.unpackbits(np.frombuffer(buffer, dtype=np.uint8), count=offset + count, bitorder="little")[offset:].astype(bool)
-
-
-def arrow_strings(strings: Sequence[str]) -> pa.Array:
-    """`pa.array(strings, pa.string())`, without its look for pandas (see `arrow_array`)."""
-    try:
-        encoded = [s.encode() for s in strings]
-    except UnicodeEncodeError:  # a name that is not UTF-8: pa.array says what it says of it
-        return pa.array(list(strings), pa.string())
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-    if offsets[-1] >= 2**31:
-        return pa.array(list(strings), pa.string())
-    return pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets.astype(np.int32)),
-                                                             pa.py_buffer(b"".join(encoded))])
-
-
-def arrow_text(text: str) -> pa.Scalar:
-    """`pa.scalar(text)`, without its look for pandas (see `arrow_array`)."""
-    return arrow_strings([text])[0]
-
-
 def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequence[str],
                 classes: Sequence[str], split: str, reuse: dict | None = None) -> pa.Table:
     """Build the Arrow table of one chunk from `uint8 [N, H, W]` (or color `[N, 3, H, W]`)
@@ -193,25 +115,7 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
         "mnist37.num_images": str(len(images)),
     }
     if reuse is not None:
-        sums = reuse["pixel_sums"]
-        if sums.classes.tolist() != np.flatnonzero(reuse["counts"]).tolist():
-            raise ValueError(f"pixel sums of classes {sums.classes.tolist()}, but images of classes "
-                             f"{np.flatnonzero(reuse['counts']).tolist()}")
-        if np.asarray(reuse["counts"])[held].tolist() != counts.tolist() or len(sums.classes) != len(held):
-            raise ValueError(f"counts {np.asarray(reuse['counts']).tolist()} are not those of the class indices")
-        metadata.update({
-            "mnist37.files_key": reuse["files_key"],
-            "mnist37.digest": reuse["digest"],
-            "mnist37.pixel_sums": np.ascontiguousarray(sums.sums, dtype="<i8").tobytes(),
-            "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
-        })
-        if reuse.get("records") is not None:  # container shards: what the task found per class
-            metadata["mnist37.records"] = json.dumps(
-                {k: _sparse(v) if k in _PER_CLASS_RECORDS else v for k, v in reuse["records"].items()})
-        if reuse.get("conversions"):  # images converted to the run's channels, per kind
-            metadata["mnist37.conversions"] = json.dumps(reuse["conversions"])
-        if reuse.get("notes"):  # files whose bytes are another format than their names say
-            metadata["mnist37.notes"] = json.dumps([list(n) for n in reuse["notes"]])
+        metadata.update(_reuse_record(reuse, held, counts))
     # The metadata goes into the schema once, with its checksum, hashed from this dict: each
     # copy of a footer holding a shard's pixel sums is the size of those sums.
     schema = pa.schema([("image", tensor_type), ("class_index", pa.int32()), ("path", pa.string())])
@@ -222,6 +126,31 @@ def chunk_table(images: np.ndarray, class_indices: Sequence[int], paths: Sequenc
         schema=schema,
     )
     return table.replace_schema_metadata({**metadata, CHECKSUM_KEY.decode(): checksum(table, metadata)})
+
+
+def _reuse_record(reuse: dict, held: np.ndarray, counts: np.ndarray) -> dict:
+    """The footer entries of a chunk's reuse record (`chunk_table`'s `reuse`), checked against
+    the classes the chunk holds (`held`, with `counts` images each)."""
+    sums = reuse["pixel_sums"]
+    if sums.classes.tolist() != np.flatnonzero(reuse["counts"]).tolist():
+        raise ValueError(f"pixel sums of classes {sums.classes.tolist()}, but images of classes "
+                         f"{np.flatnonzero(reuse['counts']).tolist()}")
+    if np.asarray(reuse["counts"])[held].tolist() != counts.tolist() or len(sums.classes) != len(held):
+        raise ValueError(f"counts {np.asarray(reuse['counts']).tolist()} are not those of the class indices")
+    record = {
+        "mnist37.files_key": reuse["files_key"],
+        "mnist37.digest": reuse["digest"],
+        "mnist37.pixel_sums": np.ascontiguousarray(sums.sums, dtype="<i8").tobytes(),
+        "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
+    }
+    if reuse.get("records") is not None:  # container shards: what the task found per class
+        record["mnist37.records"] = json.dumps(
+            {k: _sparse(v) if k in _PER_CLASS_RECORDS else v for k, v in reuse["records"].items()})
+    if reuse.get("conversions"):  # images converted to the run's channels, per kind
+        record["mnist37.conversions"] = json.dumps(reuse["conversions"])
+    if reuse.get("notes"):  # files whose bytes are another format than their names say
+        record["mnist37.notes"] = json.dumps([list(n) for n in reuse["notes"]])
+    return record
 
 
 def classes_digest(classes: Sequence[str]) -> str:

@@ -6,7 +6,7 @@ a container, `<container>:<record key or index>`), `split`, `true` (class index)
 then per metric `<metric>_predicted`, `<metric>_distance` (to the true class's prototype) and
 `<metric>_margin` (d(true) - d(predicted): 0 when right); with `predictions = "full"` also
 `<metric>_distances` (`list<float32>`, to every prototype) and, with top-k on, `<metric>_top_k`
-(whether the true class is among the k nearest, exactly: classify.in_top_k).
+(whether the true class is among the k nearest, exactly: distances.in_top_k).
 
 A file is named by the evaluation order, `<split>-<shard index:06d>.parquet` (never by which
 task finished first), and its rows are the chunk's, in listing order: the files read in name
@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mnist37 import Mnist37Error, __version__
-from mnist37.chunks import arrow_array, arrow_strings
+from mnist37.arrays import arrow_array, arrow_strings
 from mnist37.storage.locations import is_uri, open_location
 from mnist37.storage.writes import publish, writing
 
@@ -117,7 +117,7 @@ def make_request(columns: str, out: str | os.PathLike, split: str, classes: Sequ
                               run_key(prototypes, classes, metrics, columns, top_k, split), tasks_publish)
 
 
-# Arrays are built from their buffers (chunks.arrow_array, arrow_strings): pa.array() looks for
+# Arrays are built from their buffers (arrays.arrow_array, arrow_strings): pa.array() looks for
 # pandas objects, importing pandas where it is installed, ~1.5 s of each classify worker's first
 # file on this machine.
 
@@ -136,7 +136,7 @@ def chunk_table(request: PredictionsRequest, paths: Sequence[str] | pa.Array, tr
                 in_top_k: dict[str, np.ndarray], key: str) -> pa.Table:
     """One chunk's rows: `true` int [N]; per metric `predicted` int [N], `distances` float32
     [N, C] (a misclassified image's to its true and predicted class float64 rechecks:
-    classify.nearest_with_distances), `in_top_k` bool [N] (only with top-k on)."""
+    distances.nearest_with_distances), `in_top_k` bool [N] (only with top-k on)."""
     n = len(true)
     true = np.asarray(true, dtype=np.int32)
     rows = np.arange(n)

@@ -7,7 +7,7 @@ tests/decoded_sets.py. `verify` runs every check on one data set's outcomes. The
 study beside it is benchmarks/gpu_throughput/.
 
 Why predictions may differ at all: both devices start from the same float32 pixel differences
-(mnist37.classify.scaled_pixels) but sum them in another order (on a GPU all classes in one
+(mnist37.distances.scaled_pixels) but sum them in another order (on a GPU all classes in one
 pass, with fused norm reductions), so a distance can differ in its last bits. How far is
 proven: a sum of n terms of one sign, in any order, is within gamma(n - 1) = (n - 1)u / (1 -
 (n - 1)u) of its exact value, u = 2^-24 (Higham, Accuracy and Stability of Numerical
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnist37.classify import PIXEL_VALUES
+from mnist37.distances import PIXEL_VALUES
 from tests.decoded_sets import EvalSplit, Outcome
 
 # float32's and float64's unit roundoff.

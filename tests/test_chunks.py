@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mnist37.chunks import (ChunkError, arrow_array, arrow_strings, arrow_text, chunk_table, numbers, read_chunk,
-                            read_chunk_metadata, valid, write_chunk)
+from mnist37.arrays import arrow_array, arrow_strings, arrow_text, numbers, valid
+from mnist37.chunks import ChunkError, chunk_table, read_chunk, read_chunk_metadata, write_chunk
 from mnist37.prototypes import pixel_sums
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from mnist37 import classify as classify_module
+from mnist37 import distances as distances_module
 from mnist37.chunks import chunk_bytes, chunk_table, write_chunk
-from mnist37.classify import (DeviceError, classify_chunk, classify_images, confusion, distances, nearest,
-                              resolve_device)
+from mnist37.classify import DeviceError, classify_chunk, classify_images, confusion, resolve_device
+from mnist37.distances import distances, nearest
 
 def classify(images, labels, prototypes, metrics, device):
     """Confusion matrices per metric, as a classify task computes them."""
@@ -230,7 +231,7 @@ def test_an_unknown_metric_is_named():
 
 
 def test_float32_bounds_end_where_gamma_does():
-    assert classify_module.gamma(12288, torch.float32) == pytest.approx(12288 * 2.0 ** -24, rel=1e-3)
+    assert distances_module.gamma(12288, torch.float32) == pytest.approx(12288 * 2.0 ** -24, rel=1e-3)
     with pytest.raises(ValueError, match=r"gamma\(16777216\) does not exist for torch.float32: 16777216 values "
                                          r"are too many to bound"):
-        classify_module.gamma(2 ** 24, torch.float32)
+        distances_module.gamma(2 ** 24, torch.float32)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from mnist37 import classify as classify_module
-from mnist37.classify import PIXEL_VALUES, classify_images
+from mnist37.classify import classify_images
+from mnist37.distances import PIXEL_VALUES
 from mnist37.config import load
 from mnist37.locate import locate
 from tests import decoded_sets as sets

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist37.classify import classify_images, in_top_k, nearest
+from mnist37.classify import classify_images
+from mnist37.distances import in_top_k, nearest
 from tests.test_classify import exact_reference, near_ties, problem
 
 

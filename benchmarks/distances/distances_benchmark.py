@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-from mnist37.classify import classify_images, nearest_with_distances, scaled_pixels  # noqa: E402
+from mnist37.classify import classify_images  # noqa: E402
+from mnist37.distances import nearest_with_distances, scaled_pixels  # noqa: E402
 
 
 def old_distances(images: torch.Tensor, prototypes: torch.Tensor, metrics) -> dict[str, torch.Tensor]:

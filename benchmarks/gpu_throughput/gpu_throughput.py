@@ -32,13 +32,13 @@ sys.path.insert(0, str(PROJECT_ROOT))  # the checkout's mnist37 and tests/, from
 # torch.cuda.is_available() asks NVML rather than initializing CUDA: the decode pool forks after it.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np   # noqa: E402
+import torch   # noqa: E402
 
 from mnist37.classify import classify_images  # noqa: E402
-from mnist37.config import HelpFormatter, load  # noqa: E402
-from tests.decoded_sets import DecodedSet, EvalSplit, classify_set, decode_set, eval_split  # noqa: E402
-from tests.gpu_agreement import exact_distances, near_ties  # noqa: E402
+from mnist37.config import HelpFormatter, load   # noqa: E402
+from tests.decoded_sets import DecodedSet, EvalSplit, classify_set, decode_set, eval_split   # noqa: E402
+from tests.gpu_agreement import exact_distances, near_ties   # noqa: E402
 
 GPU_BATCHES = [8192, 32768, 131072, 524288, 1048576]
 CPU_BATCHES = [8192, 32768, 131072]

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from mnist37 import DatasetError, Mnist37Error
-from mnist37.chunks import arrow_array, arrow_text
+from mnist37.arrays import arrow_array, arrow_text
 from mnist37 import images
 from mnist37.images import Decoding, FirstImages, decode_images
 from mnist37.png import Blobs

@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import pyarrow as pa
 
-from mnist37.chunks import arrow_array, arrow_text
+from mnist37.arrays import arrow_array, arrow_text
 from mnist37.storage.retries import ObjectStoreError
 from mnist37.storage.locations import is_uri
 from mnist37.images import Decoding, FirstImages

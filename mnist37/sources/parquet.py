@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from mnist37.chunks import numbers, valid
+from mnist37.arrays import numbers, valid
 from mnist37.storage.retries import ObjectStoreError
 from mnist37.png import Blobs
 from mnist37.sources import base
