@@ -28,7 +28,7 @@ from mnist37.on_ray.session import cluster_info, current, default_max_in_flight,
 from mnist37.storage.locations import StoreSettings, store, use_store
 from mnist37.progress import Watch
 from mnist37.shards import DecodedShard
-from mnist37.sources.folder_listing import ClassListing
+from mnist37.sources.protocol import ListedFolder
 from mnist37.steps import ClassifiedChunk, ClassifyRequest, DecodeRequest, Placement, classify, decode
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ LISTING_TASKS_PER_CPU = 4
 @dataclass(frozen=True)
 class ListingRequest:
     """A run of class folders (or prefixes) to list: `function(*a)` for each `a` of `batch`
-    returns (ClassListing, ClassFiles)."""
+    returns (a ListedFolder, its files)."""
 
     function: Callable
     batch: tuple  # argument tuples, one per folder
@@ -111,12 +111,12 @@ def _listed_in_blocks(request: ListingRequest):
             yield block
 
 
-def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
-    """`function(*a)` for each argument tuple, a function that returns (ClassListing,
-    ClassFiles): in runs of consecutive tuples, each run a Ray task (LISTING_TASKS_PER_CPU per
-    CPU of the cluster), all at once, with a progress line as they finish. How
-    the job lists class folders and prefixes (mnist37.sources.folder.FolderMap), on whichever nodes
-    have a free CPU. Only the summaries come to the driver; the files stay in Ray's object
+def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ListedFolder]:
+    """`function(*a)` for each argument tuple, a function that returns (a ListedFolder, its
+    files, which `.blocks(size)` cuts): in runs of consecutive tuples, each run a Ray task
+    (LISTING_TASKS_PER_CPU per CPU of the cluster), all at once, with a progress line as they
+    finish. How the job lists class folders and prefixes (a format's `PlanRequest.map_tasks`),
+    on whichever nodes have a free CPU. Only the summaries come to the driver; the files stay in Ray's object
     store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
     with its node is listed again by Ray (lineage), as a lost task's result is recomputed."""
     from mnist37.progress import Progress
@@ -130,7 +130,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
         flight = _InFlight(lambda b, again=0: task.options(**_again(again)).remote(
             ListingRequest(function, b, LISTING_BLOCK, settings)), watch, end=lambda generator: generator.completed())
         progress = Progress("list", len(arguments), " class folders")
-        listed: dict[int, ClassListing] = {}
+        listed: dict[int, ListedFolder] = {}
         try:
             for index, (a, b) in enumerate(zip(starts, starts[1:])):
                 flight.add(index, tuple(arguments[a:b]))
@@ -147,7 +147,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ClassLi
     return [listed[i] for i in range(len(arguments))]
 
 
-def _listings(refs: list[ray.ObjectRef], indices: range, watch: Watch) -> dict[int, ClassListing]:
+def _listings(refs: list[ray.ObjectRef], indices: range, watch: Watch) -> dict[int, ListedFolder]:
     """The listings of one listing task's run of folders, from its refs in the order it yielded
     them: (summary, blocks) of a folder, its blocks, the next folder's (summary, blocks), ..."""
     at, listed, blocks = 0, {}, []

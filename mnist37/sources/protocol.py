@@ -85,6 +85,14 @@ class Shard(Protocol):
 TaskMap = Callable[[Callable, Sequence[tuple]], Sequence]
 
 
+class ListedFolder(Protocol):
+    """What a listing call returns first for each folder it lists (the folder format's
+    ClassListing): the driver keeps it, its files in `blocks` of `block_size` (refs on Ray)."""
+
+    blocks: list
+    block_size: int
+
+
 @dataclass(frozen=True)
 class PlanRequest:
     """What a format's `plan` is asked, the same record for every format."""
