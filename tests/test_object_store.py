@@ -194,7 +194,9 @@ def test_job_from_the_store_matches_the_folder_on_disk(s3, s3_ray, stored_folder
     assert in_store["shards"]["files_decoded"] == sum(sum(c.values()) for c in COUNTS.values())
     stored = {o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="runs/x/")["Contents"]}
     # pyarrow keeps an emptied prefix as a "runs/x/" marker when the write check's probe goes
-    assert stored - {"runs/x/"} == {f"runs/x/{name}" for name in ["results.json", *in_store["outputs"]]}
+    predictions = [f"{in_store['predictions']['location']}/{f['name']}" for f in in_store["predictions"]["files"]]
+    assert predictions  # one file per evaluation chunk, written by its classify task
+    assert stored - {"runs/x/"} == {f"runs/x/{name}" for name in ["results.json", *in_store["outputs"], *predictions]}
     table = s3.client().get_object(Bucket=BUCKET, Key="runs/x/table.txt")["Body"].read().decode()
     assert table == (tmp_path / "local" / "table.txt").read_text()
 

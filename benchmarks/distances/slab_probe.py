@@ -4,14 +4,10 @@
     python benchmarks/distances/slab_probe.py
 """
 
+import argparse
 import time
 
 import torch
-
-torch.set_num_threads(1)
-g = torch.Generator().manual_seed(0)
-x = torch.randint(0, 256, (200, 12288), generator=g).float() / 255
-p = torch.rand(1000, 12288, generator=g)
 
 
 def slabs(a: torch.Tensor, b: torch.Tensor, size: int) -> torch.Tensor:
@@ -22,8 +18,18 @@ def slabs(a: torch.Tensor, b: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-for round_ in range(2):
-    for size in (256, 128, 512):
-        clock = time.process_time()
-        slabs(x, p, size)
-        print(f"round {round_ + 1}: slabs of {size}: {time.process_time() - clock:.3f} CPU s")
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (200, 12288), generator=g).float() / 255
+    p = torch.rand(1000, 12288, generator=g)
+    for round_ in range(2):
+        for size in (256, 128, 512):
+            clock = time.process_time()
+            slabs(x, p, size)
+            print(f"round {round_ + 1}: slabs of {size}: {time.process_time() - clock:.3f} CPU s")
+
+
+if __name__ == "__main__":
+    main()
