@@ -101,9 +101,9 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     located = locate(cfg)
 
     from mnist37.evaluation import evaluate, results_json
-    from mnist37.on_ray.session import connect, disconnect, join_this_process
+    from mnist37.on_ray.session import cluster_cpus, connect, disconnect, join_this_process
     from mnist37.on_ray.tasks import RayExecutor, map_listings
-    from mnist37.plan import plan
+    from mnist37.plan import idle_cpus_note, plan
     from mnist37.report import write_outputs
 
     status.stage, planned, written = "plan", None, False
@@ -123,6 +123,8 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
         # Class folders are listed by Ray tasks, their file names left in Ray's object store:
         # the driver's memory does not grow with the number of files.
         planned = plan(located, map_listings)
+        if note := idle_cpus_note(planned, cluster_cpus()):
+            log.info("%s", note)
         evaluation = evaluate(planned, status, RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
         # Written while Ray still runs: stopping it is the one thing left after the results.
         results = results_json(evaluation, {"start": started_s, "ray_init": ray_init_s,

@@ -110,6 +110,34 @@ def decoding_for(cfg: Config, first: FirstImages | None) -> Decoding:
                     cfg.resize_filter, cfg.jpeg_draft)
 
 
+# Images of a split per CPU below which its fewer shards than CPUs are not worth a note.
+IDLE_NOTE_IMAGES_PER_CPU = 512
+
+
+def idle_cpus_note(planned: Plan, cpus: int) -> str | None:
+    """A line for splits listed into fewer shards than the cluster has CPUs, where they are
+    large enough for that to matter: a decode or classify task takes one shard, so the other
+    CPUs wait (10,000 JPEGs at 1,000 classes on 2 CPUs: 42 s at the default shard size, 26 s at
+    1,000 images a shard; benchmarks/many_classes). The size it names gives each CPU two shards
+    of the smaller such split. None where no split is short, and for formats that learn their
+    counts by reading."""
+    short = []  # (split, images, shards)
+    for split in (planned.cfg.train_split, planned.cfg.eval_split):
+        if (listed := planned.listed.get(split)) is None:
+            continue
+        images, shards = int(listed.found.sum()), sum(s.split == split for s in planned.shards)
+        if shards < cpus and images >= IDLE_NOTE_IMAGES_PER_CPU * cpus:
+            short.append((split, images, shards))
+    if not short:
+        return None
+    size = max(1, min(-(-images // (2 * cpus)) for _, images, _ in short))
+    what = ", ".join(f"{split}/ {images:,} images in {shards} shard{'s' if shards > 1 else ''}"
+                     for split, images, shards in short)
+    return (f"note: {what} (--shard-size {planned.cfg.shard_size:,}), for {cpus} CPUs: a decode or classify "
+            f"task takes one shard, so CPUs wait; --shard-size {size} gives each CPU two (chunks of another "
+            f"shard size are decoded again, once)")
+
+
 def plan(located: Located, map_tasks: TaskMap | None = None) -> Plan:
     """The plan of the located data set's format (protocol.Source.plan); how images are decoded
     (size, channels); what writers killed in earlier runs left in the chunk folder, cleared.

@@ -277,3 +277,34 @@ def test_verify_chunks_false_skips_the_hashing_and_trusts_what_it_finds(image_fo
 def test_a_missing_chunk_is_no_news(image_folder, tmp_path):
     done = decode_shard(shards_of(image_folder)[0], image_folder, tmp_path, Decoding((8, 8)), with_sums=True)
     assert not done.reused and done.discarded == ""
+
+
+def test_splits_of_fewer_shards_than_cpus_get_a_note_naming_the_shard_size(tmp_path, monkeypatch):
+    """A decode or classify task takes one shard: a split cut into fewer shards than the
+    cluster has CPUs leaves CPUs waiting, and the plan's note names the splits and a
+    --shard-size that gives each CPU two shards of the smaller one; none where the shards
+    already go round, or the splits are too small to matter."""
+    from mnist37 import plan as plan_module
+    from mnist37.config import load
+    from mnist37.locate import locate
+    from mnist37.plan import idle_cpus_note, plan
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"train": {"a": 10, "b": 10, "c": 10}, "valid": {"a": 2, "b": 2, "c": 2}})
+
+    def planned(shard_size: int):
+        return plan(locate(load(data=str(root), classes="all", shard_size=shard_size, chunk_dir=str(tmp_path / "c"))))
+
+    assert idle_cpus_note(planned(64), 4) is None  # 30 images: not worth 4 CPUs' note
+    monkeypatch.setattr(plan_module, "IDLE_NOTE_IMAGES_PER_CPU", 4)
+    one = planned(64)
+    assert idle_cpus_note(one, 4) == ("note: train/ 30 images in 1 shard (--shard-size 64), for 4 CPUs: a decode or "
+                                      "classify task takes one shard, so CPUs wait; --shard-size 4 gives each CPU "
+                                      "two (chunks of another shard size are decoded again, once)")
+    monkeypatch.setattr(plan_module, "IDLE_NOTE_IMAGES_PER_CPU", 1)  # the evaluation split's 6 count too
+    assert idle_cpus_note(one, 4).startswith("note: train/ 30 images in 1 shard, valid/ 6 images in 1 shard "
+                                             "(--shard-size 64), for 4 CPUs")
+    assert "--shard-size 1 gives" in idle_cpus_note(one, 4)
+    assert idle_cpus_note(one, 1) is None
+    monkeypatch.setattr(plan_module, "IDLE_NOTE_IMAGES_PER_CPU", 4)
+    assert sum(s.split == "train" for s in planned(1).shards) >= 4 and idle_cpus_note(planned(1), 4) is None

@@ -369,9 +369,14 @@ def _failed_under(watch: Watch, what: str) -> str:
             f"{what}; the chunks already written are kept and reused by the next run")
 
 
+def cluster_cpus() -> int:
+    """The CPUs of the Ray this process joined (at least 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def default_max_in_flight() -> int:
     """Twice the cluster's CPUs: every core busy, the next task already queued."""
-    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    return max(2, 2 * cluster_cpus())
 
 
 def has_gpus() -> bool:
