@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -126,11 +125,6 @@ def _dictionary(values: Sequence[str], indices: np.ndarray) -> pa.DictionaryArra
     return pa.DictionaryArray.from_arrays(arrow_array(np.asarray(indices, dtype=np.int32)), arrow_strings(values))
 
 
-def _booleans(values: np.ndarray) -> pa.Array:
-    bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
-    return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
-
-
 def chunk_table(request: PredictionsRequest, paths: Sequence[str] | pa.Array, true: np.ndarray,
                 predicted: dict[str, np.ndarray], distances: dict[str, np.ndarray],
                 in_top_k: dict[str, np.ndarray], key: str) -> pa.Table:
@@ -158,7 +152,7 @@ def chunk_table(request: PredictionsRequest, paths: Sequence[str] | pa.Array, tr
                 arrow_array(np.arange(0, n * dist.shape[1] + 1, dist.shape[1], dtype=np.int32)),
                 arrow_array(dist.reshape(-1)))
             if request.top_k:
-                columns[f"{metric}_top_k"] = _booleans(in_top_k[metric])
+                columns[f"{metric}_top_k"] = arrow_array(np.asarray(in_top_k[metric], dtype=bool))
     metadata = {KEY: key.encode(), b"mnist37.classes": json.dumps(list(request.classes)).encode(),
                 b"mnist37.top_k": str(request.top_k).encode()}
     return pa.table(columns).replace_schema_metadata(metadata)

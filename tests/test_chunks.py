@@ -289,6 +289,7 @@ def test_arrow_conversions_without_pandas_give_what_pyarrow_gives():
     to_numpy / is_valid, on numbers, bytes with NULs, offsets, nulls and several chunks."""
     for values in [np.arange(5, dtype=np.int64), np.arange(9, dtype=np.int32)[::2], np.array([1.5, -2.0]),
                    np.arange(300).astype(np.uint8), np.array([], dtype=np.int16),
+                   np.array([True, False, True] * 5), np.array([], dtype=bool),
                    np.array([b"a", b"bc\x00", b"", b"x\x00y", b"\xff\xfe"], dtype="S4"), np.array([b"abc"], dtype="S3")]:
         got = arrow_array(values)
         got.validate(full=True)
