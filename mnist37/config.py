@@ -192,8 +192,14 @@ class Config:
     # 4096: 21.1 / 9.7, 8192: 20.0 / 10.4, 16384: 18.2 / 8.9; larger shards leave a big
     # cluster's cores idle on mid-size data sets. Fixed, not derived from the data size, so
     # adding files does not move every shard boundary (and re-decode everything).
-    shard_size: int = field(default=8192, metadata=_flag(
-        DECODING, "images per shard: per decode task and per Arrow chunk", metavar="IMAGES"))
+    # 0 (auto): 8192, or fewer where --image-size or --image-shape says 8192 images would
+    # decode to more than SHARD_BYTES (the largest power of two that fits: 1,024 at 64x64
+    # color, 64 at 224x224): a task's memory and time follow its pixels, not its image count
+    # (mnist37.plan.images_per_shard). Derived from the configuration alone, never from the
+    # data or the cluster, so a rerun finds its chunks under the same names.
+    shard_size: int = field(default=0, metadata=_flag(
+        DECODING, "images per shard: per decode task and per Arrow chunk; 0: 8192, fewer where --image-size "
+                  "or --image-shape makes them over 16 MiB decoded", metavar="IMAGES"))
     # Distance metrics to report: l1 = mean absolute difference (fastbook's), l2 = RMS difference.
     metrics: list[str] = field(default_factory=lambda: list(METRICS), metadata=_flag(
         CLASSIFY, "distances to report: l1 mean absolute difference, l2 RMS difference", choices=METRICS))
@@ -321,8 +327,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: a location may not hold a credential (its {part} is refused, not shown); "
                               "give credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                               "~/.aws) instead")
-    if cfg.shard_size <= 0:
-        raise ConfigError(f"shard_size: expected a positive number of images, got {cfg.shard_size}")
+    if cfg.shard_size < 0:
+        raise ConfigError(f"shard_size: expected a positive number of images or 0 (auto), got {cfg.shard_size}")
     if cfg.report_examples < 0:
         raise ConfigError(f"report_examples: expected 0 or more images, got {cfg.report_examples}")
     if cfg.max_in_flight < 0:

@@ -28,7 +28,8 @@ DEFAULTS = {"classes": ["all"]}
 # and reporting records it cannot use whatever on_bad_file says, and writes no chunks.
 UNUSED = ("on_bad_file", "verify_chunks")
 # What three decoding keys mean to the converter, in its --help.
-HELPS = {"shard_size": "images per output file",
+HELPS = {"shard_size": "images per output file; 0: 8192, fewer where --image-size or --image-shape makes them over "
+                       "16 MiB decoded",
          "chunk_dir": "where folder listings are kept for reuse: a path or URI",
          "reuse_chunks": "reuse a class folder's listing while the folder is unchanged"}
 

@@ -9,6 +9,7 @@ numbers per class folder and per shard whatever the number of files; without Ray
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -110,6 +111,29 @@ def decoding_for(cfg: Config, first: FirstImages | None) -> Decoding:
                     cfg.resize_filter, cfg.jpeg_draft)
 
 
+# shard_size = 0 (auto): at most this many images a shard, and at most SHARD_BYTES of their
+# decoded pixels where the configuration fixes their size. 8,192 MNIST images are 6.4 MB; 8,192
+# ImageNet-like images at 64x64 color would be 100 MB a chunk, one decode task of ~18 s and one
+# classify task of ~16 s at 1,000 classes (1.2 GB and minutes at 224x224): too coarse for a task.
+DEFAULT_SHARD_IMAGES = 8192
+SHARD_BYTES = 16 << 20
+
+
+def images_per_shard(cfg: Config) -> int:
+    """The shard size of a run: `shard_size` when it is set; for 0 (auto), DEFAULT_SHARD_IMAGES,
+    or where `image_size` or `image_shape` fixes the images' size, the largest power of two
+    whose images fit SHARD_BYTES (counted as color unless `channels` is gray; at least 1).
+    From the configuration alone, so that a rerun names its chunks as the last one did; a data
+    set at its native sizes (no image_size or image_shape) keeps DEFAULT_SHARD_IMAGES."""
+    if cfg.shard_size:
+        return cfg.shard_size
+    size = cfg.image_size or cfg.image_shape
+    if not size:
+        return DEFAULT_SHARD_IMAGES
+    fit = SHARD_BYTES // (size[0] * size[1] * (1 if cfg.channels == "gray" else 3))
+    return min(DEFAULT_SHARD_IMAGES, 1 << max(0, fit.bit_length() - 1))
+
+
 # Images of a split per CPU below which its fewer shards than CPUs are not worth a note.
 IDLE_NOTE_IMAGES_PER_CPU = 512
 
@@ -117,8 +141,8 @@ IDLE_NOTE_IMAGES_PER_CPU = 512
 def idle_cpus_note(planned: Plan, cpus: int) -> str | None:
     """A line for splits listed into fewer shards than the cluster has CPUs, where they are
     large enough for that to matter: a decode or classify task takes one shard, so the other
-    CPUs wait (10,000 JPEGs at 1,000 classes on 2 CPUs: 42 s at the default shard size, 26 s at
-    1,000 images a shard; benchmarks/many_classes). The size it names gives each CPU two shards
+    CPUs wait (10,000 JPEGs at 1,000 classes on 2 CPUs: 42 s at 8,192 images a shard, 26 s at
+    1,000; benchmarks/many_classes). The size it names gives each CPU two shards
     of the smaller such split. None where no split is short, and for formats that learn their
     counts by reading."""
     short = []  # (split, images, shards)
@@ -147,7 +171,7 @@ def plan(located: Located, map_tasks: TaskMap | None = None) -> Plan:
     per-shard records only; without it, here, one after another (jobs/gpu_check.py and the
     converter, which have no Ray)."""
     clock = time.perf_counter()
-    cfg, root = located.cfg, located.root
+    cfg, root = dataclasses.replace(located.cfg, shard_size=images_per_shard(located.cfg)), located.root
     if is_uri(cfg.chunk_dir):
         chunk_dir = cfg.chunk_dir
     else:

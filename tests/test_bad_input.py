@@ -227,7 +227,7 @@ def test_missing_split_and_broken_archives_through_the_job(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--colour", "red"], "unrecognized arguments: --colour red"),
-    (["--shard-size", "0"], "shard_size: expected a positive number of images, got 0"),
+    (["--shard-size", "-2"], "shard_size: expected a positive number of images or 0 (auto), got -2"),
     (["--shard-size", "many"], "shard_size: expected an integer, got 'many'"),
     (["--metrics", "l3"], "metrics: unknown metric 'l3'; expected one of l1, l2"),
     (["--device", "tpu"], "device: unknown device 'tpu'; expected one of auto, cpu, cuda"),

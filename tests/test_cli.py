@@ -31,7 +31,7 @@ def test_the_jobs_help_lists_every_group_each_flag_with_its_default(capsys):
         assert f"\n{group}\n" in text
     assert "--device {auto,cpu,cuda}" in flat(text) and "--metrics {l1,l2} [{l1,l2} ...]" in flat(text)
     assert "--format {auto,folder,parquet,webdataset,idx}" in flat(text)
-    for default in ("(default: 8192)", "(default: l1 l2)", "(default: true)"):
+    for default in ("(default: 0)", "(default: l1 l2)", "(default: true)"):
         assert default in flat(text)
     assert "(default: all for mnist, else 3 7)" in flat(text)  # an empty default says what it means
     assert {"--data", "--shard-size", "--metrics", "--ray-address", "--out", "--config"} <= flags_listed(text)
@@ -51,7 +51,7 @@ def test_the_converters_help_lists_data_decoding_and_its_own_flags(capsys):
                 "--verify-chunks"} & listed
     assert "--to {parquet,webdataset,idx}" in flat(text)
     assert "(default: all)" in flat(text)  # --classes: every class, the converter's own default
-    assert "images per output file (default: 8192)" in flat(text)
+    assert "images per output file; 0: 8192, fewer where" in flat(text) and "16 MiB decoded (default: 0)" in flat(text)
 
 
 def test_the_converter_still_accepts_the_flags_it_does_not_list(tmp_path):
@@ -72,7 +72,7 @@ def test_the_converters_classes_default_to_all_unless_a_file_or_flag_says(tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["--to", "parquet"], "the following arguments are required: --dest"),
     (["--to", "zip", "--dest", "d"], "argument --to: invalid choice: 'zip'"),
-    (["--to", "idx", "--dest", "d", "--shard-size", "0"], "shard_size: expected a positive number of images, got 0"),
+    (["--to", "idx", "--dest", "d", "--shard-size", "-1"], "shard_size: expected a positive number of images or 0 (auto), got -1"),
 ])
 def test_the_converter_rejects_bad_flags_with_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -98,7 +98,7 @@ def test_missing_and_invalid_config_files(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"shard_size": "abc"}, r"shard_size: expected an integer, got 'abc'"),
-    ({"shard_size": 0}, r"shard_size: expected a positive number of images, got 0"),
+    ({"shard_size": -1}, r"shard_size: expected a positive number of images or 0 \(auto\), got -1"),
     ({"shard_size": 1.5}, r"shard_size: expected an integer, got 1.5"),
     ({"shard_size": True}, r"shard_size: expected an integer, got True"),
     ({"device": "tpu"}, r"device: unknown device 'tpu'; expected one of auto, cpu, cuda"),
@@ -125,5 +125,5 @@ def test_job_rejects_bad_flag_with_one_line_and_exit_2():
     run = subprocess.run([sys.executable, "jobs/evaluate.py", "--shard-size", "-3"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
-    assert "shard_size: expected a positive number of images, got -3" in run.stderr
+    assert "shard_size: expected a positive number of images or 0 (auto), got -3" in run.stderr
     assert "Traceback" not in run.stderr

@@ -308,3 +308,39 @@ def test_splits_of_fewer_shards_than_cpus_get_a_note_naming_the_shard_size(tmp_p
     assert idle_cpus_note(one, 1) is None
     monkeypatch.setattr(plan_module, "IDLE_NOTE_IMAGES_PER_CPU", 4)
     assert sum(s.split == "train" for s in planned(1).shards) >= 4 and idle_cpus_note(planned(1), 4) is None
+
+
+def test_the_default_shard_size_follows_the_decoded_image_size():
+    """shard_size 0 (auto, the default): 8192 images, or as many as fit 16 MiB decoded (a power
+    of two) where the configuration fixes the images' size; a size the user gives is kept."""
+    from mnist37.config import load
+    from mnist37.plan import images_per_shard
+
+    assert load().shard_size == 0
+    assert images_per_shard(load()) == 8192  # native sizes: unknown before listing
+    assert images_per_shard(load(image_shape="28 28", channels="gray")) == 8192  # MNIST: 6.4 MB
+    assert images_per_shard(load(image_size="32x32", channels="rgb")) == 4096  # 8192 would be 25 MB
+    assert images_per_shard(load(image_size="64x64", channels="rgb")) == 1024
+    assert images_per_shard(load(image_size="64x64")) == 1024  # auto channels count as color
+    assert images_per_shard(load(image_size="64x64", channels="gray")) == 4096
+    assert images_per_shard(load(image_size="224x224", channels="rgb")) == 64
+    assert images_per_shard(load(image_size="4096x4096", channels="rgb")) == 1  # one image is 48 MiB
+    assert images_per_shard(load(image_size="224x224", shard_size=300)) == 300
+
+
+def test_a_planned_run_names_its_chunks_by_the_shard_size_it_uses(tmp_path):
+    """Planned in-process on real JPEG folders: the auto size cuts the shards and names them,
+    and the plan's config carries it (results.json's shards.shard_size, the idle-CPU note)."""
+    from mnist37.locate import locate
+    from mnist37.plan import plan
+    from tests.test_mixed_sizes import config, photo_folder
+
+    root = photo_folder(tmp_path / "photos", lambda split, c, i: (24, 32))  # 30 train, 12 val images
+    big = plan(locate(config(root, tmp_path, image_size="1448x1448")))  # 6.3 MB each: 2 fit 16 MiB
+    assert big.cfg.shard_size == 2
+    assert [s.name for s in big.shards if s.split == "train"] == [f"train-2-{i:06d}" for i in range(15)]
+    assert [len(s) for s in big.shards] == [2] * 21
+    small = plan(locate(config(root, tmp_path, image_size="16x16")))  # 768 bytes each
+    assert small.cfg.shard_size == 8192 and [s.name for s in small.shards] == ["train-8192-000000", "val-8192-000000"]
+    given = plan(locate(config(root, tmp_path, image_size="1448x1448", shard_size=7)))
+    assert given.cfg.shard_size == 7 and [len(s) for s in given.shards if s.split == "train"] == [7, 7, 7, 7, 2]
