@@ -2,9 +2,10 @@
 
 Each image goes to the class of least *exact* distance (pixels u / 255 as exact fractions, the
 prototypes' float32 values), ties to the earlier class in `classes` order, on every device:
-fast sums with proven error bounds (l1 through torch.cdist, l2 through one matrix product) decide
-almost every image, and the classes within the bounds of the best are recomputed in float64 and,
-where that cannot separate them, in exact integers (`nearest`). The same bounds rank the true
+fast sums with proven error bounds (l1 through mnist37.l1_kernel on the CPU and torch.cdist
+elsewhere, l2 through one matrix product) decide almost every image, and the classes within the
+bounds of the best are recomputed in float64 and, where that cannot separate them, in exact
+integers (`nearest`). The same bounds rank the true
 class among the k nearest (`in_top_k`). Figures: benchmarks/distances/.
 """
 
@@ -74,13 +75,26 @@ class Sums:
     bound: torch.Tensor
 
 
-def l1_sums(images: torch.Tensor, prototypes: torch.Tensor) -> Sums:
-    """l1 sums of `uint8 [N, P]` images to `float32 [C, P]` prototypes through torch.cdist(p=1).
+@functools.cache
+def _l1_kernel():
+    """mnist37.l1_kernel, imported on first use (numba costs ~0.3 s to import); None where numba
+    is not installed (jobs/gpu_check.py on a bare GPU machine), and cdist sums instead."""
+    try:
+        from mnist37 import l1_kernel
+    except ImportError:
+        return None
+    return l1_kernel
 
-    cdist runs on slabs of L1_SLAB_VALUES values, their results added in float32.
+
+def l1_sums(images: torch.Tensor, prototypes: torch.Tensor, cdist: bool = False) -> Sums:
+    """l1 sums of `uint8 [N, P]` images to `float32 [C, P]` prototypes: float32 |x_i - p_i|
+    summed in float32, on the CPU by mnist37.l1_kernel (four images a pass over each class's
+    values), elsewhere (or without numba, or with `cdist=True`) by torch.cdist(p=1) on slabs of
+    L1_SLAB_VALUES values, their results added in float32.
+
     Proof of the bound, u = 2^-24, n = P (Higham, Accuracy and Stability of Numerical
-    Algorithms, 2nd ed., 3.1 and 4.2): cdist and the slabs' additions sum t_i = fl(|xh_i - p_i|), xh_i = fl(x_i) the
-    float32 pixel values (PIXEL_VALUES, |xh_i - x_i| <= u x_i). In any order, a float32 sum S^
+    Algorithms, 2nd ed., 3.1 and 4.2): the kernel, or cdist and the slabs' additions, sum
+    t_i = fl(|xh_i - p_i|), xh_i = fl(x_i) the float32 pixel values (PIXEL_VALUES, |xh_i - x_i| <= u x_i). In any order, a float32 sum S^
     of n terms is within gamma(n-1) sum|t_i| of their exact sum. Each t_i is |xh_i - p_i| (1 + d),
     |d| <= u, so |t_i - |xh_i - p_i|| <= u/(1-u) t_i; and ||xh_i - p_i| - |x_i - p_i|| <= u x_i.
     With sum t_i <= S^ / (1 - gamma(n-1)):
@@ -89,13 +103,14 @@ def l1_sums(images: torch.Tensor, prototypes: torch.Tensor) -> Sums:
     n, u = images.shape[1], UNIT_ROUNDOFF[torch.float32]
     g = gamma(max(n - 1, 1), torch.float32)
     x, protos = scaled_pixels(images), prototypes.float()
-    found = None
-    for first in range(0, n, L1_SLAB_VALUES):
-        part = torch.cdist(x[:, first:first + L1_SLAB_VALUES].contiguous(),
-                           protos[:, first:first + L1_SLAB_VALUES].contiguous(), p=1)
-        found = part if found is None else found.add_(part)
-    value = found.double() if found is not None else torch.zeros(len(x), len(protos), dtype=torch.float64,
-                                                                  device=x.device)
+    if x.device.type == "cpu" and not cdist and (kernel := _l1_kernel()) is not None:
+        found = torch.from_numpy(kernel.l1_sums(x.numpy(), protos.numpy()))
+    else:
+        found = torch.zeros(len(x), len(protos), device=x.device)
+        for first in range(0, n, L1_SLAB_VALUES):
+            found.add_(torch.cdist(x[:, first:first + L1_SLAB_VALUES].contiguous(),
+                                   protos[:, first:first + L1_SLAB_VALUES].contiguous(), p=1))
+    value = found.double()
     sum_x = images.sum(dim=1, dtype=torch.float64).div_(PIXEL_MAX)
     bound = value * ((g + u / (1 - u)) / (1 - g)) + (sum_x * u)[:, None]
     return Sums(value, _with_slack(value, bound))
@@ -255,10 +270,11 @@ def to_distances(sums: torch.Tensor, pixels: int, metric: str) -> torch.Tensor:
 def distances(images: torch.Tensor, prototypes: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.Tensor]:
     """Distances of `uint8 [N, H, W]` images to `float32 [C, H, W]` prototypes: {metric: float32 [N, C]}.
 
-    The fast sums (l1_sums: torch.cdist over the float32 pixel values; l2_sums: one matrix
+    The fast sums (l1_sums: float32 sums of the float32 pixel values' differences; l2_sums: one matrix
     product), each within its proven bound of the exact sum, as distances. The argmin of these
     can differ from the exact one only between classes within the bounds: `nearest` decides
-    those exactly. Every device runs the same code.
+    those exactly. Every device runs the same code but l1's float32 sums (the CPU's kernel,
+    cdist elsewhere), which keep the same bound.
     """
     flat = images.reshape(len(images), -1)
     protos = prototypes.reshape(len(prototypes), -1).to(flat.device, torch.float32)

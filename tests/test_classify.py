@@ -235,3 +235,20 @@ def test_float32_bounds_end_where_gamma_does():
     with pytest.raises(ValueError, match=r"gamma\(16777216\) does not exist for torch.float32: 16777216 values "
                                          r"are too many to bound"):
         distances_module.gamma(2 ** 24, torch.float32)
+
+
+@pytest.mark.parametrize("n,c,p", [(1, 1, 1), (5, 3, 36), (7, 11, 4096 + 37), (4, 1000, 12)])
+def test_the_cpu_l1_kernel_and_cdist_are_both_within_the_bound(n, c, p):
+    """mnist37.l1_kernel (the CPU's l1 sums: four images a pass, slabs of 4,096 values) and
+    torch.cdist on slabs sum the same float32 terms in other orders: each within l1_sums' bound
+    of the float64 sums, and close to each other; images not a multiple of four, rows not a
+    multiple of a slab."""
+    rng = np.random.default_rng(p)
+    images = torch.from_numpy(rng.integers(0, 256, (n, p), dtype=np.uint8))
+    protos = torch.from_numpy(rng.random((c, p), dtype=np.float32))
+    exact = (images.double()[:, None, :] / 255 - protos.double()[None]).abs().sum(-1)
+    kernel, cdist = distances_module.l1_sums(images, protos), distances_module.l1_sums(images, protos, cdist=True)
+    for sums in (kernel, cdist):
+        assert sums.value.shape == (n, c)
+        assert bool(((sums.value - exact).abs() <= sums.bound).all())
+    torch.testing.assert_close(kernel.value, cdist.value, rtol=1e-5, atol=1e-5)

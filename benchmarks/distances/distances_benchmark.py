@@ -1,7 +1,8 @@
 """The distance step side by side in one process: the previous `classify.distances` (a float32
 pass per class, kept here as the baseline), torch.cdist p=1 and p=2, and the new exact nearest
 prototypes (`classify.nearest_with_distances`: fast sums with proven bounds, near candidates
-rechecked in float64 and exact integers). Rounds alternate between the methods; medians, and
+rechecked in float64 and exact integers), and l1's fast sums alone, on the CPU's kernel
+(mnist37.l1_kernel, numba) and on torch.cdist slabs. Rounds alternate between the methods; medians, and
 ratios against the baseline of the same run (the machine is shared).
 
     python benchmarks/distances/distances_benchmark.py                      # 1024 x 1000 x 64x64x3, then 1024 x 10 x 28x28
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 from mnist37.classify import classify_images  # noqa: E402
-from mnist37.distances import nearest_with_distances, scaled_pixels  # noqa: E402
+from mnist37.distances import l1_sums, nearest_with_distances, scaled_pixels  # noqa: E402
 
 
 def old_distances(images: torch.Tensor, prototypes: torch.Tensor, metrics) -> dict[str, torch.Tensor]:
@@ -66,6 +67,8 @@ def run(num_images: int, num_classes: int, shape: tuple[int, ...], repeats: int)
         "old classify.distances l1+l2": lambda: old_distances(u, p, ["l1", "l2"]),
         "torch.cdist p=1": lambda: torch.cdist(x, flat, p=1),
         "torch.cdist p=2": lambda: torch.cdist(x, flat, p=2),
+        "l1 sums, cdist slabs": lambda: l1_sums(u.reshape(len(u), -1), flat, cdist=True),
+        "l1 sums, CPU kernel": lambda: l1_sums(u.reshape(len(u), -1), flat),
         "new l1 (exact nearest)": lambda: nearest_with_distances(u, p, true, "l1"),
         "new l2 (exact nearest)": lambda: nearest_with_distances(u, p, true, "l2"),
     }
@@ -90,9 +93,11 @@ def run(num_images: int, num_classes: int, shape: tuple[int, ...], repeats: int)
     rounds = [o / (a + b) for o, a, b in zip(times["old classify.distances l1+l2"], times["new l1 (exact nearest)"],
                                               times["new l2 (exact nearest)"])]
     cdist = [c / a for c, a in zip(times["torch.cdist p=1"], times["new l1 (exact nearest)"])]
+    kernel = [c / k for c, k in zip(times["l1 sums, cdist slabs"], times["l1 sums, CPU kernel"])]
     print(f"  per round: old / new l1+l2 = {', '.join(f'{r:.2f}' for r in rounds)} (median "
           f"{statistics.median(rounds):.2f}); cdist p=1 / new l1 = {', '.join(f'{r:.2f}' for r in cdist)} "
-          f"(median {statistics.median(cdist):.2f})")
+          f"(median {statistics.median(cdist):.2f}); l1 sums, cdist slabs / CPU kernel = "
+          f"{', '.join(f'{r:.2f}' for r in kernel)} (median {statistics.median(kernel):.2f})")
     old = results["old classify.distances l1+l2"]
     for metric in ("l1", "l2"):
         got = results[f"new {metric} (exact nearest)"][0]
