@@ -33,6 +33,11 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 # the batch and of the prototypes stay in cache (256 x 1,000 prototypes: 1 MB), 1.7x faster
 # at 128 images x 1,000 classes x 12,288 values on one thread (benchmarks/distances/).
 L1_SLAB_VALUES = 256
+# A CPU l1 call of at least this many (image, class, value) triples uses mnist37.l1_kernel: it
+# saves ~0.4 s per 10^9 of them over cdist's slabs and costs a process ~0.8 s once (importing
+# numba, loading the compiled kernel). Below it (MNIST: 10^4 images x 10 x 784 in batches of
+# 1,024 is 8 x 10^6 a call), cdist's slabs: a job's worker would pay more than it saves.
+L1_KERNEL_MIN_VALUES = 1 << 30
 # Candidate (image, class) pairs are recomputed in float64 this many values at a time (64 MB).
 RECHECK_VALUES_AT_ONCE = 8 << 20
 
@@ -86,11 +91,12 @@ def _l1_kernel():
     return l1_kernel
 
 
-def l1_sums(images: torch.Tensor, prototypes: torch.Tensor, cdist: bool = False) -> Sums:
+def l1_sums(images: torch.Tensor, prototypes: torch.Tensor, via: str = "auto") -> Sums:
     """l1 sums of `uint8 [N, P]` images to `float32 [C, P]` prototypes: float32 |x_i - p_i|
     summed in float32, on the CPU by mnist37.l1_kernel (four images a pass over each class's
-    values), elsewhere (or without numba, or with `cdist=True`) by torch.cdist(p=1) on slabs of
-    L1_SLAB_VALUES values, their results added in float32.
+    values) where the call has at least L1_KERNEL_MIN_VALUES values, elsewhere (or without
+    numba) by torch.cdist(p=1) on slabs of L1_SLAB_VALUES values, their results added in
+    float32. `via`: "kernel" or "cdist" picks one (the kernel on the CPU only).
 
     Proof of the bound, u = 2^-24, n = P (Higham, Accuracy and Stability of Numerical
     Algorithms, 2nd ed., 3.1 and 4.2): the kernel, or cdist and the slabs' additions, sum
@@ -103,7 +109,8 @@ def l1_sums(images: torch.Tensor, prototypes: torch.Tensor, cdist: bool = False)
     n, u = images.shape[1], UNIT_ROUNDOFF[torch.float32]
     g = gamma(max(n - 1, 1), torch.float32)
     x, protos = scaled_pixels(images), prototypes.float()
-    if x.device.type == "cpu" and not cdist and (kernel := _l1_kernel()) is not None:
+    big = images.numel() * len(protos) >= L1_KERNEL_MIN_VALUES
+    if x.device.type == "cpu" and (via == "kernel" or via == "auto" and big) and (kernel := _l1_kernel()) is not None:
         found = torch.from_numpy(kernel.l1_sums(x.numpy(), protos.numpy()))
     else:
         found = torch.zeros(len(x), len(protos), device=x.device)

@@ -176,10 +176,15 @@ def test_predictions_are_the_float64_ones(num_classes, shape):
 
 
 @pytest.mark.parametrize("far_classes,shape", [(0, (6, 6)), (8, (28, 28)), (994, (4, 4, 3))])
-@pytest.mark.parametrize("metric", ["l1", "l2"])
-def test_near_ties_and_exact_ties_go_where_the_exact_distances_say(far_classes, shape, metric):
+@pytest.mark.parametrize("metric,l1_kernel_from", [("l1", None), ("l1", 0), ("l2", None)])
+def test_near_ties_and_exact_ties_go_where_the_exact_distances_say(far_classes, shape, metric, l1_kernel_from,
+                                                                    monkeypatch):
     """One ulp of one prototype pixel decides the class, and an exact tie goes to the earlier
-    class, as the exact (Fraction) and float64 computations say; float32 sums cannot see it."""
+    class, as the exact (Fraction) and float64 computations say; float32 sums cannot see it.
+    l1 twice: at these sizes through cdist's slabs, and through the CPU's kernel (its
+    threshold at 0)."""
+    if l1_kernel_from is not None:
+        monkeypatch.setattr(distances_module, "L1_KERNEL_MIN_VALUES", l1_kernel_from)
     rng = np.random.default_rng(far_classes)
     images, protos, winners = near_ties(rng, shape, far_classes)
     exact = first_argmin(exact_reference(images, protos, metric))
@@ -247,7 +252,8 @@ def test_the_cpu_l1_kernel_and_cdist_are_both_within_the_bound(n, c, p):
     images = torch.from_numpy(rng.integers(0, 256, (n, p), dtype=np.uint8))
     protos = torch.from_numpy(rng.random((c, p), dtype=np.float32))
     exact = (images.double()[:, None, :] / 255 - protos.double()[None]).abs().sum(-1)
-    kernel, cdist = distances_module.l1_sums(images, protos), distances_module.l1_sums(images, protos, cdist=True)
+    kernel = distances_module.l1_sums(images, protos, via="kernel")
+    cdist = distances_module.l1_sums(images, protos, via="cdist")
     for sums in (kernel, cdist):
         assert sums.value.shape == (n, c)
         assert bool(((sums.value - exact).abs() <= sums.bound).all())

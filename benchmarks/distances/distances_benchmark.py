@@ -67,8 +67,8 @@ def run(num_images: int, num_classes: int, shape: tuple[int, ...], repeats: int)
         "old classify.distances l1+l2": lambda: old_distances(u, p, ["l1", "l2"]),
         "torch.cdist p=1": lambda: torch.cdist(x, flat, p=1),
         "torch.cdist p=2": lambda: torch.cdist(x, flat, p=2),
-        "l1 sums, cdist slabs": lambda: l1_sums(u.reshape(len(u), -1), flat, cdist=True),
-        "l1 sums, CPU kernel": lambda: l1_sums(u.reshape(len(u), -1), flat),
+        "l1 sums, cdist slabs": lambda: l1_sums(u.reshape(len(u), -1), flat, via="cdist"),
+        "l1 sums, CPU kernel": lambda: l1_sums(u.reshape(len(u), -1), flat, via="kernel"),
         "new l1 (exact nearest)": lambda: nearest_with_distances(u, p, true, "l1"),
         "new l2 (exact nearest)": lambda: nearest_with_distances(u, p, true, "l2"),
     }
