@@ -25,7 +25,19 @@ SLAB_VALUES = 4096
 IMAGES_AT_ONCE = 4
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc"}, boundscheck=False)
+def _compiled(**options):
+    """numba.njit with its on-disk cache, or without where numba finds no place it may write one
+    (it raises RuntimeError then): the kernel is compiled in each process instead."""
+    def decorate(function):
+        try:
+            return njit(cache=True, **options)(function)
+        except RuntimeError:
+            return njit(**options)(function)
+
+    return decorate
+
+
+@_compiled(nogil=True, fastmath={"reassoc"}, boundscheck=False)
 def _four(a0, a1, a2, a3, b):
     s0, s1, s2, s3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
     for k in range(b.shape[0]):
@@ -37,7 +49,7 @@ def _four(a0, a1, a2, a3, b):
     return s0, s1, s2, s3
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@_compiled(nogil=True, boundscheck=False)
 def _sums(x, p, out, slab):
     # x float32 [N, P], N a multiple of 4; p float32 [C, P]; out float32 [N, C], zeros
     n, values = x.shape
