@@ -140,7 +140,8 @@ def _reuse_record(reuse: dict, held: np.ndarray, counts: np.ndarray) -> dict:
     record = {
         "mnist37.files_key": reuse["files_key"],
         "mnist37.digest": reuse["digest"],
-        "mnist37.pixel_sums": np.ascontiguousarray(sums.sums, dtype="<i8").tobytes(),
+        "mnist37.pixel_sums": np.ascontiguousarray(sums.sums, dtype=(dtype := sums_dtype(sums.sums))).tobytes(),
+        "mnist37.pixel_sums_dtype": dtype,
         "mnist37.rejected": json.dumps([list(r) for r in reuse.get("rejected", [])]),
     }
     if reuse.get("records") is not None:  # container shards: what the task found per class
@@ -151,6 +152,21 @@ def _reuse_record(reuse: dict, held: np.ndarray, counts: np.ndarray) -> dict:
     if reuse.get("notes"):  # files whose bytes are another format than their names say
         record["mnist37.notes"] = json.dumps([list(n) for n in reuse["notes"]])
     return record
+
+
+# A footer's pixel sums are kept in the narrowest of these that holds them all: uint16 while a
+# class has at most 257 images in the chunk (an ImageNet-like shard's few of each: 4x fewer bytes
+# than int64, and they are written twice, at the file's start and in its footer), uint32 up to
+# 16,843,009. A footer without `mnist37.pixel_sums_dtype` (chunks written before) holds int64.
+SUMS_DTYPES = ("<u2", "<u4", "<i8")
+
+
+def sums_dtype(sums: np.ndarray) -> str:
+    """The narrowest of SUMS_DTYPES that holds every value of `sums` (int64)."""
+    if sums.size == 0:
+        return SUMS_DTYPES[0]
+    low, high = int(sums.min()), int(sums.max())
+    return next(d for d in SUMS_DTYPES if np.iinfo(np.dtype(d)).min <= low and high <= np.iinfo(np.dtype(d)).max)
 
 
 def classes_digest(classes: Sequence[str]) -> str:
@@ -358,7 +374,8 @@ def read_chunk_metadata(path: str | Path) -> dict:
             "split": meta[b"mnist37.split"].decode(),
             "image_shape": shape,
             "counts": counts,
-            "pixel_sums": _class_sums(meta[b"mnist37.pixel_sums"], counts, shape),
+            "pixel_sums": _class_sums(meta[b"mnist37.pixel_sums"], counts, shape,
+                                      meta.get(b"mnist37.pixel_sums_dtype", b"<i8").decode()),
             "rejected": [tuple(r) for r in json.loads(meta.get(b"mnist37.rejected", b"[]"))],
             "records": None if records is None else {k: _dense(v) if k in _PER_CLASS_RECORDS else v
                                                      for k, v in records.items()},
@@ -369,18 +386,21 @@ def read_chunk_metadata(path: str | Path) -> dict:
         raise ChunkError(f"{path}: the reuse record in its footer does not parse ({type(e).__name__}: {e})") from None
 
 
-def _class_sums(raw: bytes, counts: np.ndarray, shape: tuple[int, ...]) -> ClassSums:
-    """The footer's pixel sums as `ClassSums` of the classes with images: one row per such
-    class, or (a chunk written before sums were kept per class held) one row per class of the
-    data set, from which those rows are taken. The two agree when every class has images."""
+def _class_sums(raw: bytes, counts: np.ndarray, shape: tuple[int, ...], dtype: str = "<i8") -> ClassSums:
+    """The footer's pixel sums (of `dtype`, one of SUMS_DTYPES) as int64 `ClassSums` of the
+    classes with images: one row per such class, or (a chunk written before sums were kept per
+    class held) one row per class of the data set, from which those rows are taken. The two
+    agree when every class has images."""
+    if dtype not in SUMS_DTYPES:
+        raise ValueError(f"pixel sums of type {dtype!r}, expected one of {', '.join(SUMS_DTYPES)}")
     present = np.flatnonzero(counts)
-    row_bytes = 8 * int(np.prod(shape, dtype=np.int64))
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
     rows, rest = divmod(len(raw), row_bytes)
     if rest or rows not in (len(present), len(counts)):
         rows_expected = (f"{len(present)}" if len(present) == len(counts)
                          else f"{len(present)} (a class with images each) or {len(counts)} (every class)")
         raise ValueError(f"pixel sums of {len(raw)} bytes, expected {rows_expected} rows of {row_bytes} bytes")
-    sums = np.frombuffer(raw, dtype="<i8").reshape(rows, *shape)  # a view of the footer's bytes, read-only
+    sums = np.frombuffer(raw, dtype=dtype).reshape(rows, *shape)  # a view of the footer's bytes, read-only
     if rows != len(present):  # the older layout: keep the rows of classes with images
         sums = sums[present]
     return ClassSums(present.astype(np.int64), sums.astype(np.int64, copy=False), counts[present])

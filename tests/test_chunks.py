@@ -140,7 +140,8 @@ def test_the_footer_keeps_sums_only_for_the_classes_with_images(tmp_path):
     write_chunk(tmp_path / "x.arrow", chunk_table(images, labels, paths, classes, "train",
                                                   reuse=reuse_record(counts, sums)))
     footer = pa.ipc.open_file(pa.memory_map(str(tmp_path / "x.arrow"))).schema.metadata
-    assert len(footer[b"mnist37.pixel_sums"]) == 5 * 8 * 3 * 4 * 5
+    assert footer[b"mnist37.pixel_sums_dtype"] == b"<u2"  # at most 3 images a class: 765 at most
+    assert len(footer[b"mnist37.pixel_sums"]) == 5 * 2 * 3 * 4 * 5
     read = read_chunk_metadata(tmp_path / "x.arrow")["pixel_sums"]
     assert read.classes.tolist() == [3, 17, 400, 998, 999] and read.counts.tolist() == [2, 3, 2, 3, 2]
     np.testing.assert_array_equal(read.sums, sums.sums)
@@ -148,8 +149,9 @@ def test_the_footer_keeps_sums_only_for_the_classes_with_images(tmp_path):
     dense = np.zeros((1000, 3, 4, 5), dtype=np.int64)
     dense[sums.classes] = sums.sums
     table = chunk_table(images, labels, paths, classes, "train", reuse=reuse_record(counts, sums))
+    older = {k: v for k, v in table.schema.metadata.items() if k != b"mnist37.pixel_sums_dtype"}  # int64 then
     write_chunk(tmp_path / "old.arrow", table.replace_schema_metadata(
-        {**table.schema.metadata, b"mnist37.pixel_sums": dense.astype("<i8").tobytes()}))
+        {**older, b"mnist37.pixel_sums": dense.astype("<i8").tobytes()}))
     old = read_chunk_metadata(tmp_path / "old.arrow")["pixel_sums"]
     assert old.classes.tolist() == read.classes.tolist() and old.counts.tolist() == read.counts.tolist()
     np.testing.assert_array_equal(old.sums, read.sums)
@@ -201,12 +203,13 @@ def test_a_footer_with_sums_of_another_size_does_not_parse(tmp_path):
                         reuse=reuse_record([5, 5], pixel_sums(images, labels)))
     one_class = chunk_table(images[labels == 1], labels[labels == 1], paths[:5], ["3", "7"], "train",
                             reuse=reuse_record([0, 5], pixel_sums(images[labels == 1], labels[labels == 1])))
-    for base, raw, rows in ((table, b"\0" * (3 * 160), "2"), (table, b"\0" * 17, "2"),
-                            (one_class, b"\0" * (3 * 160), r"1 \(a class with images each\) or 2 \(every class\)")):
+    assert table.schema.metadata[b"mnist37.pixel_sums_dtype"] == b"<u2"  # rows of 20 values, 40 bytes
+    for base, raw, rows in ((table, b"\0" * (3 * 40), "2"), (table, b"\0" * 17, "2"),
+                            (one_class, b"\0" * (3 * 40), r"1 \(a class with images each\) or 2 \(every class\)")):
         write_chunk(tmp_path / "x.arrow", base.replace_schema_metadata({**base.schema.metadata,
                                                                         b"mnist37.pixel_sums": raw}))
         with pytest.raises(ChunkError, match=rf"x.arrow: the reuse record in its footer does not parse \(ValueError: "
-                                             rf"pixel sums of {len(raw)} bytes, expected {rows} rows of 160 bytes\)"):
+                                             rf"pixel sums of {len(raw)} bytes, expected {rows} rows of 40 bytes\)"):
             read_chunk_metadata(tmp_path / "x.arrow")
 
 
@@ -308,3 +311,34 @@ def test_arrow_conversions_without_pandas_give_what_pyarrow_gives():
         np.testing.assert_array_equal(valid(column), whole.is_valid().to_numpy(zero_copy_only=False))
     with pytest.raises(TypeError):
         numbers(pa.array(["a"]))
+
+
+@pytest.mark.parametrize("images, dtype", [(1, "<u2"), (257, "<u2"), (258, "<u4"), (16_843_009, "<u4"),
+                                           (16_843_010, "<i8")])
+def test_footer_sums_take_the_narrowest_type_that_holds_them(images, dtype):
+    """Sums of white pixels over `images` images of a class: uint16 up to 257 images, uint32
+    up to 16,843,009, else int64 (as every chunk before the type was recorded)."""
+    from mnist37.chunks import sums_dtype
+
+    assert sums_dtype(np.array([[0, 255 * images], [7, 3]], dtype=np.int64)) == dtype
+    assert sums_dtype(np.array([-1, 3], dtype=np.int64)) == "<i8"
+
+
+def test_sums_of_a_class_of_300_images_round_trip_as_uint32(tmp_path):
+    """300 white 2x3 images of one class sum to 76,500 a pixel: past uint16, kept as uint32
+    and read back as the same int64 sums; a footer whose type is not one of ours is refused."""
+    images = np.full((301, 2, 3), 255, dtype=np.uint8)
+    labels = [0] * 300 + [1]
+    paths = [f"train/{label}/{i}.png" for i, label in enumerate(labels)]
+    sums, counts = pixel_sums(images, labels), np.bincount(labels)
+    table = chunk_table(images, labels, paths, ["a", "b"], "train", reuse=reuse_record(counts, sums))
+    write_chunk(tmp_path / "x.arrow", table)
+    assert table.schema.metadata[b"mnist37.pixel_sums_dtype"] == b"<u4"
+    read = read_chunk_metadata(tmp_path / "x.arrow")["pixel_sums"]
+    assert read.sums.dtype == np.int64 and read.sums[0].tolist() == [[76_500] * 3] * 2
+    np.testing.assert_array_equal(read.sums, sums.sums)
+    write_chunk(tmp_path / "odd.arrow", table.replace_schema_metadata(
+        {**table.schema.metadata, b"mnist37.pixel_sums_dtype": b"<f8"}))
+    with pytest.raises(ChunkError, match=r"odd\.arrow: the reuse record in its footer does not parse "
+                                         r"\(ValueError: pixel sums of type '<f8', expected one of"):
+        read_chunk_metadata(tmp_path / "odd.arrow")

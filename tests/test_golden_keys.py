@@ -375,7 +375,7 @@ def test_chunks_with_sums_for_every_class_are_still_reused(corpus_dir, tmp_path)
         np.testing.assert_array_equal(reused.pixel_sums.counts, new.pixel_sums.counts)
         assert (reused.counts.tolist(), reused.digest) == (new.counts.tolist(), new.digest)
         assert read_chunk_metadata(new.chunk_path)["pixel_sums"].classes.tolist() == new.pixel_sums.classes.tolist()
-        assert len(read_raw_sums(Path(new.chunk_path))) == len(new.pixel_sums.classes) * 8 * SHAPE[0] * SHAPE[1]
+        assert len(read_raw_sums(Path(new.chunk_path))) == len(new.pixel_sums.classes) * 2 * SHAPE[0] * SHAPE[1]  # uint16
         held.append(new.pixel_sums.classes.tolist())
     assert held == [[0], [0, 1], [1]]  # the first and last shard hold one class each: one row of sums
 
