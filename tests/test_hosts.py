@@ -309,12 +309,11 @@ class Cut:
     ended_at: float
 
 
-def cut_and_finish(cluster, store, work: Path, name: str, moment, restart: bool = True) -> Cut:
+def cut_and_finish(cluster, store, work: Path, name: str, moment) -> Cut:
     """Start the job on the head, wait for `moment(job)` to name a worker host to cut, cut it,
     let the job finish, and watch (on the dashboard's state API) when the head's GCS reports
-    the node dead. `restart`: the cut host joins again afterwards; else it leaves the cluster for
-    good (its Ray stopped, so the next job need not wait for Ray's health checks to declare it
-    dead). Asserts nothing itself but the bounded waits (check_cut does): it also runs in the
+    the node dead. The cut host then leaves the cluster for good (its Ray stopped, so a next job
+    need not wait for Ray's health checks to declare it dead). Asserts nothing itself but the bounded waits (check_cut does): it also runs in the
     second cluster's thread."""
     job = start_job(cluster, cluster.head, name, work)
     try:
@@ -336,10 +335,7 @@ def cut_and_finish(cluster, store, work: Path, name: str, moment, restart: bool 
                    cut_at, detected_at, ended_at)
     finally:
         job.stop(timeout_s=5)
-        if restart:
-            cluster.restart_worker(host)
-        else:
-            cluster.remove_worker(host)
+        cluster.remove_worker(host)
 
 
 def check_cut(cut: Cut, baseline, share_s: float, needed: bool = True) -> None:
@@ -390,7 +386,7 @@ def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, share_s, tmp
         done_at_cut.append(sum(len(chunks_on(h, "cut-decode")) for h in cluster.network.hosts.values()))
         return worker
 
-    cut = cut_and_finish(cluster, store, tmp_path, "cut-decode", decoding, restart=False)
+    cut = cut_and_finish(cluster, store, tmp_path, "cut-decode", decoding)
     check_cut(cut, baseline, share_s)
     assert done_at_cut[0] + 4 < len(cut.results["shards"]["per_shard"]), "the cut came after decoding"
     assert cut.lost not in per_node(cut.results, "classify_node_id")
@@ -441,7 +437,7 @@ def cut_mid_classify(cluster, store, work: Path) -> Cut:
     def classifying(job):
         return wait_until(frozen, "classify task on a worker host", job)
 
-    return cut_and_finish(cluster, store, work, "cut-classify", classifying, restart=False)
+    return cut_and_finish(cluster, store, work, "cut-classify", classifying)
 
 
 def test_a_worker_host_cut_off_mid_classify(second, baseline, share_s):
