@@ -116,7 +116,15 @@ def mnist_png_tgz() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One extraction cache for the whole session, so each archive is extracted once."""
+    """One extraction and chunk cache for the whole test run, so each archive is extracted, and
+    its shards decoded, once: under xdist the suite's processes share it (in the folder that
+    holds their temp folders), as jobs on one machine share a cache. Safe as it is for them:
+    extractions and chunks are renamed into place whole, and a writer's temporaries are locked
+    while it writes (mnist37/storage/partials.py)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("cache")
 
 
@@ -283,17 +291,16 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # The longest units of work, longest first: their summed test durations in a `-n 2 --dist
-# loadfile` run (2026-12-02, `--durations=0`): cluster 102 s, never_hang 89, hosts 66,
-# object_store 56, interrupt 51, formats_object_store 43, benchmark_job 39, evaluate_job_faults
-# 25, install 19, bad_records 18, images 17, bad_input 13; the other 30 modules took 65 s
-# together. Since issue 36 the test hosts keep Ray's default detection settings, and hosts is
-# the longest by far (2026-12-06, alone, `-n 0`, under a load average of 25 on 2 cores: 601 s,
-# 225 of them its first test's setup, each host cut ~65 s of Ray's detection): first, so it
-# starts at once, and with cluster (second) in the other process, not in the same one as
-# before (they were first and third).
+# loadfile` run (2026-12-06, `--durations=0`, load average 5-8 on 2 cores from other sessions;
+# busy CPU-seconds of each module's own processes in brackets): hosts 277 s (102), cluster 249
+# (195), object_store 173 (83), never_hang 159 (71), interrupt 123 (98), benchmark_job 91 (65),
+# install + install_cluster 76 (53), formats_object_store 64 (37), notebook 44 (29),
+# evaluate_job_faults 42 (32), bad_records 25, images 27, bad_input 27; the other 38 modules
+# took 291 s together. hosts waits out Ray's default detection (65 s a cut, two cuts at once
+# since issue 34) and is first, so it starts at once, with cluster (second) in the other process.
 LONGEST_FIRST = ("test_hosts", "test_cluster", "test_object_store", "test_never_hang", "test_interrupt",
-                 "test_formats_object_store", "test_benchmark_job", "test_evaluate_job_faults", "test_install",
-                 "test_notebook", "test_bad_records", "test_images", "test_bad_input")
+                 "test_benchmark_job", "test_install", "test_formats_object_store", "test_notebook",
+                 "test_evaluate_job_faults", "test_bad_records", "test_images", "test_bad_input")
 
 
 # Modules that run in the same suite process, one after the other, as one unit of xdist's work:

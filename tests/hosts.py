@@ -9,6 +9,9 @@ bridge's address, so that data lives only in the store.
     10.237.37.3   worker-1  ray start --address 10.237.37.2:6379 --num-cpus 1
     10.237.37.4   worker-2  ray start --address 10.237.37.2:6379 --num-cpus 1
 
+(10.237.37 is the first free subnet of 10.237.37-46: several networks can stand at once, each
+on a subnet and with names of its own.)
+
 A host is cut off as a network partition cuts it (`cut()`: its link, the bridge side of its
 veth pair, set down); its processes keep running. Everything is stopped by process id (a
 host's PID 1, which takes its PID namespace with it, each process started there, then anything
@@ -41,6 +44,7 @@ Needs root, `ip`, `unshare` and `nsenter` (`unavailable()` says which is missing
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -55,6 +59,7 @@ from pathlib import Path
 
 PREFIX = "m37h"  # every namespace and link this harness makes: m37h<owner pid><suffix>
 SUBNETS = [f"10.237.{third}" for third in range(37, 47)]  # the first free one is used
+SUBNET_LOCK = Path("/tmp") / f"{PREFIX}-subnets.lock"  # held while a network picks and takes its subnet
 RAY = str(Path(sys.executable).with_name("ray"))
 HOME_CACHE = Path.home() / ".cache"
 RAY_TMP = Path("/tmp/ray")
@@ -271,19 +276,28 @@ class Network:
     """A bridge with its own subnet and `names` hosts on it (.2, .3, ...); the bridge's own
     address (.1) is the root namespace's, where the test process and the store listen."""
 
+    _made = 0  # networks made by this process: the second and later get a letter in their names
+
     def __init__(self, names: list[str], root: Path):
         clear_leftovers()
         RAY_TMP.mkdir(exist_ok=True)
         HOME_CACHE.mkdir(parents=True, exist_ok=True)
-        tag, used = f"{PREFIX}{os.getpid()}", ip("-o", "addr", "show").stdout
-        self.subnet = next((s for s in SUBNETS if f" {s}." not in used), None)
-        if self.subnet is None:
-            raise RuntimeError(f"every test subnet {SUBNETS[0]}-{SUBNETS[-1]}.0/24 is in use")
-        self.bridge, self.address = f"{tag}b", f"{self.subnet}.1"
-        self.hosts: dict[str, Host] = {}
+        # Several networks may stand at once (tests/test_hosts.py runs two; another test process
+        # or session its own): each has names of its own (the owner's pid, then a letter from
+        # the second one a process makes) and a subnet of its own, chosen and taken under a lock.
+        tag = f"{PREFIX}{os.getpid()}{'abcdefghij'[Network._made - 1] if Network._made else ''}"
+        Network._made += 1
+        self.bridge, self.hosts = f"{tag}b", {}
         try:
-            ip("link", "add", self.bridge, "type", "bridge")
-            ip("addr", "add", f"{self.address}/24", "dev", self.bridge)
+            with open(SUBNET_LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                used = ip("-o", "addr", "show").stdout
+                self.subnet = next((s for s in SUBNETS if f" {s}." not in used), None)
+                if self.subnet is None:
+                    raise RuntimeError(f"every test subnet {SUBNETS[0]}-{SUBNETS[-1]}.0/24 is in use")
+                self.address = f"{self.subnet}.1"
+                ip("link", "add", self.bridge, "type", "bridge")
+                ip("addr", "add", f"{self.address}/24", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
             for index, name in enumerate(names):
                 host = Host(name, f"{tag}-{name}", f"{self.subnet}.{index + 2}", f"{tag}v{index}", root / name)

@@ -23,11 +23,22 @@ from pathlib import Path
 from mnist37 import Mnist37Error
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago, and that this process was
+    not given before: the kernel can hand the same free port out twice in a row, and a head
+    given one port for two of its components does not start (seen in a fresh-clone run:
+    `dashboard_agent_http is trying to use a port number ... that is used by other
+    components`)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @contextlib.contextmanager

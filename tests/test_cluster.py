@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT, make_image_folder, ray_start_session, session_processes, shared_ray_address
+from tests.ray_heads import free_port
 from tests.test_evaluate_job import run_job
 
 pytestmark = pytest.mark.ray  # real Ray clusters
@@ -30,12 +30,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # Node deaths are noticed in ~2 s instead of ~30 s.
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
                       "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra) -> dict:

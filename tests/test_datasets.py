@@ -257,7 +257,7 @@ def test_a_pinned_digest_takes_a_mirrors_copy_and_refuses_it_changed(mnist_sampl
         assert f"expected {pin['MNIST37_SHA256_MNIST_SAMPLE'].lower()}, pinned by MNIST37_SHA256_MNIST_SAMPLE)" in line
         assert list((tmp_path / "cache" / "downloads").iterdir()) == [] and not (tmp_path / "out").exists()
         server.files["/mnist_sample.tgz"] = real
-        ran = run_job("--ray-address", "local", *args, env_extra={"MNIST37_URL_BASE": server.url, **pin})
+        ran = run_job(*args, env_extra={"MNIST37_URL_BASE": server.url, **pin})  # on the session's Ray
         assert ran.returncode == 0, ran.stderr[-2000:]
         results = json.loads((tmp_path / "out" / "results.json").read_text())
         assert round(results["metrics"]["l1"]["per_class"]["3"], 4) == 0.9168  # fastbook's figure

@@ -13,12 +13,15 @@ clusters do: Ray declares a cut host dead after 30-65 s, and the job must then e
 lost host's share of the work plus 30 s (issue 36), though Ray itself would fail the task it had
 pushed to that host only after its gRPC keepalive (300 s + 120 s).
 
-One cluster serves the whole module (starting one took 13-40 s here on 2 shared cores); the
-tests run in file order, each leaves a worker alive for the next, and the last one, the head
-cut off, stops the cluster. The data is mnist_sample.tgz as one object: every host fetches and
-extracts it into its own cache once, and a job over the whole sample (14,434 images, 29 shards
-of 512) takes 4-8 s once it is there. mnist_sample as 14,434 objects took 142 s a run through
-moto on this machine (issue 25), too slow for the five runs here.
+Two clusters serve the module, each on a network and with a store of its own (starting one
+took 13-40 s here on 2 shared cores), so that Ray's detection of the cut hosts (30-65 s each)
+is waited out twice at once rather than three times in a row: the first runs the job on the
+head, `ray job submit` and the cut mid-decode, in file order; the second, started by the first
+cluster test, runs the cut mid-classify and then the head cut in a thread of its own
+meanwhile, and the last two tests check what it saw. The data is mnist_sample.tgz as one
+object: every host fetches and extracts it into its own cache once, and a job over the whole
+sample (14,434 images, 29 shards of 512) takes 4-8 s once it is there. mnist_sample as 14,434
+objects took 142 s a run through moto on this machine (issue 25), too slow for the runs here.
 
     MNIST37_DATA_DIR=../shared/data python -m pytest tests/test_hosts.py -s
 """
@@ -26,12 +29,14 @@ moto on this machine (issue 25), too slow for the five runs here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,21 +69,31 @@ def network(tmp_path_factory):
     network.close()
 
 
+@contextlib.contextmanager
+def store_on(network, archive: Path):
+    """The S3 test server on the network's bridge, holding mnist_sample.tgz and nothing else."""
+    with hosts.s3_on_bridge(network.address, BUCKET) as server:
+        server.client().upload_file(str(archive), BUCKET, "mnist_sample.tgz")
+        yield server
+
+
+def cluster_on(network, store, logs: Path) -> hosts.RayCluster:
+    """The nodes hold the store's credentials, not its endpoint; `job_env` is a driver's
+    environment: the cluster's, plus the endpoint. Not started yet."""
+    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), aws_credentials(), hosts.RAY_DEFAULTS), logs)
+    cluster.job_env = {**cluster.env, "AWS_ENDPOINT_URL": store.endpoint}
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def store(network, mnist_sample_tgz):
-    """The S3 test server on the bridge, holding mnist_sample.tgz and nothing else."""
-    with hosts.s3_on_bridge(network.address, BUCKET) as server:
-        server.client().upload_file(str(mnist_sample_tgz), BUCKET, "mnist_sample.tgz")
+    with store_on(network, mnist_sample_tgz) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def cluster(network, store, tmp_path_factory):
-    """The nodes hold the store's credentials, not its endpoint; `job_env` is a driver's
-    environment: the cluster's, plus the endpoint."""
-    cluster = hosts.RayCluster(network, hosts.node_env(dict(os.environ), aws_credentials(), hosts.RAY_DEFAULTS),
-                               tmp_path_factory.mktemp("ray-logs"))
-    cluster.job_env = {**cluster.env, "AWS_ENDPOINT_URL": store.endpoint}
+    cluster = cluster_on(network, store, tmp_path_factory.mktemp("ray-logs"))
     try:
         clock = time.perf_counter()
         cluster.start()
@@ -86,6 +101,22 @@ def cluster(network, store, tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def second(mnist_sample_tgz, tmp_path_factory):
+    """The second cluster's cuts, under way in a thread from the first test that asks for this
+    on: a Future of {job name: its Cut, or what it raised} (see second_cluster_cuts). Torn
+    down once the thread is done (each of its waits is bounded)."""
+    if reason := hosts.unavailable():
+        pytest.skip(reason)
+    network = hosts.Network(["head", "worker-1", "worker-2"], tmp_path_factory.mktemp("hosts-2"))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="second-cluster")
+    try:
+        yield pool.submit(second_cluster_cuts, network, mnist_sample_tgz, tmp_path_factory.mktemp("second"))
+    finally:
+        pool.shutdown(wait=True)
+        network.close()
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +234,12 @@ def test_what_a_killed_run_left_is_removed():
 # ---------------------------------------------------------------- the job on the cluster
 
 
-def test_data_only_in_the_store_the_job_on_the_head_equals_one_node(cluster, store, baseline, tmp_path):
+def test_data_only_in_the_store_the_job_on_the_head_equals_one_node(second, cluster, store, baseline, tmp_path):
     """Every task, on every worker host, read the store the driver read: the endpoint is in
     the driver's environment only, so a task that looked at its own node's would have gone
-    looking for AWS (`Could not resolve host: mnist37-hosts.s3.us-east-1.amazonaws.com`)."""
+    looking for AWS (`Could not resolve host: mnist37-hosts.s3.us-east-1.amazonaws.com`).
+    (`second` first: the second cluster starts, and its cuts run, while this module's first
+    cluster comes up and its tests run.)"""
     clock = time.perf_counter()
     job = start_job(cluster, cluster.head, "on-head", tmp_path)
     assert finish(job) == 0, job.output()[-3000:]
@@ -261,17 +294,28 @@ def test_ray_job_submit_from_outside_the_cluster_reuses_the_chunks_on_each_host(
 # ---------------------------------------------------------------- a host lost mid-job
 
 
-def cut_and_finish(cluster, store, baseline, share_s, tmp_path, name: str, moment,
-                   needed: bool = True, restart: bool = True) -> tuple[dict, str, float]:
-    """Start the job on the head, wait for `moment(name)` to name a worker host to cut, cut
-    it, let the job finish with exact figures; return its results, the lost node and the
-    seconds from cut to end. `needed`: the job could not finish without Ray declaring the
-    host dead (it had work left there), so the lost node is gone from results.json's nodes,
-    the job said so while it waited, and it ended within `share_s` + RECOVERY_S of the moment
-    the head's GCS reported the node dead (polled on the dashboard's state API). `restart`:
-    the cut host joins again afterwards; else it leaves the cluster for good (its Ray stopped,
-    so the next test need not wait for Ray's health checks to declare it dead)."""
-    job = start_job(cluster, cluster.head, name, tmp_path)
+@dataclasses.dataclass
+class Cut:
+    """What a job with a worker host cut off under it did (cut_and_finish)."""
+
+    name: str
+    host: str  # the cut host's address
+    lost: str  # its node id
+    status: int
+    output: str
+    results: dict | None  # results.json, when the job succeeded
+    cut_at: float  # time.perf_counter() of the cut
+    detected_at: float | None  # when the head's GCS counted the node dead, if before the job's end
+    ended_at: float
+
+
+def cut_and_finish(cluster, store, work: Path, name: str, moment) -> Cut:
+    """Start the job on the head, wait for `moment(job)` to name a worker host to cut, cut it,
+    let the job finish, and watch (on the dashboard's state API) when the head's GCS reports
+    the node dead. The cut host then leaves the cluster for good (its Ray stopped, so a next job
+    need not wait for Ray's health checks to declare it dead). Asserts nothing itself but the bounded waits (check_cut does): it also runs in the
+    second cluster's thread."""
+    job = start_job(cluster, cluster.head, name, work)
     try:
         host = moment(job)
         lost = cluster.node_of(host)
@@ -287,26 +331,31 @@ def cut_and_finish(cluster, store, baseline, share_s, tmp_path, name: str, momen
             time.sleep(0.2)
         status = finish(job)
         ended_at = time.perf_counter()
-        assert status == 0, job.output()[-3000:]
-        results = results_of(store, name)
-        assert figures(results) == baseline
-        detected = f"{detected_at - cut_at:.1f} s" if detected_at else "not before the end"
-        print(f"{name}: {host.name}'s link cut; node declared dead after {detected}, job ended "
-              f"{ended_at - cut_at:.1f} s after the cut (share bound {share_s:.1f} s)")
-        if needed:
-            assert lost not in {n["node_id"] for n in results["ray"]["nodes"]}
-            said = [line for line in job.output().splitlines() if f"node {host.address} ({lost[:8]}) lost" in line]
-            assert len(said) == 1, job.output()[-3000:]  # the job named the lost host once
-            assert "submitted again" in said[0], said[0]
-        if detected_at is not None:  # the goal: Ray's detection + the lost host's share + 30 s
-            assert ended_at - detected_at <= share_s + RECOVERY_S, job.output()[-3000:]
-        return results, lost, ended_at - cut_at
+        return Cut(name, host.address, lost, status, job.output(), results_of(store, name) if status == 0 else None,
+                   cut_at, detected_at, ended_at)
     finally:
         job.stop(timeout_s=5)
-        if restart:  # for the tests after this one
-            cluster.restart_worker(host)
-        else:
-            cluster.remove_worker(host)
+        cluster.remove_worker(host)
+
+
+def check_cut(cut: Cut, baseline, share_s: float, needed: bool = True) -> None:
+    """The job ended with exact figures. `needed`: the job could not finish without Ray
+    declaring the host dead (it had work left there), so the lost node is gone from
+    results.json's nodes, the job said so while it waited, and it ended within `share_s` +
+    RECOVERY_S of the moment the head's GCS reported the node dead: it went on as soon as Ray
+    declared the host dead, and redid no more than the lost host's share."""
+    assert cut.status == 0, cut.output[-3000:]
+    assert figures(cut.results) == baseline
+    detected = f"{cut.detected_at - cut.cut_at:.1f} s" if cut.detected_at else "not before the end"
+    print(f"{cut.name}: {cut.host}'s link cut; node declared dead after {detected}, job ended "
+          f"{cut.ended_at - cut.cut_at:.1f} s after the cut (share bound {share_s:.1f} s)")
+    if needed:
+        assert cut.lost not in {n["node_id"] for n in cut.results["ray"]["nodes"]}
+        said = [line for line in cut.output.splitlines() if f"node {cut.host} ({cut.lost[:8]}) lost" in line]
+        assert len(said) == 1, cut.output[-3000:]  # the job named the lost host once
+        assert "submitted again" in said[0], said[0]
+    if cut.detected_at is not None:  # the goal: Ray's detection + the lost host's share + 30 s
+        assert cut.ended_at - cut.detected_at <= share_s + RECOVERY_S, cut.output[-3000:]
 
 
 def pause(job: hosts.Process) -> None:
@@ -326,7 +375,8 @@ def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, share_s, tmp
     """Cut once the host has written its first chunk: the job is decoding there. To leave
     shards to do on a machine of any speed, the driver is paused (SIGSTOP) from that moment
     until the link is down: it submits nothing meanwhile, and only the tasks already submitted
-    (at most max_in_flight, 4 here) can finish; the shards done are counted on every host's disk."""
+    (at most max_in_flight, 4 here) can finish; the shards done are counted on every host's disk.
+    The last job on this module's first cluster: the cut host leaves it for good."""
     worker = cluster.workers[0]
     done_at_cut = []
 
@@ -336,19 +386,45 @@ def test_a_worker_host_cut_off_mid_decode(cluster, store, baseline, share_s, tmp
         done_at_cut.append(sum(len(chunks_on(h, "cut-decode")) for h in cluster.network.hosts.values()))
         return worker
 
-    results, lost, _ = cut_and_finish(cluster, store, baseline, share_s, tmp_path, "cut-decode", decoding)
-    assert done_at_cut[0] + 4 < len(results["shards"]["per_shard"]), "the cut came after decoding"
-    assert lost not in per_node(results, "classify_node_id")
+    cut = cut_and_finish(cluster, store, tmp_path, "cut-decode", decoding)
+    check_cut(cut, baseline, share_s)
+    assert done_at_cut[0] + 4 < len(cut.results["shards"]["per_shard"]), "the cut came after decoding"
+    assert cut.lost not in per_node(cut.results, "classify_node_id")
 
 
-def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, share_s, tmp_path):
+# ---------------------------------------------------------------- the second cluster: classify cut, head cut
+
+
+def second_cluster_cuts(network, archive: Path, work: Path) -> dict:
+    """On the second network: its store and cluster, then the cut mid-classify, then the head
+    cut (which stops the cluster). {job name: its Cut or (exit status, seconds, output), or the
+    exception it raised}; the store and cluster are stopped before it returns."""
+    outcomes: dict = {}
+    with store_on(network, archive) as store:
+        cluster = cluster_on(network, store, work / "ray-logs")
+        try:
+            cluster.start()
+            for name, scenario in (("cut-classify", cut_mid_classify), ("cut-head", cut_head)):
+                try:
+                    outcomes[name] = scenario(cluster, store, work)
+                except BaseException as e:  # noqa: BLE001: its test raises it
+                    outcomes[name] = e
+        finally:
+            cluster.stop()
+    return outcomes
+
+
+def outcome(second: Future, name: str):
+    found = second.result(timeout=2 * JOB_TIMEOUT_S + 300)  # each of its waits is bounded
+    if isinstance(found[name], BaseException):
+        raise found[name]
+    return found[name]
+
+
+def cut_mid_classify(cluster, store, work: Path) -> Cut:
     """Cut whichever worker host is seen running a classify task (its process title), while
-    that task runs: its result, and any chunk bytes held in its object store, are lost, and
-    the figures are exact all the same. The task's process is paused (SIGSTOP) the moment it
-    is seen, then its host is cut. A classify task here lasts milliseconds: on a loaded
-    machine its reply can already be on its way when its title is seen (two fresh-clone CI
-    runs of three), and then the job never needs the host; so this test asserts the host was
-    dropped only when the job's results show no classify task ran there after the cut."""
+    that task runs. The task's process is paused (SIGSTOP) the moment it is seen, then its host
+    is cut; the host then leaves the cluster for good (the head cut needs one worker)."""
     def frozen() -> hosts.Host | None:
         for worker in cluster.workers:
             for pid in running_tasks(worker, b"ray::_classify_task"):
@@ -361,24 +437,34 @@ def test_a_worker_host_cut_off_mid_classify(cluster, store, baseline, share_s, t
     def classifying(job):
         return wait_until(frozen, "classify task on a worker host", job)
 
-    results, lost, _ = cut_and_finish(cluster, store, baseline, share_s, tmp_path, "cut-classify", classifying,
-                                      needed=False,
-                                      restart=False)  # the next test needs one worker, and stops the cluster
-    if lost in {n["node_id"] for n in results["ray"]["nodes"]}:
+    return cut_and_finish(cluster, store, work, "cut-classify", classifying)
+
+
+def test_a_worker_host_cut_off_mid_classify(second, baseline, share_s):
+    """A classify task's result, and any chunk bytes held in its host's object store, are lost
+    with the host, and the figures are exact all the same. A classify task here lasts
+    milliseconds: on a loaded machine its reply can already be on its way when its title is
+    seen (two fresh-clone CI runs of three), and then the job never needs the host; so this
+    test asserts the host was dropped only when the job's results show no classify task ran
+    there after the cut. (The second cluster's: cut_mid_classify.)"""
+    cut = outcome(second, "cut-classify")
+    check_cut(cut, baseline, share_s, needed=False)
+    if cut.lost in {n["node_id"] for n in cut.results["ray"]["nodes"]}:
         print("cut-classify: the seen task had finished; the job never needed the cut host")
     else:  # Ray declared the host dead under the job: its lost task ran again elsewhere
-        assert lost not in per_node(results, "classify_node_id")
+        assert cut.lost not in per_node(cut.results, "classify_node_id")
 
 
 # ---------------------------------------------------------------- the head lost
 
 
-def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
-    """The job's driver on a worker host (the one the last test left alive), the head cut
-    off mid-decode: the GCS is unreachable."""
+def cut_head(cluster, store, work: Path) -> tuple[int | None, float, str]:
+    """The job's driver on a worker host (the one the classify cut left alive), the head cut
+    off mid-decode: (exit status, or None if it still ran 60 s after the cut, the seconds it
+    took, its output). Stops the cluster."""
     worker = next(w for w in cluster.workers if not w.is_cut and w.name in cluster.nodes)
     cluster.wait_for_nodes(2)  # the head and that worker: the one removed is gone
-    job = start_job(cluster, worker, "cut-head", tmp_path)
+    job = start_job(cluster, worker, "cut-head", work)
     try:
         wait_until(lambda: any(chunks_on(h, "cut-head") for h in cluster.network.hosts.values()), "first chunk", job)
         cluster.head.cut()
@@ -386,12 +472,19 @@ def test_the_head_cut_off_is_one_line_and_exit_1(cluster, tmp_path):
         try:
             status = job.popen.wait(timeout=60)  # the hard deadline
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the job still ran 60 s after its head was cut off:\n{job.output()[-2000:]}")
-        seconds = time.perf_counter() - clock
-        print(f"head cut off: exit {status} after {seconds:.1f} s")
-        errors = [line for line in job.output().splitlines() if line.startswith("error:")]
-        assert status == 1 and len(errors) == 1 and "Traceback" not in job.output(), job.output()[-3000:]
+            status = None
+        return status, time.perf_counter() - clock, job.output()
     finally:
         job.stop(timeout_s=5)
-        cluster.stop()  # every node: the head is gone for them; the next test starts afresh
+        cluster.stop()  # every node: the head is gone for them
         cluster.head.mend()
+
+
+def test_the_head_cut_off_is_one_line_and_exit_1(second):
+    """The GCS unreachable under a running job: one error line and exit 1 within 60 s of the
+    cut. (The second cluster's: cut_head.)"""
+    status, seconds, output = outcome(second, "cut-head")
+    assert status is not None, f"the job still ran 60 s after its head was cut off:\n{output[-2000:]}"
+    print(f"head cut off: exit {status} after {seconds:.1f} s")
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert status == 1 and len(errors) == 1 and "Traceback" not in output, output[-3000:]

@@ -213,8 +213,8 @@ def test_throttling_and_dropped_connections_are_retried(s3, stored_folder, tmp_p
     root, uri = stored_folder
     proxy = FaultProxy(s3.endpoint, slow_every=5, drop_every=7)
     try:
-        run = run_job("--ray-address", "local", "--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
-                      env_extra=aws_env(proxy.endpoint))
+        run = run_job("--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                      env_extra=aws_env(proxy.endpoint))  # on the session's Ray, its tasks through the proxy too
     finally:
         proxy.stop()
     assert run.returncode == 0, run.stderr
