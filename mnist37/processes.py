@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 STOPPING = (signal.SIGINT, signal.SIGTERM)
@@ -107,7 +108,11 @@ def stopped_by_signals(on_signal: Callable[[int], object] | None) -> Iterator[No
     def watch() -> None:
         while (byte := os.read(read_fd, 1)) and byte[0] != 0:  # 0: the body is over
             if byte[0] in STOPPING:
-                stop_descendants()
+                # The main thread runs on meanwhile (ray.init may start the GCS just after the
+                # first pass): again until a pass 0.1 s later finds none, for 2 s at most.
+                for _ in range(20):
+                    if not stop_descendants() and (time.sleep(0.1) or not descendants()):
+                        break
                 on_signal(byte[0])
                 return
 
