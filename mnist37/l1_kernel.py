@@ -70,8 +70,11 @@ def l1_sums(x: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
     prototypes, each term rounded to float32 and summed in float32 in some order."""
     n = len(x)
     padded = -(-n // IMAGES_AT_ONCE) * IMAGES_AT_ONCE
-    rows = np.zeros((padded, x.shape[1]), dtype=np.float32)
-    rows[:n] = x
+    if padded == n:  # a batch of 1,024: the pixels as they are, no copy
+        rows = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        rows = np.zeros((padded, x.shape[1]), dtype=np.float32)
+        rows[:n] = x
     out = np.zeros((padded, len(prototypes)), dtype=np.float32)
     if padded and len(prototypes) and x.shape[1]:
         _sums(rows, np.ascontiguousarray(prototypes, dtype=np.float32), out, SLAB_VALUES)

@@ -111,7 +111,10 @@ def stopped_by_signals(on_signal: Callable[[int], object] | None) -> Iterator[No
                 # The main thread runs on meanwhile (ray.init may start the GCS just after the
                 # first pass): again until a pass 0.1 s later finds none, for 2 s at most.
                 for _ in range(20):
-                    if not stop_descendants() and (time.sleep(0.1) or not descendants()):
+                    if stop_descendants():
+                        continue
+                    time.sleep(0.1)
+                    if not descendants():
                         break
                 on_signal(byte[0])
                 return
