@@ -128,12 +128,18 @@ def _as_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)) if pixels.ndim == 3 else pixels)
 
 
-def _png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
+# zlib's level for the prototype files: at 1,000 classes of 64x64 color, level 1 encodes them in
+# 0.60 ms each against 1.35 ms at Pillow's default (6), for files 16 % larger (the job's driver
+# writes them one after another after the results).
+PROTOTYPE_PNG_LEVEL = 1
+
+
+def _png_bytes(pixels: np.ndarray, scale: int = 1, compress_level: int = 6) -> bytes:
     image = _as_image(pixels)
     if scale != 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -142,7 +148,8 @@ def prototype_images(prototypes: np.ndarray, classes: Sequence[str]) -> dict[str
     an RGB PNG), plus, up to INLINE_CLASSES classes, one enlarged sheet of all side by side:
     {file name: PNG bytes}."""
     pixels = np.clip(np.rint(prototypes * PIXEL_MAX), 0, 255).astype(np.uint8)
-    files = {f"prototype_{name}.png": _png_bytes(image) for name, image in zip(classes, pixels)}
+    files = {f"prototype_{name}.png": _png_bytes(image, compress_level=PROTOTYPE_PNG_LEVEL)
+             for name, image in zip(classes, pixels)}
     if not many_classes(classes):  # beyond, one PNG of C prototypes costs more than the C files
         files["prototypes.png"] = _png_bytes(np.concatenate(list(pixels), axis=-1), SHEET_SCALE)
     return files
