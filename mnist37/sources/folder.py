@@ -32,7 +32,7 @@ from mnist37.sources.base import check_sizes
 from mnist37.storage.files import Group, Root, file_stats, is_folder, read_file, read_files, subfolders
 from mnist37.sources.folder_listing import HEAD_NAMES, ClassFiles, ClassListing, Listing, relative_paths
 from mnist37.sources.keys import file_digest, files_key, listing_name
-from mnist37.sources.protocol import Listed, PlanRequest, ShardRead, SourcePlan
+from mnist37.sources.protocol import LISTING_THREADS, Listed, PlanRequest, ShardRead, SourcePlan
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +180,6 @@ def list_class_folder(root: Root, split: str, class_name: str,
 # blocks, in order: in this process by default (one block per folder); in the job one Ray task
 # per class folder, its blocks left in Ray's object store (mnist37.on_ray.tasks.map_listings).
 FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[ClassListing]]
-
-
-# Class folders listed at once by this many threads of this process (a run without Ray, or
-# with a Ray of the job's own): each kept listing is flushed to disk, and 2,000 class folders
-# listed one after another took 7.8-10.7 s on this machine's disk for 1.8-2.5 CPU-s.
-LISTING_THREADS = 8
 
 
 def _here(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:

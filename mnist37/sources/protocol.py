@@ -80,9 +80,15 @@ class Shard(Protocol):
 
 
 # Maps a function over argument tuples and returns each call's result, in order: how a format
-# runs its listing tasks (the job: one Ray task per call, distributed.map_listings; without
-# one, the format calls them here, one after another).
+# runs its listing tasks (the job on a cluster it joins: runs of calls as Ray tasks,
+# on_ray.tasks.map_listings; without one, the format calls them here).
 TaskMap = Callable[[Callable, Sequence[tuple]], Sequence]
+
+# Listing calls run at once by this many threads, in this process or in a listing task: each
+# kept listing is flushed to disk (and a listing of an object store waits on the network), so
+# 2,000 class folders listed one after another took 7.8-10.7 s on this machine's disk for
+# 1.8-2.5 CPU-s, and 1.9-2.4 s by 8 threads.
+LISTING_THREADS = 8
 
 
 class ListedFolder(Protocol):
