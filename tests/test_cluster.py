@@ -4,11 +4,12 @@ a node removed and a worker killed mid-job, and GPU requests on a cluster advert
 Every cluster here is started by the test with its own ports and temp dir, and stopped by it;
 `ray stop` (which stops every Ray process on the machine) is never used.
 
-The module is bound by CPU: each job starts worker processes on three nodes (a classifying one
-imports torch, ~2 CPU-seconds). So there is one cluster, whose head also serves `ray job
-submit`; tests that check different things of the same kind of run share one job (a module
-fixture: `submitted`, `watched`); and the images are few, with shards of as few
-images as give each test the shards it needs (docs/testing.md).
+The module is bound by CPU: each job starts a worker process on every node (one that
+classifies imports torch, ~2 CPU-seconds). So there is one cluster besides the session's Ray,
+whose head also serves `ray job submit`; tests that check different things of runs with
+compatible flags share one run (the module fixtures `submitted` and `watched`); no node
+advertises GPUs until the GPU tests at the end (three_nodes_cluster); and the images are few,
+in shards of as few images as give each test the shards it needs (docs/testing.md).
 """
 
 import contextlib
