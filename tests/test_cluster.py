@@ -7,7 +7,7 @@ Every cluster here is started by the test with its own ports and temp dir, and s
 The module is bound by CPU: each job starts a worker process on every node (one that
 classifies imports torch, ~2 CPU-seconds). So there is one cluster besides the session's Ray,
 whose head also serves `ray job submit`; tests that check different things of runs with
-compatible flags share one run (the module fixtures `submitted` and `watched`); no node
+compatible flags share one run (the module fixtures `submitted`, `stored_out` and `watched`); no node
 advertises GPUs until the GPU tests at the end (three_nodes_cluster); and the images are few,
 in shards of as few images as give each test the shards it needs (docs/testing.md).
 """
@@ -232,9 +232,10 @@ def submit(cluster, *job: str, timeout: int = 600) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def submitted(three_nodes_cluster, client, data, tmp_path_factory):
     """README's `ray job submit` on the 3-node cluster, once, with a local --out and chunk dir
-    and no other flag: (the finished `ray job submit`, its --out). The submit test checks the
-    submission; the work-sharing and predictions tests check the same run as the 3-node job
-    with default flags."""
+    and no other flag: (the finished `ray job submit`, its folder). The submit test checks the
+    submission; the predictions test, its predictions written through the driver. (Not the
+    work-sharing test's job: a submitted job's workers start only once their node has set up
+    the job's working dir, and in one run of ten here a node decoded no shard of it.)"""
     out = tmp_path_factory.mktemp("submitted")
     clock = time.perf_counter()
     run = submit(whole(three_nodes_cluster), "--data", str(data), "--out", str(out / "out"),
@@ -272,11 +273,39 @@ def test_a_failing_job_fails_submit_with_its_error_in_the_logs(three_nodes, clie
 # ---------------------------------------------------------------- multi-node
 
 
-def test_three_nodes_share_the_work_and_agree_with_one(submitted, three_nodes_cluster, baseline):
-    """The submitted job (default flags) on three nodes."""
-    run, out = submitted
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results = json.loads((out / "out" / "results.json").read_text())
+@dataclasses.dataclass
+class StoredOut:
+    """A job on the 3-node cluster whose --out is an object-store prefix in the S3 test server."""
+    run: subprocess.CompletedProcess
+    results: dict | None  # results.json, read from the store
+    predictions: object  # pyarrow Table of its predictions files, read from the store
+    keys: list[str]  # its predictions files' keys
+
+
+@pytest.fixture(scope="module")
+def stored_out(three_nodes_cluster, data, tmp_path_factory):
+    """The 3-node job with default flags, its data on disk and its --out an object-store prefix
+    (each node's classify tasks write their predictions files there), read back before the S3
+    test server stops: the work-sharing test's job and the predictions test's second one."""
+    import mnist37
+    from tests.s3server import serving
+
+    cluster, tmp = whole(three_nodes_cluster), tmp_path_factory.mktemp("stored-out")
+    with serving("mnist37-predictions") as s3:  # this process's AWS variables, the endpoint too, for the driver
+        run = run_job("--data", str(data), "--out", "s3://mnist37-predictions/run", "--ray-address",
+                      cluster.info["address"], "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(tmp / "chunks"))
+        if run.returncode != 0:
+            return StoredOut(run, None, None, [])
+        stored = mnist37.load("s3://mnist37-predictions/run")
+        keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket="mnist37-predictions",
+                                                                      Prefix="run/predictions/")["Contents"])
+        return StoredOut(run, stored.results, stored.predictions, keys)
+
+
+def test_three_nodes_share_the_work_and_agree_with_one(stored_out, three_nodes_cluster, baseline):
+    """The 3-node job with default flags (stored_out's: where its --out is does not matter here)."""
+    assert stored_out.run.returncode == 0, stored_out.run.stderr
+    results = stored_out.results
     same_results(results, baseline)
     nodes = {three_nodes_cluster.info["head"], *three_nodes_cluster.info["workers"]}
     decode = per_node(results, "decode_node_id")
@@ -303,33 +332,26 @@ def test_three_nodes_with_the_data_only_in_the_store(three_nodes, data, baseline
     assert results["shards"]["transport"] == "object_store"
 
 
-def test_predictions_on_three_nodes_are_the_one_node_rows(submitted, three_nodes, data, baseline, tmp_path):
+def test_predictions_on_three_nodes_are_the_one_node_rows(submitted, stored_out, baseline):
     """Per-image predictions on a cluster: with a local --out (nodes may not reach it: the driver
     writes what each task sends back; the submitted job's) and with an object-store prefix
-    (each node's tasks write their files there), the rows of the one-node run, file for file,
-    rebuilding its confusion. (Its data on disk, as the one-node run's: a predictions file's
-    key covers its chunk's source.)"""
+    (each node's tasks write their files there; stored_out's), the rows of the one-node run,
+    file for file, rebuilding its confusion. (Both read the data on disk, as the one-node run
+    did: a predictions file's key covers its chunk's source.)"""
     import numpy as np
 
     import mnist37
-    from tests.s3server import serving
 
     reference = mnist37.load(baseline["config"]["out"])
     run, out = submitted
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     local = mnist37.load(out / "out")
-    with serving("mnist37-predictions") as s3:
-        run = run_job("--data", str(data), "--out", "s3://mnist37-predictions/run", "--ray-address",
-                      three_nodes.info["address"], "--shard-size", str(SHARD_SIZE), "--chunk-dir", str(tmp_path / "chunks"))
-        assert run.returncode == 0, run.stderr
-        stored = mnist37.load("s3://mnist37-predictions/run")
-        table = stored.predictions
-        keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket="mnist37-predictions",
-                                                                      Prefix="run/predictions/")["Contents"])
-    assert keys == [f"run/predictions/valid-{i:06d}.parquet" for i in range(3)]
-    for results in (local, stored):
-        assert results.results["shards"]["transport"] == "object_store"
-        assert results.results["predictions"]["files"] == reference.results["predictions"]["files"]
+    assert stored_out.run.returncode == 0, stored_out.run.stderr
+    table = stored_out.predictions
+    assert stored_out.keys == [f"run/predictions/valid-{i:06d}.parquet" for i in range(3)]
+    for results in (local.results, stored_out.results):
+        assert results["shards"]["transport"] == "object_store"
+        assert results["predictions"]["files"] == reference.results["predictions"]["files"]
     assert local.predictions.equals(reference.predictions) and table.equals(reference.predictions)
     for metric in ("l1", "l2"):
         confusion = np.zeros((2, 2), dtype=np.int64)
