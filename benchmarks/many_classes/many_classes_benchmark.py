@@ -32,6 +32,7 @@ output folder, and the driver's peak RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -125,10 +126,33 @@ print(json.dumps({"correct": correct}))
 """
 
 
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")  # cgroup v1: the CPU time of every process a run starts
+
+
 def timed(argv: list[str], env: dict, cwd: Path = PROJECT) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds of the run, and the run; its CPU-seconds in `run.cpu_s` (None where this
+    process cannot make a cgroup: it needs root and cgroup v1's cpuacct)."""
+    group = CPUACCT / f"mnist37-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpuacct.usage").write_text("0")
+    except OSError:
+        group = None
+    # The child joins the cgroup before it execs: Ray's processes, the job's workers, are counted too.
+    join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
     clock = time.perf_counter()
-    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
-    return time.perf_counter() - clock, run
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, preexec_fn=join)
+    wall = time.perf_counter() - clock
+    run.cpu_s = None
+    if group:
+        time.sleep(1)  # the run's last processes (a Ray's, stopped as it ends) leave the cgroup
+        run.cpu_s = int((group / "cpuacct.usage").read_text()) / 1e9
+        for pid in (group / "cgroup.procs").read_text().split():  # stragglers go back to the root group
+            with contextlib.suppress(OSError):
+                (CPUACCT / "cgroup.procs").write_text(pid)
+        with contextlib.suppress(OSError):
+            group.rmdir()
+    return wall, run
 
 
 def folder_bytes(path: Path) -> int:
@@ -154,7 +178,7 @@ def job(args, root: Path, env: dict, draft: bool, checkout: Path | None = None) 
     correct = {m: [round(r["per_class"][c] * val[c]) if r["per_class"][c] is not None else 0 for c in classes]
                for m, r in results["metrics"].items()}
     report = out / "report.html"
-    return wall, {"correct": correct, "elapsed_s": results.get("elapsed_s", {}),
+    return wall, {"correct": correct, "elapsed_s": results.get("elapsed_s", {}), "cpu_s": run.cpu_s,
                   "results_json_bytes": (out / "results.json").stat().st_size,
                   "report_html_bytes": report.stat().st_size if report.exists() else None,
                   "out_bytes": folder_bytes(out), "table_printed_lines": run.stdout.count("\n"),
@@ -166,7 +190,7 @@ def script(code: str, name: str, argv: list[str], env: dict) -> tuple[float, dic
     wall, run = timed([sys.executable, "-c", code, *argv], env)
     if run.returncode != 0:
         raise RuntimeError(f"{name} failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return wall, json.loads(run.stdout.strip().splitlines()[-1])
+    return wall, {**json.loads(run.stdout.strip().splitlines()[-1]), "cpu_s": run.cpu_s}
 
 
 def main() -> None:
@@ -210,21 +234,27 @@ def main() -> None:
             correct = {m: sum(v) for m, v in figures["correct"].items()}
             stages = ", ".join(f"{k} {v:.1f}" for k, v in figures.get("elapsed_s", {}).items()
                                if isinstance(v, (int, float)))
-            print(f"round {round_ + 1} {variant:<10} {wall:8.1f} s  correct {correct} of {spec.classes * spec.val}"
+            cpu = f"{figures['cpu_s']:7.1f} CPU-s" if figures.get("cpu_s") is not None else ""
+            print(f"round {round_ + 1} {variant:<10} {wall:8.1f} s {cpu} correct {correct} of {spec.classes * spec.val}"
                   f"  (load average {load:.1f} before){'  stages (s): ' + stages if stages else ''}", flush=True)
 
     loop = statistics.median(r["wall_s"] for r in runs["loop"]) if runs.get("loop") else None
     print(f"\n{files:,} JPEGs, {spec.classes} classes, to {args.image_size}x{args.image_size}; "
           f"medians of {args.repeats} (wall s: the whole process)")
-    print(f"{'variant':<11} {'wall s':>8} {'x loop':>7} {'l1 correct':>11} {'l2 correct':>11}")
+    print(f"{'variant':<11} {'wall s':>8} {'x loop':>7} {'CPU-s':>7} {'l1 correct':>11} {'l2 correct':>11}")
     for variant, rs in runs.items():
         wall = statistics.median(r["wall_s"] for r in rs)
+        cpus = [r["cpu_s"] for r in rs if r.get("cpu_s") is not None]
         last = rs[-1]["correct"]
-        print(f"{variant:<11} {wall:>8.1f} {f'{wall / loop:.3f}' if loop else '-':>7} {sum(last['l1']):>11} "
-              f"{sum(last['l2']):>11}")
+        print(f"{variant:<11} {wall:>8.1f} {f'{wall / loop:.3f}' if loop else '-':>7} "
+              f"{f'{statistics.median(cpus):.1f}' if cpus else '-':>7} {sum(last['l1']):>11} {sum(last['l2']):>11}")
     if "job" in runs and "job-base" in runs:
-        ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(runs["job"], runs["job-base"])]
-        print(f"job-base / job per round: {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
+        for what in ("wall_s", "cpu_s"):
+            pairs = [(a[what], b[what]) for a, b in zip(runs["job"], runs["job-base"]) if a.get(what) and b.get(what)]
+            if pairs:
+                ratios = [b / a for a, b in pairs]
+                print(f"job-base / job per round, {what}: {', '.join(f'{r:.2f}' for r in ratios)} "
+                      f"(median {statistics.median(ratios):.2f})")
     for group in (("loop", "job", "ray-data", "job-base"), ("loop-draft", "job-draft")):
         present = [v for v in group if v in runs]
         if len(present) > 1:
