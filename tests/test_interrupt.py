@@ -39,8 +39,11 @@ def undisturbed(data, tmp_path_factory):
 
 
 def start(data, out: Path) -> subprocess.Popen:
+    """The job on a Ray of its own, which offers one CPU (as each suite process's share of the
+    session's Ray does: tests/conftest.py, ray_cpus_each): it starts one worker process, not
+    one per core (each imports torch, ~1-2 CPU-seconds); the moments are as many."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_OVERRIDE_RESOURCES": '{"CPU": 1}'}
     with open(out.parent / f"{out.name}.log", "wb") as log:
         return subprocess.Popen([sys.executable, "jobs/evaluate.py", "--data", str(data), "--out", str(out),
                                  "--shard-size", "10", "--chunk-dir", str(out.parent / "chunks"),
