@@ -39,8 +39,11 @@ def undisturbed(data, tmp_path_factory):
 
 
 def start(data, out: Path) -> subprocess.Popen:
+    """The job on a Ray of its own, which offers one CPU (as each suite process's share of the
+    session's Ray does: tests/conftest.py, ray_cpus_each): it starts one worker process, not
+    one per core (each imports torch, ~1-2 CPU-seconds); the moments are as many."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_OVERRIDE_RESOURCES": '{"CPU": 1}'}
     with open(out.parent / f"{out.name}.log", "wb") as log:
         return subprocess.Popen([sys.executable, "jobs/evaluate.py", "--data", str(data), "--out", str(out),
                                  "--shard-size", "10", "--chunk-dir", str(out.parent / "chunks"),
@@ -53,12 +56,15 @@ def log_of(out: Path) -> str:
     return (out.parent / f"{out.name}.log").read_text(errors="replace")
 
 
-def wait_until(job: subprocess.Popen, seen, what: str, timeout_s: float = 120) -> None:
+def wait_until(job: subprocess.Popen, seen, what: str, timeout_s: float = 120, poll_s: float = 0.01) -> None:
+    """Until seen(), polled every `poll_s`: 10 ms for the moments that last seconds (decoding,
+    classifying), 2 ms for those that pass quicker (a process of Ray appearing, the results
+    being written). Each poll costs this process CPU while the job runs beside it."""
     deadline = time.monotonic() + timeout_s
     while not seen():
         assert job.poll() is None, f"the job ended before {what}"
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
-        time.sleep(0.002)
+        time.sleep(poll_s)
 
 
 def assert_stopped_cleanly(job: subprocess.Popen, out: Path, status: int, line: str) -> None:
@@ -139,7 +145,7 @@ def test_stopped_while_writing_results(data, undisturbed, tmp_path):
     for attempt in range(3):  # the writing lasts milliseconds: catch it, or try again
         out = tmp_path / f"out{attempt}"
         job = start(data, out)
-        wait_until(job, lambda: (out / "prototypes.npy").exists(), "the first output file", timeout_s=300)
+        wait_until(job, lambda: (out / "prototypes.npy").exists(), "the first output file", timeout_s=300, poll_s=0.002)
         os.kill(job.pid, signal.SIGSTOP)
         if not (out / "results.json").exists():
             break
@@ -165,6 +171,29 @@ def running(sid: int) -> dict[int, str]:
     return alive
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line (as session_processes gives it) of every process below `pid`, found
+    through /proc/<pid>/task/*/children: the job's own Ray as it starts (the GCS and the raylet
+    are the job's children, the raylet's agents theirs). A fraction of a millisecond, where a
+    scan of every process on the machine (session_processes) takes milliseconds: the wait for
+    a moment polls every 2 ms and would otherwise keep a core busy while Ray starts."""
+    found, below = {}, [pid]
+    while below:
+        parent = below.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(child) for child in children.read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for child in kids:
+                try:
+                    found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                below.append(child)
+    return found
+
+
 # Moments while `ray.init` starts the job's own Ray: the line just before it, and each of Ray's
 # processes as it appears (the GCS first, then the raylet, then the raylet's agents).
 RAY_STARTING = [(signal.SIGTERM, 143, "the line before ray.init"), (signal.SIGINT, 130, "gcs_server"),
@@ -180,9 +209,10 @@ def test_stopped_while_ray_starts(signum, status, moment, data, tmp_path):
     out = tmp_path / "out"
     job = start(data, out)
     if moment == "the line before ray.init":
-        wait_until(job, lambda: "connecting to Ray" in log_of(out), moment)
+        wait_until(job, lambda: "connecting to Ray" in log_of(out), moment, poll_s=0.002)
     else:
-        wait_until(job, lambda: any(moment in command for command in session_processes(job.pid).values()), moment)
+        wait_until(job, lambda: any(moment in command for command in descendants(job.pid).values()), moment,
+                   poll_s=0.002)
     os.kill(job.pid, signum)
     job.wait(timeout=120)
     log = log_of(out)

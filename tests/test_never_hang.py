@@ -25,7 +25,7 @@ import pytest
 from mnist37.storage.locations import StoreMismatch, StoreSettings, open_location, use_store
 from mnist37.progress import Stalled, Watch
 
-from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes
+from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes, shared_ray_address
 from tests.s3server import FaultProxy, aws_env, serving
 
 
@@ -230,11 +230,11 @@ def store_env(endpoint: str, **extra) -> dict:
 def test_a_store_that_never_answers_is_one_line_within_the_limit(silent, tmp_path):
     log = tmp_path / "job.log"
     clock = time.monotonic()
-    job = start_job("--data", "s3://images/sample", "--out", str(tmp_path / "out"), "--store-timeout-s", "1",
+    job = start_job("--data", "s3://images/sample", "--out", str(tmp_path / "out"), "--store-timeout-s", "0.5",
                     log=log, env=store_env(f"http://{silent.address}"))
     status, lines, _ = finish(job, log, timeout_s=60)
     assert status == 1 and time.monotonic() - clock < 30, lines
-    assert lines == [f"error: s3://images/sample: no answer from endpoint http://{silent.address} in 1 s after "
+    assert lines == [f"error: s3://images/sample: no answer from endpoint http://{silent.address} in 0.5 s after "
                      "3 attempts (store_timeout_s)"]
     assert silent.accepted >= 3
 
@@ -270,12 +270,14 @@ def test_a_store_that_holds_some_requests_unanswered_still_finishes(s3, stored, 
     finishes with every image. (2 s: a loopback moto behind a Python proxy can be slower than
     1 s to answer on a busy machine; each held request costs its stage that long.) Holding
     every n-th request whatever it is would now and then hold all of one request's tries: a
-    store down for that object, which the next test covers (one line, exit 1)."""
+    store down for that object, which the next test covers (one line, exit 1). The job joins
+    the session's Ray (the store is the point, not the job's own Ray), whose tasks read the
+    store through the driver's settings: MNIST37_OBJECT_REQUESTS bounds the driver's reads."""
     proxy = FaultProxy(s3.endpoint, slow_every=0, drop_every=0, hold_every=20, hold_once=True)
     try:
         log = tmp_path / "job.log"
         job = start_job("--data", stored, "--out", str(tmp_path / "out"), "--store-timeout-s", "2",
-                        "--ray-address", "local", log=log,
+                        "--ray-address", shared_ray_address(), log=log,
                         env=store_env(proxy.endpoint, MNIST37_OBJECT_REQUESTS="8"))
         status, lines, _ = finish(job, log, timeout_s=300)
     finally:
@@ -290,12 +292,12 @@ def test_a_store_that_holds_every_request_is_one_line(s3, stored, tmp_path):
     proxy = FaultProxy(s3.endpoint, slow_every=0, drop_every=0, hold_every=1)
     try:
         log = tmp_path / "job.log"
-        job = start_job("--data", stored, "--out", str(tmp_path / "out"), "--store-timeout-s", "1", log=log,
+        job = start_job("--data", stored, "--out", str(tmp_path / "out"), "--store-timeout-s", "0.5", log=log,
                         env=store_env(proxy.endpoint))
         status, lines, _ = finish(job, log, timeout_s=60)
     finally:
         proxy.stop()
-    assert (status, lines) == (1, [f"error: {stored}: no answer from endpoint {proxy.endpoint} in 1 s after 3 "
+    assert (status, lines) == (1, [f"error: {stored}: no answer from endpoint {proxy.endpoint} in 0.5 s after 3 "
                                    "attempts (store_timeout_s)"])
 
 
@@ -425,8 +427,9 @@ def test_a_cluster_that_schedules_nothing_is_named_then_stops(no_cpu_head, tiny,
 def test_sigterm_while_waiting_on_tasks(no_cpu_head, tiny, tmp_path):
     log = tmp_path / "job.log"
     job = start_job("--data", str(tiny), "--out", str(tmp_path / "out"), "--ray-address", no_cpu_head,
-                    "--stall-timeout-s", "30", log=log)
-    # Its first line about what is outstanding (after 10 s): the job is waiting inside ray.wait.
+                    "--stall-timeout-s", "12", log=log)
+    # Its first line about what is outstanding (after a third of the stall limit, 4 s; 8 s before
+    # the limit would stop it): the job is waiting inside ray.wait.
     wait_for(lambda: "tasks pending for" in log.read_text(errors="replace"), "a line saying what is pending", job)
     status, lines, seconds = stop_with(job, log)
     assert (status, outcome(lines)) == (143, ["interrupted before decoding began (while finding and listing "
@@ -442,7 +445,7 @@ def open_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("open-head-home")
     env = clean_env(RAY_AUTH_MODE="disabled", HOME=str(home),
                     **{k: v for k, v in aws_env("http://127.0.0.1:9").items() if k != "AWS_ENDPOINT_URL"})
-    with ray_head(home / "head.log", env) as address:
+    with ray_head(home / "head.log", env, num_cpus=1) as address:  # one CPU: a job starts one worker there
         yield address
 
 
@@ -453,7 +456,7 @@ def test_a_job_in_a_clean_environment_on_an_auth_disabled_head_does_not_hang(ope
                     env=clean_env(HOME=str(tmp_path)))
     status, lines, _ = finish(job, log, timeout_s=240)
     assert status == 0, lines[-10:]  # it runs there
-    assert f"Ray: {open_head} (--ray-address): 1 node, 2 CPUs, 0 GPUs" in "\n".join(lines)
+    assert f"Ray: {open_head} (--ray-address): 1 node, 1 CPUs, 0 GPUs" in "\n".join(lines)
 
 
 @pytest.mark.ray  # the job as a process, Ray or a store server started
@@ -515,8 +518,11 @@ def test_the_raylet_killed_under_a_running_job_is_one_line(tmp_path):
 
     data = make_image_folder(tmp_path / "data", {"train": {"3": 60, "7": 60}, "valid": {"3": 20, "7": 20}})
     chunks, log = tmp_path / "chunks", tmp_path / "job.log"
+    # Its Ray offers one CPU (one worker process, as each suite process's share of the session's Ray).
     job = start_job("--data", str(data), "--out", str(tmp_path / "out"), "--shard-size", "4", "--chunk-dir",
-                    str(chunks), "--ray-address", "local", log=log)
+                    str(chunks), "--ray-address", "local", log=log,
+                    env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                         "RAY_OVERRIDE_RESOURCES": '{"CPU": 1}'})
     try:
         wait_for(lambda: "decode: 1/" in log.read_text(errors="replace"), "decoding", job)
         os.kill(job.pid, signal.SIGSTOP)  # decoding is under way: kill the raylet here
