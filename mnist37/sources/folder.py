@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,12 @@ _EXTENSIONS_KEPT = b" ".join(IMAGE_EXTENSIONS)
 SETTLED_S = 2.0
 
 
+# One thread at a time reads a kept listing: np.load parses each array's header with
+# ast.literal_eval, and CPython 3.11's AST state is shared by the threads of a process (several
+# parsing at once raised "SystemError: AST constructor recursion depth mismatch").
+_LOADING = threading.Lock()
+
+
 def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarray, int, bool, str]:
     """Sorted names of the image files in `folder` as a fixed-width bytes array, how many
     other entries (files of other types, subfolders) were ignored, whether the listing was
@@ -71,7 +78,7 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     stamp = np.array([stamp.st_dev, stamp.st_ino, stamp.st_mtime_ns, stamp.st_ctime_ns], dtype=np.int64)
     kept = reuse_dir / listing_name(folder)
     try:
-        with np.load(kept, allow_pickle=False) as saved:
+        with _LOADING, np.load(kept, allow_pickle=False) as saved:
             if (np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder
                     and saved["extensions"].item() == _EXTENSIONS_KEPT):
                 return saved["names"], int(saved["ignored"]), True, ""
