@@ -11,7 +11,6 @@ A Ray the job started is stopped whichever way it ends.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -102,7 +101,7 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     located = locate(cfg)
 
     from mnist37.evaluation import evaluate, results_json
-    from mnist37.on_ray.session import cluster_cpus, connect, disconnect, join_this_process, starts_own_ray
+    from mnist37.on_ray.session import cluster_cpus, connect, disconnect, join_this_process
     from mnist37.on_ray.tasks import RayExecutor, map_listings
     from mnist37.plan import idle_cpus_note, plan
     from mnist37.report import write_outputs
@@ -110,9 +109,6 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
     status.stage, planned, written = "plan", None, False
     # Before the `try`: the caller's own Ray (a notebook's ray.init()) is used and never stopped.
     callers = join_this_process(cfg.ray_address, cfg.stall_timeout_s)
-    # A Ray of the job's own runs on this machine, so its class folders are listed here, while
-    # that Ray starts (its processes mostly wait on each other then), not by its first tasks.
-    planning = _Planning(located) if callers is None and starts_own_ray(cfg.ray_address) else None
     try:
         log.info("%s: %s; connecting to Ray (%s)", located.root, located.format, cfg.ray_address or
                  "RAY_ADDRESS, else a cluster `ray start` left on this machine, else a local Ray of the job's own")
@@ -124,9 +120,9 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
         _take_signals()
         log.info("%s", session.joined())
         ray_init_s = time.perf_counter() - clock
-        # On a cluster the job joins, class folders are listed by Ray tasks, their file names
-        # left in Ray's object store: the driver's memory does not grow with the number of files.
-        planned = planning.result() if planning else plan(located, map_listings)
+        # Class folders are listed by Ray tasks, their file names left in Ray's object store:
+        # the driver's memory does not grow with the number of files.
+        planned = plan(located, map_listings)
         if note := idle_cpus_note(planned, cluster_cpus()):
             log.info("%s", note)
         evaluation = evaluate(planned, status, RayExecutor(cfg.max_in_flight, cfg.gpus_per_task))
@@ -145,46 +141,13 @@ def _run(cfg: Config, status: Status, exiting: bool = False) -> dict:
             disconnect(exiting=exiting and written)
         _take_signals()  # ray.shutdown() puts SIGTERM back to its default (die, no word)
         _clear_temporaries(planned)
-    _print_summary(table, results, out)
-    return results
-
-
-def _print_summary(table: str, results: dict, out) -> None:
     print(table)
     used = sum(sum(c.values()) for c in results["counts"].values())
     rejected = len(results["rejected"])
     print(f"\n{used + rejected} image files = {used} used + {rejected} rejected, in "
-          f"{results['elapsed_s']['total']:.2f} s (ray.init {results['elapsed_s']['ray_init']:.2f} s); "
+          f"{results['elapsed_s']['total']:.2f} s (ray.init {ray_init_s:.2f} s); "
           f"results in {str(out).rstrip('/')}/results.json")
-
-
-class _Planning:
-    """`plan(located)` in a thread, begun now: `result()` waits for its Plan, or raises its error."""
-
-    def __init__(self, located):
-        from mnist37.plan import plan
-
-        self._done = threading.Event()
-        self._plan, self._error = None, None
-
-        def run() -> None:
-            try:
-                self._plan = plan(located)
-            except BaseException as e:  # noqa: BLE001: raised again by result(), in the job's thread
-                self._error = e
-            finally:
-                self._done.set()
-
-        threading.Thread(target=run, name="mnist37-plan", daemon=True).start()
-
-    def result(self):
-        """The Plan, whose `scan_s` is how long this call waited for it: the rest of the planning
-        ran while Ray started, within `ray_init`, so the stages still add up to the wall time."""
-        clock = time.perf_counter()
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return dataclasses.replace(self._plan, scan_s=time.perf_counter() - clock)
+    return results
 
 
 def check_outputs(cfg: Config) -> None:

@@ -229,11 +229,6 @@ def watching(what: str, total: int, unit: str) -> Watch:
 _ORIGINS = {"ray_address": "--ray-address", "RAY_ADDRESS": "RAY_ADDRESS", _STARTED_HERE: "`ray start` on this machine"}
 
 
-def starts_own_ray(address: str) -> bool:
-    """Whether `connect(address)` starts a Ray of the job's own on this machine (it joins none)."""
-    return _target(address)[0] is None
-
-
 def connect(address: str, dashboard: bool, stall_timeout_s: float,
             end_job: Callable[[ClusterError], None] | None = None,
             on_signal: Callable[[int], None] | None = None) -> Session:

@@ -80,8 +80,8 @@ class Shard(Protocol):
 
 
 # Maps a function over argument tuples and returns each call's result, in order: how a format
-# runs its listing tasks (the job on a cluster it joins: runs of calls as Ray tasks,
-# on_ray.tasks.map_listings; without one, the format calls them here).
+# runs its listing tasks (the job: runs of calls as Ray tasks, on_ray.tasks.map_listings;
+# without one, the format calls them here).
 TaskMap = Callable[[Callable, Sequence[tuple]], Sequence]
 
 # Listing calls run at once by this many threads, in this process or in a listing task: each
