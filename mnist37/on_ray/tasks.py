@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ from mnist37.on_ray.session import cluster_info, current, default_max_in_flight,
 from mnist37.storage.locations import StoreSettings, store, use_store
 from mnist37.progress import Watch
 from mnist37.shards import DecodedShard
-from mnist37.sources.protocol import LISTING_THREADS, ListedFolder
+from mnist37.sources.protocol import ListedFolder, called_in_threads
 from mnist37.steps import ClassifiedChunk, ClassifyRequest, DecodeRequest, Placement, classify, decode
 
 log = logging.getLogger(__name__)
@@ -104,9 +103,7 @@ def _listed_in_blocks(request: ListingRequest):
     then its files in blocks, each its own object."""
     _record_node()
     use_store(request.settings)
-    with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="mnist37-list") as pool:
-        yield from _blocks(pool.map(lambda arguments: request.function(*arguments), request.batch),
-                           request.block_size)
+    yield from _blocks(called_in_threads(request.function, request.batch), request.block_size)
 
 
 def _blocks(listed: Iterator[tuple], block_size: int):

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from mnist37.sources.base import check_sizes
 from mnist37.storage.files import Group, Root, file_stats, is_folder, read_file, read_files, subfolders
 from mnist37.sources.folder_listing import HEAD_NAMES, ClassFiles, ClassListing, Listing, relative_paths
 from mnist37.sources.keys import file_digest, files_key, listing_name
-from mnist37.sources.protocol import LISTING_THREADS, Listed, PlanRequest, ShardRead, SourcePlan
+from mnist37.sources.protocol import Listed, PlanRequest, ShardRead, SourcePlan, called_in_threads
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +189,11 @@ FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[ClassListing]]
 
 
 def _here(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
-    def listed(a: tuple) -> ClassListing:
-        summary, files = function(*a)
+    listed = []
+    for summary, files in called_in_threads(function, arguments):
         summary.blocks, summary.block_size = [files], max(1, len(files))
-        return summary
-
-    with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="mnist37-list") as pool:
-        return list(pool.map(listed, arguments))
+        listed.append(summary)
+    return listed
 
 
 def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse_dir: Path | None = None,
