@@ -88,8 +88,11 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     not_kept = ""
     if listed_ns - max(stamp[2], stamp[3]) >= SETTLED_S * 1e9:
         try:
+            # Not flushed to disk: a listing torn by a power cut fails its zip CRCs above and
+            # is listed again (a cache, not a result).
             publish(kept, lambda f: np.savez(f, folder=np.array(folder), stamp=stamp, names=names,
-                                             ignored=np.int64(ignored), extensions=np.array(_EXTENSIONS_KEPT)))
+                                             ignored=np.int64(ignored), extensions=np.array(_EXTENSIONS_KEPT)),
+                    durable=False)
         except OSError as e:  # a listing not kept only costs the next run a scan
             not_kept = f"{os.fsdecode(folder)}: listing not kept for the next run: {e}"
     return names, ignored, False, not_kept
