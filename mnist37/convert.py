@@ -33,6 +33,7 @@ from mnist37.locate import locate
 from mnist37.plan import plan
 from mnist37.png import DecodeError
 from mnist37.sources.protocol import Shard
+from mnist37.steps import worker_processes
 from mnist37.storage import partials
 from mnist37.storage.writes import publish_folder
 
@@ -111,7 +112,8 @@ def convert(cfg: Config, dest: Path, target: str, workers: int | None = None) ->
     partials.clean(dest.parent, partials.partials_of(dest.name))  # conversions killed earlier
     names = _output_names(planned.shards, target)
     try:
-        with publish_folder(dest) as staging, ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        with publish_folder(dest) as staging, ProcessPoolExecutor(max_workers=workers or os.cpu_count(),
+                                                                    mp_context=worker_processes()) as pool:
             futures = [pool.submit(_write_shard, shard, planned.root, planned.shape, planned.classes, target,
                                    staging, name) for shard, name in zip(planned.shards, names)]
             written = [f.result() for f in futures]

@@ -134,9 +134,23 @@ def _decoded_here(request: DecodeRequest) -> tuple[DecodedShard, Placement]:
     return decode(request), Placement.here()
 
 
+def worker_processes() -> multiprocessing.context.BaseContext:
+    """How this process starts a pool of worker processes: forked (they share what is imported:
+    no start-up), unless this process is a Ray driver, whose gRPC connections and threads a
+    forked child inherits mid-use (Ray does not support fork after `ray.init()`): spawned then.
+    A converter forked from a pytest process joined to a Ray crashed that Ray's raylet
+    (`Check failed: binary.size() == T::Size()` in HandleCancelWorkerLease, a lease id of 292
+    bytes), and the driver with it, in one run of three."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
+
+
 class InProcess:
     """The executor of a run without Ray: each step called in this process, decode steps in
-    `workers` forked processes when there are several (fork before anything touches CUDA)."""
+    `workers` processes when there are several (`worker_processes`: forked, so made before
+    anything touches CUDA)."""
 
     def __init__(self, workers: int = 1):
         self.workers = workers
@@ -152,7 +166,7 @@ class InProcess:
             return
         if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
             raise RuntimeError("InProcess forks its decode workers: make it before CUDA is initialized")
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=worker_processes()) as pool:
             yield from pool.map(_decoded_here, requests)
 
     def classify(self, requests: Sequence[ClassifyRequest],

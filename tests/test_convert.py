@@ -13,6 +13,7 @@ from PIL import Image
 
 from mnist37.config import load
 from mnist37.convert import ConvertError, convert
+from mnist37.steps import worker_processes
 from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.test_formats import assert_same_figures, folder_records, run, write_idx
 from tests.test_storage import assert_flushed_then_published, disk_events  # noqa: F401 (a fixture)
@@ -65,6 +66,19 @@ def test_converted_data_gives_the_sources_figures(ray_local, folder, tmp_path, t
                 dest, target)
         got = run(tmp_path, dest, f"{name}-{target}", classes="all", shard_size=25)
         assert_same_figures(expected, got)
+
+
+def test_a_ray_driver_spawns_its_worker_processes_and_other_processes_fork(ray_local):
+    """A Ray driver's gRPC connections and threads must not be forked mid-use (Ray does not
+    support fork after `ray.init()`): a converter forked from this process crashed the session
+    Ray's raylet, and this process with it, in one CI run (steps.worker_processes). The
+    converter and the in-process executor take their pools' start method from it; the test
+    above runs the converter's spawned pool."""
+    assert ray_local.is_initialized() and worker_processes().get_start_method() == "spawn"
+    run = subprocess.run([sys.executable, "-c", "from mnist37.steps import worker_processes; "
+                          "print(worker_processes().get_start_method())"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "fork", run.stderr
 
 
 def test_an_existing_destination_is_refused(folder, tmp_path):
