@@ -179,8 +179,8 @@ def plan(located: Located, map_tasks: TaskMap | None = None) -> Plan:
         clean_partials(Path(chunk_dir))
     if located.archive is not None and map_tasks is not None:  # listing tasks extract it on their node first
         tasks = map_tasks
-        map_tasks = lambda function, arguments: tasks(functools.partial(on_node, located.archive, function),  # noqa: E731
-                                                      arguments)
+        map_tasks = lambda function, arguments, threads: tasks(  # noqa: E731
+            functools.partial(on_node, located.archive, function), arguments, threads)
     # Listings are kept beside local chunks, so emptying the chunk folder (or reuse_chunks =
     # false) also means listing every folder afresh.
     keep_dir = Path(chunk_dir) / LISTINGS if cfg.reuse_chunks and not is_uri(chunk_dir) else None

@@ -137,22 +137,22 @@ def _decoded_here(request: DecodeRequest) -> tuple[DecodedShard, Placement]:
 def worker_processes() -> multiprocessing.context.BaseContext:
     """How this process starts a pool of worker processes: forked (they share what is imported:
     no start-up), unless this process is a Ray driver, whose gRPC connections and threads a
-    forked child inherits mid-use (Ray does not support fork after `ray.init()`): spawned then.
+    forked child inherits mid-use (Ray does not support fork after `ray.init()`), or has
+    initialized CUDA, which a forked child cannot use: spawned then.
     A converter forked from a pytest process joined to a Ray was followed, three times in a
     day's runs, by that Ray's raylet failing a check (`binary.size() == T::Size()` in
     HandleCancelWorkerLease, a lease id of 292 bytes) and the driver ending with it. Forked
     on purpose, the job after the conversion in tests/test_convert.py's figures test started
     no task in 300 s (twice in two tries); spawned, nine of nine such tests passed in 23 s."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    ray, torch = sys.modules.get("ray"), sys.modules.get("torch")
+    if ray is not None and ray.is_initialized() or torch is not None and torch.cuda.is_initialized():
         return multiprocessing.get_context("spawn")
     return multiprocessing.get_context("fork")
 
 
 class InProcess:
     """The executor of a run without Ray: each step called in this process, decode steps in
-    `workers` processes when there are several (`worker_processes`: forked, so made before
-    anything touches CUDA)."""
+    `workers` processes when there are several (started as `worker_processes` says)."""
 
     def __init__(self, workers: int = 1):
         self.workers = workers
@@ -166,8 +166,6 @@ class InProcess:
         if workers == 1:
             yield from map(_decoded_here, requests)
             return
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-            raise RuntimeError("InProcess forks its decode workers: make it before CUDA is initialized")
         with ProcessPoolExecutor(workers, mp_context=worker_processes()) as pool:
             yield from pool.map(_decoded_here, requests)
 

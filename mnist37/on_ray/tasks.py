@@ -96,6 +96,7 @@ class ListingRequest:
     batch: tuple  # argument tuples, one per folder
     block_size: int  # names (and stamps) per block
     settings: StoreSettings  # the driver's way to its object store
+    threads: int = 1  # calls at once (protocol.called_in_threads)
 
 
 def _listed_in_blocks(request: ListingRequest):
@@ -103,7 +104,7 @@ def _listed_in_blocks(request: ListingRequest):
     then its files in blocks, each its own object."""
     _record_node()
     use_store(request.settings)
-    yield from _blocks(called_in_threads(request.function, request.batch), request.block_size)
+    yield from _blocks(called_in_threads(request.function, request.batch, request.threads), request.block_size)
 
 
 def _blocks(listed: Iterator[tuple], block_size: int):
@@ -114,13 +115,13 @@ def _blocks(listed: Iterator[tuple], block_size: int):
             yield block
 
 
-def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ListedFolder]:
+def map_listings(function: Callable, arguments: Sequence[tuple], threads: int = 1) -> list[ListedFolder]:
     """`function(*a)` for each argument tuple, a function that returns (a ListedFolder, its
     files, which `.blocks(size)` cuts): in runs of consecutive tuples, each run a Ray task
-    (LISTING_TASKS_PER_CPU per CPU of the cluster), all at once, with a progress line as they
-    finish. How the job lists class folders and prefixes (a format's `PlanRequest.map_tasks`),
-    on whichever nodes have a free CPU. Only the summaries come to the driver; the files stay in Ray's object
-    store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
+    (LISTING_TASKS_PER_CPU per CPU of the cluster, each `threads` calls at once), all at once,
+    with a progress line as they finish. How the job lists class folders and prefixes (a
+    format's `PlanRequest.map_tasks`), on whichever nodes have a free CPU. Only the summaries
+    come to the driver; the files stay in Ray's object store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
     with its node is listed again by Ray (lineage), as a lost task's result is recomputed."""
     from mnist37.progress import Progress
 
@@ -131,7 +132,7 @@ def map_listings(function: Callable, arguments: Sequence[tuple]) -> list[ListedF
     watch = watching("list", len(arguments), " class folders")
     with _cluster_failures(watch):
         flight = _InFlight(lambda b, again=0: task.options(**_again(again)).remote(
-            ListingRequest(function, b, LISTING_BLOCK, settings)), watch, end=lambda generator: generator.completed())
+            ListingRequest(function, b, LISTING_BLOCK, settings, threads)), watch, end=lambda generator: generator.completed())
         progress = Progress("list", len(arguments), " class folders")
         listed: dict[int, ListedFolder] = {}
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ from mnist37.sources.base import check_sizes
 from mnist37.storage.files import Group, Root, file_stats, is_folder, read_file, read_files, subfolders
 from mnist37.sources.folder_listing import HEAD_NAMES, ClassFiles, ClassListing, Listing, relative_paths
 from mnist37.sources.keys import file_digest, files_key, listing_name
-from mnist37.sources.protocol import Listed, PlanRequest, ShardRead, SourcePlan, called_in_threads
+from mnist37.sources.protocol import LISTING_THREADS, Listed, PlanRequest, ShardRead, SourcePlan, called_in_threads
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,6 @@ _EXTENSIONS_KEPT = b" ".join(IMAGE_EXTENSIONS)
 SETTLED_S = 2.0
 
 
-# One thread at a time reads a kept listing: np.load parses each array's header with
-# ast.literal_eval, and CPython 3.11's AST state is shared by the threads of a process (several
-# parsing at once raised "SystemError: AST constructor recursion depth mismatch").
-_LOADING = threading.Lock()
-
-
 def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarray, int, bool, str]:
     """Sorted names of the image files in `folder` as a fixed-width bytes array, how many
     other entries (files of other types, subfolders) were ignored, whether the listing was
@@ -77,7 +70,7 @@ def _image_names(folder: bytes, reuse_dir: Path | None = None) -> tuple[np.ndarr
     stamp = np.array([stamp.st_dev, stamp.st_ino, stamp.st_mtime_ns, stamp.st_ctime_ns], dtype=np.int64)
     kept = reuse_dir / listing_name(folder)
     try:
-        with _LOADING, np.load(kept, allow_pickle=False) as saved:
+        with np.load(kept, allow_pickle=False) as saved:
             if (np.array_equal(saved["stamp"], stamp) and saved["folder"].item() == folder
                     and saved["extensions"].item() == _EXTENSIONS_KEPT):
                 return saved["names"], int(saved["ignored"]), True, ""
@@ -188,12 +181,12 @@ def list_class_folder(root: Root, split: str, class_name: str,
 # Maps `list_class_folder` over argument tuples, returning each call's ClassListing with its
 # blocks, in order: in this process by default (one block per folder); in the job one Ray task
 # per class folder, its blocks left in Ray's object store (mnist37.on_ray.tasks.map_listings).
-FolderMap = Callable[[Callable, Sequence[tuple]], Sequence[ClassListing]]
+FolderMap = Callable[[Callable, Sequence[tuple], int], Sequence[ClassListing]]
 
 
-def _here(function: Callable, arguments: Sequence[tuple]) -> list[ClassListing]:
+def _here(function: Callable, arguments: Sequence[tuple], threads: int) -> list[ClassListing]:
     listed = []
-    for summary, files in called_in_threads(function, arguments):
+    for summary, files in called_in_threads(function, arguments, threads):
         summary.blocks, summary.block_size = [files], max(1, len(files))
         listed.append(summary)
     return listed
@@ -205,8 +198,11 @@ def list_splits(root: Root, splits: Sequence[str], classes: Sequence[str], reuse
     which for UTF-8 names is code-point order): every class folder of every split listed by
     one `map_folders` call, so a job lists them all at once. With `reuse_dir`, local class
     folders unchanged since an earlier run kept their listing there are not listed again."""
+    # A store's prefixes are listed by requests, several at once; local folders one at a time.
+    threads = LISTING_THREADS if isinstance(root, str) else 1
     listed = iter((map_folders or _here)(list_class_folder,
-                                         [(root, split, name, reuse_dir) for split in splits for name in classes]))
+                                         [(root, split, name, reuse_dir) for split in splits for name in classes],
+                                         threads))
     listings = {}
     for split in splits:
         folders = []

@@ -80,22 +80,29 @@ class Shard(Protocol):
         without a usable class."""
 
 
-# Maps a function over argument tuples and returns each call's result, in order: how a format
-# runs its listing tasks (the job: runs of calls as Ray tasks, on_ray.tasks.map_listings;
-# without one, the format calls them here).
-TaskMap = Callable[[Callable, Sequence[tuple]], Sequence]
+# Maps a function over argument tuples and returns each call's result, in order, `threads`
+# calls at once where they run (`called_in_threads`): how a format runs its listing tasks (the
+# job: runs of calls as Ray tasks, on_ray.tasks.map_listings; without one, the format calls
+# them here). Called as map(function, arguments, threads).
+TaskMap = Callable[[Callable, Sequence[tuple], int], Sequence]
 
-# Listing calls run at once by this many threads, in this process or in a listing task: each
-# kept listing is flushed to disk (and a listing of an object store waits on the network), so
-# 2,000 class folders listed one after another took 7.8-10.7 s on this machine's disk for
-# 1.8-2.5 CPU-s, and 1.9-2.4 s by 8 threads.
+# Calls at once of a listing that waits on the network (a prefix of an object store listed by
+# requests). A local folder's listing is bound by the CPU and is listed one call at a time:
+# 2,000 local class folders, listed and kept, took 1.4-1.7 s one after another and 3.0-3.2 s by
+# 8 threads (GIL contention; 2026-12-06, once kept listings were no longer flushed to disk).
+# Local listings also read kept listings with np.load, whose header parse (ast.literal_eval)
+# is not safe from several threads in CPython 3.11 ("SystemError: AST constructor recursion
+# depth mismatch"): another reason they run one at a time.
 LISTING_THREADS = 8
 
 
-def called_in_threads(function: Callable, arguments: Sequence[tuple]) -> Iterator:
-    """`function(*a)` for each argument tuple, LISTING_THREADS calls at once, yielded in order:
-    how listing calls run, in this process (a TaskMap) and inside a Ray listing task alike."""
-    with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="mnist37-list") as pool:
+def called_in_threads(function: Callable, arguments: Sequence[tuple], threads: int) -> Iterator:
+    """`function(*a)` for each argument tuple, `threads` calls at once, yielded in order: how
+    listing calls run, in this process (a TaskMap) and inside a Ray listing task alike."""
+    if threads <= 1:
+        yield from (function(*a) for a in arguments)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="mnist37-list") as pool:
         yield from pool.map(lambda a: function(*a), arguments)
 
 
@@ -121,7 +128,7 @@ class PlanRequest:
     wanted: int = 1  # first training images that decode to look at (size, color); 0: none
     sizes_unknown: bool = False  # no image size in the config: look for a data set of several sizes
     keep_dir: Path | None = None  # where listings are kept for the next run (None: not kept)
-    map_tasks: TaskMap | None = None  # how listing tasks run; None: here, one after another
+    map_tasks: TaskMap | None = None  # how listing tasks run; None: here
 
     @property
     def train_split(self) -> str:
