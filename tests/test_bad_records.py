@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import mnist37
 from tests.conftest import make_image_folder
 from tests.test_evaluate_job import run_job
 
@@ -100,13 +101,11 @@ CORPORA = {"parquet": parquet_corpus, "webdataset": webdataset_corpus}
 
 
 @pytest.mark.parametrize("fmt", CORPORA)
-def test_skip_policy_accounts_every_record(fmt, clean, tmp_path):
+def test_skip_policy_accounts_every_record(fmt, clean, ray_local, tmp_path):
+    """Both runs in this process on the session's Ray (mnist37.evaluate runs the job's main)."""
     data, bad, extra_threes = CORPORA[fmt](clean, tmp_path / fmt)
-    out = tmp_path / "out"
-    run = run_job("--data", str(data), "--out", str(out), "--on-bad-file", "skip", "--classes", "3", "7",
-                  "--chunk-dir", str(tmp_path / "chunks"), "--shard-size", "7")
-    assert run.returncode == 0, run.stderr
-    results = json.loads((out / "results.json").read_text())
+    skip = {"on_bad_file": "skip", "classes": "3 7", "chunk_dir": str(tmp_path / "chunks"), "shard_size": 7}
+    results = mnist37.evaluate(data, out=tmp_path / "out", **skip).results
     assert results["data"]["format"] == fmt
     assert {r["path"]: r["reason"] for r in results["rejected"]} == {p: reason for p, (reason, _) in bad.items()}
     assert results["counts"] == {"train": {"3": 20 + extra_threes, "7": 20}, "valid": {"3": 8, "7": 8}}
@@ -120,10 +119,7 @@ def test_skip_policy_accounts_every_record(fmt, clean, tmp_path):
         for a in split.values():
             assert a["found"] == a["used"] + a["rejected"]
     # Reused chunks report the same rejections.
-    again = run_job("--data", str(data), "--out", str(tmp_path / "again"), "--on-bad-file", "skip",
-                    "--classes", "3", "7", "--chunk-dir", str(tmp_path / "chunks"), "--shard-size", "7")
-    assert again.returncode == 0, again.stderr
-    reused = json.loads((tmp_path / "again" / "results.json").read_text())
+    reused = mnist37.evaluate(data, out=tmp_path / "again", **skip).results
     assert reused["shards"]["files_decoded"] == 0
     assert (reused["rejected"], reused["files"]) == (results["rejected"], results["files"])
 

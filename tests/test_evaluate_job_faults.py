@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import mnist37
 from mnist37.shards import decode_shard
 from mnist37.images import Decoding
 from mnist37.sources.folder import list_split, make_shards
@@ -44,13 +45,13 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory):
-    """(data folder, its chunk folder, results) of one undisturbed run."""
+def undisturbed(ray_local, tmp_path_factory):
+    """(data folder, its chunk folder, results) of one undisturbed run, in this process on the
+    session's Ray (mnist37.evaluate runs the job's main, as the command line does)."""
     base = tmp_path_factory.mktemp("faults")
     data = make_image_folder(base / "data", COUNTS)
-    run = run_job("--data", str(data), "--out", str(base / "out"), "--chunk-dir", str(base / "chunks"), *SHARD)
-    assert run.returncode == 0, run.stderr
-    return data, base / "chunks", results(base / "out")
+    ran = mnist37.evaluate(data, out=base / "out", chunk_dir=str(base / "chunks"), shard_size=int(SHARD[1]))
+    return data, base / "chunks", ran.results
 
 
 def test_damaged_and_foreign_chunks_are_decoded_again_with_one_line_each(undisturbed, tmp_path):

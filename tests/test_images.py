@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mnist37
 from mnist37.config import ConfigError, load
 from mnist37.images import Decoding, decode_image, decode_images, draft_scale, jpeg_size, sniff
 from mnist37.png import DecodeError
@@ -381,19 +382,20 @@ def test_idx_refuses_color_and_resizing_in_one_line(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_color_set_in_object_storage_gives_the_figures_on_disk(corpus, tmp_path):
-    """The folder as objects in the S3 test server: the same figures, conversions and rejections."""
+def test_a_color_set_in_object_storage_gives_the_figures_on_disk(corpus, ray_local, tmp_path):
+    """The folder as objects in the S3 test server: the same figures, conversions and rejections
+    as the folder on disk (that run in this process on the session's Ray: mnist37.evaluate)."""
     from tests.s3server import aws_env, serving
 
+    disk = mnist37.evaluate(corpus, out=tmp_path / "disk", cache_dir=str(tmp_path / "c-disk"), classes="all",
+                            on_bad_file="skip").results
     with serving("mnist37-color") as s3:
         s3.upload(corpus, "mnist37-color", "set")
-        common = ("--classes", "all", "--on-bad-file", "skip")  # the session's Ray: credentials, no endpoint
-        runs = {name: run_job(*common, "--data", data, "--out", str(tmp_path / name), "--cache-dir",
-                              str(tmp_path / f"c-{name}"), env_extra=aws_env(s3.endpoint))
-                for name, data in (("disk", str(corpus)), ("store", "s3://mnist37-color/set"))}
-    for name, done in runs.items():
-        assert done.returncode == 0, done.stderr
-    disk, store = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("disk", "store"))
+        # the session's Ray: credentials, no endpoint (the job brings it in its driver's environment)
+        done = run_job("--classes", "all", "--on-bad-file", "skip", "--data", "s3://mnist37-color/set", "--out",
+                       str(tmp_path / "store"), "--cache-dir", str(tmp_path / "c-store"), env_extra=aws_env(s3.endpoint))
+    assert done.returncode == 0, done.stderr
+    store = json.loads((tmp_path / "store" / "results.json").read_text())
     for key in ("classes", "channels", "image_shape", "counts", "metrics", "conversions", "formats_by_content",
                 "files", "prototypes_sha256"):
         assert store[key] == disk[key], key

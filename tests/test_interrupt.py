@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import mnist37
 from tests.conftest import PROJECT_ROOT, make_image_folder, session_processes
-from tests.test_evaluate_job import run_job
 
 pytestmark = pytest.mark.ray  # the job, stopped by signals
 
@@ -31,11 +31,11 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def undisturbed(data, tmp_path_factory):
+def undisturbed(ray_local, data, tmp_path_factory):
+    """The job undisturbed, in this process on the session's Ray (mnist37.evaluate runs the
+    job's main, as the command line does): what the signals' runs are held to."""
     out = tmp_path_factory.mktemp("undisturbed")
-    run = run_job("--data", str(data), "--out", str(out), "--shard-size", "10", "--chunk-dir", str(out / "chunks"))
-    assert run.returncode == 0, run.stderr
-    return json.loads((out / "results.json").read_text())
+    return mnist37.evaluate(data, out=out, shard_size=10, chunk_dir=str(out / "chunks")).results
 
 
 def start(data, out: Path) -> subprocess.Popen:
@@ -83,10 +83,10 @@ def assert_stopped_cleanly(job: subprocess.Popen, out: Path, status: int, line: 
 
 
 def assert_next_run_agrees(data, out: Path, undisturbed: dict) -> dict:
-    run = run_job("--data", str(data), "--out", str(out), "--shard-size", "10",
-                  "--chunk-dir", str(out.parent / "chunks"))
-    assert run.returncode == 0, run.stderr
-    results = json.loads((out / "results.json").read_text())
+    """The next run over the stopped one's output and chunks (in this process, on the session's
+    Ray, as `undisturbed`) gives the undisturbed run's figures."""
+    results = mnist37.evaluate(data, out=out, shard_size=10, chunk_dir=str(out.parent / "chunks")).results
+    assert results == json.loads((out / "results.json").read_text())
     for key in ("metrics", "counts", "files", "prototypes_sha256"):
         assert results[key] == undisturbed[key], key
     assert results["data"]["fingerprint"] == undisturbed["data"]["fingerprint"]

@@ -11,6 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
+import mnist37
 from mnist37.sources.folder import list_class_folder
 from mnist37.chunks import chunk_table, read_chunk, write_chunk
 from mnist37.storage.objects import read_objects
@@ -63,14 +64,13 @@ def stored_archive(s3, stored_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def on_disk(stored_folder, tmp_path_factory):
-    """The job over stored_folder's files on disk, once a module: (its --out folder, its
-    results), the figures every run from the store must give."""
+def on_disk(ray_local, stored_folder, tmp_path_factory):
+    """The job over stored_folder's files on disk, once a module, in this process on the
+    session's Ray (mnist37.evaluate): (its --out folder, its results), the figures every run
+    from the store must give."""
     root, _ = stored_folder
     out = tmp_path_factory.mktemp("on-disk")
-    run = run_job("--data", str(root), "--out", str(out / "out"), "--cache-dir", str(out / "cache"))
-    assert run.returncode == 0, run.stderr
-    return out / "out", json.loads((out / "out" / "results.json").read_text())
+    return out / "out", mnist37.evaluate(root, out=out / "out", cache_dir=str(out / "cache")).results
 
 
 def figures(results: dict) -> dict:
@@ -82,12 +82,10 @@ def read_json(s3, key: str) -> dict:
 
 
 @pytest.mark.ray
-def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, s3_ray, stored_archive, tmp_path):
+def test_an_archive_object_gives_the_figures_of_the_archive_on_disk(s3, s3_ray, ray_local, stored_archive, tmp_path):
     path, uri = stored_archive
     env = aws_env(s3.endpoint)
-    local = run_job("--data", str(path), "--out", str(tmp_path / "local"),
-                    "--cache-dir", str(tmp_path / "c1"), env_extra=env)
-    assert local.returncode == 0, local.stderr
+    mnist37.evaluate(path, out=tmp_path / "local", cache_dir=str(tmp_path / "c1"))  # in this process
     remote = run_job("--ray-address", s3_ray, "--data", uri, "--out", str(tmp_path / "remote"),
                      "--cache-dir", str(tmp_path / "c2"), env_extra=env)
     assert remote.returncode == 0, remote.stderr
