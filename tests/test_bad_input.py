@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mnist37
 from mnist37.config import load
 from mnist37.plan import plan
 from mnist37 import DatasetError
@@ -156,25 +157,22 @@ def test_files_found_equal_used_plus_rejected_per_split_and_class(skipped, corpu
 
 
 @pytest.mark.ray
-def test_results_on_good_files_equal_a_clean_copy(skipped, corpus, tmp_path):
+def test_results_on_good_files_equal_a_clean_copy(skipped, corpus, ray_local, tmp_path):
     _, results = skipped
     root, reasons = corpus
     clean = clean_copy(root, tmp_path / "clean", reasons)
-    run = run_job("--data", str(clean), "--out", str(tmp_path / "out"), "--chunk-dir", str(tmp_path / "chunks"))
-    assert run.returncode == 0, run.stderr
-    cleaned = json.loads((tmp_path / "out" / "results.json").read_text())
+    # in this process on the session's Ray (mnist37.evaluate runs the job's main)
+    cleaned = mnist37.evaluate(clean, out=tmp_path / "out", chunk_dir=str(tmp_path / "chunks")).results
     assert cleaned["rejected"] == []
     assert cleaned["metrics"] == results["metrics"] and cleaned["counts"] == results["counts"]
     assert cleaned["prototypes_sha256"] == results["prototypes_sha256"]
 
 
 @pytest.mark.ray
-def test_convert_policy_takes_the_color_pngs(corpus, tmp_path):
+def test_convert_policy_takes_the_color_pngs(corpus, ray_local, tmp_path):
     root, reasons = corpus
-    run = run_job("--data", str(root), "--out", str(tmp_path), "--on-bad-file", "skip",
-                  "--non-grayscale", "convert", "--chunk-dir", str(tmp_path / "chunks"))
-    assert run.returncode == 0, run.stderr
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = mnist37.evaluate(root, out=tmp_path / "out", on_bad_file="skip", non_grayscale="convert",
+                               chunk_dir=str(tmp_path / "chunks")).results  # in this process, the session's Ray
     converted = {p for p, r in reasons.items() if r.startswith("expected 8-bit grayscale")}
     assert {r["path"] for r in results["rejected"]} == set(reasons) - converted
     assert results["counts"]["train"]["7"] == 21 + 4

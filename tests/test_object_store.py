@@ -185,7 +185,7 @@ def test_a_chunk_write_answered_503_past_the_sdks_tries_is_tried_again(s3, monke
 
 
 @pytest.mark.ray
-def test_job_from_the_store_matches_the_folder_on_disk(s3, s3_ray, stored_folder, on_disk, tmp_path):
+def test_job_from_the_store_matches_the_folder_on_disk(s3, s3_ray, ray_local, stored_folder, on_disk, tmp_path):
     _, uri = stored_folder
     local_out, on_disk = on_disk
     env = aws_env(s3.endpoint)
@@ -206,24 +206,22 @@ def test_job_from_the_store_matches_the_folder_on_disk(s3, s3_ray, stored_folder
     table = s3.client().get_object(Bucket=BUCKET, Key="runs/x/table.txt")["Body"].read().decode()
     assert table == (local_out / "table.txt").read_text()
 
-    # A warm run reuses every chunk: the listing's (size, mtime) is the reuse key, no object is read.
-    warm = run_job("--ray-address", s3_ray, "--data", uri, "--out", f"s3://{BUCKET}/runs/y", "--cache-dir", str(tmp_path / "c2"),
-                   env_extra=env)
-    assert warm.returncode == 0, warm.stderr
+    # A warm run reuses every chunk: the listing's (size, mtime) is the reuse key, no object is
+    # read. (In this process on the session's Ray: mnist37.evaluate runs the job's main.)
+    mnist37.evaluate(uri, out=f"s3://{BUCKET}/runs/y", cache_dir=str(tmp_path / "c2"))
     again = read_json(s3, "runs/y/results.json")
     assert again["shards"]["files_decoded"] == 0 and figures(again) == figures(on_disk)
 
 
 @pytest.mark.ray
-def test_throttling_and_dropped_connections_are_retried(s3, stored_folder, on_disk, tmp_path):
+def test_throttling_and_dropped_connections_are_retried(s3, ray_local, stored_folder, on_disk, tmp_path, monkeypatch):
     _, uri = stored_folder
     proxy = FaultProxy(s3.endpoint, slow_every=5, drop_every=7)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # the job hands it to its tasks: they read through it too
     try:
-        run = run_job("--data", uri, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
-                      env_extra=aws_env(proxy.endpoint))  # on the session's Ray, its tasks through the proxy too
+        mnist37.evaluate(uri, out=tmp_path / "out", cache_dir=str(tmp_path / "c"))  # in this process, the session's Ray
     finally:
         proxy.stop()
-    assert run.returncode == 0, run.stderr
     assert proxy.counts["slow_down"] > 5 and proxy.counts["dropped"] > 5, proxy.counts
     assert figures(json.loads((tmp_path / "out" / "results.json").read_text())) == figures(on_disk[1])
 
@@ -269,23 +267,21 @@ def test_a_denied_object_stops_the_job_even_when_skipping_bad_files(s3, s3_ray, 
 
 
 @pytest.mark.ray
-def test_chunks_in_the_store_are_reused(s3, s3_ray, stored_folder, on_disk, tmp_path):
+def test_chunks_in_the_store_are_reused(s3, ray_local, stored_folder, on_disk, tmp_path, monkeypatch):
     """No local disk at all: data, chunks and results in the store; the second run decodes
     nothing. The first run's chunk writes are answered 503 SlowDown 8 times (past the SDK's
-    own tries): they are retried, change no figure, and leave no partial behind."""
+    own tries): they are retried, change no figure, and leave no partial behind. Both runs in
+    this process on the session's Ray (mnist37.evaluate), the first with its environment
+    pointed at the proxy: the job hands that endpoint to its tasks."""
     _, uri = stored_folder
     chunks = f"s3://{BUCKET}/chunks"
     proxy = FaultProxy(s3.endpoint, slow_every=0, drop_every=0, slow_writes=8, writes_matching=".arrow")
-    runs = []
     try:
         for i, endpoint in enumerate((proxy.endpoint, s3.endpoint)):
-            runs.append(run_job("--ray-address", s3_ray, "--data", uri, "--chunk-dir", chunks, "--out",
-                                f"s3://{BUCKET}/runs/chunks{i}", "--cache-dir", str(tmp_path / f"c{i}"),
-                                env_extra=aws_env(endpoint)))
+            monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+            mnist37.evaluate(uri, chunk_dir=chunks, out=f"s3://{BUCKET}/runs/chunks{i}", cache_dir=str(tmp_path / f"c{i}"))
     finally:
         proxy.stop()
-    for run in runs:
-        assert run.returncode == 0, run.stderr
     assert proxy.counts["slow_writes"] == 8, proxy.counts
     first, second = (read_json(s3, f"runs/chunks{i}/results.json") for i in range(2))
     assert first["shards"]["files_reused"] == 0 and figures(first) == figures(on_disk[1])

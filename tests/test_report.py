@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import mnist37
 from mnist37.report import write_outputs
 from tests.conftest import PROJECT_ROOT, make_image_folder
 from tests.many_classes import synthesize
@@ -24,7 +25,9 @@ ARTIFACTS = PROJECT_ROOT / "runs" / "test-output"
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(ray_local, tmp_path_factory):
+    """The job on three classes with sure misclassifications, in this process on the session's
+    Ray (mnist37.evaluate runs the job's main): (its --out folder, results.json)."""
     data = make_image_folder(tmp_path_factory.mktemp("r") / "data",
                              {"train": {"3": 40, "5": 40, "7": 40}, "valid": {"3": 15, "5": 15, "7": 15}},
                              shape=(28, 28), seed=3)
@@ -33,10 +36,8 @@ def report(tmp_path_factory):
         for j in range(3):
             shutil.copy(data / "train" / src / f"{j}.png", data / "valid" / dst / f"x{i}{j}.png")
     out = tmp_path_factory.mktemp("out")
-    run = run_job("--data", str(data), "--out", str(out), "--classes", "3", "5", "7", "--report-examples", "2",
-                  "--chunk-dir", str(out / "chunks"))
-    assert run.returncode == 0, run.stderr
-    return out, json.loads((out / "results.json").read_text())
+    ran = mnist37.evaluate(data, out=out, classes="3 5 7", report_examples=2, chunk_dir=str(out / "chunks"))
+    return out, ran.results
 
 
 def test_report_is_self_contained_and_complete(report):
