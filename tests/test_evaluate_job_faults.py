@@ -27,7 +27,8 @@ from tests.test_storage import fill, leftovers, read_only, tmpfs
 
 pytestmark = pytest.mark.ray  # the job, with its own local Ray
 
-SHARD = ("--shard-size", "16")
+SHARD_SIZE = 16
+SHARD = ("--shard-size", str(SHARD_SIZE))
 COUNTS = {"train": {"3": 40, "7": 40}, "valid": {"3": 12, "7": 12}}  # 5 + 2 shards
 NUM_FILES = 104
 
@@ -50,7 +51,7 @@ def undisturbed(ray_local, tmp_path_factory):
     session's Ray (mnist37.evaluate runs the job's main, as the command line does)."""
     base = tmp_path_factory.mktemp("faults")
     data = make_image_folder(base / "data", COUNTS)
-    ran = mnist37.evaluate(data, out=base / "out", chunk_dir=str(base / "chunks"), shard_size=int(SHARD[1]))
+    ran = mnist37.evaluate(data, out=base / "out", chunk_dir=str(base / "chunks"), shard_size=SHARD_SIZE)
     return data, base / "chunks", ran.results
 
 
@@ -130,9 +131,8 @@ def test_a_full_chunk_store_is_one_line_and_the_next_run_reuses_what_was_written
         kept = list((store / "chunks").glob("*/*.arrow"))
         assert kept, "no chunk fitted: the test's room is too small to show reuse"
         filler.unlink()  # space freed
-        run = run_job(*argv, "--out", str(tmp_path / "out"))
-        assert run.returncode == 0, run.stderr
-        again = results(tmp_path / "out")
+        # the next run, in this process on the session's Ray (`undisturbed`'s: mnist37.evaluate)
+        again = mnist37.evaluate(data, out=tmp_path / "out", chunk_dir=str(store / "chunks"), shard_size=SHARD_SIZE).results
         assert figures(again) == figures(reference)
         reused = {f"{s['split']}-16-{s['index']:06d}.arrow" for s in again["shards"]["per_shard"] if s["reused"]}
         assert reused == {p.name for p in kept}
@@ -151,9 +151,8 @@ def test_a_read_only_output_folder_is_one_line_and_the_next_run_writes_it(undist
             f"error: output folder {out / 'run'}: read-only file system (EROFS) while creating it"]
         assert "connecting to Ray" not in run.stderr  # refused before Ray started, not after the evaluation
         read_only(out, on=False)
-        run = run_job(*argv)
-        assert run.returncode == 0, run.stderr
-        again = results(out / "run")
+        # the next run, in this process on the session's Ray (`undisturbed`'s: mnist37.evaluate)
+        again = mnist37.evaluate(data, out=out / "run", chunk_dir=str(chunks), shard_size=SHARD_SIZE).results
         assert figures(again) == figures(reference) and again["shards"]["files_reused"] == NUM_FILES
         assert leftovers(out) == []
 
@@ -172,8 +171,7 @@ def test_a_full_cache_is_one_line_and_the_next_run_extracts_and_completes(undist
                             r"data.tgz into extracted/data-[0-9a-f]{16}", line), line
         assert os.listdir(cache / "extracted") == []
         subprocess.run(["mount", "-o", "remount,size=4m", str(cache)], check=True)  # room made
-        run = run_job(*argv)
-        assert run.returncode == 0, run.stderr
-        again = results(tmp_path / "out")
+        # the next run, in this process on the session's Ray (`undisturbed`'s: mnist37.evaluate)
+        again = mnist37.evaluate(archive, out=tmp_path / "out", cache_dir=str(cache), shard_size=SHARD_SIZE).results
         assert (again["metrics"], again["prototypes_sha256"], again["counts"]) == \
             (reference["metrics"], reference["prototypes_sha256"], reference["counts"])
