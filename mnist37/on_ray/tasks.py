@@ -121,8 +121,9 @@ def map_listings(function: Callable, arguments: Sequence[tuple], threads: int = 
     (LISTING_TASKS_PER_CPU per CPU of the cluster, each `threads` calls at once), all at once,
     with a progress line as they finish. How the job lists class folders and prefixes (a
     format's `PlanRequest.map_tasks`), on whichever nodes have a free CPU. Only the summaries
-    come to the driver; the files stay in Ray's object store in blocks of LISTING_BLOCK, owned by the driver, which keeps their refs. A block lost
-    with its node is listed again by Ray (lineage), as a lost task's result is recomputed."""
+    come to the driver; the files stay in Ray's object store in blocks of LISTING_BLOCK, owned
+    by the driver, which keeps their refs. A block lost with its node is listed again by Ray
+    (lineage), as a lost task's result is recomputed."""
     from mnist37.progress import Progress
 
     task = ray.remote(num_cpus=1, num_returns="streaming", scheduling_strategy="SPREAD", **_RETRIES)(_listed_in_blocks)
@@ -132,7 +133,8 @@ def map_listings(function: Callable, arguments: Sequence[tuple], threads: int = 
     watch = watching("list", len(arguments), " class folders")
     with _cluster_failures(watch):
         flight = _InFlight(lambda b, again=0: task.options(**_again(again)).remote(
-            ListingRequest(function, b, LISTING_BLOCK, settings, threads)), watch, end=lambda generator: generator.completed())
+            ListingRequest(function, b, LISTING_BLOCK, settings, threads)),
+            watch, end=lambda generator: generator.completed())
         progress = Progress("list", len(arguments), " class folders")
         listed: dict[int, ListedFolder] = {}
         try:

@@ -101,7 +101,8 @@ def publish_folder(path: str | os.PathLike) -> Iterator[Path]:
 def _staged(path: str, folder: bool, durable: bool = True) -> Iterator[str]:
     """The one temporary of every local write: a file (or folder) named by
     `partials.partial_name`, beside `path`, held under a lock while the block runs, renamed to
-    `path` when it ends without an error (the parent folder flushed after), removed otherwise."""
+    `path` when it ends without an error (the parent folder flushed after, unless not
+    `durable`), removed otherwise."""
     parent, name = os.path.split(path)
     parent = parent or "."
     partial = os.path.join(parent, partial_name(name))
