@@ -16,19 +16,20 @@ shuts the cluster down.
 """
 
 import json
-import socket
 import sys
+from pathlib import Path
 
 from ray.cluster_utils import Cluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project root
+from tests.ray_heads import free_port  # noqa: E402 - outside the ephemeral range (its docstring)
 
 
 def main() -> None:
     workers = int(sys.argv[1])
     gpus = float(sys.argv[2]) if len(sys.argv) > 2 else 0
     dashboard = len(sys.argv) > 3 and sys.argv[3] == "dashboard"
-    with socket.socket() as s:  # a free port for the dashboard, where there is one
-        s.bind(("127.0.0.1", 0))
-        dashboard_port = s.getsockname()[1]
+    dashboard_port = free_port()
     # The head's dashboard agent on a port the system picks (0), not Ray's default 52365: a
     # second Ray on the machine whose agent finds that port taken retries for ~3.5 s before it
     # starts without it (the other nodes here get free ports from ray.cluster_utils itself).

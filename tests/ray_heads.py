@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,21 +25,44 @@ from mnist37 import Mnist37Error
 
 
 _GIVEN: set[int] = set()
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")  # where the kernel picks ports for bind(0) and connect()
+PICKED = (20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's default ephemeral range
+
+
+def _bindable(port: int) -> bool:
+    """Nothing is bound to `port` on any address (Ray's GCS listens on all of them)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago, and that this process was
-    not given before: the kernel can hand the same free port out twice in a row, and a head
-    given one port for two of its components does not start (seen in a fresh-clone run:
-    `dashboard_agent_http is trying to use a port number ... that is used by other
-    components`)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
+    """A TCP port that nothing is bound to, for a Ray head's component to bind a
+    moment later. Picked outside the kernel's ephemeral range: a port found there by binding 0
+    can be handed to another process's outgoing connection before Ray binds it (a fresh-clone
+    run: a head's ray_client_server, given such a port, found it taken 3 s later, and `ray
+    start --block` stopped the whole head). Each suite process (PYTEST_XDIST_WORKER `gwN`)
+    picks in its own slice of PICKED, and never the same port twice: the two suite processes
+    start heads at the same time."""
+    low, high = PICKED
+    ephemeral = [int(word) for word in EPHEMERAL.read_text().split()] if EPHEMERAL.exists() else [49152, 65535]
+    if ephemeral[0] < high and ephemeral[1] >= low:
+        raise Mnist37Error(f"the kernel's ephemeral ports ({ephemeral[0]}-{ephemeral[1]}, {EPHEMERAL}) overlap "
+                           f"the test heads' ports ({low}-{high - 1})")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (high - low) // max(workers, 1)
+    first = low + size * (int(worker) if worker.isdigit() else 0)
+    start = random.randrange(size)  # a rerun soon after starts elsewhere in the slice
+    for offset in range(size):
+        port = first + (start + offset) % size
+        if port not in _GIVEN and _bindable(port):
             _GIVEN.add(port)
             return port
+    raise Mnist37Error(f"no free port in {first}-{first + size - 1}")
 
 
 @contextlib.contextmanager
