@@ -220,6 +220,13 @@ def test_what_a_killed_run_left_is_removed():
     hosts.ip("link", "add", link, "type", "bridge")
     sleeper = subprocess.Popen(["ip", "netns", "exec", namespace, "sleep", "600"])
     try:
+        # In the namespace before the clearing starts: `ip netns exec` opens the namespace, then
+        # joins it, and one that joined after the clearing listed the namespace's processes
+        # would sleep on in it, removed (a fresh-clone run).
+        deadline = time.monotonic() + 10
+        while sleeper.pid not in hosts.namespace_pids(namespace):
+            assert sleeper.poll() is None and time.monotonic() < deadline, "the sleeper did not join its namespace"
+            time.sleep(0.05)
         cleared = hosts.clear_leftovers()
         assert {namespace, link} <= set(cleared)
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
